@@ -1,0 +1,136 @@
+"""Exact circular spectra of dense kernels and of SVDConv, against the dense oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs import config_id, random_conv_configs
+from oracle import circular_singular_values, layer_operator, operator_matrix
+from ttconv import SVDConv, conv_singular_values, conv_spectral_norm
+
+CONFIGS = random_conv_configs(240, seed=1)
+TOL = 1e-10  # float64, relative to the largest singular value
+
+
+def _assert_spectra_equal(got, expected):
+    assert got.shape == expected.shape
+    scale = max(1.0, float(expected[0]))
+    assert float((got - expected).abs().max()) <= TOL * scale
+
+
+def _random_layer(config):
+    layer = SVDConv(**config["conv"], rank=config["rank"], dtype=torch.float64)
+    with torch.no_grad():
+        # Leave the canonical form: U, V no longer orthonormal, S unsorted and signed.
+        for p in (layer.U, layer.S, layer.core, layer.V):
+            p.add_(0.3 * torch.randn_like(p))
+    return layer
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_layer_spectrum_matches_oracle(config):
+    layer = _random_layer(config)
+    c = config["conv"]
+    weight = layer.dense_weight().detach()
+    expected = circular_singular_values(weight, config["n"], c["stride"], c["dilation"], c["groups"])
+    _assert_spectra_equal(layer.singular_values(config["n"]).detach(), expected)
+    dense = conv_singular_values(weight, config["n"], stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
+    _assert_spectra_equal(dense, expected)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:60], ids=config_id)
+def test_theorem_layer_and_core_share_nonzero_singular_values(config):
+    """math.md theorem on the *real* operator (own padding mode): A_W = (U x I) A_C (V^T x I)."""
+    layer = SVDConv(**config["conv"], rank=config["rank"], dtype=torch.float64)
+    c = config["conv"]
+    n = config["n"]
+    core_conv = SVDConv(
+        layer.ranks[1] * c["groups"], layer.ranks[0] * c["groups"], c["kernel_size"], c["stride"],
+        c["padding"], c["dilation"], c["groups"], False, c["padding_mode"], dtype=torch.float64,
+    ).to_conv2d()
+    with torch.no_grad():
+        core_conv.weight.copy_(layer.S[:, None, None, None] * layer.core)
+    full = torch.linalg.svdvals(operator_matrix(layer_operator(layer), (c["in_channels"], *n)))
+    small = torch.linalg.svdvals(operator_matrix(core_conv, (core_conv.in_channels, *n)))
+    k = small.numel()
+    assert float((full[:k] - small).abs().max()) <= TOL * max(1.0, float(full[0]))
+    assert float(F.pad(full[k:], (0, 1)).abs().max()) <= TOL * max(1.0, float(full[0]))  # the rest are zeros
+
+
+def test_identity_kernel_has_flat_spectrum():
+    weight = torch.zeros(3, 3, 3, 3, dtype=torch.float64)
+    weight[:, :, 1, 1] = 2.0 * torch.eye(3)
+    values = conv_singular_values(weight, (5, 4))
+    assert values.shape == (3 * 5 * 4,)
+    assert torch.allclose(values, torch.full_like(values, 2.0))
+
+
+def test_spectrum_is_sorted_descending_and_norm_is_first():
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    values = conv_singular_values(weight, 6, stride=2)
+    assert torch.all(values[:-1] >= values[1:])
+    assert conv_spectral_norm(weight, 6, stride=2) == values[0]
+
+
+@pytest.mark.parametrize("n", [(5, 5), (6, 7), (7, 6), (1 + 2, 9)])
+def test_odd_and_even_sizes_restore_conjugate_frequencies(n):
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    _assert_spectra_equal(conv_singular_values(weight, n), circular_singular_values(weight, n))
+
+
+def test_float32_kernels_give_float32_spectra_close_to_float64():
+    weight = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    exact = conv_singular_values(weight, 8)
+    single = conv_singular_values(weight.float(), 8)
+    assert single.dtype == torch.float32
+    assert float((single.double() - exact).abs().max()) <= 1e-5 * float(exact[0])
+
+
+def test_half_precision_kernels_are_computed_in_float32():
+    weight = torch.randn(4, 4, 3, 3)
+    assert conv_singular_values(weight.to(torch.bfloat16), 6).dtype == torch.float32
+    layer = SVDConv(4, 4, 3, dtype=torch.bfloat16)
+    assert layer.singular_values(6).dtype == torch.float32
+
+
+def test_spectral_norm_is_differentiable():
+    layer = SVDConv(4, 6, 3, rank=3, dtype=torch.float64)
+    layer.spectral_norm(6).backward()
+    for p in (layer.U, layer.S, layer.core, layer.V):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert float(layer.S.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_size=(7, 8), stride=2), "not divisible by stride"),
+        (dict(input_size=(2, 8)), "smaller than the"),
+        (dict(input_size=(5, 5), dilation=3), "smaller than the"),
+        (dict(input_size="8"), "input_size must be"),
+        (dict(input_size=(0, 8)), "input_size must be >= 1"),
+    ],
+)
+def test_bad_input_sizes_raise(kwargs, match):
+    weight = torch.randn(2, 2, 3, 3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        conv_singular_values(weight, **kwargs)
+
+
+def test_layer_bad_input_sizes_raise():
+    layer = SVDConv(2, 2, 3, stride=2)
+    with pytest.raises(ValueError, match="not divisible by stride"):
+        layer.singular_values((7, 8))
+    with pytest.raises(ValueError, match="smaller than the"):
+        layer.singular_values(2)
+
+
+def test_bad_weights_raise():
+    with pytest.raises(ValueError, match="4-D"):
+        conv_singular_values(torch.randn(3, 3, 3), 8)
+    weight = torch.randn(2, 2, 3, 3)
+    weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        conv_singular_values(weight, 8)
+    with pytest.raises(ValueError, match="groups"):
+        conv_singular_values(torch.randn(3, 2, 3, 3), 8, groups=2)

@@ -1,0 +1,393 @@
+"""``SVDConv``: a drop-in ``nn.Conv2d`` stored in tensor-train form.
+
+The kernel is ``W = U diag(S) core V^T`` per group (layout in :mod:`ttconv.tt`). With
+orthonormal ``U`` and ``V`` the layer's singular values are those of the small middle
+convolution ``diag(S) core`` (Senderovich et al., NeurIPS 2022), so exact spectra cost
+``O(n^2 r^3)`` instead of ``O(n^2 c^3)``.
+
+Orthonormality is kept by a retraction *outside* ``forward``: :meth:`SVDConv.canonicalize_`
+(QR of ``U`` and ``V`` with the triangular factors absorbed into the core, then an SVD of
+the core) leaves the computed function unchanged. The spectrum methods do not rely on it:
+they express the core in orthonormal bases of ``span(U)``, ``span(V)`` first, so they are
+exact at any point of training. See ``docs/design.md`` for the measurements behind this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _conv_args as args
+from ._typing import ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
+from .spectra import _spectral_dtype, check_spectral_input_size, conv_singular_values
+from .tt import canonicalize, compose, decompose, orthonormal_core, resolve_ranks
+
+__all__ = ["SVDConv"]
+
+_PATHS = ("auto", "dense", "factored")
+
+
+class SVDConv(nn.Module):
+    r"""2-D convolution whose kernel is kept as ``U diag(S) core V^T`` (tensor-train form).
+
+    Takes every argument of :class:`torch.nn.Conv2d` with the same meaning and computes
+    the same function (``padding='same'/'valid'``, all four padding modes, rectangular
+    kernels, ``groups``: each group has its own factors).
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
+        As in :class:`torch.nn.Conv2d`.
+    device, dtype
+        Factory arguments, as in :class:`torch.nn.Conv2d`.
+    rank : None, int or (int, int), keyword-only
+        Per-group ranks ``(r_out, r_in)``; ``None`` is full rank (every kernel exactly
+        representable), one int sets both. Values above what the shape allows are
+        clamped to ``r_out <= min(c_out/g, r_in*kh*kw)``, ``r_in <= min(c_in/g, r_out*kh*kw)``;
+        the effective ranks are in :attr:`ranks` and ``repr``.
+    path : {'auto', 'dense', 'factored'}, keyword-only
+        How ``forward`` computes: ``'dense'`` composes the kernel and runs one conv,
+        ``'factored'`` runs three (1x1, core, 1x1), ``'auto'`` picks the one with fewer
+        FLOPs for the actual input shape. All give the same result.
+
+    Attributes
+    ----------
+    U : Parameter ``(out_channels, r_out)``
+        Output factor, orthonormal columns per group.
+    S : Parameter ``(groups * r_out,)``
+        Singular values of the unfolding ``W.reshape(out_channels/g, -1)`` per group, in
+        canonical form (after construction, conversion or :meth:`canonicalize_`).
+    core : Parameter ``(groups * r_out, r_in, kh, kw)``
+        Middle core; its unfolding has orthonormal rows in canonical form.
+    V : Parameter ``(in_channels, r_in)``
+        Input factor, orthonormal columns per group.
+    bias : Parameter ``(out_channels,)`` or None
+    approximation_error : float or None
+        Relative Frobenius error of :meth:`from_conv2d`'s truncation (``None`` otherwise).
+
+    Examples
+    --------
+    >>> layer = SVDConv(16, 32, kernel_size=3, padding=1, rank=8)
+    >>> layer
+    SVDConv(16, 32, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), rank=(8, 8))
+    >>> layer(torch.randn(2, 16, 8, 8)).shape
+    torch.Size([2, 32, 8, 8])
+    >>> layer.singular_values(input_size=(8, 8)).shape   # min(32, 16) * 8 * 8, descending
+    torch.Size([1024])
+    """
+
+    _version = 1
+    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: Padding = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: PaddingMode = "zeros",
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        rank: RankSpec = None,
+        path: ForwardPath = "auto",
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = args.channels_and_groups(
+            in_channels, out_channels, groups
+        )
+        self.kernel_size = args.pair(kernel_size, "kernel_size")
+        self.stride = args.pair(stride, "stride")
+        self.dilation = args.pair(dilation, "dilation")
+        self.padding = args.padding_arg(padding, self.stride)
+        self.padding_mode = args.padding_mode_arg(padding_mode)
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        self.path = path
+        self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
+            self.padding, self.kernel_size, self.dilation
+        )
+        out_g, in_g = out_channels // groups, in_channels // groups
+        self.ranks: Tuple[int, int] = resolve_ranks(rank, out_g, in_g, self.kernel_size)
+        r_out, r_in = self.ranks
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_channels, r_out, **factory))
+        self.S = nn.Parameter(torch.empty(groups * r_out, **factory))
+        self.core = nn.Parameter(torch.empty(groups * r_out, r_in, *self.kernel_size, **factory))
+        self.V = nn.Parameter(torch.empty(in_channels, r_in, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.approximation_error: Optional[float] = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Initialise like a fresh ``nn.Conv2d``.
+
+        Draws a dense kernel from ``nn.Conv2d``'s default (Kaiming-uniform) distribution,
+        decomposes it at this layer's ranks and rescales ``S`` so the kernel keeps the
+        dense draw's Frobenius norm: at full rank the kernel *is* that draw, so a fresh
+        ``SVDConv`` starts from the same distribution as a fresh ``nn.Conv2d``.
+        """
+        if self.U.is_meta:  # nothing to fill (e.g. torch.nn.utils.skip_init)
+            return
+        dense = torch.empty(
+            self.out_channels, self.in_channels // self.groups, *self.kernel_size,
+            device=self.U.device, dtype=self.U.dtype,
+        )
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        factors = decompose(dense, self.groups, rank=self.ranks).factors
+        with torch.no_grad():
+            kept = factors.S.norm()
+            scale = dense.norm() / kept if kept > 0 else 1.0
+            self._copy_factors(factors._replace(S=factors.S * scale))
+            if self.bias is not None:
+                fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def _copy_factors(self, factors) -> None:
+        # In place, so parameter identity (and any optimizer state) survives.
+        for name in ("U", "S", "core", "V"):
+            getattr(self, name).copy_(getattr(factors, name))
+
+    # --------------------------------------------------------------- forward
+    def dense_weight(self) -> Tensor:
+        """The dense kernel ``(out_channels, in_channels/groups, kh, kw)`` (differentiable)."""
+        return compose(self.U, self.S, self.core, self.V, self.groups)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _output_hw(self, height: int, width: int) -> Tuple[int, int]:
+        left, right, top, bottom = self._reversed_padding_repeated_twice
+        extent = [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size)]
+        return (
+            (height + top + bottom - extent[0]) // self.stride[0] + 1,
+            (width + left + right - extent[1]) // self.stride[1] + 1,
+        )
+
+    def flop_costs(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+        """Multiply-adds of the ``(dense, factored)`` forward paths for an input shape.
+
+        ``dense`` counts composing the kernel plus one convolution; ``factored`` counts
+        the three convolutions (``V`` 1x1 at input resolution, the core, ``U`` 1x1).
+        """
+        batch = input_shape[0] if len(input_shape) == 4 else 1
+        height, width = input_shape[-2:]
+        out_h, out_w = self._output_hw(height, width)
+        r_out, r_in = self.ranks
+        g, taps = self.groups, self.kernel_size[0] * self.kernel_size[1]
+        in_g = self.in_channels // g
+        compose_cost = g * r_out * r_in * taps * in_g + self.out_channels * r_out * in_g * taps
+        dense = compose_cost + batch * out_h * out_w * self.out_channels * in_g * taps
+        factored = batch * (
+            height * width * self.in_channels * r_in
+            + out_h * out_w * (g * r_out * r_in * taps + self.out_channels * r_out)
+        )
+        return dense, factored
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        path = self.path
+        if path == "auto":
+            dense_cost, factored_cost = self.flop_costs(tuple(input.shape))
+            path = "dense" if dense_cost <= factored_cost else "factored"
+        if path == "dense":
+            return self._conv(input, self.dense_weight(), self.bias, self.groups)
+        g, (r_out, r_in) = self.groups, self.ranks
+        in_g = self.in_channels // g
+        v_weight = self.V.reshape(g, in_g, r_in).transpose(1, 2).reshape(g * r_in, in_g, 1, 1)
+        # Channel mixing commutes with every padding mode, so the 1x1 convs can sit
+        # outside the padded core conv.
+        hidden = F.conv2d(input, v_weight, None, 1, 0, 1, g)
+        hidden = self._conv(hidden, self.S[:, None, None, None] * self.core, None, g)
+        return F.conv2d(hidden, self.U[:, :, None, None], self.bias, 1, 0, 1, g)
+
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (3, 4):
+            raise ValueError(
+                f"input must be 4-D (batch, channels, height, width) or 3-D (channels, height, width), "
+                f"got shape {tuple(input.shape)}"
+            )
+        if input.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"input has {input.shape[-3]} channels (dim {input.dim() - 3}) but this layer expects "
+                f"in_channels={self.in_channels}; got shape {tuple(input.shape)}"
+            )
+
+    # ------------------------------------------------------------- spectrum
+    def singular_values(self, input_size: IntOrPair) -> Tensor:
+        """All singular values of the layer on an ``n1 x n2`` input, circular padding.
+
+        Exact: computed from the core alone (``O(n1 n2 r^3)``, math.md theorem), with the
+        stride handled by polyphase decomposition. The padding amount and mode do not
+        enter: this is the spectrum of the circular convolution with this kernel, stride
+        and dilation, which is the layer's operator when ``padding_mode='circular'``
+        keeps the size, and the standard proxy otherwise.
+
+        Parameters
+        ----------
+        input_size : int or (int, int)
+            Divisible by the stride and at least the dilated kernel extent.
+
+        Returns
+        -------
+        Tensor
+            1-D, sorted descending, length ``groups * m1 * m2 * min(c_out/g, (c_in/g) s1 s2)``
+            (``m = n / s``): the full spectrum of the operator including its zeros, as
+            :func:`ttconv.conv_singular_values` returns for the dense kernel. Float64 for
+            float64 parameters, float32 otherwise. Differentiable.
+        """
+        n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
+        work = _spectral_dtype(self.U.dtype)
+        core = orthonormal_core(*(p.to(work) for p in (self.U, self.S, self.core, self.V)), self.groups)
+        values = conv_singular_values(core, n, stride=self.stride, dilation=self.dilation, groups=self.groups)
+        s1, s2 = self.stride
+        per_group = min(self.out_channels, (self.in_channels * s1 * s2)) // self.groups
+        total = self.groups * (n[0] // s1) * (n[1] // s2) * per_group
+        return F.pad(values, (0, total - values.numel()))
+
+    def spectral_norm(self, input_size: IntOrPair) -> Tensor:
+        """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D)."""
+        return self.singular_values(input_size)[0]
+
+    # ----------------------------------------------------------- conversion
+    @classmethod
+    def from_conv2d(
+        cls,
+        conv: nn.Conv2d,
+        rank: RankSpec = None,
+        energy: Optional[float] = None,
+        *,
+        path: ForwardPath = "auto",
+    ) -> "SVDConv":
+        """Convert a dense ``nn.Conv2d`` (exact at full rank).
+
+        Parameters
+        ----------
+        conv : nn.Conv2d
+            Its stride, padding, dilation, groups, padding mode, bias, dtype and device are
+            carried over. Weights must be finite.
+        rank : None, int or (r_out, r_in)
+            Per-group ranks (clamped as in the constructor). Exclusive with ``energy``.
+        energy : float in (0, 1], optional
+            Keep the smallest ranks whose singular values hold this fraction of the
+            squared norm of each truncated unfolding (see :func:`ttconv.tt.decompose`).
+        path : {'auto', 'dense', 'factored'}
+
+        Returns
+        -------
+        SVDConv
+            In canonical form; ``approximation_error`` is the relative Frobenius error
+            ``||W - W_hat|| / ||W||``, which equals the optimal truncation error of the
+            two unfoldings truncated (0 up to round-off at full rank).
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        weight = conv.weight
+        result = decompose(weight, conv.groups, rank=rank, energy=energy)
+        layer = torch.nn.utils.skip_init(
+            cls,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
+            rank=result.ranks,
+            path=path,
+        )
+        with torch.no_grad():
+            layer._copy_factors(result.factors)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.approximation_error = result.relative_error
+        return layer
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing the same function (same dtype and device)."""
+        conv = torch.nn.utils.skip_init(
+            nn.Conv2d,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.U.device,
+            dtype=self.U.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------- maintenance
+    @torch.no_grad()
+    def canonicalize_(self) -> "SVDConv":
+        """Restore the exact canonical form in place without changing the layer's function.
+
+        Afterwards ``U``, ``V`` have orthonormal columns, the core's unfolding orthonormal
+        rows, and ``S`` holds the singular values of the kernel's ``(c_out/g, c_in/g*kh*kw)``
+        unfolding, sorted descending. Parameters keep their identity (optimizer state
+        stays attached; moments are not transformed). Cost ``O(c r^2 + r^3 kh kw)``.
+        """
+        self._copy_factors(canonicalize(self.U, self.S, self.core, self.V, self.groups))
+        return self
+
+    # ------------------------------------------------------------- module
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        s += f", rank={self.ranks}"
+        if self.path != "auto":
+            s += f", path={self.path!r}"
+        return s
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        version = local_metadata.get("version")
+        if version is not None and version > self._version:
+            error_msgs.append(
+                f"{prefix or 'SVDConv'}: checkpoint was written by a newer ttconv (SVDConv state "
+                f"version {version}, this version reads up to {self._version}); upgrade ttconv to load it"
+            )
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
