@@ -1,0 +1,279 @@
+"""SVDConv as a drop-in nn.Conv2d: forward, conversion, gradients, serialisation, errors."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configs import config_id, random_conv_configs
+from ttconv import SVDConv
+from ttconv.tt import orthonormality_error
+
+CONFIGS = random_conv_configs(240, seed=2)
+
+
+def _relative(a, b):
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_full_rank_conversion_matches_conv2d_forward_on_both_paths(config):
+    conv = nn.Conv2d(**config["conv"], dtype=torch.float64)
+    layer = SVDConv.from_conv2d(conv)
+    x = torch.randn(2, conv.in_channels, *config["n"], dtype=torch.float64)
+    expected = conv(x)
+    for path in ("dense", "factored", "auto"):
+        layer.path = path
+        assert _relative(layer(x), expected) < 1e-10, path
+    assert _relative(layer.to_conv2d().weight, conv.weight) < 1e-10
+    assert layer.approximation_error < 1e-10
+
+
+@pytest.mark.parametrize("config", CONFIGS[:80], ids=config_id)
+def test_truncated_layer_matches_its_own_dense_conv(config):
+    layer = SVDConv(**config["conv"], rank=config["rank"], dtype=torch.float64)
+    dense = layer.to_conv2d()
+    x = torch.randn(2, layer.in_channels, *config["n"], dtype=torch.float64)
+    for path in ("dense", "factored"):
+        layer.path = path
+        assert _relative(layer(x), dense(x)) < 1e-10, path
+    back = SVDConv.from_conv2d(dense)  # a rank-r kernel converts exactly at full rank
+    assert _relative(back.dense_weight(), dense.weight) < 1e-10
+
+
+@pytest.mark.parametrize("config", CONFIGS[:40], ids=config_id)
+def test_float32_conversion_round_trip(config):
+    conv = nn.Conv2d(**config["conv"])
+    layer = SVDConv.from_conv2d(conv)
+    assert layer.U.dtype == torch.float32
+    assert _relative(layer.to_conv2d().weight, conv.weight) < 1e-5
+    x = torch.randn(2, conv.in_channels, *config["n"])
+    assert _relative(layer(x), conv(x)) < 1e-5
+
+
+def test_conversion_carries_every_setting():
+    conv = nn.Conv2d(6, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2,
+                     bias=False, padding_mode="replicate", dtype=torch.float64)
+    layer = SVDConv.from_conv2d(conv, rank=1)
+    back = layer.to_conv2d()
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        assert getattr(layer, name) == getattr(conv, name) == getattr(back, name), name
+    assert layer.bias is None and back.bias is None
+    assert back.weight.dtype == torch.float64 and layer.ranks == (1, 1)
+    assert repr(layer) == (
+        "SVDConv(6, 4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2, "
+        "bias=False, padding_mode='replicate', rank=(1, 1))"
+    )
+
+
+def test_truncated_conversion_reports_the_true_error():
+    conv = nn.Conv2d(16, 24, 3, dtype=torch.float64)
+    for kwargs in (dict(rank=4), dict(rank=(12, 3)), dict(energy=0.8)):
+        layer = SVDConv.from_conv2d(conv, **kwargs)
+        actual = _relative(layer.dense_weight(), conv.weight)
+        assert abs(layer.approximation_error - actual) < 1e-12
+        assert 0 < actual < 1
+
+
+def test_same_padding_with_even_kernels_matches_conv2d():
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        conv = nn.Conv2d(3, 5, (2, 4), padding="same", dilation=(1, 2), padding_mode=mode, dtype=torch.float64)
+        layer = SVDConv.from_conv2d(conv)
+        x = torch.randn(1, 3, 9, 10, dtype=torch.float64)
+        for path in ("dense", "factored"):
+            layer.path = path
+            assert _relative(layer(x), conv(x)) < 1e-10
+
+
+def test_unbatched_and_channels_last_inputs():
+    conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
+    layer = SVDConv.from_conv2d(conv)
+    x = torch.randn(4, 7, 7)
+    assert _relative(layer(x), conv(x)) < 1e-5
+    xb = torch.randn(3, 4, 7, 7).to(memory_format=torch.channels_last)
+    assert _relative(layer(xb), conv(xb)) < 1e-5
+
+
+def test_auto_path_follows_the_flop_model():
+    low = SVDConv(64, 64, 3, padding=1, rank=4)
+    full = SVDConv(64, 64, 3, padding=1)
+    shape = (8, 64, 16, 16)
+    dense, factored = low.flop_costs(shape)
+    assert factored < dense  # rank c/16: three small convs win
+    dense, factored = full.flop_costs(shape)
+    assert dense < factored  # full rank: one dense conv wins
+    conv_flops = 8 * 16 * 16 * 64 * 64 * 9
+    assert dense - conv_flops == 64 * 64 * 64 * 9 * 2  # composing the kernel is all that is added
+
+
+@pytest.mark.parametrize("path", ["dense", "factored"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, rank=2),
+        dict(in_channels=4, out_channels=4, kernel_size=(2, 3), stride=2, groups=2, padding_mode="circular", padding=1),
+        dict(in_channels=2, out_channels=3, kernel_size=3, dilation=2, padding="same", padding_mode="reflect"),
+    ],
+)
+def test_gradcheck(kwargs, path):
+    layer = SVDConv(**kwargs, dtype=torch.float64, path=path)
+    x = torch.randn(2, kwargs["in_channels"], 6, 6, dtype=torch.float64, requires_grad=True)
+    params = [p for p in layer.parameters()]
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip([n for n, _ in layer.named_parameters()], ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_gradients_equal_those_of_the_dense_kernel_chain_rule():
+    conv = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    layer = SVDConv.from_conv2d(conv, path="factored")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    (conv(x) ** 2).sum().backward()
+    grad_x_dense = x.grad.clone()
+    x.grad = None
+    (layer(x) ** 2).sum().backward()
+    assert _relative(x.grad, grad_x_dense) < 1e-10
+    assert _relative(layer.bias.grad, conv.bias.grad) < 1e-10
+    # dL/dS = <dL/dW, dW/dS>: check one entry against the dense gradient.
+    U, core, V = layer.U, layer.core, layer.V
+    dW_dS0 = torch.einsum("o,bhw,ib->oihw", U[:, 0], core[0], V).detach()
+    assert abs(float(layer.S.grad[0]) - float((conv.weight.grad * dW_dS0).sum())) < 1e-10
+
+
+def test_state_dict_round_trip_and_names():
+    layer = SVDConv(4, 6, 3, groups=2, rank=2)
+    assert list(layer.state_dict()) == ["U", "S", "core", "V", "bias"]
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = SVDConv(4, 6, 3, groups=2, rank=2)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(1, 4, 6, 6)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_loading_into_a_different_rank_names_the_parameter():
+    with pytest.raises(RuntimeError, match="size mismatch for U"):
+        SVDConv(4, 6, 3, rank=3).load_state_dict(SVDConv(4, 6, 3, rank=2).state_dict())
+
+
+def test_loading_a_newer_format_version_is_refused():
+    layer = SVDConv(2, 2, 3)
+    state = layer.state_dict()
+    state._metadata[""]["version"] = SVDConv._version + 1
+    with pytest.raises(RuntimeError, match="newer ttconv"):
+        SVDConv(2, 2, 3).load_state_dict(state)
+
+
+def test_deepcopy_and_whole_module_pickle():
+    layer = SVDConv(3, 5, 3, rank=2)
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), layer(x))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_and_compile():
+    layer = SVDConv(3, 8, 3, padding=1, rank=2)
+    x = torch.randn(2, 3, 8, 8)
+    traced = torch.jit.trace(layer, x)
+    assert torch.allclose(traced(x), layer(x), atol=1e-6)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+def test_canonicalize_keeps_function_and_parameter_identity():
+    layer = SVDConv(6, 8, 3, padding=1, rank=(4, 3), dtype=torch.float64)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    layer(x).square().mean().backward()
+    optimizer.step()
+    assert orthonormality_error(layer.U) > 1e-6  # a step leaves the canonical form
+    ids = [id(p) for p in layer.parameters()]
+    before = layer(x)
+    assert layer.canonicalize_() is layer
+    assert [id(p) for p in layer.parameters()] == ids
+    assert _relative(layer(x), before) < 1e-12
+    assert orthonormality_error(layer.U) < 1e-12 and orthonormality_error(layer.V) < 1e-12
+    unfolding = layer.dense_weight().reshape(8, -1)
+    assert torch.allclose(layer.S, torch.linalg.svdvals(unfolding)[:4], atol=1e-12)
+    optimizer.zero_grad()
+    layer(x).square().mean().backward()
+    optimizer.step()  # the optimizer keeps working on the same parameters
+
+
+def test_init_matches_conv2d_distribution():
+    torch.manual_seed(0)
+    full = SVDConv(64, 64, 3).dense_weight()
+    dense = nn.Conv2d(64, 64, 3).weight
+    assert abs(float(full.std() / dense.std()) - 1) < 0.02
+    # Low rank keeps the dense draw's Frobenius norm, so activations keep their scale.
+    low = SVDConv(64, 64, 3, rank=8).dense_weight()
+    assert abs(float(low.norm() / dense.norm()) - 1) < 0.05
+    x = torch.randn(16, 64, 8, 8)
+    ratio = float(F.conv2d(x, low).std() / F.conv2d(x, dense).std())
+    assert 0.8 < ratio < 1.25
+    bias = SVDConv(64, 64, 3).bias
+    assert float(bias.abs().max()) <= 1 / math.sqrt(64 * 9)
+
+
+def test_skip_init_and_meta_device():
+    layer = torch.nn.utils.skip_init(SVDConv, 4, 4, 3)
+    assert layer.U.shape == (4, 4)
+    meta = SVDConv(4, 4, 3, device="meta")
+    assert meta.U.is_meta
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(in_channels=0, out_channels=4, kernel_size=3), ValueError, "in_channels must be a positive int"),
+        (dict(in_channels=4, out_channels=-1, kernel_size=3), ValueError, "out_channels must be a positive int"),
+        (dict(in_channels=4.0, out_channels=4, kernel_size=3), TypeError, "in_channels"),
+        (dict(in_channels=6, out_channels=4, kernel_size=3, groups=4), ValueError, "in_channels \\(6\\) must be divisible by groups"),
+        (dict(in_channels=4, out_channels=6, kernel_size=3, groups=4), ValueError, "out_channels \\(6\\) must be divisible by groups"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, rank=0), ValueError, "rank must be a positive int"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, rank=(2, 0)), ValueError, "rank"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, padding_mode="mirror"), ValueError, "padding_mode must be one of"),
+        (dict(in_channels=4, out_channels=4, kernel_size=0), ValueError, "kernel_size must be >= 1"),
+        (dict(in_channels=4, out_channels=4, kernel_size=(3, 3, 3)), TypeError, "kernel_size must be an int or a pair"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, padding=-1), ValueError, "padding must be >= 0"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, padding="full"), ValueError, "padding must be 'same'"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding="same"), ValueError, "strided"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, path="fast"), ValueError, "path must be one of"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SVDConv(**kwargs)
+
+
+def test_forward_errors():
+    layer = SVDConv(4, 4, 3)
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        layer(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="expects in_channels=4"):
+        layer(torch.randn(1, 3, 8, 8))
+    with pytest.raises(TypeError, match="input must be a Tensor"):
+        layer([1.0])
+
+
+def test_from_conv2d_errors():
+    conv = nn.Conv2d(2, 2, 3)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        SVDConv.from_conv2d(conv)
+    with pytest.raises(TypeError, match="conv must be a torch.nn.Conv2d"):
+        SVDConv.from_conv2d(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="either rank or energy"):
+        SVDConv.from_conv2d(nn.Conv2d(2, 2, 3), rank=1, energy=0.5)
