@@ -1,0 +1,89 @@
+"""SVDConv vs nn.Conv2d (forward, forward+backward) and core vs dense exact spectra.
+
+Run: ``python benchmarks/bench_layer.py`` (``--quick`` for a smoke run). Prints two
+markdown tables; every time is a median over repeats, every ratio is against the
+baseline timed in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import markdown_table, median_seconds  # noqa: E402
+
+from ttconv import SVDConv, conv_singular_values  # noqa: E402
+
+RESNET_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (channels, spatial size), 3x3 convs
+SPECTRUM_SHAPES = [(256, 16), (256, 32), (512, 16), (512, 32)]  # (channels, n), rank c/4
+
+
+def _forward_backward(module, x):
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).sum().backward()
+
+    return step
+
+
+def layer_table(shapes, batch, repeats):
+    rows = []
+    for channels, size in shapes:
+        x = torch.randn(batch, channels, size, size)
+        conv = nn.Conv2d(channels, channels, 3, padding=1)
+        candidates = [("full", SVDConv.from_conv2d(conv)), ("c/4", SVDConv(channels, channels, 3, padding=1, rank=channels // 4))]
+        with torch.no_grad():
+            base_fwd = median_seconds(lambda: conv(x), repeats)
+        base_bwd = median_seconds(_forward_backward(conv, x), repeats)
+        rows.append([f"{channels}x{size}x{size}", "Conv2d", "-", f"{base_fwd * 1e3:.1f}", "1.00", f"{base_bwd * 1e3:.1f}", "1.00"])
+        for label, layer in candidates:
+            dense_cost, factored_cost = layer.flop_costs(tuple(x.shape))
+            path = "dense" if dense_cost <= factored_cost else "factored"
+            with torch.no_grad():
+                fwd = median_seconds(lambda: layer(x), repeats)
+            bwd = median_seconds(_forward_backward(layer, x), repeats)
+            rows.append([
+                "", f"SVDConv r={label} {layer.ranks[0]}", path, f"{fwd * 1e3:.1f}", f"{fwd / base_fwd:.2f}",
+                f"{bwd * 1e3:.1f}", f"{bwd / base_bwd:.2f}",
+            ])
+    header = ["input (c x n x n)", "layer", "auto path", "fwd ms", "fwd / Conv2d", "fwd+bwd ms", "fwd+bwd / Conv2d"]
+    return markdown_table(header, rows)
+
+
+def spectrum_table(shapes, repeats):
+    rows = []
+    for channels, n in shapes:
+        layer = SVDConv(channels, channels, 3, padding=1, rank=channels // 4)
+        weight = layer.dense_weight().detach()
+        with torch.no_grad():
+            core_time = median_seconds(lambda: layer.singular_values(n), repeats)
+            dense_time = median_seconds(lambda: conv_singular_values(weight, n), 1, warmup=0)
+            diff = float((layer.singular_values(n) - conv_singular_values(weight, n)).abs().max())
+        rows.append([str(channels), str(channels // 4), str(n), f"{core_time * 1e3:.1f}", f"{dense_time * 1e3:.1f}",
+                     f"{dense_time / core_time:.1f}x", f"{diff:.1e}"])
+    header = ["c", "r", "n", "core (SVDConv) ms", "dense FFT ms", "speed-up", "max abs diff"]
+    return markdown_table(header, rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke test)")
+    parser.add_argument("--batch", type=int, default=32)
+    options = parser.parse_args(argv)
+    if options.quick:
+        layers, spectra, batch, repeats = [(16, 8)], [(16, 8)], 2, 1
+    else:
+        layers, spectra, batch, repeats = RESNET_SHAPES, SPECTRUM_SHAPES, options.batch, 5
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, 3x3 convs, padding 1\n")
+    print(layer_table(layers, batch, repeats))
+    print()
+    print(spectrum_table(spectra, repeats))
+
+
+if __name__ == "__main__":
+    main()
