@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _conv_args as args
+from . import _functional
 from ._typing import ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
-from .spectra import _spectral_dtype, check_spectral_input_size, conv_singular_values
+from .spectra import spectral_dtype, check_spectral_input_size, conv_singular_values
 from .tt import canonicalize, compose, decompose, orthonormal_core, resolve_ranks
 
 __all__ = ["SVDConv"]
@@ -166,11 +167,11 @@ class SVDConv(nn.Module):
         """The dense kernel ``(out_channels, in_channels/groups, kh, kw)`` (differentiable)."""
         return compose(self.U, self.S, self.core, self.V, self.groups)
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return _functional.conv2d(
+            x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+            self.padding_mode, self._reversed_padding_repeated_twice,
+        )
 
     def _output_hw(self, height: int, width: int) -> Tuple[int, int]:
         left, right, top, bottom = self._reversed_padding_repeated_twice
@@ -207,14 +208,14 @@ class SVDConv(nn.Module):
             dense_cost, factored_cost = self.flop_costs(tuple(input.shape))
             path = "dense" if dense_cost <= factored_cost else "factored"
         if path == "dense":
-            return self._conv(input, self.dense_weight(), self.bias, self.groups)
+            return self._conv(input, self.dense_weight(), self.bias)
         g, (r_out, r_in) = self.groups, self.ranks
         in_g = self.in_channels // g
         v_weight = self.V.reshape(g, in_g, r_in).transpose(1, 2).reshape(g * r_in, in_g, 1, 1)
         # Channel mixing commutes with every padding mode, so the 1x1 convs can sit
         # outside the padded core conv.
         hidden = F.conv2d(input, v_weight, None, 1, 0, 1, g)
-        hidden = self._conv(hidden, self.S[:, None, None, None] * self.core, None, g)
+        hidden = self._conv(hidden, self.S[:, None, None, None] * self.core, None)
         return F.conv2d(hidden, self.U[:, :, None, None], self.bias, 1, 0, 1, g)
 
     def _check_input(self, input: Tensor) -> None:
@@ -255,13 +256,25 @@ class SVDConv(nn.Module):
             float64 parameters, float32 otherwise. Differentiable.
         """
         n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
-        work = _spectral_dtype(self.U.dtype)
-        core = orthonormal_core(*(p.to(work) for p in (self.U, self.S, self.core, self.V)), self.groups)
-        values = conv_singular_values(core, n, stride=self.stride, dilation=self.dilation, groups=self.groups)
+        values = conv_singular_values(
+            self.orthonormal_core(), n, stride=self.stride, dilation=self.dilation, groups=self.groups
+        )
         s1, s2 = self.stride
         per_group = min(self.out_channels, (self.in_channels * s1 * s2)) // self.groups
         total = self.groups * (n[0] // s1) * (n[1] // s2) * per_group
         return F.pad(values, (0, total - values.numel()))
+
+    def orthonormal_core(self) -> Tensor:
+        """The kernel of the middle conv in orthonormal bases of ``span(U)``, ``span(V)``.
+
+        ``(groups * r_out, r_in, kh, kw)``: a convolution with the same stride, padding,
+        dilation and groups as the layer has the same nonzero singular values as the layer
+        (math.md theorem), for every padding mode and input size, whether or not ``U`` and
+        ``V`` are currently orthonormal. Float64 for float64 parameters, float32 otherwise.
+        Differentiable; cost ``O(c r^2 + r^3 kh kw)``. Every spectral method uses it.
+        """
+        work = spectral_dtype(self.U.dtype)
+        return orthonormal_core(*(p.to(work) for p in (self.U, self.S, self.core, self.V)), self.groups)
 
     def spectral_norm(self, input_size: IntOrPair) -> Tensor:
         """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D)."""

@@ -24,10 +24,17 @@ from torch import Tensor
 from ._conv_args import input_size_arg, pair, positive_int
 from ._typing import IntOrPair
 
-__all__ = ["conv_singular_values", "conv_spectral_norm", "check_spectral_input_size"]
+__all__ = [
+    "conv_singular_values",
+    "conv_spectral_norm",
+    "check_spectral_input_size",
+    "dilate_kernel",
+    "polyphase_kernel",
+    "spectral_dtype",
+]
 
 
-def _spectral_dtype(dtype: torch.dtype) -> torch.dtype:
+def spectral_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -55,7 +62,7 @@ def check_spectral_input_size(
     return n
 
 
-def _dilate(weight: Tensor, dilation: Tuple[int, int]) -> Tensor:
+def dilate_kernel(weight: Tensor, dilation: Tuple[int, int]) -> Tensor:
     if dilation == (1, 1):
         return weight
     c_out, c_in, kh, kw = weight.shape
@@ -64,7 +71,7 @@ def _dilate(weight: Tensor, dilation: Tuple[int, int]) -> Tensor:
     return out
 
 
-def _polyphase(weight: Tensor, stride: Tuple[int, int]) -> Tensor:
+def polyphase_kernel(weight: Tensor, stride: Tuple[int, int]) -> Tensor:
     """Stride-``s`` kernel -> stride-1 kernel with the ``s1*s2`` phases as input channels.
 
     ``y[p] = sum_j W[j] x[s p + j]``; writing ``j = s t + q`` gives
@@ -88,8 +95,8 @@ def _frequency_singular_values(
     Uses ``rfft2`` (half the frequencies) and restores the conjugate half, whose matrices
     are the complex conjugates and so have the same singular values.
     """
-    weight = weight.to(_spectral_dtype(weight.dtype))
-    kernel = _polyphase(_dilate(weight, dilation), stride)
+    weight = weight.to(spectral_dtype(weight.dtype))
+    kernel = polyphase_kernel(dilate_kernel(weight, dilation), stride)
     m1, m2 = n[0] // stride[0], n[1] // stride[1]
     c_out, c_in = kernel.shape[:2]
     kernel = kernel.reshape(groups, c_out // groups, c_in, *kernel.shape[2:])
