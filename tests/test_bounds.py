@@ -1,0 +1,152 @@
+"""Bounds: every upper bound >= the oracle, the exact method = oracle, estimates <= oracle."""
+
+import pytest
+import torch
+from torch import nn
+
+from configs import config_id, random_conv_configs
+from oracle import circular_singular_values, layer_operator, operator_matrix
+from ttconv import SVDConv
+from ttconv.bounds import (
+    exact_spectral_norm,
+    fantastic_four_bound,
+    fantastic_four_bounds,
+    gram_iteration_bound,
+    operator_norm_bound,
+    power_iteration_estimate,
+    zero_padding_bound,
+)
+
+CONFIGS = random_conv_configs(220, seed=3)
+SAFE = 1 - 1e-12  # float64 round-off allowance for "bound >= exact"
+
+
+def _make(config, index):
+    """Alternate dense convs and SVDConvs (with U, V off the orthonormal manifold)."""
+    if index % 2:
+        return nn.Conv2d(**config["conv"], dtype=torch.float64)
+    layer = SVDConv(**config["conv"], rank=config["rank"], dtype=torch.float64)
+    with torch.no_grad():
+        layer.U.add_(0.2 * torch.randn_like(layer.U))
+        layer.V.add_(0.2 * torch.randn_like(layer.V))
+    return layer
+
+
+def _dense_weight(layer):
+    return (layer.dense_weight() if isinstance(layer, SVDConv) else layer.weight).detach()
+
+
+@pytest.mark.parametrize("index, config", list(enumerate(CONFIGS)), ids=[config_id(c) for c in CONFIGS])
+def test_bounds_against_oracle(index, config):
+    layer = _make(config, index)
+    c, n = config["conv"], config["n"]
+    weight = _dense_weight(layer)
+    circular = float(circular_singular_values(weight, n, c["stride"], c["dilation"], c["groups"])[0])
+    real = float(torch.linalg.svdvals(operator_matrix(layer_operator(layer), (c["in_channels"], *n)))[0])
+
+    exact = float(exact_spectral_norm(layer, n).detach())
+    assert abs(exact - circular) <= 1e-8 * max(1.0, circular)
+
+    grams = [float(gram_iteration_bound(layer, n, n_iter=t)) for t in (1, 2, 3, 5, 12)]
+    assert all(g >= circular * SAFE for g in grams)
+    assert all(a >= b * SAFE for a, b in zip(grams, grams[1:]))  # decreasing in t
+    # Converging: a top singular value of multiplicity k leaves a factor k^(2^-t).
+    assert grams[-1] <= circular * (1 + 1e-3) + 1e-12
+
+    ff = float(fantastic_four_bound(layer))
+    zero_bound = float(zero_padding_bound(layer, n_iter=2))
+    for bound in (ff, zero_bound):
+        assert bound >= circular * SAFE
+        if c["padding_mode"] == "zeros":
+            assert bound >= real * SAFE
+
+    assert float(operator_norm_bound(layer, n)) >= real * SAFE  # any padding mode
+    assert float(power_iteration_estimate(layer, n, n_iter=30)) <= real * (1 + 1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:40], ids=config_id)
+def test_svdconv_core_gives_the_dense_value(config):
+    layer = _make(config, 0)
+    dense = layer.to_conv2d()
+    n = config["n"]
+    for method in (exact_spectral_norm, gram_iteration_bound):
+        assert abs(float(method(layer, n)) - float(method(dense, n))) <= 1e-10 * max(1.0, float(method(dense, n)))
+    assert torch.allclose(fantastic_four_bounds(layer), fantastic_four_bounds(dense), rtol=1e-10, atol=1e-12)
+
+
+def test_power_iteration_converges_to_the_real_norm():
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect", dtype=torch.float64)
+    real = float(torch.linalg.svdvals(operator_matrix(layer_operator(conv), (3, 6, 6)))[0])
+    estimate = float(power_iteration_estimate(conv, 6, n_iter=2000))
+    assert real * (1 - 1e-6) <= estimate <= real * (1 + 1e-12)
+
+
+def test_operator_norm_bound_is_exact_for_size_preserving_circular_conv():
+    conv = nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular", dtype=torch.float64)
+    real = float(torch.linalg.svdvals(operator_matrix(layer_operator(conv), (3, 7, 7)))[0])
+    assert abs(float(operator_norm_bound(conv, 7)) - real) < 1e-10
+
+
+def test_fantastic_four_power_method_approaches_exact_values_with_persistent_state():
+    weight = torch.randn(8, 6, 3, 3, dtype=torch.float64)
+    exact = fantastic_four_bounds(weight)
+    state = {}
+    first = fantastic_four_bounds(weight, method="power", n_iter=1, state=state)
+    for _ in range(100):
+        later = fantastic_four_bounds(weight, method="power", n_iter=1, state=state)
+    assert torch.all(first <= exact * (1 + 1e-12))
+    assert torch.allclose(later, exact, rtol=1e-6)
+    assert set(state) == {"R", "S", "T", "U"}
+
+
+@pytest.mark.parametrize("method", ["exact", "power"])
+def test_fantastic_four_bound_is_a_working_regularizer(method):
+    layer = SVDConv(8, 8, 3, padding=1, rank=4)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    state = {}
+    start = float(fantastic_four_bound(layer, method=method, state=state))
+    for _ in range(20):
+        loss = fantastic_four_bound(layer, method=method, state=state)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(fantastic_four_bound(layer)) < 0.8 * start
+
+
+def test_gram_bound_is_differentiable():
+    weight = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    gram_iteration_bound(weight, 8, n_iter=4).backward()
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def test_gram_bound_does_not_overflow():
+    weight = 1e30 * torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    bound = gram_iteration_bound(weight, 8, n_iter=10)
+    exact = exact_spectral_norm(weight, 8)
+    assert torch.isfinite(bound) and exact <= bound <= exact * (1 + 1e-9)
+
+
+def test_grouped_norm_is_the_max_over_groups():
+    weight = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    parts = [exact_spectral_norm(weight[2 * g: 2 * g + 2], 6) for g in range(3)]
+    assert torch.isclose(exact_spectral_norm(weight, 6, groups=3), max(parts))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: fantastic_four_bound(torch.randn(3, 3, 3)), ValueError, "4-D"),
+        (lambda: gram_iteration_bound(torch.full((2, 2, 3, 3), float("nan")), 8), ValueError, "NaN or Inf"),
+        (lambda: zero_padding_bound(torch.full((2, 2, 3, 3), float("inf"))), ValueError, "NaN or Inf"),
+        (lambda: exact_spectral_norm(torch.randn(2, 2, 3, 3), 7, stride=2), ValueError, "not divisible by stride"),
+        (lambda: gram_iteration_bound(nn.Conv2d(2, 2, 3, stride=2), (8, 7)), ValueError, "not divisible by stride"),
+        (lambda: zero_padding_bound(torch.randn(2, 2, 3, 3), n_iter=7), ValueError, "n_iter must be <= 6"),
+        (lambda: fantastic_four_bound(torch.randn(2, 2, 3, 3), method="svd"), ValueError, "method must be"),
+        (lambda: fantastic_four_bound("conv"), TypeError, "weight must be a Tensor"),
+        (lambda: operator_norm_bound(nn.Conv2d(2, 2, 5), 3), ValueError, "too small"),
+        (lambda: power_iteration_estimate(torch.randn(2, 2, 3, 3), 6, n_iter=0), ValueError, "n_iter"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
