@@ -383,9 +383,12 @@ def power_iteration_estimate(
     c_in = kernel.shape[1] * spec.groups
     x = torch.randn(1, c_in, *n, dtype=kernel.dtype, device=kernel.device, generator=generator)
     x = x / x.norm()
+    for _ in range(n_iter):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            y = apply(x)
+            # A^T (A x) as the vector-Jacobian product of the linear map at y = A x.
+            (x,) = torch.autograd.grad(y, x, y.detach())
+        x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
     with torch.no_grad():
-        _, adjoint = torch.func.vjp(apply, x)  # linear: the pullback does not depend on x
-        for _ in range(n_iter):
-            x = adjoint(apply(x))[0]
-            x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
-        return apply(x).norm()
+        return apply(x.detach()).norm()
