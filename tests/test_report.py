@@ -128,3 +128,10 @@ def test_state_dict_report_bounds_the_real_layers():
             assert at_size.layers[0].upper_bound >= real * (1 - 1e-12)
         assert rows[name]["fantastic_four"] >= 0
     assert len(state_dict_report({"bn.weight": torch.ones(3)})) == 0
+
+
+def test_svdconv_rows_carry_the_full_spectrum_with_zeros():
+    layer = SVDConv(4, 6, 3, padding=1, rank=2)
+    row = spectral_report(nn.Sequential(layer), torch.randn(1, 4, 6, 6)).layers[0]
+    assert len(row.singular_values) == 4 * 36 and row.singular_values[-1] == 0.0
+    assert torch.allclose(torch.tensor(row.singular_values), layer.singular_values(6).detach(), atol=1e-6)

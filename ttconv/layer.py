@@ -209,7 +209,7 @@ class SVDConv(nn.Module):
             path = "dense" if dense_cost <= factored_cost else "factored"
         if path == "dense":
             return self._conv(input, self.dense_weight(), self.bias)
-        g, (r_out, r_in) = self.groups, self.ranks
+        g, r_in = self.groups, self.ranks[1]
         in_g = self.in_channels // g
         v_weight = self.V.reshape(g, in_g, r_in).transpose(1, 2).reshape(g * r_in, in_g, 1, 1)
         # Channel mixing commutes with every padding mode, so the 1x1 convs can sit

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import bounds
+from ._hooks import find_conv_layers, record_input_sizes
 from .layer import SVDConv
 from .spectra import conv_singular_values
 from .tt import orthonormal_core
@@ -192,17 +193,6 @@ class SpectralReport:
         plt.close(figure)
 
 
-def find_conv_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every ``nn.Conv2d`` and ``SVDConv`` in ``model``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) and not any(
-        True for _ in model.named_parameters(recurse=False)
-    ):
-        model = model.module  # DataParallel / DistributedDataParallel wrappers
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, SVDConv))]
-
-
 def _dense_shape(target: Any) -> Tuple[int, ...]:
     if isinstance(target, SVDConv):
         return (target.out_channels, target.in_channels // target.groups, *target.kernel_size)
@@ -235,7 +225,10 @@ def _analyse(
     else:
         kwargs = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
         try:
-            values = conv_singular_values(spec.kernel, input_size, **kwargs)
+            if isinstance(target, SVDConv):  # its full spectrum, zeros of the low rank included
+                values = target.singular_values(input_size)
+            else:
+                values = conv_singular_values(spec.kernel, input_size, **kwargs)
             spectrum = values.tolist()
             exact = float(values[0])
             gram = float(bounds.gram_iteration_bound(spec.kernel, input_size, n_iter=gram_iters, **kwargs))
@@ -250,35 +243,6 @@ def _analyse(
         fantastic_four=ff, gram=gram, power_estimate=power, upper_bound=upper,
         seconds=time.perf_counter() - start, note=note, singular_values=spectrum,
     )
-
-
-def _input_sizes(model: nn.Module, layers: List[Tuple[str, nn.Module]], example_input: Any) -> Dict[str, List[Tuple[int, int]]]:
-    sizes: Dict[str, List[Tuple[int, int]]] = {name: [] for name, _ in layers}
-    handles = []
-    for name, module in layers:
-        def record(module, inputs, name=name):
-            size = tuple(int(s) for s in inputs[0].shape[-2:])
-            if size not in sizes[name]:
-                sizes[name].append(size)
-        handles.append(module.register_forward_pre_hook(record))
-    was_training = model.training
-    model.eval()  # no batch-norm statistics updates from the probe
-    try:
-        with torch.no_grad():
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
-    except Exception as error:
-        raise ValueError(
-            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
-            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W)"
-        ) from error
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return sizes
 
 
 def spectral_report(
@@ -321,7 +285,7 @@ def spectral_report(
     layers = find_conv_layers(model)
     if not layers:
         return SpectralReport([], f"no nn.Conv2d or SVDConv layers found in {type(model).__name__}")
-    sizes = _input_sizes(model, layers, example_input) if example_input is not None else {}
+    sizes = record_input_sizes(model, layers, example_input) if example_input is not None else {}
     rows = []
     for index, (name, module) in enumerate(layers):
         seen = sizes.get(name, [])

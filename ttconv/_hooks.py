@@ -1,0 +1,66 @@
+"""Finding conv layers in a model and learning their input sizes with one forward pass."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from .layer import SVDConv
+
+
+def unwrap(model: Any) -> nn.Module:
+    """The model inside a ``DataParallel`` / ``DistributedDataParallel`` wrapper (or itself)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return inner
+    return model
+
+
+def find_conv_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every ``nn.Conv2d`` and ``SVDConv`` in ``model``.
+
+    Looks through ``DataParallel`` / ``DistributedDataParallel`` wrappers; names are
+    relative to the wrapped model.
+    """
+    return [(name, m) for name, m in unwrap(model).named_modules() if isinstance(m, (nn.Conv2d, SVDConv))]
+
+
+def record_input_sizes(
+    model: nn.Module, layers: List[Tuple[str, nn.Module]], example_input: Any
+) -> Dict[str, List[Tuple[int, int]]]:
+    """Spatial input sizes seen by each layer in one forward pass (eval mode, no grad).
+
+    The model's training flag is restored afterwards, so batch-norm statistics are not
+    touched. Raises ``ValueError`` naming ``example_input`` when the forward pass fails.
+    """
+    sizes: Dict[str, List[Tuple[int, int]]] = {name: [] for name, _ in layers}
+    handles = []
+    for name, module in layers:
+        def record(module, inputs, name=name):
+            size = tuple(int(s) for s in inputs[0].shape[-2:])
+            if size not in sizes[name]:
+                sizes[name].append(size)
+
+        handles.append(module.register_forward_pre_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    except Exception as error:
+        raise ValueError(
+            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
+            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W)"
+        ) from error
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sizes
