@@ -131,3 +131,18 @@ def test_zero_kernel_decomposes_with_zero_error():
     result = decompose(torch.zeros(3, 2, 3, 3), rank=1)
     assert result.relative_error == 0.0
     assert torch.all(compose(*result.factors) == 0)
+
+
+def test_energy_ranks_of_1x1_kernels_keep_r_in_within_r_out():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 16, 1, 1, dtype=torch.float64) * torch.logspace(0, -1, 16)[None, :, None, None]
+    for energy in (0.5, 0.8, 0.9, 0.99):
+        result = decompose(weight, energy=energy)
+        r_out, r_in = result.ranks
+        assert r_in <= r_out
+        U, S, core, V = result.factors
+        assert core.shape == (r_out, r_in, 1, 1) and V.shape == (16, r_in)
+        actual = float((compose(*result.factors) - weight).norm() / weight.norm())
+        assert abs(actual - result.relative_error) < 1e-12
+        assert orthonormality_error(V) < 1e-12
+        assert orthonormality_error(core.reshape(r_out, -1).T) < 1e-12

@@ -4,10 +4,31 @@
 orthonormal outer factors, so the layer's exact spectrum comes from its small core.
 """
 
+from . import bounds
+from .control import SpectralControl, clip_singular_values_, scale_to_spectral_norm_, spectral_norm
+from .convert import ConversionReport, convert, densify
 from .layer import SVDConv
+from .report import SpectralReport, spectral_report, state_dict_report
 from .spectra import conv_singular_values, conv_spectral_norm
 from .tt import decompose
 
 __version__ = "0.1.0"
 
-__all__ = ["SVDConv", "conv_singular_values", "conv_spectral_norm", "decompose", "__version__"]
+__all__ = [
+    "SVDConv",
+    "conv_singular_values",
+    "conv_spectral_norm",
+    "decompose",
+    "bounds",
+    "spectral_report",
+    "state_dict_report",
+    "SpectralReport",
+    "convert",
+    "densify",
+    "ConversionReport",
+    "clip_singular_values_",
+    "scale_to_spectral_norm_",
+    "spectral_norm",
+    "SpectralControl",
+    "__version__",
+]

@@ -42,6 +42,7 @@ __all__ = [
     "canonicalize",
     "orthonormality_error",
     "orthonormal_core",
+    "energy_rank",
 ]
 
 
@@ -138,7 +139,7 @@ def compose(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int = 1) -> T
     return weight.reshape(U.shape[0], V.shape[0] // groups, kh, kw)
 
 
-def _energy_rank(singular_values: Tensor, energy: float) -> int:
+def energy_rank(singular_values: Tensor, energy: float) -> int:
     """Smallest rank keeping ``energy`` of the squared norm, max over the groups (dim 0)."""
     power = singular_values.pow(2)
     total = power.sum(-1, keepdim=True).clamp_min(torch.finfo(power.dtype).tiny)
@@ -202,7 +203,7 @@ def decompose(
     unfold_in = w.permute(0, 2, 1, 3, 4).reshape(groups, in_per_group, -1)
     left, sv_in, _ = torch.linalg.svd(unfold_in, full_matrices=False)
     if energy is not None:
-        r_in = min(r_in, _energy_rank(sv_in, float(energy)))
+        r_in = min(r_in, energy_rank(sv_in, float(energy)))
     V = left[..., :r_in]
     projected = torch.einsum("goihw,gib->gobhw", w, V)
 
@@ -210,17 +211,28 @@ def decompose(
     unfold_out = projected.reshape(groups, out_per_group, -1)
     P, sv_out, Qh = torch.linalg.svd(unfold_out, full_matrices=False)
     if energy is not None:
-        r_out = min(r_out, _energy_rank(sv_out, float(energy)))
+        r_out = min(r_out, energy_rank(sv_out, float(energy)))
     r_out = min(r_out, r_in * kh * kw)
 
     discarded = float(sv_in[..., r_in:].pow(2).sum() + sv_out[..., r_out:].pow(2).sum())
     relative_error = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
 
+    core = Qh[:, :r_out].reshape(groups, r_out, r_in, kh * kw)
+    if r_in > r_out * kh * kw:
+        # An energy-chosen r_out can leave more input directions than the core can use
+        # (1x1 kernels): compress V onto the core's input span. Exact, and the core's rows
+        # stay orthonormal because they lie in that span.
+        r_in = r_out * kh * kw
+        span, _, _ = torch.linalg.svd(core.transpose(1, 2).reshape(groups, core.shape[2], -1), full_matrices=False)
+        span = span[..., :r_in]
+        core = torch.einsum("gabk,gbc->gack", core, span)
+        V = V @ span
+
     out = dict(dtype=weight.dtype, device=weight.device)
     factors = TTFactors(
         U=P[..., :r_out].reshape(c_out, r_out).to(**out),
         S=sv_out[..., :r_out].reshape(groups * r_out).to(**out),
-        core=Qh[:, :r_out].reshape(groups * r_out, r_in, kh, kw).to(**out),
+        core=core.reshape(groups * r_out, r_in, kh, kw).to(**out),
         V=V.reshape(groups * in_per_group, r_in).to(**out),
     )
     return Decomposition(factors, (r_out, r_in), relative_error)

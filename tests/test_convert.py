@@ -1,0 +1,168 @@
+"""Whole-model conversion on real architectures: exactness, rank choices, reports, checkpoints."""
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from models import ARCHITECTURES, SmallResNet, vgg_like
+from ttconv import SVDConv, convert, densify
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_full_rank_conversion_is_exact_and_densify_restores_the_state_dict(arch):
+    model = ARCHITECTURES[arch]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    converted = convert(model)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert sum(isinstance(m, SVDConv) for m in converted.modules()) == n_convs
+    assert not any(type(m) is nn.Conv2d for m in converted.modules())
+    assert _relative(converted(x), model(x)) < 1e-5
+    restored = densify(converted)
+    original, back = model.state_dict(), restored.state_dict()
+    assert list(original) == list(back)
+    for key in original:
+        if original[key].is_floating_point() and original[key].norm() > 0:
+            assert _relative(back[key], original[key]) < 1e-5, key
+        else:
+            assert torch.equal(back[key], original[key]), key
+
+
+def test_conversion_keeps_the_original_unless_inplace():
+    model = SmallResNet()
+    converted = convert(model)
+    assert isinstance(model.stem, nn.Conv2d) and isinstance(converted.stem, SVDConv)
+    same = convert(model, inplace=True)
+    assert same is model and isinstance(model.layers[1].shortcut[0], SVDConv)
+
+
+def test_rank_choices():
+    model = SmallResNet(width=16)
+    fixed = convert(model, rank=4)
+    assert fixed.layers[2].conv2.ranks == (4, 4)
+    assert fixed.layers[1].shortcut[0].ranks == (4, 4)
+    pair = convert(model, rank=(6, 3))
+    assert pair.layers[2].conv2.ranks == (6, 3)
+    fraction = convert(model, rank=0.25)
+    assert fraction.layers[2].conv2.ranks == (16, 16)  # 64 channels * 0.25
+    assert fraction.stem.ranks == (4, 1)  # 16 * 0.25 out, ceil(3 * 0.25) in
+    energy, report = convert(model, energy=0.9, return_report=True)
+    for row in report.layers:
+        assert row.relative_error <= (2 * (1 - 0.9)) ** 0.5 + 1e-9
+
+
+def test_parameter_budget_is_respected_and_used():
+    model = SmallResNet(width=16)
+    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    for budget in (dense // 2, dense // 4):
+        converted, report = convert(model, param_budget=budget, return_report=True)
+        assert report.params_after <= budget
+        assert report.params_after > 0.7 * budget  # close to the budget, not far below
+        assert report.params_after == sum(p.numel() for m in converted.modules() if isinstance(m, SVDConv)
+                                          for p in m.parameters())
+
+
+def test_exclude_by_name_pattern_and_predicate():
+    model = SmallResNet()
+    by_name = convert(model, exclude=("stem", "layers.1"))
+    assert isinstance(by_name.stem, nn.Conv2d) and isinstance(by_name.layers[1].conv1, nn.Conv2d)
+    assert isinstance(by_name.layers[2].conv1, SVDConv)
+    by_pattern = convert(model, exclude=["*.shortcut.*"])
+    assert isinstance(by_pattern.layers[1].shortcut[0], nn.Conv2d)
+    by_predicate, report = convert(model, exclude=lambda m, name: m.kernel_size == (1, 1), return_report=True)
+    assert isinstance(by_predicate.layers[2].shortcut[0], nn.Conv2d) and isinstance(by_predicate.stem, SVDConv)
+    assert report.excluded == ["layers.1.shortcut.0", "layers.2.shortcut.0"]
+
+
+def test_report_table_and_totals():
+    model = vgg_like()
+    calls = []
+    _, report = convert(model, rank=2, return_report=True, progress=lambda d, t, n: calls.append((d, t, n)))
+    assert len(report) == 4 and calls[-1] == (4, 4, "7")
+    text = str(report)
+    assert text.splitlines()[0].split()[:3] == ["layer", "shape", "groups"]
+    assert "total" in text and str(report.params_before) in text
+    assert report.params_before == sum(p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+    truth = [_relative(SVDConv.from_conv2d(m, rank=2).dense_weight().detach(), m.weight.detach())
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [r.relative_error for r in report.layers] == pytest.approx(truth, rel=1e-6)
+
+
+def test_checkpoint_round_trip_into_a_fresh_skeleton(tmp_path):
+    torch.manual_seed(0)
+    model = convert(SmallResNet(), rank=4).eval()
+    path = tmp_path / "converted.pt"
+    torch.save(model.state_dict(), path)
+    skeleton = convert(SmallResNet(), rank=4).eval()
+    skeleton.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(skeleton(x), model(x))
+
+
+def test_loading_into_a_mismatched_skeleton_names_layer_and_shapes():
+    state = convert(SmallResNet(), rank=4).state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for layers\.0\.conv1\.U.*torch.Size\(\[8, 4\]\).*torch.Size\(\[8, 2\]\)"):
+        convert(SmallResNet(), rank=2).load_state_dict(state)
+
+
+def test_shared_layers_stay_shared_and_a_bare_conv_converts():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), conv)
+    converted = convert(model)
+    assert converted[0] is converted[2] and isinstance(converted[0], SVDConv)
+    assert isinstance(convert(nn.Conv2d(2, 2, 3)), SVDConv)
+    assert isinstance(densify(SVDConv(2, 2, 3)), nn.Conv2d)
+
+
+def test_training_mode_is_carried():
+    model = vgg_like().eval()
+    assert not convert(model)[0].training
+    assert not densify(convert(model))[0].training
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rank=2, energy=0.9), "at most one of"),
+        (dict(rank=1.5), "fraction of channels"),
+        (dict(param_budget=10), "below the smallest possible size"),
+        (dict(param_budget=-3), "param_budget must be a positive int"),
+        (dict(exclude="stem"), "single str"),
+        (dict(rank=0), "rank"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        convert(SmallResNet(), **kwargs)
+
+
+def test_nan_weights_are_reported_with_the_layer_name():
+    model = vgg_like()
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '2'.*NaN"):
+        convert(model)
+
+
+def test_converts_weights_trained_on_real_data():
+    """Weights trained on the offline digits data (skips without scikit-learn)."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
+    from _digits import accuracy, load_digits, small_cnn, train
+
+    torch.manual_seed(0)
+    data = load_digits()
+    model = small_cnn(width=16)
+    train(model, data, epochs=3)
+    base = accuracy(model, data[2], data[3])
+    exact = convert(model)
+    assert _relative(exact(data[2]), model(data[2])) < 1e-5
+    half, report = convert(model, rank=0.5, return_report=True)
+    assert report.params_after < report.params_before
+    assert accuracy(half, data[2], data[3]) > base - 0.1  # trained kernels compress well
