@@ -160,7 +160,8 @@ class SpectralControl:
         Control period in optimizer steps, >= 1.
     mode : {'scale', 'clip'}
     example_input : Tensor or tuple
-        One forward pass on it records every layer's input size.
+        One forward pass on it records every layer's input size (a size smaller than the
+        layer's dilated kernel is raised to the kernel's extent).
     orthonormality_tol : float
         Drift of ``U``, ``V`` that triggers ``canonicalize_()`` in a control step.
 
@@ -205,7 +206,11 @@ class SpectralControl:
         self.skipped: List[str] = []
         for name, layer in layers:
             if sizes[name]:
-                self.layers.append((name, layer, sizes[name][0]))
+                # An input smaller than the (dilated) kernel has no circular operator of its
+                # own: control the smallest grid that holds the kernel instead.
+                extent = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size)]
+                size = tuple(max(n, e) for n, e in zip(sizes[name][0], extent))
+                self.layers.append((name, layer, size))
             else:
                 self.skipped.append(name)  # not reached by the example forward pass
         self.steps = 0

@@ -1,0 +1,149 @@
+"""Singular-value control: scaling is exact, clipping is reported honestly, training survives."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configs import config_id, random_conv_configs
+from models import SmallResNet
+from oracle import circular_singular_values
+from ttconv import SpectralControl, SVDConv, clip_singular_values_, convert, scale_to_spectral_norm_, spectral_norm
+from ttconv.tt import orthonormality_error
+
+CONFIGS = random_conv_configs(60, seed=4, max_in_numel=600)
+
+
+def _oracle_norm(layer, n):
+    weight = (layer.dense_weight() if isinstance(layer, SVDConv) else layer.weight).detach()
+    stride = layer.stride if all(a % s == 0 for a, s in zip(n, layer.stride)) else (1, 1)
+    return float(circular_singular_values(weight, n, stride, layer.dilation, layer.groups)[0])
+
+
+def _layer(config, index):
+    if index % 2:
+        return nn.Conv2d(**config["conv"], dtype=torch.float64)
+    return SVDConv(**config["conv"], rank=config["rank"], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("index, config", list(enumerate(CONFIGS)), ids=[config_id(c) for c in CONFIGS])
+def test_scale_is_exact_and_clip_is_reported_honestly(index, config):
+    n = config["n"]
+    layer = _layer(config, index)
+    before = _oracle_norm(layer, n)
+    target = 0.5 * before
+    ids = [id(p) for p in layer.parameters()]
+    clipped = clip_singular_values_(layer, target, n)
+    assert abs(clipped - _oracle_norm(layer, n)) <= 1e-9 * before  # the value returned is the true norm
+    assert clipped < before
+    reached = scale_to_spectral_norm_(layer, target, n)
+    assert _oracle_norm(layer, n) <= target * (1 + 1e-9)
+    assert abs(reached - _oracle_norm(layer, n)) <= 1e-9 * before
+    assert [id(p) for p in layer.parameters()] == ids
+
+
+def test_clip_converges_with_iterations_and_never_touches_small_layers():
+    conv = nn.Conv2d(4, 4, 3, padding=1, dtype=torch.float64)
+    norm = float(spectral_norm(conv, 8))
+    once = clip_singular_values_(conv, 0.5 * norm, 8)
+    many = clip_singular_values_(conv, 0.5 * norm, 8, n_iter=30)
+    assert abs(many - 0.5 * norm) < abs(once - 0.5 * norm)
+    layer = SVDConv(4, 4, 3, padding=1)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert scale_to_spectral_norm_(layer, 100.0, 8) < 100.0
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+
+
+def _regression_setup(mode, every, rank=3):
+    torch.manual_seed(0)
+    model = nn.Sequential(SVDConv(3, 6, 3, padding=1, rank=rank), nn.ReLU(), SVDConv(6, 6, 3, stride=2, padding=1, rank=rank),
+                          nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1))
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    control = SpectralControl(model, 0.8, every=every, mode=mode, example_input=torch.zeros(1, 3, 8, 8))
+    return model, teacher, control
+
+
+@pytest.mark.parametrize("mode", ["scale", "clip"])
+def test_thousand_steps_with_periodic_control(mode):
+    model, teacher, control = _regression_setup(mode, every=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = [id(p) for p in model.parameters()]
+    losses = []
+    for step in range(1000):
+        x = torch.randn(8, 3, 8, 8)
+        loss = F.mse_loss(model(x), teacher(x).detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        result = control.step()
+        assert (result is not None) == ((step + 1) % 10 == 0)
+        losses.append(float(loss))
+    assert [id(p) for p in model.parameters()] == ids  # optimizer state still attached
+    assert sum(losses[-50:]) < 0.5 * sum(losses[:50])  # it kept learning
+    for layer in (model[0], model[2]):
+        assert orthonormality_error(layer.U) < 1e-5 and orthonormality_error(layer.V) < 1e-5
+    reached = control.apply()
+    for (name, layer, size) in control.layers:
+        truth = _oracle_norm(layer, size)
+        assert abs(reached[name] - truth) < 1e-4 * max(1, truth)
+        if mode == "scale":
+            assert truth <= 0.8 * (1 + 1e-5)
+
+
+def test_control_step_changes_nothing_when_within_target():
+    model = nn.Sequential(SVDConv(3, 6, 3, padding=1, rank=3), nn.Conv2d(6, 6, 3))
+    control = SpectralControl(model, 1e3, every=1, example_input=torch.zeros(1, 3, 8, 8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    control.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_regularizers_are_differentiable_and_lower_the_norms():
+    for method in ("fantastic_four", "exact"):
+        model = convert(SmallResNet(width=4), rank=2)
+        control = SpectralControl(model, 1.0, example_input=torch.zeros(1, 3, 8, 8))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+        start = float(control.regularizer(method))
+        for _ in range(10):
+            loss = control.regularizer(method)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert float(control.regularizer(method)) < start
+
+
+def test_looks_inside_data_parallel_and_records_sizes():
+    model = SmallResNet(width=4)
+    control = SpectralControl(nn.DataParallel(model), 1.0, example_input=torch.zeros(1, 3, 16, 16))
+    sizes = {name: size for name, _, size in control.layers}
+    assert sizes["stem"] == (16, 16) and sizes["layers.2.conv2"] == (4, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(max_value=0.0), ValueError, "max_value must be a positive"),
+        (dict(max_value=-1), ValueError, "max_value must be a positive"),
+        (dict(max_value=float("inf")), ValueError, "max_value must be a positive finite"),
+        (dict(every=0), ValueError, "every must be an int >= 1"),
+        (dict(every=2.5), ValueError, "every must be an int >= 1"),
+        (dict(mode="project"), ValueError, "mode must be"),
+        (dict(example_input=torch.zeros(1, 5, 8, 8)), ValueError, "example_input could not be run"),
+        (dict(example_input=None), ValueError, "example_input is required"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    options = dict(max_value=1.0, example_input=torch.zeros(1, 3, 8, 8))
+    options.update(kwargs)
+    max_value = options.pop("max_value")
+    with pytest.raises(error, match=match):
+        SpectralControl(SmallResNet(width=4), max_value, **options)
+
+
+def test_models_without_convs_and_bad_layers_are_refused():
+    with pytest.raises(ValueError, match="no nn.Conv2d or SVDConv layers"):
+        SpectralControl(nn.Linear(3, 3), 1.0, example_input=torch.zeros(1, 3))
+    with pytest.raises(TypeError, match="layer must be an nn.Conv2d or SVDConv"):
+        clip_singular_values_(nn.Linear(3, 3), 1.0, 8)
+    with pytest.raises(ValueError, match="max_value"):
+        scale_to_spectral_norm_(nn.Conv2d(2, 2, 3), 0, 8)
