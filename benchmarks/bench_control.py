@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     options = parser.parse_args(argv)
-    widths, size, batch, repeats = ([8, 16], 8, 2, 1) if options.quick else ([64, 128, 256, 512], 56, 32, 3)
+    widths, size, batch, repeats = ([8, 16], 8, 2, 1) if options.quick else ([64, 128, 256, 512], 56, 32, 1)
     torch.manual_seed(0)
     dense = resnet_like(widths)
     low = ttconv.convert(dense, rank=0.25)

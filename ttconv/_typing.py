@@ -16,3 +16,5 @@ RankSpec = Union[None, int, Tuple[int, int]]
 """``None`` (full rank), one ``int`` for both ranks, or ``(r_out, r_in)``."""
 
 ForwardPath = Literal["auto", "dense", "factored"]
+
+CoreKind = Literal["general", "orthogonal"]

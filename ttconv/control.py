@@ -86,8 +86,15 @@ def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any)
     if sigma <= max_value:
         return sigma
     factor = max_value / sigma
-    (layer.S if isinstance(layer, SVDConv) else layer.weight).mul_(factor)
+    if _is_orthogonal(layer):
+        layer.set_singular_values_(layer.factors().S * factor)
+    else:
+        (layer.S if isinstance(layer, SVDConv) else layer.weight).mul_(factor)
     return sigma * factor
+
+
+def _is_orthogonal(layer: ConvLayer) -> bool:
+    return isinstance(layer, SVDConv) and layer.core_kind == "orthogonal"
 
 
 def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, dilation: Tuple[int, int],
@@ -113,7 +120,8 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     is projected back to the layer's ``kh x kw`` support, which is *not* exact: the norm
     can end above ``max_value`` (alternating ``n_iter`` times converges slowly; follow
     with :func:`scale_to_spectral_norm_` for a guarantee). An ``SVDConv`` is
-    canonicalised first and clipped on its ``r_out x r_in`` core.
+    canonicalised first and clipped on its ``r_out x r_in`` core. With
+    ``core='orthogonal'`` the clip is exact and costs ``O(r)``: ``S`` are clamped.
 
     Returns
     -------
@@ -124,6 +132,11 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     max_value = _check_max_value(max_value)
     n_iter = args.positive_int(n_iter, "n_iter")
     n = check_spectral_input_size(input_size, layer.kernel_size, (1, 1), layer.dilation)
+    if _is_orthogonal(layer):
+        # S are the singular values: clipping them is exact and O(r).
+        values = layer.factors().S
+        layer.set_singular_values_(values.sign() * values.abs().clamp(max=max_value))
+        return float(spectral_norm(layer, n))
     if isinstance(layer, SVDConv):
         layer.canonicalize_()
         work = spectral_dtype(layer.U.dtype)

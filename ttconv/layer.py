@@ -23,13 +23,23 @@ from torch import Tensor, nn
 
 from . import _conv_args as args
 from . import _functional
-from ._typing import ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
+from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
 from .spectra import spectral_dtype, check_spectral_input_size, conv_singular_values
-from .tt import canonicalize, compose, decompose, orthonormal_core, resolve_ranks
+from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
+from .tt import TTFactors, canonicalize, compose, decompose, orthonormal_core, resolve_ranks
 
 __all__ = ["SVDConv"]
 
 _PATHS = ("auto", "dense", "factored")
+_CORES = ("general", "orthogonal")
+
+
+def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: int) -> Tuple[int, int]:
+    """An orthogonal core is square: ``r_out = r_in = r <= min(c_out/g, c_in/g)``."""
+    if isinstance(rank, (tuple, list)) and rank[0] != rank[1]:
+        raise ValueError(f"core='orthogonal' needs a square core: rank must be an int or (r, r), got {rank!r}")
+    r = min(ranks[0], ranks[1], out_g, in_g)
+    return r, r
 
 
 class SVDConv(nn.Module):
@@ -54,6 +64,16 @@ class SVDConv(nn.Module):
         How ``forward`` computes: ``'dense'`` composes the kernel and runs one conv,
         ``'factored'`` runs three (1x1, core, 1x1), ``'auto'`` picks the one with fewer
         FLOPs for the actual input shape. All give the same result.
+    core : {'general', 'orthogonal'}, keyword-only
+        ``'general'`` (default): any kernel of the given ranks. ``'orthogonal'``: a square
+        core (``r_out = r_in = r <= min(c_out/g, c_in/g)``) that is an exactly orthogonal
+        convolution (BCOP, :mod:`ttconv.orthogonal`), with ``U``, ``V`` orthonormalised in
+        ``forward``; then the layer's singular values are exactly ``|S|`` (circular padding,
+        any stride and dilation, each repeated once per output position) and ``max |S|``
+        bounds the norm for zero padding. See ``docs/orthogonal.md``.
+    max_singular_value : float, keyword-only
+        With ``core='orthogonal'``: ``S = max_singular_value * sigmoid(raw)``, so every
+        singular value stays below the bound at all times during training.
 
     Attributes
     ----------
@@ -100,6 +120,8 @@ class SVDConv(nn.Module):
         *,
         rank: RankSpec = None,
         path: ForwardPath = "auto",
+        core: CoreKind = "general",
+        max_singular_value: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.groups = args.channels_and_groups(
@@ -113,16 +135,35 @@ class SVDConv(nn.Module):
         if path not in _PATHS:
             raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
         self.path = path
+        if core not in _CORES:
+            raise ValueError(f"core must be one of {_CORES}, got {core!r}")
+        self.core_kind = core
+        if max_singular_value is not None:
+            if core != "orthogonal":
+                raise ValueError(
+                    "max_singular_value needs core='orthogonal': only then are S the layer's singular values"
+                )
+            if isinstance(max_singular_value, bool) or not isinstance(max_singular_value, (int, float)) \
+                    or not math.isfinite(max_singular_value) or max_singular_value <= 0:
+                raise ValueError(f"max_singular_value must be a positive finite number, got {max_singular_value!r}")
+            max_singular_value = float(max_singular_value)
+        self.max_singular_value = max_singular_value
         self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
             self.padding, self.kernel_size, self.dilation
         )
         out_g, in_g = out_channels // groups, in_channels // groups
         self.ranks: Tuple[int, int] = resolve_ranks(rank, out_g, in_g, self.kernel_size)
+        if core == "orthogonal":
+            self.ranks = _orthogonal_ranks(rank, self.ranks, out_g, in_g)
         r_out, r_in = self.ranks
         factory = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(out_channels, r_out, **factory))
         self.S = nn.Parameter(torch.empty(groups * r_out, **factory))
-        self.core = nn.Parameter(torch.empty(groups * r_out, r_in, *self.kernel_size, **factory))
+        if core == "orthogonal":  # BCOP generators, see ttconv.orthogonal
+            core_shape = (groups, bcop_parameter_count(self.kernel_size), r_out, r_out)
+        else:
+            core_shape = (groups * r_out, r_in, *self.kernel_size)
+        self.core = nn.Parameter(torch.empty(core_shape, **factory))
         self.V = nn.Parameter(torch.empty(in_channels, r_in, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
@@ -142,6 +183,9 @@ class SVDConv(nn.Module):
         """
         if self.U.is_meta:  # nothing to fill (e.g. torch.nn.utils.skip_init)
             return
+        if self.core_kind == "orthogonal":
+            self._reset_orthogonal()
+            return
         dense = torch.empty(
             self.out_channels, self.in_channels // self.groups, *self.kernel_size,
             device=self.U.device, dtype=self.U.dtype,
@@ -152,10 +196,66 @@ class SVDConv(nn.Module):
             kept = factors.S.norm()
             scale = dense.norm() / kept if kept > 0 else 1.0
             self._copy_factors(factors._replace(S=factors.S * scale))
-            if self.bias is not None:
-                fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
-                bound = 1.0 / math.sqrt(fan_in)
-                nn.init.uniform_(self.bias, -bound, bound)
+            self._reset_bias()
+
+    def _reset_bias(self) -> None:
+        if self.bias is not None:
+            fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def _reset_orthogonal(self) -> None:
+        # Random orthonormal U, V, a random orthogonal core, and a flat spectrum: at the
+        # Frobenius norm of nn.Conv2d's init, or near norm-preserving (0.88 c) under a bound c.
+        for factor in (self.U, self.V):
+            factor.copy_(orthonormal_basis(torch.randn_like(factor).reshape(self.groups, -1, factor.shape[1]))
+                         .reshape(factor.shape))
+        nn.init.normal_(self.core)
+        if self.max_singular_value is None:
+            self.S.fill_(math.sqrt(self.out_channels / (3.0 * self.S.numel())))
+        else:
+            self.S.fill_(2.0)  # c * sigmoid(2) = 0.88 c
+        self._reset_bias()
+
+    def factors(self) -> TTFactors:
+        """The effective ``(U, S, core, V)`` that define the kernel (differentiable).
+
+        In the general form these are the parameters themselves. With
+        ``core='orthogonal'`` they are computed from them: ``U``, ``V`` orthonormalised
+        (sign-fixed QR), ``S`` as ``max_singular_value * sigmoid(S)`` when bounded, and the
+        core built from its BCOP generators, an exactly orthogonal convolution.
+        """
+        if self.core_kind == "general":
+            return TTFactors(self.U, self.S, self.core, self.V)
+        g = self.groups
+        U = orthonormal_basis(self.U.reshape(g, -1, self.U.shape[1])).reshape(self.U.shape)
+        V = orthonormal_basis(self.V.reshape(g, -1, self.V.shape[1])).reshape(self.V.shape)
+        S = self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
+        core = bcop_kernel(self.core, self.kernel_size)
+        return TTFactors(U, S, core.reshape(-1, *core.shape[2:]), V)
+
+    @torch.no_grad()
+    def set_singular_values_(self, values: Tensor) -> "SVDConv":
+        """Set the layer's singular values ``S`` in place (``core='orthogonal'`` only).
+
+        ``values``: ``(groups * r,)``, each ``|value|`` becomes a singular value of the layer
+        (stride 1, circular padding: exactly; zero padding: ``max |S|`` bounds the norm).
+        Under ``max_singular_value`` the values must lie in ``[0, max_singular_value)``.
+        """
+        if self.core_kind != "orthogonal":
+            raise ValueError("set_singular_values_ needs core='orthogonal'; in the general form S are not "
+                             "the layer's singular values (use ttconv.clip_singular_values_)")
+        values = torch.as_tensor(values, dtype=self.S.dtype, device=self.S.device).reshape(self.S.shape)
+        if self.max_singular_value is None:
+            self.S.copy_(values)
+        else:
+            ratio = values / self.max_singular_value
+            if bool((ratio < 0).any() or (ratio >= 1).any()):
+                raise ValueError(f"values must lie in [0, max_singular_value={self.max_singular_value})")
+            tiny = torch.finfo(self.S.dtype).tiny
+            self.S.copy_(torch.logit(ratio.clamp_min(tiny)))
+        return self
 
     def _copy_factors(self, factors) -> None:
         # In place, so parameter identity (and any optimizer state) survives.
@@ -165,7 +265,7 @@ class SVDConv(nn.Module):
     # --------------------------------------------------------------- forward
     def dense_weight(self) -> Tensor:
         """The dense kernel ``(out_channels, in_channels/groups, kh, kw)`` (differentiable)."""
-        return compose(self.U, self.S, self.core, self.V, self.groups)
+        return compose(*self.factors(), self.groups)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return _functional.conv2d(
@@ -211,12 +311,13 @@ class SVDConv(nn.Module):
             return self._conv(input, self.dense_weight(), self.bias)
         g, r_in = self.groups, self.ranks[1]
         in_g = self.in_channels // g
-        v_weight = self.V.reshape(g, in_g, r_in).transpose(1, 2).reshape(g * r_in, in_g, 1, 1)
+        U, S, core, V = self.factors()
+        v_weight = V.reshape(g, in_g, r_in).transpose(1, 2).reshape(g * r_in, in_g, 1, 1)
         # Channel mixing commutes with every padding mode, so the 1x1 convs can sit
         # outside the padded core conv.
         hidden = F.conv2d(input, v_weight, None, 1, 0, 1, g)
-        hidden = self._conv(hidden, self.S[:, None, None, None] * self.core, None)
-        return F.conv2d(hidden, self.U[:, :, None, None], self.bias, 1, 0, 1, g)
+        hidden = self._conv(hidden, S[:, None, None, None] * core, None)
+        return F.conv2d(hidden, U[:, :, None, None], self.bias, 1, 0, 1, g)
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -256,10 +357,16 @@ class SVDConv(nn.Module):
             float64 parameters, float32 otherwise. Differentiable.
         """
         n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
-        values = conv_singular_values(
-            self.orthonormal_core(), n, stride=self.stride, dilation=self.dilation, groups=self.groups
-        )
         s1, s2 = self.stride
+        if self.core_kind == "orthogonal":
+            # Exactly |S|, once per output position (docs/orthogonal.md): O(r), no FFT.
+            positions = (n[0] // s1) * (n[1] // s2)
+            values = self.factors().S.to(spectral_dtype(self.S.dtype)).abs().repeat_interleave(positions)
+            values = values.sort(descending=True).values
+        else:
+            values = conv_singular_values(
+                self.orthonormal_core(), n, stride=self.stride, dilation=self.dilation, groups=self.groups
+            )
         per_group = min(self.out_channels, (self.in_channels * s1 * s2)) // self.groups
         total = self.groups * (n[0] // s1) * (n[1] // s2) * per_group
         return F.pad(values, (0, total - values.numel()))
@@ -274,7 +381,7 @@ class SVDConv(nn.Module):
         Differentiable; cost ``O(c r^2 + r^3 kh kw)``. Every spectral method uses it.
         """
         work = spectral_dtype(self.U.dtype)
-        return orthonormal_core(*(p.to(work) for p in (self.U, self.S, self.core, self.V)), self.groups)
+        return orthonormal_core(*(p.to(work) for p in self.factors()), self.groups)
 
     def spectral_norm(self, input_size: IntOrPair) -> Tensor:
         """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D)."""
@@ -370,6 +477,13 @@ class SVDConv(nn.Module):
         unfolding, sorted descending. Parameters keep their identity (optimizer state
         stays attached; moments are not transformed). Cost ``O(c r^2 + r^3 kh kw)``.
         """
+        if self.core_kind == "orthogonal":
+            # Re-centre the raw factors on their orthonormal bases (a fixed point of the
+            # sign-fixed QR), so they stay well conditioned; the function is unchanged.
+            factors = self.factors()
+            self.U.copy_(factors.U)
+            self.V.copy_(factors.V)
+            return self
         self._copy_factors(canonicalize(self.U, self.S, self.core, self.V, self.groups))
         return self
 
@@ -387,6 +501,10 @@ class SVDConv(nn.Module):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         s += f", rank={self.ranks}"
+        if self.core_kind != "general":
+            s += f", core={self.core_kind!r}"
+        if self.max_singular_value is not None:
+            s += f", max_singular_value={self.max_singular_value}"
         if self.path != "auto":
             s += f", path={self.path!r}"
         return s

@@ -1,0 +1,173 @@
+"""core='orthogonal': the spectrum is exactly S; clipping is exact; 1-Lipschitz networks."""
+
+import pytest
+import torch
+from torch import nn
+
+from configs import config_id, random_conv_configs
+from oracle import circular_singular_values, layer_operator, operator_matrix
+from ttconv import SVDConv, clip_singular_values_, scale_to_spectral_norm_
+from ttconv.activations import ChannelPad, MaxMin
+from ttconv.orthogonal import bcop_kernel, bcop_parameter_count
+from ttconv.report import spectral_report
+
+CONFIGS = random_conv_configs(80, seed=5, max_in_numel=700)
+
+
+def _orthogonal_layer(config, **kwargs):
+    c = dict(config["conv"])
+    rank = config["rank"]
+    rank = rank[0] if isinstance(rank, tuple) else rank
+    layer = SVDConv(**c, rank=rank, core="orthogonal", dtype=torch.float64, **kwargs)
+    with torch.no_grad():  # arbitrary raw parameters: the construction must not care
+        for p in (layer.U, layer.V, layer.core):
+            p.copy_(torch.randn_like(p))
+        layer.S.copy_(torch.rand_like(layer.S) * 3)
+    return layer
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_spectrum_is_exactly_s_repeated(config):
+    layer = _orthogonal_layer(config)
+    n = config["n"]
+    c = config["conv"]
+    weight = layer.dense_weight().detach()
+    oracle = circular_singular_values(weight, n, c["stride"], c["dilation"], c["groups"])
+    claimed = layer.singular_values(n).detach()
+    assert claimed.shape == oracle.shape
+    assert float((claimed - oracle).abs().max()) < 1e-6 * max(1.0, float(oracle[0]))
+    # And the claim is |S| itself, each once per output position.
+    positions = (n[0] // c["stride"][0]) * (n[1] // c["stride"][1])
+    assert torch.allclose(claimed[: layer.S.numel() * positions].unique(),
+                          layer.factors().S.detach().abs().unique(), atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3), (2, 5), (4, 1)])
+@pytest.mark.parametrize("r", [1, 2, 5, 8])
+def test_core_is_orthogonal_for_circular_padding(kernel_size, r):
+    generators = torch.randn(1, bcop_parameter_count(kernel_size), r, r, dtype=torch.float64)
+    kernel = bcop_kernel(generators, kernel_size)[0]
+    n = (max(6, kernel_size[0]), max(7, kernel_size[1]))
+    values = circular_singular_values(kernel, n)
+    assert float((values - 1).abs().max()) < 1e-6
+
+
+def test_zero_padding_orthogonality_error_is_measured_and_max_s_bounds_it():
+    layer = SVDConv(6, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0, dtype=torch.float64)
+    with torch.no_grad():
+        layer.S.fill_(10.0)  # all singular values ~1
+    values = torch.linalg.svdvals(operator_matrix(layer_operator(layer), (6, 8, 8)))
+    assert float(values[0]) <= float(layer.factors().S.max()) * (1 + 1e-12)
+    # Not orthogonal at the border: some singular values drop below 1 (documented).
+    assert float(values[-1]) < 0.99
+
+
+def test_gradients_flow_to_every_parameter():
+    layer = SVDConv(4, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0, dtype=torch.float64)
+    layer(torch.randn(2, 4, 6, 6, dtype=torch.float64)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def test_gradcheck_orthogonal_forward():
+    layer = SVDConv(2, 3, 2, padding=1, core="orthogonal", max_singular_value=2.0, dtype=torch.float64,
+                    path="factored")
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *layer.parameters()))
+
+
+def test_bound_holds_during_training():
+    torch.manual_seed(0)
+    layer = SVDConv(4, 4, 3, padding=1, core="orthogonal", max_singular_value=0.5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+    for _ in range(100):
+        x = torch.randn(4, 4, 6, 6)
+        loss = -layer(x).square().mean()  # pushes the norm up as hard as it can
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert float(layer.spectral_norm(6)) <= 0.5
+    assert float(layer.spectral_norm(6)) > 0.49  # it did push against the bound
+
+
+def test_exact_clipping_and_scaling_in_o_of_r():
+    layer = SVDConv(6, 6, 3, padding=1, core="orthogonal", dtype=torch.float64)
+    with torch.no_grad():
+        layer.S.copy_(torch.linspace(0.1, 3.0, 6, dtype=torch.float64))
+    reached = clip_singular_values_(layer, 1.0, 8)
+    oracle = circular_singular_values(layer.dense_weight().detach(), (8, 8))
+    assert reached == pytest.approx(1.0) and float(oracle[0]) == pytest.approx(1.0, abs=1e-9)
+    assert torch.allclose(layer.S, torch.linspace(0.1, 3.0, 6, dtype=torch.float64).clamp(max=1.0))
+    assert scale_to_spectral_norm_(layer, 0.5, 8) == pytest.approx(0.5)
+    bounded = SVDConv(6, 6, 3, padding=1, core="orthogonal", max_singular_value=2.0, dtype=torch.float64)
+    assert clip_singular_values_(bounded, 0.7, 8) == pytest.approx(0.7)
+
+
+def test_canonicalize_recentres_without_changing_the_function():
+    layer = SVDConv(4, 6, 3, padding=1, core="orthogonal", dtype=torch.float64)
+    with torch.no_grad():
+        layer.U.mul_(3.0).add_(0.1)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    before = layer(x)
+    layer.canonicalize_()
+    assert torch.allclose(layer(x), before, atol=1e-12)
+    assert torch.allclose(layer.U.T @ layer.U, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+def _lipschitz_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.PixelUnshuffle(2), ChannelPad(8),
+        SVDConv(8, 8, 3, padding=1, core="orthogonal", max_singular_value=1.0), MaxMin(),
+        SVDConv(8, 8, 3, padding=1, core="orthogonal", max_singular_value=1.0), MaxMin(),
+        SVDConv(8, 8, 3, stride=2, padding=1, core="orthogonal", max_singular_value=1.0), MaxMin(),
+    ).double()
+
+
+def test_lipschitz_network_is_empirically_1_lipschitz_and_certified():
+    net = _lipschitz_net()
+    x = torch.randn(64, 2, 16, 16, dtype=torch.float64)
+    y = x + 0.1 * torch.randn_like(x)
+    ratio = (net(x) - net(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= 1.0
+    report = spectral_report(net, x[:1])
+    certificate = 1.0
+    for layer in (m for m in net if isinstance(m, SVDConv)):
+        certificate *= float(layer.factors().S.max())
+    # The report's bound for an orthogonal layer is max(S): the product equals the certificate.
+    assert report.lipschitz_upper_bound == pytest.approx(certificate, rel=1e-6)
+
+
+def test_stride_two_spectrum_and_bad_arguments():
+    layer = SVDConv(4, 4, 3, stride=2, padding=1, core="orthogonal", dtype=torch.float64)
+    values = layer.singular_values(8)
+    assert values.numel() == min(4 * 16, 4 * 64)
+    with pytest.raises(ValueError, match="square core"):
+        SVDConv(4, 4, 3, core="orthogonal", rank=(2, 3))
+    with pytest.raises(ValueError, match="max_singular_value needs core='orthogonal'"):
+        SVDConv(4, 4, 3, max_singular_value=1.0)
+    with pytest.raises(ValueError, match="max_singular_value must be a positive"):
+        SVDConv(4, 4, 3, core="orthogonal", max_singular_value=0)
+    with pytest.raises(ValueError, match="core must be one of"):
+        SVDConv(4, 4, 3, core="soc")
+    with pytest.raises(ValueError, match="set_singular_values_ needs core='orthogonal'"):
+        SVDConv(4, 4, 3).set_singular_values_(torch.ones(4))
+    with pytest.raises(ValueError, match="must lie in"):
+        SVDConv(4, 4, 3, core="orthogonal", max_singular_value=1.0).set_singular_values_(torch.full((4,), 2.0))
+    with pytest.raises(ValueError, match="even number of channels"):
+        MaxMin()(torch.randn(1, 3, 2, 2))
+    assert "core='orthogonal'" in repr(SVDConv(4, 4, 3, core="orthogonal", max_singular_value=1.0))
+
+
+def test_orthogonal_state_dict_round_trip_and_to_conv2d():
+    layer = SVDConv(4, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0)
+    fresh = SVDConv(4, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 4, 6, 6)
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.allclose(layer.to_conv2d()(x), layer(x), atol=1e-5)
