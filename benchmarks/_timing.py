@@ -22,3 +22,16 @@ def markdown_table(header: List[str], rows: List[List[str]]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def median_seconds_on_copies(obj, fn: Callable[[object], object], repeats: int = 3) -> float:
+    """Median time of ``fn(copy)`` over fresh deep copies of ``obj`` (for in-place operations)."""
+    import copy
+
+    times = []
+    for _ in range(repeats):
+        fresh = copy.deepcopy(obj)
+        start = time.perf_counter()
+        fn(fresh)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -10,17 +10,14 @@ Run: ``python benchmarks/bench_control.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import markdown_table, median_seconds  # noqa: E402
+from _timing import markdown_table, median_seconds, median_seconds_on_copies  # noqa: E402
 
 import ttconv  # noqa: E402
 
@@ -53,14 +50,9 @@ def main(argv=None) -> None:
         step = median_seconds(train_step, repeats)
         cells = [label, f"{step * 1e3:.0f}"]
         for mode in ("scale", "clip"):
-            times = []
-            for _ in range(repeats):
-                # A fresh copy each time, and a tiny target so that every layer is above it.
-                control = ttconv.SpectralControl(copy.deepcopy(model), 1e-3, every=1, mode=mode, example_input=example)
-                start = time.perf_counter()
-                control.apply()
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
+            # A tiny target so that every layer is above it and gets rescaled or clipped.
+            control = ttconv.SpectralControl(model, 1e-3, every=1, mode=mode, example_input=example)
+            seconds = median_seconds_on_copies(control, lambda c: c.apply(), repeats)
             cells += [f"{seconds * 1e3:.0f}", f"{seconds / step:.2f}"]
         rows.append(cells)
     for column in (2, 4):

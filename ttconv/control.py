@@ -70,6 +70,8 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
     """
     _check_layer(layer)
     n = args.input_size_arg(input_size)
+    if _is_orthogonal(layer):  # exactly max |S| for every stride and size: O(r)
+        return layer.effective_S().to(spectral_dtype(layer.S.dtype)).abs().max()
     return conv_spectral_norm(_kernel(layer), n, stride=_effective_stride(layer, n), dilation=layer.dilation,
                               groups=layer.groups)
 
@@ -87,7 +89,7 @@ def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any)
         return sigma
     factor = max_value / sigma
     if _is_orthogonal(layer):
-        layer.set_singular_values_(layer.factors().S * factor)
+        layer.set_singular_values_(layer.effective_S() * factor)
     else:
         (layer.S if isinstance(layer, SVDConv) else layer.weight).mul_(factor)
     return sigma * factor
@@ -134,7 +136,7 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     n = check_spectral_input_size(input_size, layer.kernel_size, (1, 1), layer.dilation)
     if _is_orthogonal(layer):
         # S are the singular values: clipping them is exact and O(r).
-        values = layer.factors().S
+        values = layer.effective_S()
         layer.set_singular_values_(values.sign() * values.abs().clamp(max=max_value))
         return float(spectral_norm(layer, n))
     if isinstance(layer, SVDConv):

@@ -231,9 +231,13 @@ class SVDConv(nn.Module):
         g = self.groups
         U = orthonormal_basis(self.U.reshape(g, -1, self.U.shape[1])).reshape(self.U.shape)
         V = orthonormal_basis(self.V.reshape(g, -1, self.V.shape[1])).reshape(self.V.shape)
-        S = self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
+        S = self.effective_S()
         core = bcop_kernel(self.core, self.kernel_size)
         return TTFactors(U, S, core.reshape(-1, *core.shape[2:]), V)
+
+    def effective_S(self) -> Tensor:
+        """``S`` as used by the kernel: ``max_singular_value * sigmoid(S)`` when bounded, else ``S``."""
+        return self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
 
     @torch.no_grad()
     def set_singular_values_(self, values: Tensor) -> "SVDConv":
@@ -361,7 +365,7 @@ class SVDConv(nn.Module):
         if self.core_kind == "orthogonal":
             # Exactly |S|, once per output position (docs/orthogonal.md): O(r), no FFT.
             positions = (n[0] // s1) * (n[1] // s2)
-            values = self.factors().S.to(spectral_dtype(self.S.dtype)).abs().repeat_interleave(positions)
+            values = self.effective_S().to(spectral_dtype(self.S.dtype)).abs().repeat_interleave(positions)
             values = values.sort(descending=True).values
         else:
             values = conv_singular_values(
