@@ -26,7 +26,7 @@ class MaxMin(nn.Module):
         self.dim = dim
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.shape[self.dim] % 2:
+        if not isinstance(input, torch.fx.Proxy) and input.shape[self.dim] % 2:
             raise ValueError(f"MaxMin needs an even number of channels along dim {self.dim}, got shape "
                              f"{tuple(input.shape)}")
         a, b = input.chunk(2, dim=self.dim)
@@ -47,6 +47,8 @@ class ChannelPad(nn.Module):
         self.channels = channels
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # symbolic_trace: sizes unknown, no check
+            return nn.functional.pad(input, (0, 0, 0, 0, 0, self.channels - input.shape[-3]))
         missing = self.channels - input.shape[-3]
         if missing < 0:
             raise ValueError(f"input has {input.shape[-3]} channels, more than ChannelPad({self.channels})")

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._precision import full_precision
 from . import _conv_args as args
 from . import _functional
 from ._typing import IntOrPair
@@ -133,6 +134,7 @@ def _grouped_kernel(spec: ConvSpec) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- exact
+@full_precision
 def exact_spectral_norm(target: ConvLike, input_size: IntOrPair, **geometry) -> Tensor:
     """Exact spectral norm of the circular convolution on an ``n1 x n2`` input.
 
@@ -165,6 +167,7 @@ def _matrix_norm(matrix: Tensor, method: str, n_iter: int, state: Optional[Dict[
     return (u.unsqueeze(-2) @ matrix @ v.unsqueeze(-1)).amax()
 
 
+@full_precision
 def fantastic_four_bounds(
     target: ConvLike,
     *,
@@ -242,6 +245,7 @@ def _gram_iterate(matrices: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
     return matrices, log_scale
 
 
+@full_precision
 def gram_iteration_bound(target: ConvLike, input_size: IntOrPair, *, n_iter: int = 6, **geometry) -> Tensor:
     """Gram-iteration upper bound on the circular spectral norm (Delattre et al., ICML 2023).
 
@@ -267,6 +271,7 @@ def gram_iteration_bound(target: ConvLike, input_size: IntOrPair, *, n_iter: int
     return (frobenius.log() * scale + log_scale * scale).exp().amax()
 
 
+@full_precision
 def zero_padding_bound(target: ConvLike, *, n_iter: int = 3, **geometry) -> Tensor:
     """Spatial Gram-iteration bound, valid for zero and circular padding at every input size.
 
@@ -313,6 +318,7 @@ def _padding_operator_norm(spec: ConvSpec, n: Tuple[int, int]) -> float:
     return math.sqrt(counts[0] * counts[1])
 
 
+@full_precision
 def operator_norm_bound(target: ConvLike, input_size: IntOrPair, **geometry) -> Tensor:
     """Provable upper bound on the norm of the layer's *actual* operator on an ``n1 x n2`` input.
 
@@ -355,6 +361,7 @@ def operator_norm_bound(target: ConvLike, input_size: IntOrPair, **geometry) -> 
     return pad_norm * torch.minimum(exact, ff)
 
 
+@full_precision
 def power_iteration_estimate(
     target: ConvLike,
     input_size: IntOrPair,

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._precision import full_precision
 from . import _conv_args as args
 from ._hooks import find_conv_layers, record_input_sizes
 from .bounds import fantastic_four_bound
@@ -62,6 +63,7 @@ def _effective_stride(layer: ConvLayer, n: Tuple[int, int]) -> Tuple[int, int]:
     return layer.stride if all(a % s == 0 for a, s in zip(n, layer.stride)) else (1, 1)
 
 
+@full_precision
 def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
     """Exact circular spectral norm of a layer at ``input_size`` (differentiable, 0-D).
 
@@ -77,6 +79,7 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
 
 
 @torch.no_grad()
+@full_precision
 def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any) -> float:
     """Divide the kernel by ``sigma_max / max_value`` if ``sigma_max > max_value`` (exact).
 
@@ -114,6 +117,7 @@ def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, dilation:
 
 
 @torch.no_grad()
+@full_precision
 def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *, n_iter: int = 1) -> float:
     """Clip the layer's singular values at ``max_value`` (Sedghi et al. 2019); approximate.
 

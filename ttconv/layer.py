@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._precision import full_precision
 from . import _conv_args as args
 from . import _functional
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
@@ -29,6 +30,12 @@ from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
 from .tt import TTFactors, canonicalize, compose, decompose, orthonormal_core, resolve_ranks
 
 __all__ = ["SVDConv"]
+
+# torch.fx.symbolic_trace records these as single calls instead of tracing into their
+# shape arithmetic (which needs concrete sizes).
+torch.fx.wrap("compose")
+torch.fx.wrap("bcop_kernel")
+torch.fx.wrap("orthonormal_basis")
 
 _PATHS = ("auto", "dense", "factored")
 _CORES = ("general", "orthogonal")
@@ -233,7 +240,8 @@ class SVDConv(nn.Module):
         V = orthonormal_basis(self.V.reshape(g, -1, self.V.shape[1])).reshape(self.V.shape)
         S = self.effective_S()
         core = bcop_kernel(self.core, self.kernel_size)
-        return TTFactors(U, S, core.reshape(-1, *core.shape[2:]), V)
+        r = self.ranks[0]
+        return TTFactors(U, S, core.reshape(g * r, r, *self.kernel_size), V)
 
     def effective_S(self) -> Tensor:
         """``S`` as used by the kernel: ``max_singular_value * sigmoid(S)`` when bounded, else ``S``."""
@@ -306,11 +314,17 @@ class SVDConv(nn.Module):
         return dense, factored
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
         path = self.path
-        if path == "auto":
-            dense_cost, factored_cost = self.flop_costs(tuple(input.shape))
-            path = "dense" if dense_cost <= factored_cost else "factored"
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: shapes are symbolic, so no input checks; 'auto'
+            # compares per-output-pixel costs, leaving out composing the kernel.
+            if path == "auto":
+                path = "dense" if self._dense_is_cheaper_per_pixel() else "factored"
+        else:
+            self._check_input(input)
+            if path == "auto":
+                dense_cost, factored_cost = self.flop_costs(tuple(input.shape))
+                path = "dense" if dense_cost <= factored_cost else "factored"
         if path == "dense":
             return self._conv(input, self.dense_weight(), self.bias)
         g, r_in = self.groups, self.ranks[1]
@@ -322,6 +336,15 @@ class SVDConv(nn.Module):
         hidden = F.conv2d(input, v_weight, None, 1, 0, 1, g)
         hidden = self._conv(hidden, S[:, None, None, None] * core, None)
         return F.conv2d(hidden, U[:, :, None, None], self.bias, 1, 0, 1, g)
+
+    def _dense_is_cheaper_per_pixel(self) -> bool:
+        r_out, r_in = self.ranks
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        stride_area = self.stride[0] * self.stride[1]
+        dense = self.out_channels * (self.in_channels // self.groups) * taps
+        factored = (stride_area * self.in_channels * r_in + self.groups * r_out * r_in * taps
+                    + self.out_channels * r_out)
+        return dense <= factored
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -338,6 +361,7 @@ class SVDConv(nn.Module):
             )
 
     # ------------------------------------------------------------- spectrum
+    @full_precision
     def singular_values(self, input_size: IntOrPair) -> Tensor:
         """All singular values of the layer on an ``n1 x n2`` input, circular padding.
 
@@ -375,6 +399,7 @@ class SVDConv(nn.Module):
         total = self.groups * (n[0] // s1) * (n[1] // s2) * per_group
         return F.pad(values, (0, total - values.numel()))
 
+    @full_precision
     def orthonormal_core(self) -> Tensor:
         """The kernel of the middle conv in orthonormal bases of ``span(U)``, ``span(V)``.
 

@@ -21,6 +21,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ._precision import full_precision
 from ._conv_args import input_size_arg, pair, positive_int
 from ._typing import IntOrPair
 
@@ -109,6 +110,7 @@ def _frequency_singular_values(
     return torch.cat([values, values[:, rows][:, :, cols]], dim=2)
 
 
+@full_precision
 def conv_singular_values(
     weight: Tensor,
     input_size: IntOrPair,

@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._precision import full_precision
 from ._conv_args import positive_int
 from ._typing import RankSpec
 
@@ -149,6 +150,7 @@ def energy_rank(singular_values: Tensor, energy: float) -> int:
     return int(needed.clamp(max=power.shape[-1]).max())
 
 
+@full_precision
 def decompose(
     weight: Tensor,
     groups: int = 1,
@@ -249,6 +251,7 @@ def _qr_absorb(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int) -> Tu
     return q_u, q_v, torch.einsum("gac,gcbk,gdb->gadk", r_u, scaled, r_v)
 
 
+@full_precision
 def canonicalize(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int = 1) -> TTFactors:
     """Canonical form of the same kernel: orthonormal ``U``, ``V``, core rows; ``S`` sorted.
 
@@ -274,6 +277,7 @@ def orthonormality_error(Q: Tensor, groups: int = 1) -> float:
     return float((q.transpose(-1, -2) @ q - eye).abs().max())
 
 
+@full_precision
 def orthonormal_core(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int = 1) -> Tensor:
     """The scaled core ``diag(S) core`` expressed in orthonormal bases of ``span(U)``, ``span(V)``.
 
