@@ -1,0 +1,25 @@
+"""The Python code blocks of the docs' getting-started page and tutorials run, in order."""
+
+import os
+import re
+
+import pytest
+
+DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
+PAGES = ["index.md"] + [os.path.join("tutorials", n) for n in sorted(os.listdir(os.path.join(DOCS, "tutorials")))]
+BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_code_blocks_run(page, capsys):
+    with open(os.path.join(DOCS, page)) as handle:
+        blocks = BLOCK.findall(handle.read())
+    assert blocks, f"{page} has no python code blocks"
+    namespace = {"__name__": f"docs_{page}"}
+    for index, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"{page}[block {index}]", "exec"), namespace)
+        except Exception as error:  # name the page and block
+            raise AssertionError(f"{page}, python block {index} failed: {error!r}") from error
+    printed = capsys.readouterr().out
+    assert "False" not in printed.split(), f"{page}: a printed check is False:\n{printed}"
