@@ -135,3 +135,10 @@ def test_svdconv_rows_carry_the_full_spectrum_with_zeros():
     row = spectral_report(nn.Sequential(layer), torch.randn(1, 4, 6, 6)).layers[0]
     assert len(row.singular_values) == 4 * 36 and row.singular_values[-1] == 0.0
     assert torch.allclose(torch.tensor(row.singular_values), layer.singular_values(6).detach(), atol=1e-6)
+
+
+def test_state_dict_report_skips_orthogonal_layers_with_a_message():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), SVDConv(4, 4, 3, core="orthogonal", max_singular_value=1.0))
+    report = state_dict_report(net.state_dict())
+    assert [row.name for row in report.layers] == ["0"]
+    assert "skipped orthogonal-core SVDConv layers" in report.message and ": 1" in report.message

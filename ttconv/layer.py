@@ -41,6 +41,15 @@ _PATHS = ("auto", "dense", "factored")
 _CORES = ("general", "orthogonal")
 
 
+def _conv_arguments(module: nn.Module) -> dict:
+    """The ``nn.Conv2d`` constructor arguments shared by ``nn.Conv2d`` and ``SVDConv``."""
+    return dict(
+        in_channels=module.in_channels, out_channels=module.out_channels, kernel_size=module.kernel_size,
+        stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
+        bias=module.bias is not None, padding_mode=module.padding_mode,
+    )
+
+
 def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: int) -> Tuple[int, int]:
     """An orthogonal core is square: ``r_out = r_in = r <= min(c_out/g, c_in/g)``."""
     if isinstance(rank, (tuple, list)) and rank[0] != rank[1]:
@@ -452,20 +461,7 @@ class SVDConv(nn.Module):
         weight = conv.weight
         result = decompose(weight, conv.groups, rank=rank, energy=energy)
         layer = torch.nn.utils.skip_init(
-            cls,
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=weight.device,
-            dtype=weight.dtype,
-            rank=result.ranks,
-            path=path,
+            cls, **_conv_arguments(conv), device=weight.device, dtype=weight.dtype, rank=result.ranks, path=path
         )
         with torch.no_grad():
             layer._copy_factors(result.factors)
@@ -476,20 +472,7 @@ class SVDConv(nn.Module):
 
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing the same function (same dtype and device)."""
-        conv = torch.nn.utils.skip_init(
-            nn.Conv2d,
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device=self.U.device,
-            dtype=self.U.dtype,
-        )
+        conv = torch.nn.utils.skip_init(nn.Conv2d, **_conv_arguments(self), device=self.U.device, dtype=self.U.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.dense_weight())
             if self.bias is not None:

@@ -332,12 +332,18 @@ def state_dict_report(
     """
     tensors = _flatten_tensors(state_dict)
     targets: List[Tuple[str, str, Tuple[int, ...], Tensor]] = []
+    skipped: List[str] = []
     for key, value in tensors.items():
         if key.endswith(".core") or key == "core":
             prefix = key[: -len("core")]
             factors = [tensors.get(prefix + n) for n in ("U", "S", "core", "V")]
             if all(isinstance(f, Tensor) for f in factors):
                 U, S, core, V = factors
+                if core.shape[0] != S.numel():
+                    # core='orthogonal' stores BCOP generators; its kernel size and S bound
+                    # are not in the state dict.
+                    skipped.append(prefix.rstrip("."))
+                    continue
                 groups = S.numel() // U.shape[1]
                 # Stacked groups analysed as one ungrouped conv: an upper bound on their max.
                 kernel = orthonormal_core(*(f.detach().to(torch.float64) for f in factors), groups)
@@ -350,10 +356,13 @@ def state_dict_report(
     # Paddings are unknown: k - 1 per side covers every padding up to 'full' (crop argument).
     targets = [(n, k, shape, bounds.ConvSpec(kernel, padding=(kernel.shape[2] - 1, kernel.shape[3] - 1)))
                for n, k, shape, kernel in targets]
+    skip_note = (f"; skipped orthogonal-core SVDConv layers (not analysable from a state dict, load the whole "
+                 f"model instead): {', '.join(skipped)}" if skipped else "")
     if not targets:
-        return SpectralReport([], "no 4-D conv weights found in the checkpoint")
+        return SpectralReport([], "no 4-D conv weights found in the checkpoint" + skip_note)
     note = ("strides, paddings and groups are not stored in a state_dict: each kernel is analysed as a "
-            "stride-1 ungrouped conv; upper bounds hold for any stride and any zero padding up to k-1 per side")
+            "stride-1 ungrouped conv; upper bounds hold for any stride and any zero padding up to k-1 per side"
+            + skip_note)
     rows = []
     for index, (name, kind, shape, kernel) in enumerate(targets):
         rows.append(_analyse(name, kind, shape, kernel, input_size, gram_iters=gram_iters,
