@@ -166,3 +166,10 @@ def test_converts_weights_trained_on_real_data():
     half, report = convert(model, rank=0.5, return_report=True)
     assert report.params_after < report.params_before
     assert accuracy(half, data[2], data[3]) > base - 0.1  # trained kernels compress well
+
+
+def test_progress_true_prints_a_line_per_layer_on_stderr(capsys):
+    convert(vgg_like(), rank=2, progress=True)
+    assert capsys.readouterr().err.splitlines()[-1] == "[4/4] 7"
+    with pytest.raises(TypeError, match="progress must be"):
+        convert(vgg_like(), progress="yes")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import sys
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -64,3 +65,22 @@ def record_input_sizes(
         for handle in handles:
             handle.remove()
     return sizes
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def stderr_progress(done: int, total: int, name: str) -> None:
+    """A progress line per item on stderr: ``[3/20] layer2.0.conv1``."""
+    print(f"[{done}/{total}] {name}", file=sys.stderr, flush=True)
+
+
+def progress_callback(progress: Union[None, bool, ProgressFn]) -> Optional[ProgressFn]:
+    """``True`` means :func:`stderr_progress`; a callable is used as is; ``None``/``False``: silent."""
+    if progress is True:
+        return stderr_progress
+    if progress is None or progress is False:
+        return None
+    if not callable(progress):
+        raise TypeError(f"progress must be a bool or a callable(done, total, name), got {progress!r}")
+    return progress

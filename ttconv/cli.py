@@ -58,7 +58,7 @@ def load_checkpoint(path: str, *, unsafe: bool = False) -> Any:
         raise CheckpointError(f"{path!r} is not a readable torch checkpoint ({type(error).__name__}: {error})") from None
 
 
-def _progress_printer(stream: TextIO):
+def _progress_to(stream: TextIO):
     def report(done: int, total: int, name: str) -> None:
         print(f"[{done}/{total}] {name}", file=stream, flush=True)
 
@@ -69,7 +69,7 @@ def _check(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     obj = load_checkpoint(options.checkpoint, unsafe=options.unsafe_load)
     size = options.input_size
     iters = dict(gram_iters=options.gram_iters, power_iters=options.power_iters,
-                 progress=None if options.json else _progress_printer(err))
+                 progress=None if options.json else _progress_to(err))
     if isinstance(obj, nn.Module):
         example = None
         if size is not None:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._hooks import unwrap
+from ._hooks import progress_callback, unwrap
 from .layer import SVDConv
 from .tt import energy_rank, resolve_ranks
 
@@ -178,7 +178,7 @@ def convert(
     exclude: Exclude = (),
     inplace: bool = False,
     return_report: bool = False,
-    progress: Optional[ProgressFn] = None,
+    progress: Union[None, bool, ProgressFn] = None,
 ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
     """Replace every ``nn.Conv2d`` of ``model`` by an ``SVDConv`` initialised from its weights.
 
@@ -201,8 +201,9 @@ def convert(
         Modify ``model`` itself instead of a deep copy.
     return_report : bool
         Also return a :class:`ConversionReport`.
-    progress : callable(done, total, name), optional
-        Called after each converted layer.
+    progress : bool or callable(done, total, name), optional
+        ``True`` prints a line per converted layer on stderr; a callable is called after
+        each layer.
 
     Returns
     -------
@@ -217,6 +218,7 @@ def convert(
     if param_budget is not None and (not isinstance(param_budget, int) or param_budget < 1):
         raise ValueError(f"param_budget must be a positive int (a number of parameters), got {param_budget!r}")
     is_excluded = _excluded(exclude)
+    progress = progress_callback(progress)
     model = unwrap(model)
     if not inplace:
         model = copy.deepcopy(model)

@@ -16,13 +16,13 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import bounds
-from ._hooks import find_conv_layers, record_input_sizes
+from ._hooks import find_conv_layers, progress_callback, record_input_sizes
 from .layer import SVDConv
 from .spectra import conv_singular_values
 from .tt import orthonormal_core
@@ -252,7 +252,7 @@ def spectral_report(
     gram_iters: int = 6,
     power_iters: int = 20,
     spatial_iters: int = 2,
-    progress: Optional[ProgressFn] = None,
+    progress: Union[None, bool, ProgressFn] = None,
 ) -> SpectralReport:
     """Spectral norms and bounds of every conv layer of ``model``.
 
@@ -267,8 +267,8 @@ def spectral_report(
     gram_iters, power_iters, spatial_iters : int
         Iterations of the frequency Gram bound, the power estimate and (without an input
         size) the spatial Gram bound.
-    progress : callable(done, total, name), optional
-        Called after each layer (the CLI prints a progress line with it).
+    progress : bool or callable(done, total, name), optional
+        ``True`` prints a line per layer on stderr; a callable is called after each layer.
 
     Returns
     -------
@@ -282,6 +282,7 @@ def spectral_report(
     >>> [row["input_size"] for row in report.to_dicts()]
     [(16, 16), (16, 16)]
     """
+    progress = progress_callback(progress)
     layers = find_conv_layers(model)
     if not layers:
         return SpectralReport([], f"no nn.Conv2d or SVDConv layers found in {type(model).__name__}")
@@ -319,7 +320,7 @@ def state_dict_report(
     gram_iters: int = 6,
     power_iters: int = 20,
     spatial_iters: int = 2,
-    progress: Optional[ProgressFn] = None,
+    progress: Union[None, bool, ProgressFn] = None,
 ) -> SpectralReport:
     """Report on the conv kernels of a state dict (nested dicts are searched too).
 
@@ -330,6 +331,7 @@ def state_dict_report(
     and padding of zeros (for a grouped kernel they bound the max over groups), and with
     ``input_size`` the exact values are those of a stride-1 circular conv on that size.
     """
+    progress = progress_callback(progress)
     tensors = _flatten_tensors(state_dict)
     targets: List[Tuple[str, str, Tuple[int, ...], Tensor]] = []
     skipped: List[str] = []
