@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._precision import full_precision
 from . import _conv_args as args
 from . import _functional
+from ._precision import full_precision
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
-from .spectra import spectral_dtype, check_spectral_input_size, conv_singular_values
 from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
+from .spectra import check_spectral_input_size, conv_singular_values, spectral_dtype
 from .tt import TTFactors, canonicalize, compose, decompose, orthonormal_core, resolve_ranks
 
 __all__ = ["SVDConv"]
