@@ -88,7 +88,7 @@ def test_export_of_a_converted_model_and_compiling_after_conversion():
 def test_onnx_export_of_the_densified_model(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    model = ttconv.densify(_cnn()[:6])
+    model = ttconv.densify(_cnn()[:6]).eval()
     x = torch.randn(1, 3, 8, 8)
     torch.onnx.export(model, (x,), str(tmp_path / "model.onnx"))
     assert (tmp_path / "model.onnx").stat().st_size > 0
