@@ -6,7 +6,7 @@ import re
 import pytest
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
-PAGES = ["index.md"] + [os.path.join("tutorials", n) for n in sorted(os.listdir(os.path.join(DOCS, "tutorials")))]
+PAGES = [os.path.join(os.pardir, "README.md"), "index.md"] + [os.path.join("tutorials", n) for n in sorted(os.listdir(os.path.join(DOCS, "tutorials")))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
