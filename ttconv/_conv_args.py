@@ -6,6 +6,7 @@ error messages (which name the argument and the fix) are the same everywhere.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Tuple, Union
 
@@ -94,6 +95,34 @@ def reversed_padding_repeated_twice(
             out += [total // 2, total - total // 2]
         return tuple(out)  # type: ignore[return-value]
     return (padding[1], padding[1], padding[0], padding[0])
+
+
+def positive_finite(value: Any, name: str) -> float:
+    """Return ``value`` as a ``float`` if it is a positive finite real number, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def dilated_extent(kernel_size: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
+    """Pixels spanned by a dilated kernel along each axis: ``d (k - 1) + 1``."""
+    return tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))  # type: ignore[return-value]
+
+
+def check_kernel(weight: Any, groups: int, name: str = "weight") -> int:
+    """Validate a conv kernel ``(c_out, c_in/groups, kh, kw)``: 4-D, finite, ``c_out`` divisible
+    by ``groups``. Returns ``groups`` as an int."""
+    import torch
+
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{name} must be a 4-D tensor (c_out, c_in/groups, kh, kw), got {shape}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name} contains NaN or Inf values; its spectrum, bounds and factors are undefined")
+    groups = positive_int(groups, "groups")
+    if weight.shape[0] % groups:
+        raise ValueError(f"{name} has {weight.shape[0]} output channels, not divisible by groups={groups}")
+    return groups
 
 
 def input_size_arg(value: Any, name: str = "input_size") -> Tuple[int, int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple, Union
 
 import torch
 from torch import nn
@@ -70,15 +70,19 @@ def record_input_sizes(
 ProgressFn = Callable[[int, int, str], None]
 
 
-def stderr_progress(done: int, total: int, name: str) -> None:
-    """A progress line per item on stderr: ``[3/20] layer2.0.conv1``."""
-    print(f"[{done}/{total}] {name}", file=sys.stderr, flush=True)
+def stream_progress(stream: TextIO) -> ProgressFn:
+    """A callback printing one progress line per item to ``stream``: ``[3/20] layer2.0.conv1``."""
+
+    def report(done: int, total: int, name: str) -> None:
+        print(f"[{done}/{total}] {name}", file=stream, flush=True)
+
+    return report
 
 
 def progress_callback(progress: Union[None, bool, ProgressFn]) -> Optional[ProgressFn]:
-    """``True`` means :func:`stderr_progress`; a callable is used as is; ``None``/``False``: silent."""
+    """``True``: progress lines on stderr; a callable is used as is; ``None``/``False``: silent."""
     if progress is True:
-        return stderr_progress
+        return stream_progress(sys.stderr)
     if progress is None or progress is False:
         return None
     if not callable(progress):

@@ -88,15 +88,12 @@ class ConvSpec:
         return args.reversed_padding_repeated_twice(self.padding, tuple(self.kernel.shape[2:]), self.dilation)
 
 
-def _check_kernel(kernel: Tensor, name: str = "weight") -> None:
+def _check_kernel(kernel: Tensor, groups: int, name: str = "weight") -> None:
     if not isinstance(kernel, Tensor):
         raise TypeError(f"{name} must be a Tensor, nn.Conv2d or SVDConv, got {type(kernel).__name__}")
-    if kernel.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (c_out, c_in/groups, kh, kw), got shape {tuple(kernel.shape)}")
+    args.check_kernel(kernel, groups, name)
     if not kernel.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {kernel.dtype}")
-    if not bool(torch.isfinite(kernel).all()):
-        raise ValueError(f"{name} contains NaN or Inf values; no bound of it is meaningful")
 
 
 def conv_spec(
@@ -121,9 +118,7 @@ def conv_spec(
             target, stride_pair, args.padding_arg(padding, stride_pair), args.pair(dilation, "dilation"),
             args.positive_int(groups, "groups"), args.padding_mode_arg(padding_mode),
         )
-    _check_kernel(spec.kernel)
-    if spec.kernel.shape[0] % spec.groups:
-        raise ValueError(f"weight has {spec.kernel.shape[0]} output channels, not divisible by groups={spec.groups}")
+    _check_kernel(spec.kernel, spec.groups)
     return spec
 
 
@@ -337,7 +332,7 @@ def operator_norm_bound(target: ConvLike, input_size: IntOrPair, **geometry) -> 
     spec = conv_spec(target, **geometry)
     n = args.input_size_arg(input_size)
     kernel_size = tuple(spec.kernel.shape[2:])
-    extent = [d * (k - 1) + 1 for d, k in zip(spec.dilation, kernel_size)]
+    extent = args.dilated_extent(kernel_size, spec.dilation)
     left, right, top, bottom = spec.reversed_padding
     pads = (top + bottom, left + right)
     for axis in range(2):

@@ -17,6 +17,7 @@ from typing import Any, List, Optional, TextIO
 import torch
 from torch import nn
 
+from ._hooks import stream_progress
 from .report import SpectralReport, spectral_report, state_dict_report
 
 __all__ = ["main", "load_checkpoint", "CheckpointError"]
@@ -58,18 +59,11 @@ def load_checkpoint(path: str, *, unsafe: bool = False) -> Any:
         raise CheckpointError(f"{path!r} is not a readable torch checkpoint ({type(error).__name__}: {error})") from None
 
 
-def _progress_to(stream: TextIO):
-    def report(done: int, total: int, name: str) -> None:
-        print(f"[{done}/{total}] {name}", file=stream, flush=True)
-
-    return report
-
-
 def _check(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     obj = load_checkpoint(options.checkpoint, unsafe=options.unsafe_load)
     size = options.input_size
     iters = dict(gram_iters=options.gram_iters, power_iters=options.power_iters,
-                 progress=None if options.json else _progress_to(err))
+                 progress=None if options.json else stream_progress(err))
     if isinstance(obj, nn.Module):
         example = None
         if size is not None:

@@ -21,7 +21,6 @@ is used instead.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -46,10 +45,7 @@ def _check_layer(layer: Any) -> None:
 
 
 def _check_max_value(max_value: Any) -> float:
-    if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not math.isfinite(max_value) \
-            or max_value <= 0:
-        raise ValueError(f"max_value must be a positive finite number, got {max_value!r}")
-    return float(max_value)
+    return args.positive_finite(max_value, "max_value")
 
 
 def _kernel(layer: ConvLayer) -> Tensor:
@@ -227,7 +223,7 @@ class SpectralControl:
             if sizes[name]:
                 # An input smaller than the (dilated) kernel has no circular operator of its
                 # own: control the smallest grid that holds the kernel instead.
-                extent = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size)]
+                extent = args.dilated_extent(layer.kernel_size, layer.dilation)
                 size = tuple(max(n, e) for n, e in zip(sizes[name][0], extent))
                 self.layers.append((name, layer, size))
             else:

@@ -159,10 +159,7 @@ class SVDConv(nn.Module):
                 raise ValueError(
                     "max_singular_value needs core='orthogonal': only then are S the layer's singular values"
                 )
-            if isinstance(max_singular_value, bool) or not isinstance(max_singular_value, (int, float)) \
-                    or not math.isfinite(max_singular_value) or max_singular_value <= 0:
-                raise ValueError(f"max_singular_value must be a positive finite number, got {max_singular_value!r}")
-            max_singular_value = float(max_singular_value)
+            max_singular_value = args.positive_finite(max_singular_value, "max_singular_value")
         self.max_singular_value = max_singular_value
         self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
             self.padding, self.kernel_size, self.dilation
@@ -296,11 +293,21 @@ class SVDConv(nn.Module):
 
     def _output_hw(self, height: int, width: int) -> Tuple[int, int]:
         left, right, top, bottom = self._reversed_padding_repeated_twice
-        extent = [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size)]
+        extent = args.dilated_extent(self.kernel_size, self.dilation)
         return (
             (height + top + bottom - extent[0]) // self.stride[0] + 1,
             (width + left + right - extent[1]) // self.stride[1] + 1,
         )
+
+    def _pixel_costs(self) -> Tuple[int, int, int, int]:
+        """Multiply-adds: ``(compose the kernel, dense per output pixel, factored per input
+        pixel, factored per output pixel)``."""
+        r_out, r_in = self.ranks
+        g, taps = self.groups, self.kernel_size[0] * self.kernel_size[1]
+        in_g = self.in_channels // g
+        compose_cost = g * r_out * r_in * taps * in_g + self.out_channels * r_out * in_g * taps
+        dense = self.out_channels * in_g * taps
+        return compose_cost, dense, self.in_channels * r_in, g * r_out * r_in * taps + self.out_channels * r_out
 
     def flop_costs(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
         """Multiply-adds of the ``(dense, factored)`` forward paths for an input shape.
@@ -310,17 +317,15 @@ class SVDConv(nn.Module):
         """
         batch = input_shape[0] if len(input_shape) == 4 else 1
         height, width = input_shape[-2:]
-        out_h, out_w = self._output_hw(height, width)
-        r_out, r_in = self.ranks
-        g, taps = self.groups, self.kernel_size[0] * self.kernel_size[1]
-        in_g = self.in_channels // g
-        compose_cost = g * r_out * r_in * taps * in_g + self.out_channels * r_out * in_g * taps
-        dense = compose_cost + batch * out_h * out_w * self.out_channels * in_g * taps
-        factored = batch * (
-            height * width * self.in_channels * r_in
-            + out_h * out_w * (g * r_out * r_in * taps + self.out_channels * r_out)
-        )
-        return dense, factored
+        out_pixels = batch * math.prod(self._output_hw(height, width))
+        compose_cost, dense, factored_in, factored_out = self._pixel_costs()
+        return (compose_cost + out_pixels * dense,
+                batch * height * width * factored_in + out_pixels * factored_out)
+
+    def _dense_is_cheaper_per_pixel(self) -> bool:
+        # Per output pixel, leaving out composing the kernel (the input has s1*s2 pixels each).
+        _, dense, factored_in, factored_out = self._pixel_costs()
+        return dense <= self.stride[0] * self.stride[1] * factored_in + factored_out
 
     def forward(self, input: Tensor) -> Tensor:
         path = self.path
@@ -345,15 +350,6 @@ class SVDConv(nn.Module):
         hidden = F.conv2d(input, v_weight, None, 1, 0, 1, g)
         hidden = self._conv(hidden, S[:, None, None, None] * core, None)
         return F.conv2d(hidden, U[:, :, None, None], self.bias, 1, 0, 1, g)
-
-    def _dense_is_cheaper_per_pixel(self) -> bool:
-        r_out, r_in = self.ranks
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        stride_area = self.stride[0] * self.stride[1]
-        dense = self.out_channels * (self.in_channels // self.groups) * taps
-        factored = (stride_area * self.in_channels * r_in + self.groups * r_out * r_in * taps
-                    + self.out_channels * r_out)
-        return dense <= factored
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):

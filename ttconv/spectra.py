@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._precision import full_precision
-from ._conv_args import input_size_arg, pair, positive_int
+from ._conv_args import check_kernel, dilated_extent, input_size_arg, pair
 from ._typing import IntOrPair
 
 __all__ = [
@@ -47,14 +47,13 @@ def check_spectral_input_size(
 ) -> Tuple[int, int]:
     """Validate an input size for the circular spectrum; returns ``(n1, n2)``."""
     n = input_size_arg(input_size)
-    for axis, (n_i, s_i, k_i, d_i) in enumerate(zip(n, stride, kernel_size, dilation)):
+    for axis, (n_i, s_i, extent) in enumerate(zip(n, stride, dilated_extent(kernel_size, dilation))):
         if n_i % s_i:
             raise ValueError(
                 f"input_size {n} is not divisible by stride {stride} along axis {axis}: "
                 "the strided circular operator is only defined for such sizes; "
                 f"use a multiple of {s_i}"
             )
-        extent = d_i * (k_i - 1) + 1
         if n_i < extent:
             raise ValueError(
                 f"input_size {n} is smaller than the (dilated) kernel extent {extent} along axis "
@@ -151,14 +150,7 @@ def conv_singular_values(
     >>> conv_singular_values(w, (4, 4)).unique()
     tensor([2.])
     """
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 4-D tensor (c_out, c_in/groups, kh, kw), got {shape}")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight contains NaN or Inf values; its spectrum is undefined")
-    groups = positive_int(groups, "groups")
-    if weight.shape[0] % groups:
-        raise ValueError(f"weight has {weight.shape[0]} output channels, not divisible by groups={groups}")
+    groups = check_kernel(weight, groups)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     n = check_spectral_input_size(input_size, tuple(weight.shape[2:]), stride, dilation)
     values = _frequency_singular_values(weight, n, stride, dilation, groups)

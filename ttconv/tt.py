@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._precision import full_precision
-from ._conv_args import positive_int
+from ._conv_args import check_kernel, positive_int
 from ._typing import RankSpec
 
 __all__ = [
@@ -182,19 +182,14 @@ def decompose(
     Decomposition
         Factors in canonical form, in ``weight``'s dtype and device.
     """
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D (c_out, c_in/groups, kh, kw), got shape {tuple(weight.shape)}")
+    groups = check_kernel(weight, groups)
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight contains NaN or Inf values; a decomposition of it would be meaningless")
     if rank is not None and energy is not None:
         raise ValueError("pass either rank or energy, not both")
     if energy is not None and not (isinstance(energy, (float, int)) and 0.0 < float(energy) <= 1.0):
         raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
     c_out, in_per_group, kh, kw = weight.shape
-    if c_out % groups:
-        raise ValueError(f"weight has {c_out} output channels, not divisible by groups={groups}")
     out_per_group = c_out // groups
     r_out, r_in = resolve_ranks(rank, out_per_group, in_per_group, (kh, kw))
 
