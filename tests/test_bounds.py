@@ -12,10 +12,13 @@ from ttconv.bounds import (
     fantastic_four_bound,
     fantastic_four_bounds,
     gram_iteration_bound,
+    conv_spec,
     operator_norm_bound,
+    padding_factor,
     power_iteration_estimate,
     zero_padding_bound,
 )
+from ttconv.spectra import MemoryLimitError
 
 CONFIGS = random_conv_configs(220, seed=3)
 SAFE = 1 - 1e-12  # float64 round-off allowance for "bound >= exact"
@@ -132,6 +135,102 @@ def test_grouped_norm_is_the_max_over_groups():
     assert torch.isclose(exact_spectral_norm(weight, 6, groups=3), max(parts))
 
 
+def _real_norm(conv, n):
+    return float(torch.linalg.matrix_norm(operator_matrix(layer_operator(conv), (conv.in_channels, *n)), 2))
+
+
+def test_strided_circular_conv_on_a_size_the_stride_does_not_divide():
+    # Issue 10.1: rounding 5 up to 6 changed the operator (true 0.863, old "bound" 0.640).
+    torch.manual_seed(1)
+    low = []
+    for _ in range(20):
+        conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="circular", bias=False, dtype=torch.float64)
+        real = _real_norm(conv, (5, 5))
+        bound = float(operator_norm_bound(conv, 5))
+        low.append(bound < real * (1 - 1e-12))
+        # The row-selection argument: the stride-1 circular norm on n = 5 bounds it, and
+        # the operator bound is never looser than that value.
+        assert bound <= float(exact_spectral_norm(conv.weight, 5)) * (1 + 1e-12)
+    assert not any(low)
+
+
+def test_circular_padding_beyond_half_the_kernel_repeats_rows():
+    # Issue 10.2: all-ones 3x3 with circular padding 2: true 12.7-15 (n = 3..8), old bounds 9.0.
+    conv = nn.Conv2d(1, 1, 3, padding=2, padding_mode="circular", bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    real = _real_norm(conv, (5, 5))
+    assert abs(real - 13.1496) < 1e-4  # n = 5
+    # Output 7 rows per axis from 5 distinct circular rows: each repeated at most twice,
+    # so sqrt(2 * 2) times the circular norm 9.
+    assert float(operator_norm_bound(conv, 5)) == pytest.approx(18.0, rel=1e-12)
+    # Size independent: the worst case over sizes the layer accepts (n >= 2 per axis).
+    for bound in (fantastic_four_bound(conv), zero_padding_bound(conv)):
+        assert float(bound) >= max(_real_norm(conv, (n, n)) for n in range(2, 9))
+    # Worst size n = 2: 4 outputs per axis from 2 circular rows, 2 repeats per axis.
+    assert float(fantastic_four_bound(conv)) == pytest.approx(9.0 * 2.0, rel=1e-12)
+
+
+def test_padding_factor_counts_repeats_and_copies():
+    def factor(n=None, **conv):
+        layer = nn.Conv2d(1, 1, bias=False, **conv)
+        return padding_factor(conv_spec(layer), n)
+
+    assert factor(kernel_size=3, padding=1, padding_mode="circular") == 1.0  # size preserving
+    assert factor(kernel_size=3, padding=5) == 1.0  # zeros: a crop of the full convolution
+    # replicate: pixel 0 is copied `padding` extra times per axis (worst at n = 1: both sides).
+    assert factor((8, 8), kernel_size=3, padding=2, padding_mode="replicate") == pytest.approx(3.0)
+    assert factor(kernel_size=3, padding=2, padding_mode="replicate") == pytest.approx(5.0)
+    # reflect pad 1 on n = 8: pixels 1 and 6 appear twice.
+    assert factor((8, 8), kernel_size=3, padding=1, padding_mode="reflect") == pytest.approx(2.0)
+    # circular pad 2, 3x3, n = 8: 10 outputs from 8 rows.
+    assert factor((8, 8), kernel_size=3, padding=2, padding_mode="circular") == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-18, 1e19, 1e20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_scales_give_finite_values_on_the_right_side(scale, dtype):
+    # Issue 10.3: power estimate 1.46x too high at 1e-18, NaN at 1e19 (float32).
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular", bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    conv = conv.to(dtype)
+    real = _real_norm(conv.double(), (8, 8))
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    estimate = float(power_iteration_estimate(conv, 8, n_iter=200))
+    assert real * 0.99 <= estimate <= real * (1 + 1e-12)
+    for bound in (exact_spectral_norm(conv, 8), operator_norm_bound(conv, 8), gram_iteration_bound(conv, 8)):
+        assert float(bound) == pytest.approx(real, rel=2e-3)
+        assert float(bound) >= real * (1 - tol)
+    for bound in (fantastic_four_bound(conv), zero_padding_bound(conv)):
+        assert real * (1 - tol) <= float(bound) <= 3 * real
+
+
+def test_dilated_bounds_use_the_undilated_kernel():
+    # A dilated conv is a direct sum of undilated ones on interleaved sub-grids.
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    for bound in (fantastic_four_bound, zero_padding_bound):
+        assert float(bound(weight, dilation=2)) == pytest.approx(float(bound(weight)), rel=1e-12)
+    conv = nn.Conv2d(2, 3, 3, dilation=2, padding=2, bias=False, dtype=torch.float64)
+    assert float(fantastic_four_bound(conv)) >= _real_norm(conv, (9, 9))
+
+
+def test_zero_padding_bound_chunks_within_max_memory():
+    weight = torch.randn(16, 16, 3, 3, dtype=torch.float64)
+    # One step's Gram kernel is 16 x 16 x 5 x 5 (51 KB); its im2col is computed row by row.
+    chunked = zero_padding_bound(weight, n_iter=1, max_memory=60_000)
+    assert float(chunked) == pytest.approx(float(zero_padding_bound(weight, n_iter=1)), rel=1e-12)
+    with pytest.raises(MemoryLimitError, match="16 x 16 x 9 x 9.*max_memory"):
+        zero_padding_bound(weight, n_iter=2, max_memory=60_000)
+
+
+def test_gram_bound_streams_within_max_memory():
+    weight = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    small = gram_iteration_bound(weight, 12, n_iter=3, max_memory=6 * 6 * 5 * 16 * 3)
+    assert float(small) == pytest.approx(float(gram_iteration_bound(weight, 12, n_iter=3)), rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
@@ -145,6 +244,11 @@ def test_grouped_norm_is_the_max_over_groups():
         (lambda: fantastic_four_bound("conv"), TypeError, "weight must be a Tensor"),
         (lambda: operator_norm_bound(nn.Conv2d(2, 2, 5), 3), ValueError, "too small"),
         (lambda: power_iteration_estimate(torch.randn(2, 2, 3, 3), 6, n_iter=0), ValueError, "n_iter"),
+        (lambda: operator_norm_bound(nn.Conv2d(2, 2, 3, padding=3, padding_mode="circular"), 2), ValueError,
+         "circular padding"),
+        (lambda: power_iteration_estimate(nn.Conv2d(2, 2, 3, padding=2, padding_mode="reflect"), 2), ValueError,
+         "reflect padding"),
+        (lambda: gram_iteration_bound(torch.randn(2, 2, 3, 3), 8, max_memory=0), ValueError, "max_memory"),
     ],
 )
 def test_bad_input(call, error, match):

@@ -134,3 +134,28 @@ def test_bad_weights_raise():
         conv_singular_values(weight, 8)
     with pytest.raises(ValueError, match="groups"):
         conv_singular_values(torch.randn(3, 2, 3, 3), 8, groups=2)
+
+
+def test_spectra_stream_over_frequency_batches_within_max_memory():
+    weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    n = (9, 8)
+    reference = circular_singular_values(weight, n)
+    # Room for one frequency's 5 x 4 matrices at a time: 72 batches instead of one.
+    tiny = 4 * 5 * 4 * 16 + 9 * 16 + 3 * reference.numel() * 8
+    _assert_spectra_equal(conv_singular_values(weight, n, max_memory=tiny), reference)
+    assert float(conv_spectral_norm(weight, n, max_memory=4 * 5 * 4 * 16 + 9 * 16)) == pytest.approx(
+        float(reference[0]), rel=1e-12)
+
+
+def test_full_spectrum_beyond_max_memory_is_refused_but_the_norm_streams():
+    from ttconv.spectra import MemoryLimitError
+
+    weight = torch.randn(8, 8, 3, 3)
+    with pytest.raises(MemoryLimitError, match="conv_spectral_norm"):
+        conv_singular_values(weight, 64, max_memory=100_000)
+    norm = conv_spectral_norm(weight, 64, max_memory=100_000)
+    assert float(norm) == pytest.approx(float(conv_singular_values(weight, 64)[0]), rel=1e-6)
+    with pytest.raises(MemoryLimitError, match="one frequency"):
+        conv_spectral_norm(weight, 64, max_memory=1000)
+    with pytest.raises(ValueError, match="max_memory must be a positive int"):
+        conv_spectral_norm(weight, 64, max_memory=-1)

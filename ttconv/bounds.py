@@ -46,11 +46,16 @@ from . import _functional
 from ._typing import IntOrPair
 from .layer import SVDConv
 from .spectra import (
+    DEFAULT_MAX_MEMORY,
+    MemoryLimitError,
     check_spectral_input_size,
+    format_bytes,
     conv_spectral_norm,
     dilate_kernel,
+    kernel_scale,
     polyphase_kernel,
     spectral_dtype,
+    transfer_batches,
 )
 
 __all__ = [
@@ -62,10 +67,11 @@ __all__ = [
     "gram_iteration_bound",
     "zero_padding_bound",
     "operator_norm_bound",
+    "padding_factor",
     "power_iteration_estimate",
 ]
 
-ConvLike = Union[Tensor, nn.Conv2d, SVDConv]
+ConvLike = Union[Tensor, nn.Conv2d, SVDConv, "ConvSpec"]
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,13 @@ def conv_spec(
     padding: Union[str, IntOrPair] = 0,
     padding_mode: str = "zeros",
 ) -> ConvSpec:
-    """Normalise a kernel or layer into a :class:`ConvSpec` (keyword geometry only for kernels)."""
-    if isinstance(target, SVDConv):
+    """Normalise a kernel or layer into a :class:`ConvSpec` (keyword geometry only for kernels).
+
+    A :class:`ConvSpec` is validated and returned as it is.
+    """
+    if isinstance(target, ConvSpec):
+        spec = target
+    elif isinstance(target, SVDConv):
         spec = ConvSpec(target.orthonormal_core(), target.stride, target.padding, target.dilation,
                         target.groups, target.padding_mode)
     elif isinstance(target, nn.Conv2d):
@@ -122,10 +133,98 @@ def conv_spec(
     return spec
 
 
-def _grouped_kernel(spec: ConvSpec) -> Tensor:
-    """Dilated kernel split by group: ``(groups, c_out/g, c_in/g, kh', kw')`` in spectral dtype."""
-    kernel = dilate_kernel(spec.kernel.to(spectral_dtype(spec.kernel.dtype)), spec.dilation)
-    return kernel.reshape(spec.groups, -1, *kernel.shape[1:])
+def _grouped_kernel(spec: ConvSpec, *, dilated: bool = True) -> Tuple[Tensor, Tensor]:
+    """``(kernel / scale, scale)``: the kernel split by group, ``(groups, c_out/g, c_in/g, kh, kw)``,
+    in spectral dtype, normalised by ``max |w|`` (:func:`~ttconv.spectra.kernel_scale`).
+
+    ``dilated=False`` keeps the undilated taps: a conv with dilation ``d`` is a direct sum
+    of undilated convs on the ``d1 x d2`` interleaved sub-grids (zero padding: each is
+    zero padded; circular: each sub-grid is a cycle, a circular conv of its own), so every
+    bound of the undilated conv that holds at every input size bounds the dilated one.
+    """
+    kernel = spec.kernel.to(spectral_dtype(spec.kernel.dtype))
+    scale = kernel_scale(kernel)
+    kernel = kernel / scale
+    if dilated:
+        kernel = dilate_kernel(kernel, spec.dilation)
+    return kernel.reshape(spec.groups, -1, *kernel.shape[1:]), scale
+
+
+def _axis_padding(spec: ConvSpec) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """``((top, bottom), (left, right))`` padding of the layer, as ``nn.Conv2d`` applies it."""
+    left, right, top, bottom = spec.reversed_padding
+    return (top, bottom), (left, right)
+
+
+def _admissible_sizes(spec: ConvSpec, axis: int) -> range:
+    """Input sizes along ``axis`` that matter for the worst case of the padding map.
+
+    Sizes where the layer accepts the input (torch's padding modes need ``pad <= n``
+    for circular, ``pad < n`` for reflect, and the padded input must hold the dilated
+    kernel); beyond ``before + after + 2`` the copy pattern no longer changes.
+    """
+    before, after = _axis_padding(spec)[axis]
+    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)[axis]
+    smallest = max(1, extent - before - after)
+    if spec.padding_mode == "circular":
+        smallest = max(smallest, before, after)
+    elif spec.padding_mode == "reflect":
+        smallest = max(smallest, before + 1, after + 1)
+    return range(smallest, max(smallest, before + after + 2) + 1)
+
+
+def _copies(mode: str, before: int, after: int, n: int) -> int:
+    """Largest number of times one input pixel appears in the row padded by ``F.pad(mode)``."""
+    if before == after == 0:
+        return 1
+    index = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
+    padded = F.pad(index, (before, after), mode=mode)
+    return int(torch.bincount(padded.long().flatten(), minlength=n).max())
+
+
+def _circular_repeats(before: int, after: int, extent: int, stride: int, n: int, *, strided: bool) -> int:
+    """How often one row of a circular conv on ``n`` is repeated in a circular-padded output.
+
+    Output ``p`` of a circular-padded conv with stride ``s`` reads input
+    ``(s p - before + j) mod n``: it is row ``s p - before (mod n)`` of the stride-1
+    circular conv on ``n``, or, when ``s`` divides ``n`` (``strided=True``), row
+    ``p mod n/s`` of the strided circular conv applied to the input shifted by ``before``
+    (a permutation). With more padding than ``extent - 1`` the output is longer than the
+    circular one and rows repeat; a matrix whose rows are rows of ``C``, each at most
+    ``c`` times, has norm at most ``sqrt(c) ||C||``.
+    """
+    outputs = (n + before + after - extent) // stride + 1
+    if strided:
+        return -(-outputs // (n // stride))
+    return -(-(stride * (outputs - 1) + 1) // n)  # positions 0, s, 2s, ... of the stride-1 rows
+
+
+def padding_factor(spec: ConvSpec, input_size: Optional[Tuple[int, int]] = None) -> float:
+    """Factor by which a bound of the unpadded (full, zero-padded) convolution must grow to
+    bound the layer with its own padding mode and amount.
+
+    * zeros: 1 (the layer is a crop of the full convolution);
+    * circular: ``sqrt`` of the largest number of repeats of an output row (1 when the
+      total padding per axis is at most the dilated extent minus one: the layer is then
+      a row selection of the circular conv on ``n``);
+    * reflect / replicate: ``sqrt`` of the largest number of copies of an input pixel
+      (the norm of the padding map, which precedes a valid convolution).
+
+    Without ``input_size`` the worst case over every input size the layer accepts.
+    """
+    factor = 1.0
+    if spec.padding_mode == "zeros":
+        return factor
+    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
+    for axis, (before, after) in enumerate(_axis_padding(spec)):
+        sizes = _admissible_sizes(spec, axis) if input_size is None else (input_size[axis],)
+        if spec.padding_mode == "circular":
+            worst = max(_circular_repeats(before, after, extent[axis], spec.stride[axis], n, strided=False)
+                        for n in sizes)
+        else:
+            worst = max(_copies(spec.padding_mode, before, after, n) for n in sizes)
+        factor *= worst
+    return math.sqrt(factor)
 
 
 # ----------------------------------------------------------------------------- exact
@@ -175,15 +274,25 @@ def fantastic_four_bounds(
     """The four bounds of Singla & Feizi (ICLR 2021), ``sqrt(kh*kw) * ||M||_2`` per reshape.
 
     Reshapes (math.md section 3): ``R: (c_out*kh, c_in*kw)``, ``S: (c_out*kw, c_in*kh)``,
-    ``T: (c_out, c_in*kh*kw)``, ``U: (c_out*kh*kw, c_in)`` of the (dilated) kernel.
+    ``T: (c_out, c_in*kh*kw)``, ``U: (c_out*kh*kw, c_in)`` of the *undilated* kernel (a
+    dilated conv is a direct sum of undilated ones on interleaved sub-grids, so the
+    undilated bound holds and is ``(d(k-1)+1)/k`` tighter per axis than the zero-inserted
+    kernel's), each times :func:`padding_factor` of the layer's padding.
+
+    What each value bounds, with ``method='exact'``: the spectral norm of the layer's
+    operator at every input size and stride, for zero padding of any amount; for circular,
+    reflect and replicate padding the worst case over input sizes of the padding's effect
+    is included (factor 1 for circular padding of at most ``(extent - 1)`` per axis in
+    total, i.e. up to ``'same'``). For a kernel, pass ``padding``/``padding_mode`` (default:
+    zero padding).
 
     Parameters
     ----------
     method : {'exact', 'power'}
         ``'exact'``: ``torch.linalg.matrix_norm(., 2)``, each value a provable upper bound
-        on the spectral norm for zero and circular padding, any input size, any stride.
-        ``'power'``: ``n_iter`` power iterations with vectors kept in ``state`` between
-        calls (cheap, for training); the values approach the bounds from below.
+        as above. ``'power'``: ``n_iter`` power iterations with vectors kept in ``state``
+        between calls (cheap, for training); the values approach the bounds from below
+        and are *not* bounds.
     state : dict, optional
         Holds the persistent power-iteration vectors (pass the same dict every call).
     per_group : bool
@@ -198,7 +307,7 @@ def fantastic_four_bounds(
         raise ValueError(f"method must be 'exact' or 'power', got {method!r}")
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
-    k = _grouped_kernel(spec)  # (g, o, i, kh, kw)
+    k, scale = _grouped_kernel(spec, dilated=False)  # (g, o, i, kh, kw)
     g, o, i, kh, kw = k.shape
     reshapes = {
         "R": k.permute(0, 1, 3, 2, 4).reshape(g, o * kh, i * kw),
@@ -206,23 +315,24 @@ def fantastic_four_bounds(
         "T": k.reshape(g, o, i * kh * kw),
         "U": k.permute(0, 1, 3, 4, 2).reshape(g, o * kh * kw, i),
     }
-    scale = math.sqrt(kh * kw)
+    factor = math.sqrt(kh * kw) * padding_factor(spec) * scale
     values = []
     for name, matrix in reshapes.items():
         if per_group:
             norms = torch.stack([_matrix_norm(matrix[j], method, n_iter, state, f"{name}{j}") for j in range(g)])
         else:
             norms = _matrix_norm(matrix, method, n_iter, state, name)
-        values.append(scale * norms)
+        values.append(factor * norms)
     return torch.stack(values, dim=-1)
 
 
 def fantastic_four_bound(target: ConvLike, **options) -> Tensor:
     """``max over groups of min of the four`` :func:`fantastic_four_bounds` (0-D, differentiable).
 
-    A provable upper bound on the spectral norm for zero and circular padding, any input
-    size and stride, with ``method='exact'``; the natural training regularizer.
-    Typically 1.6-1.8x the exact value on random 3x3 kernels (``bounds.md``).
+    With ``method='exact'`` a provable upper bound on the layer's spectral norm at every
+    input size and stride, for the padding described in :func:`fantastic_four_bounds`;
+    the natural training regularizer. Typically 1.6-1.8x the exact value on random 3x3
+    kernels (``bounds.md``).
     """
     options["per_group"] = True
     return fantastic_four_bounds(target, **options).amin(-1).amax()
@@ -241,49 +351,94 @@ def _gram_iterate(matrices: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
 
 
 @full_precision
-def gram_iteration_bound(target: ConvLike, input_size: IntOrPair, *, n_iter: int = 6, **geometry) -> Tensor:
+def gram_iteration_bound(
+    target: ConvLike,
+    input_size: IntOrPair,
+    *,
+    n_iter: int = 6,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    **geometry,
+) -> Tensor:
     """Gram-iteration upper bound on the circular spectral norm (Delattre et al., ICML 2023).
 
-    Iterates ``G <- G^H G`` with Frobenius rescaling on all ``n1 (n2//2+1)`` frequency
-    matrices of the (polyphase, for stride) kernel at once and bounds each by its
-    Frobenius norm: ``sigma <= ||G_t||_F^(2^-t)``. Provable for every ``n_iter``,
-    decreasing in ``n_iter`` and converging to :func:`exact_spectral_norm` (measured worst
-    ratio 1.0012 at t=3, ``bounds.md``). Only matmuls: cheaper than the SVDs of the exact
-    method for large channel counts. Differentiable.
+    Iterates ``G <- G^H G`` with Frobenius rescaling on the ``n1 (n2//2+1)`` frequency
+    matrices of the (polyphase, for stride) kernel, a batch of frequencies at a time
+    within ``max_memory`` bytes, and bounds each by its Frobenius norm:
+    ``sigma <= ||G_t||_F^(2^-t)``. Bounds the same operator as
+    :func:`exact_spectral_norm` (the circular convolution on ``n``, divisible by the
+    stride); provable for every ``n_iter``, decreasing in ``n_iter`` and converging to
+    the exact value (measured worst ratio 1.0012 at t=3, ``bounds.md``). Only matmuls:
+    on this project's CPU it is slower than the exact SVDs (docs/performance.md); its
+    use is GPU matmul throughput and a smooth gradient. Differentiable.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
     n = check_spectral_input_size(input_size, tuple(spec.kernel.shape[2:]), spec.stride, spec.dilation)
-    kernel = polyphase_kernel(_grouped_kernel(spec).flatten(0, 1), spec.stride)
-    kernel = kernel.reshape(spec.groups, -1, *kernel.shape[1:])
-    transfer = torch.fft.rfft2(kernel, s=(n[0] // spec.stride[0], n[1] // spec.stride[1]))
-    matrices = transfer.permute(0, 3, 4, 1, 2)  # (g, m1, m2h, o, i)
-    if matrices.shape[-1] > matrices.shape[-2]:
-        matrices = matrices.mH  # the Gram matrices are (smaller dim)^2
-    gram, log_scale = _gram_iterate(matrices, n_iter)
-    frobenius = torch.linalg.matrix_norm(gram, ord="fro")
-    scale = 2.0**-n_iter
-    return (frobenius.log() * scale + log_scale * scale).exp().amax()
+    kernel, scale = _grouped_kernel(spec)
+    g = spec.groups
+    kernel = polyphase_kernel(kernel.flatten(0, 1), spec.stride)
+    kernel = kernel.reshape(g, -1, *kernel.shape[1:])
+    grid = (n[0] // spec.stride[0], n[1] // spec.stride[1])
+    best = None
+    for _, _, matrices in transfer_batches(kernel, grid, max_memory, per_frequency_factor=6):
+        if matrices.shape[-1] > matrices.shape[-2]:
+            matrices = matrices.mH  # the Gram matrices are (smaller dim)^2
+        gram, log_scale = _gram_iterate(matrices, n_iter)
+        frobenius = torch.linalg.matrix_norm(gram, ord="fro")
+        exponent = 2.0**-n_iter
+        top = (frobenius.log() * exponent + log_scale * exponent).exp().amax()
+        best = top if best is None else torch.maximum(best, top)
+    return best * scale
+
+
+def _self_correlation(kernel: Tensor, max_memory: int) -> Tensor:
+    """``conv2d(K, K, padding=k-1)``, the kernel of ``A A^T``, in row chunks within ``max_memory``."""
+    o, i, kh, kw = kernel.shape
+    out_taps = (2 * kh - 1) * (2 * kw - 1)
+    element = kernel.element_size()
+    output_bytes = o * o * out_taps * element
+    if output_bytes > max_memory:
+        raise MemoryLimitError(
+            f"the spatial Gram kernel ({o} x {o} x {2 * kh - 1} x {2 * kw - 1}) needs "
+            f"{format_bytes(output_bytes)}, more than max_memory={format_bytes(max_memory)}; "
+            "lower n_iter or raise max_memory"
+        )
+    # im2col of one row of the batch: i * kh * kw values per output tap.
+    per_row = (i * kh * kw * out_taps + o * out_taps) * element
+    chunk = max(1, (max_memory - output_bytes) // max(1, per_row))
+    parts = [F.conv2d(kernel[start:start + chunk], kernel, padding=(kh - 1, kw - 1))
+             for start in range(0, o, chunk)]
+    return torch.cat(parts)
 
 
 @full_precision
-def zero_padding_bound(target: ConvLike, *, n_iter: int = 3, **geometry) -> Tensor:
-    """Spatial Gram-iteration bound, valid for zero and circular padding at every input size.
+def zero_padding_bound(
+    target: ConvLike, *, n_iter: int = 3, max_memory: int = DEFAULT_MAX_MEMORY, **geometry
+) -> Tensor:
+    """Spatial Gram-iteration bound on the layer's norm at every input size.
 
     Delattre et al. (2024): iterate on the kernel itself, ``K <- K * K^T`` (the kernel of
     ``A A^T``, support ``2k - 1``) with Frobenius rescaling, then bound the final Gram
-    operator by its largest absolute row sum. Provable for every ``n_iter`` and stride.
+    operator by its largest absolute row sum. It bounds the full (infinite-grid)
+    convolution, hence every zero-padded crop of it at every size and stride and every
+    circular conv; for the layer's own padding it is multiplied by
+    :func:`padding_factor` (worst case over input sizes), exactly like
+    :func:`fantastic_four_bounds`. Runs on the undilated kernel (a dilated conv is a
+    direct sum of undilated ones). Provable for every ``n_iter``.
 
     Cost and memory grow fast: the support doubles each step and one step costs
     ``c^3 (2k-1)^2 k^2`` multiply-adds, so ``n_iter`` is capped at 6; 2-3 is practical
-    for 512 channels (on an ``SVDConv`` it runs on the core, ``r`` channels).
+    for 512 channels (on an ``SVDConv`` it runs on the core, ``r`` channels). Work is
+    chunked to ``max_memory`` bytes; :class:`~ttconv.spectra.MemoryLimitError` when even
+    the Gram kernel does not fit.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
     if n_iter > 6:
         raise ValueError(f"n_iter must be <= 6 for the spatial Gram bound (support doubles each step), got {n_iter}")
     spec = conv_spec(target, **geometry)
+    kernels, scale = _grouped_kernel(spec, dilated=False)
     bounds = []
-    for kernel in _grouped_kernel(spec):  # (o, i, kh, kw)
+    for kernel in kernels:  # (o, i, kh, kw)
         if kernel.shape[0] > kernel.shape[1]:
             kernel = kernel.transpose(0, 1)  # A^T A has the smaller channel count
         log_scale = kernel.new_zeros(())
@@ -291,69 +446,87 @@ def zero_padding_bound(target: ConvLike, *, n_iter: int = 3, **geometry) -> Tens
             norm = kernel.norm().clamp_min(torch.finfo(kernel.dtype).tiny)
             kernel = kernel / norm
             log_scale = 2 * (log_scale + norm.log())
-            kh, kw = kernel.shape[-2:]
-            kernel = F.conv2d(kernel, kernel, padding=(kh - 1, kw - 1))
-        row_sum = kernel.abs().sum(dim=(1, 2, 3)).amax()
-        scale = 2.0**-n_iter
-        bounds.append((row_sum.log() * scale + log_scale * scale).exp())
-    return torch.stack(bounds).amax()
+            kernel = _self_correlation(kernel, max_memory)
+        row_sum = kernel.abs().sum(dim=(1, 2, 3)).amax().clamp_min(torch.finfo(kernel.dtype).tiny)
+        exponent = 2.0**-n_iter
+        bounds.append((row_sum.log() * exponent + log_scale * exponent).exp())
+    return torch.stack(bounds).amax() * padding_factor(spec) * scale
 
 
 # ----------------------------------------------------------- the layer's operator
-def _padding_operator_norm(spec: ConvSpec, n: Tuple[int, int]) -> float:
-    """Spectral norm of the padding map: sqrt of the largest number of copies of a pixel."""
-    if spec.padding_mode == "zeros":
-        return 1.0
-    left, right, top, bottom = spec.reversed_padding
-    counts = []
-    for size, before, after in ((n[0], top, bottom), (n[1], left, right)):
-        index = torch.arange(size, dtype=torch.float64).reshape(1, 1, size)
-        padded = F.pad(index, (before, after), mode=spec.padding_mode).long().flatten()
-        counts.append(int(torch.bincount(padded, minlength=size).max()))
-    return math.sqrt(counts[0] * counts[1])
+def _check_operator_size(spec: ConvSpec, n: Tuple[int, int]) -> None:
+    """Refuse input sizes the layer itself refuses (so no bound is given for no operator)."""
+    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
+    for axis, (before, after) in enumerate(_axis_padding(spec)):
+        if n[axis] + before + after < extent[axis]:
+            raise ValueError(
+                f"input_size {n} is too small for this layer: padded size {n[axis] + before + after} < kernel "
+                f"extent {extent[axis]} along axis {axis}"
+            )
+        too_much = {"circular": max(before, after) > n[axis], "reflect": max(before, after) >= n[axis]}
+        if too_much.get(spec.padding_mode, False):
+            raise ValueError(
+                f"input_size {n}: {spec.padding_mode} padding ({before}, {after}) along axis {axis} needs an "
+                f"input of more than {max(before, after) - (spec.padding_mode == 'circular')} pixels "
+                "(torch refuses this input too)"
+            )
 
 
 @full_precision
-def operator_norm_bound(target: ConvLike, input_size: IntOrPair, **geometry) -> Tensor:
+def operator_norm_bound(
+    target: ConvLike, input_size: IntOrPair, *, max_memory: int = DEFAULT_MAX_MEMORY, **geometry
+) -> Tensor:
     """Provable upper bound on the norm of the layer's *actual* operator on an ``n1 x n2`` input.
 
-    Uses the layer's own padding amount and mode:
+    Uses the layer's own padding amount and mode, stride and dilation; the minimum of
+    these valid bounds:
 
-    * circular mode whose total padding is at most the dilated kernel extent minus one:
-      the operator is a crop of the circular convolution on ``n``, so its exact norm;
-    * zero padding: the operator is a crop of the circular convolution on a grid of
-      ``n + padding`` (rounded up to the stride), whose exact norm bounds it (``bounds.md``);
-    * reflect / replicate (and other circular paddings): the padding map has norm
-      ``sqrt(max copies of a pixel)`` and the rest is a valid conv on the padded grid.
+    * every mode: the padding map (norm ``sqrt(max copies of a pixel)``, 1 for zeros)
+      followed by a valid strided conv on the padded grid ``N = n + padding``, which is a
+      crop of the strided circular conv on ``N`` rounded up to the stride (no
+      wrap-around reaches a kept output); its exact norm bounds it;
+    * circular mode (input at least the kernel extent): output ``p`` is a row of the
+      circular conv on ``n`` itself (strided along axes the stride divides, else stride
+      1), repeated at most ``c`` times when the padding exceeds the extent minus one;
+      ``sqrt(c)`` times that exact norm bounds it, and equals it for a size-preserving
+      circular layer with ``n`` divisible by the stride;
+    * :func:`fantastic_four_bound` times :func:`padding_factor` at this size.
 
-    The result is the minimum of that value and the :func:`fantastic_four_bound` (times the
-    padding map's norm). Exact whenever the layer is a size-preserving circular conv.
+    Raises ``ValueError`` for sizes the layer refuses. Differentiable almost everywhere.
     """
     spec = conv_spec(target, **geometry)
     n = args.input_size_arg(input_size)
-    kernel_size = tuple(spec.kernel.shape[2:])
-    extent = args.dilated_extent(kernel_size, spec.dilation)
-    left, right, top, bottom = spec.reversed_padding
-    pads = (top + bottom, left + right)
-    for axis in range(2):
-        if n[axis] + pads[axis] < extent[axis]:
-            raise ValueError(
-                f"input_size {n} is too small for this layer: padded size {n[axis] + pads[axis]} < kernel "
-                f"extent {extent[axis]} along axis {axis}"
-            )
-    size_preserving_circular = spec.padding_mode == "circular" and all(
-        p <= e - 1 <= n_i - 1 for p, e, n_i in zip(pads, extent, n)
-    )
-    if size_preserving_circular:
-        pad_norm, grid = 1.0, n
-    else:
-        pad_norm = _padding_operator_norm(spec, n)
-        grid = tuple(n_i + p for n_i, p in zip(n, pads))
-    # Round the grid up to the stride (a larger grid only embeds the operator further).
-    grid = tuple(s * -(-g // s) for g, s in zip(grid, spec.stride))
-    exact = conv_spectral_norm(spec.kernel, grid, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
-    ff = fantastic_four_bound(spec.kernel, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
-    return pad_norm * torch.minimum(exact, ff)
+    _check_operator_size(spec, n)
+    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
+    axes = _axis_padding(spec)
+    geometry = dict(dilation=spec.dilation, groups=spec.groups, max_memory=max_memory)
+    candidates = []
+    if spec.padding_mode == "circular" and all(n_i >= e for n_i, e in zip(n, extent)):
+        strided = [n_i % s == 0 for n_i, s in zip(n, spec.stride)]
+        stride = tuple(s if ok else 1 for s, ok in zip(spec.stride, strided))
+        repeats = [
+            _circular_repeats(before, after, e, s, n_i, strided=ok)
+            for (before, after), e, s, n_i, ok in zip(axes, extent, spec.stride, n, strided)
+        ]
+        circ = conv_spectral_norm(spec.kernel, n, stride=stride, **geometry)
+        candidates.append(math.sqrt(repeats[0] * repeats[1]) * circ)
+        if repeats == [1, 1] and stride == spec.stride:
+            return candidates[0]  # exact or a crop of it: nothing below can be smaller
+    pad_norm = math.sqrt(math.prod(_copies(spec.padding_mode, b, a, n_i) if spec.padding_mode != "zeros" else 1
+                                   for (b, a), n_i in zip(axes, n)))
+    grid = tuple(s * -(-(n_i + b + a) // s) for (b, a), n_i, s in zip(axes, n, spec.stride))
+    candidates.append(pad_norm * conv_spectral_norm(spec.kernel, grid, stride=spec.stride, **geometry))
+    ff = fantastic_four_bound(spec.kernel, dilation=spec.dilation, groups=spec.groups)
+    candidates.append(padding_factor(spec, n) * ff)
+    return torch.stack([torch.as_tensor(c, dtype=ff.dtype) for c in candidates]).amin()
+
+
+def _round_down(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` cast to ``dtype``, rounded toward zero (a lower estimate stays below)."""
+    cast = value.to(dtype)
+    if cast.to(value.dtype) > value:
+        cast = torch.nextafter(cast, torch.zeros_like(cast))
+    return cast
 
 
 @full_precision
@@ -370,12 +543,19 @@ def power_iteration_estimate(
     Iterates ``x <- A^T A x`` with ``A`` the layer's convolution (own stride, padding,
     dilation, padding mode, no bias) and ``A^T`` its adjoint from autograd (for zero
     padding, ``conv_transpose2d``); returns ``||A x||`` for the final unit ``x``, which
-    approaches the spectral norm from below as ``n_iter`` grows. Not differentiable.
+    approaches the spectral norm from below as ``n_iter`` grows. Computed in float64 on
+    the kernel divided by ``max |w|`` (no overflow or underflow at any scale) and rounded
+    down to the kernel's spectral dtype, so it never exceeds the true norm beyond float64
+    round-off. Not differentiable.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
     n = args.input_size_arg(input_size)
-    kernel = spec.kernel.detach().to(spectral_dtype(spec.kernel.dtype))
+    _check_operator_size(spec, n)
+    out_dtype = spectral_dtype(spec.kernel.dtype)
+    kernel = spec.kernel.detach().to(torch.float64)
+    scale = kernel_scale(kernel)
+    kernel = kernel / scale
 
     def apply(x: Tensor) -> Tensor:
         return _functional.conv2d(x, kernel, None, spec.stride, spec.padding, spec.dilation, spec.groups,
@@ -391,6 +571,9 @@ def power_iteration_estimate(
             y = apply(x)
             # A^T (A x) as the vector-Jacobian product of the linear map at y = A x.
             (x,) = torch.autograd.grad(y, x, y.detach())
-        x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+        norm = x.norm()
+        if not norm > 0:  # A^T A x = 0: x is in the null space; ||A x|| = 0 is still a lower estimate
+            break
+        x = x / norm
     with torch.no_grad():
-        return apply(x.detach()).norm()
+        return _round_down(apply(x.detach()).norm() * scale, out_dtype)

@@ -16,7 +16,9 @@ the autocast state.
 
 from __future__ import annotations
 
-from typing import Tuple
+import math
+import numbers
+from typing import Any, Iterator, Tuple
 
 import torch
 from torch import Tensor
@@ -26,12 +28,16 @@ from ._conv_args import check_kernel, dilated_extent, input_size_arg, pair
 from ._typing import IntOrPair
 
 __all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "MemoryLimitError",
     "conv_singular_values",
     "conv_spectral_norm",
     "check_spectral_input_size",
     "dilate_kernel",
+    "kernel_scale",
     "polyphase_kernel",
     "spectral_dtype",
+    "transfer_batches",
 ]
 
 
@@ -87,26 +93,100 @@ def polyphase_kernel(weight: Tensor, stride: Tuple[int, int]) -> Tensor:
     return phases.reshape(c_out, c_in * s1 * s2, t1, t2)
 
 
-def _frequency_singular_values(
-    weight: Tensor, n: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int], groups: int
-) -> Tensor:
-    """Singular values per group and frequency, ``(groups, m1, m2, k)``.
+def kernel_scale(weight: Tensor) -> Tensor:
+    """``max |w|`` (detached), or 1 for an all-zero kernel.
 
-    Uses ``rfft2`` (half the frequencies) and restores the conjugate half, whose matrices
-    are the complex conjugates and so have the same singular values.
+    Spectra and bounds run on ``weight / scale`` and multiply the result back: singular
+    values are homogeneous of degree one, and the normalised kernel keeps float32 power
+    and Gram iterations away from overflow (kernels ~1e19) and underflow (~1e-18).
     """
-    weight = weight.to(spectral_dtype(weight.dtype))
+    scale = weight.detach().abs().amax()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+class MemoryLimitError(ValueError):
+    """A spectral computation would need more memory than ``max_memory`` allows."""
+
+
+def _memory_arg(max_memory: Any) -> int:
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral) or max_memory < 1:
+        raise ValueError(f"max_memory must be a positive int (bytes), got {max_memory!r}")
+    return int(max_memory)
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _phases(m: int, taps: int, frequencies: Tensor, dtype: torch.dtype) -> Tensor:
+    """``exp(-2 pi i f t / m)`` for the given frequencies ``f`` and taps ``t = 0..taps-1``."""
+    t = torch.arange(taps, dtype=torch.float64, device=frequencies.device)
+    angle = (-2.0 * math.pi / m) * (frequencies.to(torch.float64)[:, None] * t[None, :])
+    return torch.polar(torch.ones_like(angle), angle).to(dtype)
+
+
+def _stride1_kernel(weight: Tensor, stride: Tuple[int, int], dilation: Tuple[int, int], groups: int) -> Tensor:
+    """Dilated, polyphase kernel split by group: ``(groups, c_out/g, c_in/g * s1 s2, t1, t2)``."""
     kernel = polyphase_kernel(dilate_kernel(weight, dilation), stride)
-    m1, m2 = n[0] // stride[0], n[1] // stride[1]
-    c_out, c_in = kernel.shape[:2]
-    kernel = kernel.reshape(groups, c_out // groups, c_in, *kernel.shape[2:])
-    transfer = torch.fft.rfft2(kernel, s=(m1, m2))  # (g, o, i, m1, m2 // 2 + 1)
-    values = torch.linalg.svdvals(transfer.permute(0, 3, 4, 1, 2))  # (g, m1, m2h, k)
-    # Frequency (u, v) with v > m2 // 2 is the conjugate of (-u, m2 - v), which rfft2 kept.
-    device = values.device
-    rows = (-torch.arange(m1, device=device)) % m1
-    cols = m2 - torch.arange(m2 // 2 + 1, m2, device=device)
-    return torch.cat([values, values[:, rows][:, :, cols]], dim=2)
+    return kernel.reshape(groups, -1, *kernel.shape[1:])
+
+
+def transfer_batches(
+    kernel: Tensor, m: Tuple[int, int], max_memory: int, *, per_frequency_factor: int = 4
+) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+    """The half-plane DFT of a stride-1 grouped kernel, a batch of frequencies at a time.
+
+    ``kernel``: ``(g, o, i, t1, t2)`` real. Yields ``(u, v, matrices)`` with ``matrices``
+    ``(B, g, o, i)`` complex: ``P(u, v) = sum_{h, w} K[..., h, w] exp(-2 pi i (u h / m1 + v w / m2))``
+    for every ``u`` in ``[0, m1)`` and ``v`` in ``[0, m2 // 2]`` (the other half are
+    complex conjugates). A batch holds as many frequencies as fit ``max_memory`` with
+    ``per_frequency_factor`` copies of one frequency's matrices (room for the
+    decomposition that consumes them). The DFT at a batch is one matmul over the taps,
+    so neither the full transfer tensor nor an FFT buffer is ever materialised.
+    """
+    g, o, i, t1, t2 = kernel.shape
+    m1, m2 = m
+    half = m2 // 2 + 1
+    complex_dtype = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
+    element = torch.empty((), dtype=complex_dtype).element_size()
+    per_frequency = (per_frequency_factor * g * o * i + t1 * t2) * element
+    batch = max(1, min(m1 * half, max_memory // max(1, per_frequency)))
+    if per_frequency > max_memory:
+        raise MemoryLimitError(
+            f"one frequency's {g} x {o} x {i} matrices need {format_bytes(per_frequency)}, more than "
+            f"max_memory={format_bytes(max_memory)}; raise max_memory"
+        )
+    flat = kernel.to(complex_dtype).reshape(g * o * i, t1 * t2).T
+    device = kernel.device
+    for start in range(0, m1 * half, batch):
+        index = torch.arange(start, min(start + batch, m1 * half), device=device)
+        u, v = index // half, index % half
+        phases = _phases(m1, t1, u, complex_dtype)[:, :, None] * _phases(m2, t2, v, complex_dtype)[:, None, :]
+        values = phases.reshape(-1, t1 * t2) @ flat
+        yield u, v, values.reshape(-1, g, o, i)
+
+
+DEFAULT_MAX_MEMORY = 1 << 30
+"""Default working-memory limit (bytes) of the frequency-batched spectral computations."""
+
+
+def _prepare(
+    weight: Tensor, input_size: IntOrPair, stride: IntOrPair, dilation: IntOrPair, groups: int, max_memory: Any
+) -> Tuple[Tensor, Tensor, Tuple[int, int], int]:
+    """Validate; return the normalised stride-1 grouped kernel, its scale, the grid ``n/s``
+    and the memory limit."""
+    groups = check_kernel(weight, groups)
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    n = check_spectral_input_size(input_size, tuple(weight.shape[2:]), stride, dilation)
+    max_memory = _memory_arg(max_memory)
+    weight = weight.to(spectral_dtype(weight.dtype))
+    scale = kernel_scale(weight)
+    kernel = _stride1_kernel(weight / scale, stride, dilation, groups)
+    return kernel, scale, (n[0] // stride[0], n[1] // stride[1]), max_memory
 
 
 @full_precision
@@ -117,6 +197,7 @@ def conv_singular_values(
     stride: IntOrPair = 1,
     dilation: IntOrPair = 1,
     groups: int = 1,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Tensor:
     """All singular values of a circular convolution, sorted in descending order.
 
@@ -129,6 +210,10 @@ def conv_singular_values(
         dilated kernel extent.
     stride, dilation, groups
         As in ``nn.Conv2d``.
+    max_memory : int
+        Working memory in bytes (default 1 GiB). Frequencies are processed in batches
+        that fit; raises :class:`MemoryLimitError` when the result itself does not fit
+        (use :func:`conv_spectral_norm`, which needs only a running maximum).
 
     Returns
     -------
@@ -142,7 +227,8 @@ def conv_singular_values(
     -----
     Exact (Sedghi et al. 2019, polyphase for stride). The padding amount does not enter:
     with circular padding it only shifts the output. Cost
-    ``O(n1 n2 c_out c_in min(c_out, c_in))``.
+    ``O(n1 n2 c_out c_in min(c_out, c_in))``. Only the ``m1 (m2 // 2 + 1)`` frequencies
+    of one half plane are decomposed: the others hold complex-conjugate matrices.
 
     Examples
     --------
@@ -150,13 +236,28 @@ def conv_singular_values(
     >>> conv_singular_values(w, (4, 4)).unique()
     tensor([2.])
     """
-    groups = check_kernel(weight, groups)
-    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    n = check_spectral_input_size(input_size, tuple(weight.shape[2:]), stride, dilation)
-    values = _frequency_singular_values(weight, n, stride, dilation, groups)
-    return values.flatten().sort(descending=True).values
+    kernel, scale, m, max_memory = _prepare(weight, input_size, stride, dilation, groups, max_memory)
+    g, o, i = kernel.shape[:3]
+    m1, m2 = m
+    count = g * m1 * m2 * min(o, i)
+    needed = 3 * count * kernel.element_size()  # half-plane values, the mirrored copy, the sort
+    if needed > max_memory:
+        raise MemoryLimitError(
+            f"all {count} singular values need about {format_bytes(needed)}, more than "
+            f"max_memory={format_bytes(max_memory)}; use conv_spectral_norm (a running maximum) "
+            "or raise max_memory"
+        )
+    batches = [torch.linalg.svdvals(matrices) for _, _, matrices in transfer_batches(kernel, m, max_memory)]
+    values = torch.cat(batches).reshape(m1, m2 // 2 + 1, g, -1)
+    # Frequency (u, v) with v > m2 // 2 is the conjugate of (-u, m2 - v), which was computed.
+    device = values.device
+    rows = (-torch.arange(m1, device=device)) % m1
+    cols = m2 - torch.arange(m2 // 2 + 1, m2, device=device)
+    values = torch.cat([values, values[rows][:, cols]], dim=1)
+    return values.flatten().sort(descending=True).values * scale
 
 
+@full_precision
 def conv_spectral_norm(
     weight: Tensor,
     input_size: IntOrPair,
@@ -164,10 +265,24 @@ def conv_spectral_norm(
     stride: IntOrPair = 1,
     dilation: IntOrPair = 1,
     groups: int = 1,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Tensor:
     """Largest singular value of a circular convolution (0-D tensor, differentiable).
 
-    Same arguments and cost as :func:`conv_singular_values`; a grouped convolution's
-    norm is the maximum over its groups.
+    Same arguments and cost as :func:`conv_singular_values`, but memory is bounded by
+    ``max_memory`` whatever the layer and input size: frequencies are processed in
+    batches and only a running maximum is kept. A grouped convolution's norm is the
+    maximum over its groups.
+
+    Examples
+    --------
+    >>> w = torch.zeros(2, 2, 1, 1); w[0, 0] = 3.0; w[1, 1] = -1.0
+    >>> conv_spectral_norm(w, (5, 5))
+    tensor(3.)
     """
-    return conv_singular_values(weight, input_size, stride=stride, dilation=dilation, groups=groups)[0]
+    kernel, scale, m, max_memory = _prepare(weight, input_size, stride, dilation, groups, max_memory)
+    best = None
+    for _, _, matrices in transfer_batches(kernel, m, max_memory):
+        top = torch.linalg.matrix_norm(matrices, ord=2).amax()
+        best = top if best is None else torch.maximum(best, top)
+    return best * scale
