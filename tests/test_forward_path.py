@@ -1,0 +1,164 @@
+"""The path ``SVDConv.forward`` actually takes, seen by counting the convolutions it runs.
+
+Every ``conv2d`` call is recorded (a ``TorchFunctionMode``, so it does not matter how
+``ttconv`` imports it) with its multiply-adds, ``output numel * c_in/groups * kh * kw``.
+The dense path runs one convolution, the factored path three (1x1, core, 1x1).
+
+The cheaper path is worked out here, not by ``flop_costs``: the convolution MACs of each
+path are *measured* by forcing it, and the dense path also pays for composing the kernel,
+``g r_out r_in taps c_in/g + c_out r_out c_in/g taps`` (core with ``V``, then ``U``).
+Every case has a margin of at least 1.2x, so a cost model that differs from this one in
+detail still agrees, while one that picks the costlier path does not.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ttconv import SVDConv
+
+_CONV_NAMES = {"conv2d", "conv1d", "conv3d", "convolution", "_convolution", "conv_transpose2d"}
+
+
+class ConvRecorder(TorchFunctionMode):
+    """Records ``(name, multiply-adds)`` of every convolution called inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _CONV_NAMES:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.calls.append((name, result.numel() * math.prod(weight.shape[1:])))
+        return result
+
+    @property
+    def macs(self):
+        return sum(m for _, m in self.calls)
+
+
+def _run(layer, x):
+    with ConvRecorder() as recorder:
+        y = layer(x)
+    assert all(name == "conv2d" for name, _ in recorder.calls), recorder.calls
+    return y, recorder
+
+
+def _compose_macs(layer):
+    """Multiply-adds of composing the dense kernel from its factors (per group: the core
+    contracted with ``V``, then with ``U``)."""
+    r_out, r_in = layer.ranks
+    g, taps = layer.groups, layer.kernel_size[0] * layer.kernel_size[1]
+    in_g = layer.in_channels // g
+    return g * r_out * r_in * taps * in_g + layer.out_channels * r_out * in_g * taps
+
+
+CASES = {  # name: (SVDConv kwargs, input shape)
+    "low_rank": (dict(in_channels=64, out_channels=64, kernel_size=3, padding=1, rank=4), (8, 64, 16, 16)),
+    "full_rank": (dict(in_channels=16, out_channels=64, kernel_size=3, padding=1), (8, 16, 16, 16)),
+    # Full rank, but a 2x2 image: composing the kernel costs more than three small convs.
+    "tiny_image": (dict(in_channels=64, out_channels=64, kernel_size=3, padding=1), (1, 64, 2, 2)),
+    "grouped": (dict(in_channels=16, out_channels=16, kernel_size=3, padding=1, groups=4), (8, 16, 16, 16)),
+    # Stride 2: the first 1x1 conv of the factored path runs on 4x the output pixels.
+    "strided": (dict(in_channels=32, out_channels=32, kernel_size=3, stride=2, padding=1, rank=(24, 32)),
+                (4, 32, 32, 32)),
+    "strided_low_rank": (dict(in_channels=32, out_channels=48, kernel_size=(3, 2), stride=2, padding=1,
+                              rank=(6, 4), padding_mode="reflect"), (2, 32, 20, 20)),
+}
+
+
+def _layer(name, path):
+    torch.manual_seed(0)
+    kwargs, shape = CASES[name]
+    layer = SVDConv(**kwargs, path=path, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64)
+    return layer, x
+
+
+def _measured_costs(name):
+    """``(dense, factored)`` conv MACs measured by forcing each path, plus the compose cost
+    for dense; also checks the forced paths run 1 and 3 convolutions."""
+    costs = {}
+    for path, n_convs in (("dense", 1), ("factored", 3)):
+        layer, x = _layer(name, path)
+        _, recorder = _run(layer, x)
+        assert len(recorder.calls) == n_convs, (path, recorder.calls)
+        costs[path] = recorder.macs
+    return costs["dense"] + _compose_macs(layer), costs["factored"], costs
+
+
+EXPECTED = {  # the cheaper path, by the independent model above (checked with a margin below)
+    "low_rank": "factored", "full_rank": "dense", "tiny_image": "factored", "grouped": "dense",
+    "strided": "dense", "strided_low_rank": "factored",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_auto_runs_the_cheaper_path(name):
+    dense, factored, _ = _measured_costs(name)
+    cheaper = "dense" if dense < factored else "factored"
+    assert cheaper == EXPECTED[name]
+    assert max(dense, factored) >= 1.2 * min(dense, factored)  # a clear choice
+    layer, x = _layer(name, "auto")
+    y, recorder = _run(layer, x)
+    assert len(recorder.calls) == (1 if cheaper == "dense" else 3), recorder.calls
+    assert torch.allclose(y, layer.to_conv2d()(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path, name", [("dense", "low_rank"), ("dense", "tiny_image"),
+                                        ("factored", "full_rank"), ("factored", "grouped")])
+def test_an_explicit_path_is_taken_even_when_it_is_the_costlier(path, name):
+    layer, x = _layer(name, path)
+    y, recorder = _run(layer, x)
+    assert len(recorder.calls) == (1 if path == "dense" else 3)
+    assert EXPECTED[name] != path  # the case really is the costlier one for this path
+    assert torch.allclose(y, layer.to_conv2d()(x), rtol=1e-10, atol=1e-12)
+
+
+def test_the_factored_path_macs_match_the_explicit_formula():
+    """The measured MACs are what the formula in the module docstring says (so the cost
+    model of the tests above is the real one)."""
+    for name in ("low_rank", "strided", "grouped"):
+        kwargs, (batch, c_in, height, width) = CASES[name]
+        layer, x = _layer(name, "dense")
+        r_out, r_in = layer.ranks
+        g, taps, in_g = layer.groups, layer.kernel_size[0] * layer.kernel_size[1], c_in // layer.groups
+        oh, ow = layer(x).shape[-2:]
+        out_pixels = batch * oh * ow
+        _, _, measured = _measured_costs(name)
+        assert measured["dense"] == out_pixels * layer.out_channels * in_g * taps
+        assert measured["factored"] == (batch * height * width * c_in * r_in
+                                        + out_pixels * (g * r_out * r_in * taps + layer.out_channels * r_out))
+
+
+FX_EXPECTED = {  # per output pixel, composing the kernel left out (shapes are symbolic)
+    "low_rank": "factored", "full_rank": "dense", "tiny_image": "dense", "strided": "dense",
+}
+
+
+def _traced_convs(layer):
+    graph = torch.fx.symbolic_trace(nn.Sequential(layer)).graph
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in (torch.conv2d, F.conv2d)]
+
+
+@pytest.mark.parametrize("name", sorted(FX_EXPECTED))
+def test_fx_trace_records_the_cheaper_path_per_pixel(name):
+    dense, factored, measured = _measured_costs(name)
+    # Per output pixel without composing: the measured conv MACs (inputs divisible by stride).
+    cheaper = "dense" if measured["dense"] < measured["factored"] else "factored"
+    assert cheaper == FX_EXPECTED[name]
+    assert max(measured.values()) >= 1.2 * min(measured.values())
+    layer, x = _layer(name, "auto")
+    nodes = _traced_convs(layer)
+    assert len(nodes) == (1 if cheaper == "dense" else 3)
+    traced = torch.fx.symbolic_trace(nn.Sequential(layer))
+    assert torch.allclose(traced(x), layer.to_conv2d()(x), rtol=1e-10, atol=1e-12)
