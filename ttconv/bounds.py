@@ -1,33 +1,31 @@
 """Spectral norms of convolution layers: exact values, provable upper bounds, estimates.
 
-Every function takes a kernel ``(c_out, c_in/groups, kh, kw)``, an ``nn.Conv2d`` or an
-:class:`~ttconv.SVDConv`, and returns a tensor. For a layer, its stride, dilation, groups
-(and padding, where it matters) are used; for an ``SVDConv`` the work is done on its
-small orthonormal core (:meth:`~ttconv.SVDConv.orthonormal_core`), which gives the same
-value as the dense kernel for every method here except the spatial Gram bound (a
+Every function takes a kernel ``(c_out, c_in/groups, kh, kw)`` (geometry as keywords), an
+``nn.Conv2d``, an ``SVDConv`` or a ``ConvSpec``, and returns a tensor. For a layer, its
+stride, dilation, groups, padding amount and padding mode are used; for an ``SVDConv`` the
+work is done on its small orthonormal core (``SVDConv.orthonormal_core``), which gives the
+same value as the dense kernel for every method here except the spatial Gram bound (a
 different, equally valid bound). Results are float64 for float64 parameters, float32
-otherwise.
+otherwise; every method divides the kernel by ``max |w|`` first, so no scale overflows.
 
-=======================================  =====================  =================  ==================
-function                                 padding it is for      kind               cost
-=======================================  =====================  =================  ==================
-:func:`exact_spectral_norm`              circular, size n       exact              ``n^2 c^3``
-:func:`fantastic_four_bound`             zero and circular,     upper bound        four matrix norms
-                                         any n
-:func:`gram_iteration_bound`             circular, size n       upper bound,       ``t n^2 c^3``
-                                                                converges to exact (matmuls only)
-:func:`zero_padding_bound`               zero and circular,     upper bound        grows as 4^t
-                                         any n
-:func:`operator_norm_bound`              the layer's own mode,  upper bound        one exact FFT
-                                         size n                                    norm
-:func:`power_iteration_estimate`         the layer's own mode,  lower estimate     ``n_iter`` convs
-                                         size n
-=======================================  =====================  =================  ==================
+=================================  ===========================================  ======================
+function                           operator described                           kind
+=================================  ===========================================  ======================
+``exact_spectral_norm``            circular conv on ``n`` (divisible by stride)  exact
+``fantastic_four_bound``           the layer's own operator, every ``n``         upper bound
+``gram_iteration_bound``           circular conv on ``n`` (divisible by stride)  upper bound -> exact
+``zero_padding_bound``             the layer's own operator, every ``n``         upper bound
+``operator_norm_bound``            the layer's own operator on ``n``             upper bound
+``power_iteration_estimate``       the layer's own operator on ``n``             lower estimate
+=================================  ===========================================  ======================
 
-Stride: the strided operator is the stride-1 operator followed by subsampling (a partial
-isometry), so stride-1 bounds hold for it; the exact and Gram methods use the polyphase
-form and bound/compute the strided operator itself. Dilation: methods act on the dilated
-kernel. Groups: the operator is block diagonal, its norm is the max over groups.
+"The layer's own operator" includes its padding mode and amount: size-independent bounds
+carry ``padding_factor`` (1 for zero padding and for circular padding of at most the
+dilated extent minus one per axis). Stride: the strided operator keeps a subset of the
+stride-1 operator's rows, so stride-1 bounds hold for it. Dilation: size-independent bounds
+run on the undilated kernel (a dilated conv is a direct sum of undilated ones). Groups:
+the operator is block diagonal, its norm is the max over groups. ``docs/guarantees.md``
+says how each claim is tested.
 """
 
 from __future__ import annotations
