@@ -148,7 +148,7 @@ def test_gradients_equal_those_of_the_dense_kernel_chain_rule():
 
 def test_state_dict_round_trip_and_names():
     layer = SVDConv(4, 6, 3, groups=2, rank=2)
-    assert list(layer.state_dict()) == ["U", "S", "core", "V", "bias"]
+    assert list(layer.state_dict()) == ["U", "S", "core", "V", "bias", "_extra_state"]
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
@@ -158,9 +158,15 @@ def test_state_dict_round_trip_and_names():
     assert torch.equal(fresh(x), layer(x))
 
 
-def test_loading_into_a_different_rank_names_the_parameter():
-    with pytest.raises(RuntimeError, match="size mismatch for U"):
+def test_loading_into_a_different_rank_names_both_ranks():
+    with pytest.raises(RuntimeError, match=r"SVDConv: the checkpoint's SVDConv has rank=\(2, 2\), this layer rank=\(3, 3\)"):
         SVDConv(4, 6, 3, rank=3).load_state_dict(SVDConv(4, 6, 3, rank=2).state_dict())
+    # Without the stored configuration (a version-1 state dict) the shapes still catch it.
+    state = SVDConv(4, 6, 3, rank=2).state_dict()
+    del state["_extra_state"]
+    state._metadata[""]["version"] = 1
+    with pytest.raises(RuntimeError, match="size mismatch for U"):
+        SVDConv(4, 6, 3, rank=3).load_state_dict(state)
 
 
 def test_loading_a_newer_format_version_is_refused():
@@ -277,3 +283,98 @@ def test_from_conv2d_errors():
         SVDConv.from_conv2d(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="either rank or energy"):
         SVDConv.from_conv2d(nn.Conv2d(2, 2, 3), rank=1, energy=0.5)
+
+
+# ------------------------------------------------------------ .weight as in nn.Conv2d
+def test_weight_is_the_composed_kernel_differentiable_and_not_a_parameter():
+    layer = SVDConv(4, 6, 3, groups=2, rank=2, dtype=torch.float64)
+    assert torch.equal(layer.weight, layer.dense_weight())
+    assert layer.weight.shape == (6, 2, 3, 3)
+    layer.weight.square().sum().backward()
+    via_weight = [p.grad.clone() for p in (layer.U, layer.S, layer.core, layer.V)]
+    layer.zero_grad()
+    layer.dense_weight().square().sum().backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(via_weight, (layer.U, layer.S, layer.core, layer.V)))
+    assert "weight" not in layer.state_dict() and "weight" not in dict(layer.named_parameters())
+    assert torch.equal(copy.deepcopy(layer).weight, layer.weight)
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)  # init code reads .weight
+    assert (fan_in, fan_out) == (2 * 9, 6 * 9)
+
+
+def test_fuse_conv_bn_eval_gives_an_svdconv_of_the_fused_function():
+    torch.manual_seed(0)
+    for kwargs in (dict(rank=(3, 2)), dict(rank=2, bias=False, groups=2), dict()):
+        layer = SVDConv(4, 6, 3, padding=1, dtype=torch.float64, **kwargs).eval()
+        bn = nn.BatchNorm2d(6, dtype=torch.float64).eval()
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+        before = [p.clone() for p in layer.parameters()]
+        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)
+        x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+        assert type(fused) is SVDConv and fused.ranks == layer.ranks
+        assert _relative(fused(x), bn(layer(x))) < 1e-10
+        assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # original untouched
+
+
+def test_assigning_weight_sets_the_kernel_exactly_or_refuses():
+    torch.manual_seed(0)
+    layer = SVDConv(4, 6, 3, dtype=torch.float64)  # full rank: every kernel is representable
+    ids = [id(p) for p in layer.parameters()]
+    kernel = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    layer.weight = kernel
+    assert _relative(layer.dense_weight(), kernel) < 1e-12
+    layer.weight = nn.Parameter(2 * kernel)  # nn.Module.__setattr__ routes Parameters elsewhere
+    assert _relative(layer.dense_weight(), 2 * kernel) < 1e-12
+    assert [id(p) for p in layer.parameters()] == ids and "weight" not in dict(layer.named_parameters())
+    low = SVDConv(4, 6, 3, rank=2, dtype=torch.float64)
+    before = low.dense_weight().detach().clone()
+    with pytest.raises(ValueError, match=r"not representable at this layer's ranks \(2, 2\).*left unchanged"):
+        low.weight = kernel
+    assert torch.equal(low.dense_weight(), before)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6, 4, 3, 3\)"):
+        layer.weight = torch.randn(6, 4, 3, 2)
+    with pytest.raises(TypeError, match="weight must be a Tensor"):
+        layer.weight = None
+    orthogonal = SVDConv(4, 4, 3, core="orthogonal")
+    with pytest.raises(AttributeError, match=r"core='orthogonal'.*conv = layer.to_conv2d\(\)"):
+        orthogonal.weight = torch.randn(4, 4, 3, 3)
+    layer.extra = nn.Parameter(torch.ones(1))  # other attributes register as usual
+    assert "extra" in dict(layer.named_parameters())
+
+
+def test_weight_in_a_compiled_and_traced_forward():
+    class Standardized(nn.Module):  # reads .weight in forward, as weight-standardization code does
+        def __init__(self):
+            super().__init__()
+            self.conv = SVDConv(3, 4, 3, padding=1, rank=2)
+
+        def forward(self, x):
+            w = self.conv.weight
+            return F.conv2d(x, (w - w.mean()) / w.std(), None, 1, 1)
+
+    module = Standardized()
+    x = torch.randn(2, 3, 6, 6)
+    expected = module(x)
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x), expected, atol=1e-6)
+    assert torch.allclose(torch.fx.symbolic_trace(module)(x), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------- configuration in state
+def test_extra_state_stores_ranks_core_bound_and_path():
+    from ttconv.layer import _decode_extra_state
+
+    layer = SVDConv(4, 4, 3, rank=3, core="orthogonal", max_singular_value=0.7, path="dense")
+    state = layer.state_dict()["_extra_state"]
+    assert state.dtype == torch.int64
+    assert _decode_extra_state(state) == dict(rank=(3, 3), core="orthogonal", max_singular_value=0.7, path="dense")
+    assert _decode_extra_state(SVDConv(4, 6, 3, rank=(5, 2)).get_extra_state()) == dict(
+        rank=(5, 2), core="general", max_singular_value=None, path="auto")
+    with pytest.raises(RuntimeError, match=r"rank=\(3, 3\), this layer rank=\(4, 4\)"):
+        SVDConv(4, 4, 3, core="orthogonal").set_extra_state(state)
+    other_path = SVDConv(4, 4, 3, rank=3, core="orthogonal", max_singular_value=0.7)
+    other_path.load_state_dict(layer.state_dict())  # path is a runtime choice: not checked
+    assert other_path.path == "auto"

@@ -15,7 +15,9 @@ exact at any point of training. See ``docs/design.md`` for the measurements behi
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+import struct
+import warnings
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,12 @@ torch.fx.wrap("orthonormal_basis")
 
 _PATHS = ("auto", "dense", "factored")
 _CORES = ("general", "orthogonal")
+
+# Layout of the extra state (format 2): an int64 vector, so every value of a state dict
+# stays a tensor (code that does ``{k: v.clone() for k, v in sd.items()}`` or EMA updates
+# keeps working) and it loads with ``torch.load(weights_only=True)``.
+_STATE_FIELDS = ("format", "r_out", "r_in", "core", "bounded", "max_singular_value_bits", "path")
+_STATE_FORMAT = 2
 
 
 def _conv_arguments(module: nn.Module) -> dict:
@@ -103,8 +111,25 @@ class SVDConv(nn.Module):
     V : Parameter ``(in_channels, r_in)``
         Input factor, orthonormal columns per group.
     bias : Parameter ``(out_channels,)`` or None
+    weight : Tensor ``(out_channels, in_channels/groups, kh, kw)``
+        The composed dense kernel, :meth:`dense_weight` (differentiable, not a parameter,
+        not in the ``state_dict``), for code written for ``nn.Conv2d`` that reads
+        ``.weight``. Writing *into* the returned tensor (``nn.init.*_(layer.weight)``)
+        changes a temporary, not the layer; *assigning* ``layer.weight = tensor`` does set
+        the kernel (see :meth:`set_dense_weight_`), so
+        ``torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)`` works.
     approximation_error : float or None
         Relative Frobenius error of :meth:`from_conv2d`'s truncation (``None`` otherwise).
+
+    Notes
+    -----
+    The ``state_dict`` holds ``U, S, core, V, bias`` and, since state format version 2,
+    an ``_extra_state`` int64 vector with the configuration that shapes alone do not
+    pin down: ranks, core kind, ``max_singular_value`` and path. Loading checks it, so
+    a checkpoint never loads silently into a layer of other ranks, another core kind or
+    another bound (the error names the layer and both values);
+    :func:`ttconv.convert.load_converted` builds layers of the stored configuration.
+    Version 1 checkpoints (no extra state) still load.
 
     Examples
     --------
@@ -117,7 +142,10 @@ class SVDConv(nn.Module):
     torch.Size([1024])
     """
 
-    _version = 1
+    # 1: U, S, core, V, bias. 2: plus ``_extra_state`` (configuration, see Notes).
+    _version = 2
+    # TorchScript must not compile the computed ``weight`` property.
+    __jit_unused_properties__ = ["weight"]
     __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"]
 
     def __init__(
@@ -285,6 +313,79 @@ class SVDConv(nn.Module):
         """The dense kernel ``(out_channels, in_channels/groups, kh, kw)`` (differentiable)."""
         return compose(*self.factors(), self.groups)
 
+    @property
+    def weight(self) -> Tensor:
+        """The composed dense kernel, as ``nn.Conv2d.weight`` (differentiable; computed).
+
+        For code written for ``nn.Conv2d`` that reads ``.weight`` (fusion helpers, fan-in
+        computations, spectral tools). It is computed on every access and is not a
+        parameter: it is not in ``parameters()`` or the ``state_dict``, and writing into
+        it in place (``nn.init.*_(layer.weight)``, ``layer.weight.copy_(...)``) changes a
+        temporary, not the layer. Assigning sets the kernel: ``layer.weight = tensor``
+        (a ``Parameter`` too) calls :meth:`set_dense_weight_`, which is exact or raises.
+        """
+        return self.dense_weight()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        self.set_dense_weight_(value)
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        # nn.Module.__setattr__ routes ``layer.weight = Parameter(...)`` here, not to the
+        # property setter (e.g. torch.nn.utils.fusion.fuse_conv_bn_eval does this).
+        if name == "weight":
+            self.set_dense_weight_(param)
+            return
+        super().register_parameter(name, param)
+
+    @torch.no_grad()
+    def set_dense_weight_(self, weight: Tensor) -> "SVDConv":
+        """Set the layer's kernel to a dense tensor, in place and exactly (``core='general'``).
+
+        The kernel is decomposed at the layer's ranks and copied into ``U, S, core, V``
+        (parameter identity kept, canonical form). ``layer.weight = weight`` does the same,
+        so ``torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)`` returns an ``SVDConv``
+        computing the fused function: scaling output channels keeps the ranks.
+
+        Parameters
+        ----------
+        weight : Tensor ``(out_channels, in_channels/groups, kh, kw)``
+            Finite; values are copied (no autograd link to ``weight`` is kept).
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not representable at the layer's ranks (relative Frobenius
+            error above ``1000 eps`` of the dtype, at most ``1e-2``): the layer is left
+            unchanged instead of being truncated silently.
+        AttributeError
+            For ``core='orthogonal'``, whose core is an orthogonal convolution by
+            construction: use ``layer.to_conv2d()`` and set that conv's weight.
+        """
+        if self.core_kind != "general":
+            raise AttributeError(
+                f"cannot set the dense kernel of an SVDConv with core={self.core_kind!r}: its core is an "
+                "orthogonal convolution by construction, an arbitrary kernel would break that; "
+                "convert it first with conv = layer.to_conv2d() and set conv.weight"
+            )
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"weight must have shape {shape} (out_channels, in_channels/groups, kh, kw), "
+                             f"got {tuple(weight.shape)}")
+        weight = weight.detach().to(dtype=self.U.dtype, device=self.U.device)
+        result = decompose(weight, self.groups, rank=self.ranks)
+        tolerance = min(1e3 * torch.finfo(self.U.dtype).eps, 1e-2)
+        if result.ranks != self.ranks or result.relative_error > tolerance:
+            raise ValueError(
+                f"the assigned kernel is not representable at this layer's ranks {self.ranks} (relative error "
+                f"{result.relative_error:.2e} > {tolerance:.1e}); the layer is left unchanged. Use a dense copy "
+                "(conv = layer.to_conv2d()) or rebuild at higher rank with SVDConv.from_conv2d(conv, rank=...)"
+            )
+        self._copy_factors(result.factors)
+        return self
+
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return _functional.conv2d(
             x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
@@ -437,7 +538,13 @@ class SVDConv(nn.Module):
         ----------
         conv : nn.Conv2d
             Its stride, padding, dilation, groups, padding mode, bias, dtype and device are
-            carried over. Weights must be finite.
+            carried over. Weights must be finite. The kernel converted is the one the conv
+            computes with in eval mode: for a conv reparametrized by
+            ``nn.utils.spectral_norm`` / ``weight_norm`` / ``prune`` (forward pre-hooks) or
+            ``torch.nn.utils.parametrize`` that effective kernel is folded, and a
+            ``UserWarning`` says so (the new layer does not enforce the
+            reparametrization). Hooks, ``requires_grad`` and the training flag are not
+            carried over; :func:`ttconv.convert` does that.
         rank : None, int or (r_out, r_in)
             Per-group ranks (clamped as in the constructor). Exclusive with ``energy``.
         energy : float in (0, 1], optional
@@ -454,15 +561,36 @@ class SVDConv(nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
-        weight = conv.weight
-        result = decompose(weight, conv.groups, rank=rank, energy=energy)
+        # convert.py imports this module; the kernel resolution lives there with the rest
+        # of the knowledge about torch's reparametrizations.
+        from .convert import _effective_kernel
+
+        kernel = _effective_kernel(conv, strict=False)
+        if kernel.folded:
+            warnings.warn(f"SVDConv.from_conv2d: {'; '.join(kernel.folded)}", UserWarning, stacklevel=2)
+        return cls._from_kernel(kernel.weight, kernel.bias, _conv_arguments(conv), rank=rank, energy=energy,
+                                path=path)
+
+    @classmethod
+    def _from_kernel(
+        cls,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        arguments: Dict[str, Any],
+        rank: RankSpec = None,
+        energy: Optional[float] = None,
+        path: ForwardPath = "auto",
+    ) -> "SVDConv":
+        """An ``SVDConv`` with ``nn.Conv2d`` constructor ``arguments`` holding ``weight``."""
+        result = decompose(weight, arguments["groups"], rank=rank, energy=energy)
+        arguments = dict(arguments, bias=bias is not None)
         layer = torch.nn.utils.skip_init(
-            cls, **_conv_arguments(conv), device=weight.device, dtype=weight.dtype, rank=result.ranks, path=path
+            cls, **arguments, device=weight.device, dtype=weight.dtype, rank=result.ranks, path=path
         )
         with torch.no_grad():
             layer._copy_factors(result.factors)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
+            if bias is not None:
+                layer.bias.copy_(bias)
         layer.approximation_error = result.relative_error
         return layer
 
@@ -517,16 +645,85 @@ class SVDConv(nn.Module):
             s += f", path={self.path!r}"
         return s
 
+    # ---------------------------------------------------------- checkpoint
+    def _config(self) -> Dict[str, Any]:
+        """The constructor keywords that shapes alone do not pin down."""
+        return dict(rank=self.ranks, core=self.core_kind, max_singular_value=self.max_singular_value, path=self.path)
+
+    def get_extra_state(self) -> Tensor:
+        """The configuration as an int64 vector (see ``_STATE_FIELDS``); plain tensor data."""
+        bound = self.max_singular_value
+        bits = struct.unpack("<q", struct.pack("<d", 0.0 if bound is None else float(bound)))[0]
+        values = [_STATE_FORMAT, *self.ranks, _CORES.index(self.core_kind), int(bound is not None), bits,
+                  _PATHS.index(self.path)]
+        return torch.tensor(values, dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a stored configuration against this layer; ``RuntimeError`` if it differs."""
+        problem = self._config_mismatch(_decode_extra_state(state))
+        if problem:
+            raise RuntimeError(problem)
+
+    def _config_mismatch(self, saved: Dict[str, Any]) -> str:
+        """Why a checkpoint layer of configuration ``saved`` cannot load into this one ('' if it can).
+
+        ``path`` is a runtime choice that does not change the function: not checked.
+        """
+        mine = self._config()
+        for key in ("rank", "core", "max_singular_value"):
+            if saved[key] != mine[key]:
+                return (
+                    f"the checkpoint's SVDConv has {key}={saved[key]!r}, this layer {key}={mine[key]!r}; load with "
+                    "load_converted(model, state_dict) (from ttconv.convert), which builds layers of the stored "
+                    "configuration"
+                )
+        return ""
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        name = prefix[:-1] if prefix else "SVDConv"
         version = local_metadata.get("version")
         if version is not None and version > self._version:
             error_msgs.append(
-                f"{prefix or 'SVDConv'}: checkpoint was written by a newer ttconv (SVDConv state "
+                f"{name}: checkpoint was written by a newer ttconv (SVDConv state "
                 f"version {version}, this version reads up to {self._version}); upgrade ttconv to load it"
             )
             return
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            # Checked before the parameters, so the message says what differs (ranks, core,
+            # bound) rather than only which shapes do; a mismatch loads nothing here.
+            try:
+                problem = self._config_mismatch(_decode_extra_state(state_dict[key]))
+            except ValueError as error:
+                problem = str(error)
+            if problem:
+                error_msgs.append(f"{name}: {problem}")
+                return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if key not in state_dict and (version is None or version < 2) and key in missing_keys:
+            # Version 1 wrote no extra state (and a state dict rebuilt as a plain dict has no
+            # version): the parameter shapes are then the only check, as they were.
+            missing_keys.remove(key)
+
+
+def _decode_extra_state(state: Any) -> Dict[str, Any]:
+    """The configuration stored by :meth:`SVDConv.get_extra_state`, as constructor keywords.
+
+    Returns ``dict(rank=(r_out, r_in), core=..., max_singular_value=..., path=...)``;
+    raises ``ValueError`` for anything that is not such a vector.
+    """
+    values = state.tolist() if isinstance(state, Tensor) and state.dtype == torch.int64 and state.dim() == 1 else None
+    if values is None or len(values) != len(_STATE_FIELDS) or values[0] != _STATE_FORMAT:
+        raise ValueError(
+            f"malformed SVDConv extra state {state!r}: expected an int64 vector {_STATE_FIELDS} of format "
+            f"{_STATE_FORMAT} (written by SVDConv.get_extra_state)"
+        )
+    _, r_out, r_in, core, bounded, bits, path = values
+    if not (0 <= core < len(_CORES) and 0 <= path < len(_PATHS) and bounded in (0, 1) and r_out > 0 and r_in > 0):
+        raise ValueError(f"malformed SVDConv extra state {values}: fields {_STATE_FIELDS} out of range")
+    bound = struct.unpack("<d", struct.pack("<q", bits))[0] if bounded else None
+    return dict(rank=(r_out, r_in), core=_CORES[core], max_singular_value=bound, path=_PATHS[path])
