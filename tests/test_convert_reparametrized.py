@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ttconv import SVDConv, convert
 
@@ -199,3 +200,28 @@ def test_parametrized_module_keeps_its_parametrization_state():
     assert plist.training and all(m.training for m in plist.modules())
     assert all(torch.equal(a, b) for a, b in zip(buffers, plist.buffers()))
     assert parametrize.is_parametrized(model[2])
+
+
+def test_user_hooks_move_while_the_folded_hook_goes():
+    model = _trained_model("spectral_norm")
+    calls = []
+    model[2].register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__))
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    expected = model(x)
+    converted, report = convert(model, return_report=True)
+    hooks = list(converted[2]._forward_pre_hooks.values())
+    assert len(hooks) == 1 and not isinstance(hooks[0], SpectralNorm)
+    calls.clear()
+    assert _relative(converted(x), expected) < 1e-10
+    assert calls == ["SVDConv"]
+    assert report.layers[1].notes[1].startswith("moved 1 forward pre-hook to the SVDConv")
+
+
+def test_a_failing_inplace_conversion_leaves_the_model_intact():
+    model = _trained_model("spectral_norm")
+    with torch.no_grad():
+        model[4].weight[0, 0, 0, 0] = float("nan")
+    hooks = dict(model[2]._forward_pre_hooks)
+    with pytest.raises(ValueError, match="layer '4'.*NaN"):
+        convert(model, inplace=True)
+    assert dict(model[2]._forward_pre_hooks) == hooks and type(model[0]) is nn.Conv2d

@@ -493,7 +493,8 @@ def convert(
         it), or a predicate returning True for layers to keep dense.
     inplace : bool
         Modify ``model`` itself instead of a deep copy. Handles of hooks registered on a
-        converted conv then remove the hook from the ``SVDConv``.
+        converted conv then remove the hook from the ``SVDConv`` (the replaced conv hands
+        its hooks over; do not use it afterwards).
     return_report : bool
         Also return a :class:`ConversionReport` (and do not warn about what it lists).
     progress : bool or callable(done, total, name), optional
@@ -686,10 +687,16 @@ def load_converted(
 
     Examples
     --------
-    >>> small = ttconv.convert(model, energy=0.9)                       # doctest: +SKIP
-    >>> torch.save(small.state_dict(), "small.pt")                      # doctest: +SKIP
-    >>> state = torch.load("small.pt", weights_only=True)              # doctest: +SKIP
-    >>> restored = load_converted(model, state)                          # doctest: +SKIP
+    >>> import io
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    >>> small = convert(model, energy=0.9)              # ranks depend on the weights
+    >>> buffer = io.BytesIO()
+    >>> torch.save(small.state_dict(), buffer)
+    >>> _ = buffer.seek(0)
+    >>> restored = load_converted(model, torch.load(buffer, weights_only=True))
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> torch.equal(restored(x), small(x))
+    True
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping (from model.state_dict()), got {type(state_dict).__name__}")
