@@ -6,10 +6,10 @@ orthonormal outer factors, so the layer's exact spectrum comes from its small co
 
 from . import bounds
 from .control import SpectralControl, clip_singular_values_, scale_to_spectral_norm_, spectral_norm
-from .convert import ConversionReport, convert, densify
+from .convert import ConversionReport, convert, densify, load_converted
 from .layer import SVDConv
 from .report import SpectralReport, spectral_report, state_dict_report
-from .spectra import conv_singular_values, conv_spectral_norm
+from .spectra import MemoryLimitError, conv_singular_values, conv_spectral_norm
 from .tt import decompose
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "SVDConv",
     "conv_singular_values",
     "conv_spectral_norm",
+    "MemoryLimitError",
     "decompose",
     "bounds",
     "spectral_report",
@@ -25,6 +26,7 @@ __all__ = [
     "SpectralReport",
     "convert",
     "densify",
+    "load_converted",
     "ConversionReport",
     "clip_singular_values_",
     "scale_to_spectral_norm_",
