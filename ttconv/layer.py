@@ -75,10 +75,23 @@ class SVDConv(nn.Module):
 
     Parameters
     ----------
-    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
-        As in :class:`torch.nn.Conv2d`.
-    device, dtype
-        Factory arguments, as in :class:`torch.nn.Conv2d`.
+    in_channels : int
+        Channels of the input.
+    out_channels : int
+        Channels of the output.
+    kernel_size : int or (int, int)
+        Spatial size of the kernel.
+    stride : int or (int, int), default 1
+    padding : int, (int, int), 'same' or 'valid', default 0
+        Padding added on both sides of each spatial axis, as in ``torch.nn.Conv2d``.
+    dilation : int or (int, int), default 1
+    groups : int, default 1
+        Channel groups; both channel counts must be divisible by it. Each group has its
+        own factors.
+    bias : bool, default True
+    padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}, default 'zeros'
+    device : torch.device or str, optional
+    dtype : torch.dtype, optional
     rank : None, int or (int, int), keyword-only
         Per-group ranks ``(r_out, r_in)``; ``None`` is full rank (every kernel exactly
         representable), one int sets both. Values above what the shape allows are
