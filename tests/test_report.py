@@ -86,7 +86,7 @@ def test_strided_layer_with_indivisible_size_is_reported_with_a_note():
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    report = spectral_report(Net(), torch.randn(1, 3, 8, 8))
+    report = spectral_report(Net(), torch.randn(1, 3, 8, 8), keep_spectra=True)
     path = tmp_path / "spectra.png"
     report.plot(str(path))
     assert path.stat().st_size > 0
@@ -124,7 +124,7 @@ def test_state_dict_report_bounds_the_real_layers():
         real = float(torch.linalg.svdvals(operator_matrix(layer_operator(module), x_shape))[0])
         if module.padding_mode == "zeros":
             # Stride 1 and padding up to k-1 cover the real zero-padded layer at the same size.
-            at_size = state_dict_report({"w": (module.dense_weight() if isinstance(module, SVDConv) else module.weight)}, size)
+            at_size = state_dict_report({"w.weight": (module.dense_weight() if isinstance(module, SVDConv) else module.weight)}, size)
             assert at_size.layers[0].upper_bound >= real * (1 - 1e-12)
         assert rows[name]["fantastic_four"] >= 0
     assert len(state_dict_report({"bn.weight": torch.ones(3)})) == 0
@@ -132,7 +132,7 @@ def test_state_dict_report_bounds_the_real_layers():
 
 def test_svdconv_rows_carry_the_full_spectrum_with_zeros():
     layer = SVDConv(4, 6, 3, padding=1, rank=2)
-    row = spectral_report(nn.Sequential(layer), torch.randn(1, 4, 6, 6)).layers[0]
+    row = spectral_report(nn.Sequential(layer), torch.randn(1, 4, 6, 6), keep_spectra=True).layers[0]
     assert len(row.singular_values) == 4 * 36 and row.singular_values[-1] == 0.0
     assert torch.allclose(torch.tensor(row.singular_values), layer.singular_values(6).detach(), atol=1e-6)
 
@@ -141,4 +141,120 @@ def test_state_dict_report_skips_orthogonal_layers_with_a_message():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), SVDConv(4, 4, 3, core="orthogonal", max_singular_value=1.0))
     report = state_dict_report(net.state_dict())
     assert [row.name for row in report.layers] == ["0"]
-    assert "skipped orthogonal-core SVDConv layers" in report.message and ": 1" in report.message
+    assert [(s.key, s.reason.split(":")[0]) for s in report.skipped] == [("1.core", "orthogonal-core SVDConv")]
+    assert "orthogonal-core SVDConv" in str(report) and "1.core" in report.to_json()
+
+
+# ------------------------------------------------------------- memory, spectra, JSON, legend
+def test_full_spectra_are_kept_only_when_asked():
+    net = Net().double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    lean, full = spectral_report(net, x), spectral_report(net, x, keep_spectra=True)
+    assert all(row.singular_values is None for row in lean.layers)
+    for (name, module), a, b in zip(find_conv_layers(net), lean.layers, full.layers):
+        weight = module.dense_weight() if isinstance(module, SVDConv) else module.weight
+        oracle = circular_singular_values(weight.detach(), a.input_size, module.stride, module.dilation)
+        assert a.exact == pytest.approx(float(oracle[0]), rel=1e-9) and b.exact == pytest.approx(a.exact, rel=1e-12)
+        assert torch.allclose(torch.tensor(b.singular_values, dtype=torch.float64), oracle, atol=1e-9)
+    with pytest.raises(ValueError, match="keep_spectra=True"):
+        lean.plot("unused.png")
+
+
+def test_max_memory_reaches_every_streaming_function(monkeypatch):
+    import ttconv.bounds as bounds_module
+    import ttconv.spectra as spectra_module
+
+    seen = {}
+    for module, name in ((spectra_module, "conv_spectral_norm"), (bounds_module, "gram_iteration_bound"),
+                         (bounds_module, "operator_norm_bound")):
+        original = getattr(module, name)
+
+        def spy(*args, max_memory, _original=original, _name=name, **kwargs):
+            seen[_name] = max_memory
+            return _original(*args, max_memory=max_memory, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    spectral_report(nn.Sequential(nn.Conv2d(2, 2, 3)), torch.randn(1, 2, 6, 6), max_memory=123_456)
+    assert seen == {"conv_spectral_norm": 123_456, "gram_iteration_bound": 123_456, "operator_norm_bound": 123_456}
+
+
+def test_a_function_without_max_memory_is_gated_on_the_estimate(monkeypatch):
+    import ttconv.spectra as spectra_module
+
+    def materialising_norm(weight, input_size, **geometry):  # no max_memory keyword
+        raise AssertionError("must not run over budget")
+
+    monkeypatch.setattr(spectra_module, "conv_spectral_norm", materialising_norm)
+    row = state_dict_report({"c.weight": torch.randn(8, 8, 3, 3)}, (64, 64), max_memory=200_000).layers[0]
+    assert row.exact is None and "exact circ not computed: it needs about" in row.note
+    assert "max_memory" in row.note and row.memory_estimate > 200_000
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_upper_bound_falls_back_when_the_operator_norm_does_not_fit(monkeypatch, padding_mode):
+    import ttconv.bounds as bounds_module
+    from ttconv.spectra import MemoryLimitError
+
+    def too_big(*args, max_memory, **kwargs):
+        raise MemoryLimitError("one frequency's 1 x 3 x 3 matrices need 9.0 GB, more than max_memory=1.0 KB")
+
+    monkeypatch.setattr(bounds_module, "operator_norm_bound", too_big)
+    conv = nn.Conv2d(3, 3, 3, padding=2, padding_mode=padding_mode).double()
+    row = spectral_report(nn.Sequential(conv), torch.randn(1, 3, 6, 6, dtype=torch.float64)).layers[0]
+    assert "upper own (exact norm on the padded grid) not computed: one frequency's" in row.note
+    assert "falls back to size-independent bounds" in row.note
+    real = float(torch.linalg.svdvals(operator_matrix(layer_operator(conv), (3, 6, 6)))[0])
+    assert row.upper_bound >= real * (1 - 1e-12)
+
+
+def test_strict_json_for_non_finite_values():
+    report = spectral_report(nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3)))
+    report.layers[0].fantastic_four = float("inf")
+    report.layers[0].upper_bound = float("inf")
+    report.layers[1].gram = float("nan")
+
+    def reject(constant):
+        raise ValueError(constant)
+
+    payload = json.loads(report.to_json(), parse_constant=reject)
+    first, second = payload["layers"]
+    assert first["fantastic_four"] is None and first["upper_bound"] is None
+    assert "fantastic_four, upper_bound are +inf, written as null" in first["note"]
+    assert second["gram"] is None and "gram is NaN, written as null" in second["note"]
+    assert payload["lipschitz_upper_bound_sequential"] is None
+    assert "a per-layer bound is itself not finite" in payload["lipschitz_upper_bound_note"]
+    assert json.loads(report.to_json(allow_nan=True), parse_constant=reject)  # allow_nan cannot be turned on
+
+
+def test_zero_upper_bound_makes_the_product_zero_even_with_an_overflow():
+    report = spectral_report(nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3)))
+    report.layers[0].upper_bound, report.layers[1].upper_bound = 0.0, float("inf")
+    assert report.lipschitz_upper_bound == 0.0
+
+
+def test_columns_say_which_operator_they_describe():
+    report = spectral_report(Net(), torch.randn(1, 3, 8, 8))
+    table = str(report)
+    header = table.splitlines()[0]
+    for column in ("exact circ", "Gram circ", "power own", "upper own"):
+        assert column in header
+    assert "'circ' = circular convolution on the input size" in table
+    assert "'own' = the layer's own operator with its own padding" in table
+    assert "'upper own' may be below 'exact circ'" in table
+    columns = json.loads(report.to_json())["columns"]
+    assert "circular convolution" in columns["exact"] and "own padding" in columns["upper_bound"]
+
+
+def test_iteration_counts_and_memory_must_be_positive():
+    for kwargs in ({"gram_iters": 0}, {"power_iters": -1}, {"spatial_iters": 0}, {"max_memory": 0}):
+        with pytest.raises(ValueError, match="must be a positive"):
+            spectral_report(Net(), **kwargs)
+        with pytest.raises(ValueError, match="must be a positive"):
+            state_dict_report({"c.weight": torch.randn(2, 2, 3, 3)}, **kwargs)
+
+
+def test_state_dict_in_channels_is_checked_against_the_first_kernel():
+    sd = Net().state_dict()
+    assert len(state_dict_report(sd, (8, 8), in_channels=3)) == 3
+    with pytest.raises(ValueError, match=r"first kernel 'stem' \(shape 8x3x3x3\) takes 3 input channels"):
+        state_dict_report(sd, (8, 8), in_channels=8)

@@ -1,35 +1,67 @@
 """Per-layer spectral reports for whole models and checkpoints.
 
 :func:`spectral_report` runs one forward pass with hooks to learn each conv's input size,
-then computes, per ``nn.Conv2d`` / :class:`~ttconv.SVDConv`, the exact circular spectrum,
-the Fantastic Four minimum, the Gram-iteration bound, a power-iteration estimate and a
-certified bound of the layer's actual operator. :func:`state_dict_report` does what can be
-done from weights alone. Reports are returned, never printed: ``str(report)`` is an
-aligned table, and they convert to dicts, CSV and JSON.
+then computes, per ``nn.Conv2d`` / :class:`~ttconv.SVDConv`, the exact circular spectral
+norm, the Fantastic Four minimum, the Gram-iteration bound, a power-iteration estimate and
+a certified bound of the layer's actual operator. :func:`state_dict_report` does what can
+be done from weights alone, and finds the model's kernels in the checkpoint layouts seen
+in the wild (optimizer state, EMA copies, training-loop state and images are skipped and
+listed). Reports are returned, never printed: ``str(report)`` is an aligned table, and
+they convert to dicts, CSV and strict JSON.
+
+Memory: one layer's analysis stays within ``max_memory`` bytes. Exact norms, Gram and
+operator bounds stream over frequencies within it (:mod:`ttconv.spectra`); the other
+computations run only when an estimate of their peak memory fits; full spectra are kept
+only with ``keep_spectra=True`` (for :meth:`SpectralReport.plot`), within the same
+budget. Whatever does not fit is left out with a note in its row instead of failing.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import bounds
+from . import bounds, spectra
+from ._conv_args import dilated_extent
 from ._hooks import find_conv_layers, progress_callback, record_input_sizes
 from .layer import SVDConv
-from .spectra import conv_singular_values
+from .spectra import MemoryLimitError, format_bytes
 from .tt import orthonormal_core
 
-__all__ = ["LayerSpectrum", "SpectralReport", "spectral_report", "state_dict_report", "find_conv_layers"]
+__all__ = [
+    "LayerSpectrum",
+    "SkippedTensor",
+    "SpectralReport",
+    "UnsafeTensorError",
+    "spectral_report",
+    "state_dict_report",
+    "find_conv_layers",
+    "check_tensor_storage",
+    "DEFAULT_MAX_MEMORY",
+    "MAX_KERNEL_ELEMENTS",
+]
 
 ProgressFn = Callable[[int, int, str], None]
+
+#: Default working-memory budget of one layer's analysis, in bytes (1 GiB, as in :mod:`ttconv.spectra`).
+DEFAULT_MAX_MEMORY = spectra.DEFAULT_MAX_MEMORY
+#: A 4-D tensor with more elements than this is refused as a conv kernel (2**28: 1 GiB in
+#: float32, e.g. 8192 x 8192 x 2 x 2); real conv kernels are orders of magnitude smaller.
+MAX_KERNEL_ELEMENTS = 2**28
+
+
+class UnsafeTensorError(ValueError):
+    """A checkpoint tensor that would make the analysis allocate far more than the file holds."""
 
 
 @dataclass
@@ -39,16 +71,29 @@ class LayerSpectrum:
     Attributes
     ----------
     exact : float or None
-        Exact largest singular value of the circular convolution at ``input_size``.
+        Exact largest singular value of the *circular* convolution at ``input_size``
+        ('exact circ'). ``None`` without an input size, when the size does not fit the
+        kernel/stride, or when the computation would exceed ``max_memory`` (see ``note``).
     fantastic_four : float
         Fantastic Four minimum: upper bound for zero/circular padding, any size.
     gram : float or None
-        Gram-iteration upper bound on ``exact``.
+        Gram-iteration upper bound on ``exact`` (circular convolution, same size).
     power_estimate : float or None
-        Power iteration on the actual operator (own padding): a lower estimate.
+        Power iteration on the layer's own operator (own padding): a lower estimate.
     upper_bound : float
-        Certified bound of the actual operator at ``input_size`` (any padding mode), or,
-        without an input size, the best size-independent bound (zero/circular padding).
+        Certified bound of the layer's own operator at ``input_size`` (own padding and
+        mode; from a state dict: stride 1, zero padding up to ``k - 1``), or, without an
+        input size, the best size-independent bound (zero/circular padding). It can be
+        below ``exact``: zero padding is a different operator than circular padding.
+    seconds : float
+        Wall time of the row.
+    note : str
+        Why a value is missing, and other caveats.
+    memory_estimate : int or None
+        Estimated peak working memory, in bytes, of the largest computation of the row
+        when it materialises all frequencies (whether or not it ran, or streamed).
+    singular_values : list of float or None
+        The full circular spectrum (descending), only with ``keep_spectra=True``.
     """
 
     name: str
@@ -63,7 +108,25 @@ class LayerSpectrum:
     upper_bound: float
     seconds: float
     note: str = ""
+    memory_estimate: Optional[int] = None
     singular_values: Optional[List[float]] = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SkippedTensor:
+    """A 4-D tensor of a checkpoint that was not analysed, and why.
+
+    Attributes
+    ----------
+    key : str
+        Its dotted path in the checkpoint (nested keys and list indices joined by ``.``).
+    shape : tuple of int
+    reason : str
+    """
+
+    key: str
+    shape: Tuple[int, ...]
+    reason: str
 
 
 _COLUMNS = [  # (header, attribute, format)
@@ -74,10 +137,27 @@ _COLUMNS = [  # (header, attribute, format)
     ("input", "input_size", "{}"),
     ("exact circ", "exact", "{:.4f}"),
     ("FF min", "fantastic_four", "{:.4f}"),
-    ("Gram", "gram", "{:.4f}"),
-    ("power est", "power_estimate", "{:.4f}"),
-    ("upper bound", "upper_bound", "{:.4f}"),
+    ("Gram circ", "gram", "{:.4f}"),
+    ("power own", "power_estimate", "{:.4f}"),
+    ("upper own", "upper_bound", "{:.4f}"),
     ("ms", "seconds", "{:.1f}"),
+]
+
+#: Which operator each numeric column describes (also written into the JSON).
+COLUMN_OPERATORS = {
+    "exact": "exact largest singular value of the circular convolution on the input size (circular padding)",
+    "fantastic_four": "upper bound for zero or circular padding at any input size (Fantastic Four minimum)",
+    "gram": "upper bound on 'exact': the circular convolution on the input size (Gram iteration)",
+    "power_estimate": "lower estimate of the layer's own operator (its own padding) on the input size",
+    "upper_bound": "certified upper bound of the layer's own operator (its own padding) on the input size; "
+                   "without an input size, of zero/circular padding at any size",
+}
+
+_LEGEND = [
+    "columns: 'circ' = circular convolution on the input size; 'own' = the layer's own operator with its own "
+    "padding (from a state dict: stride 1, zero padding up to k-1);",
+    "  'FF min' bounds zero and circular padding at any size. 'upper own' may be below 'exact circ': zero padding "
+    "and circular padding are different operators.",
 ]
 
 
@@ -88,7 +168,13 @@ def _cell(value: Any, fmt: str, attribute: str) -> str:
         value = value * 1e3
     if isinstance(value, tuple):
         return "x".join(map(str, value))
+    if isinstance(value, float) and math.isfinite(value) and value != 0 and not 1e-4 <= abs(value) < 1e6:
+        return f"{value:.4e}"
     return fmt.format(value)
+
+
+def _non_finite_name(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
 
 
 class SpectralReport:
@@ -99,11 +185,15 @@ class SpectralReport:
     layers : list of LayerSpectrum
     message : str
         What the report covers (and why it is empty, when it is).
+    skipped : list of SkippedTensor
+        4-D tensors of a checkpoint that were not analysed, with the reason.
     """
 
-    def __init__(self, layers: Sequence[LayerSpectrum], message: str = "") -> None:
+    def __init__(self, layers: Sequence[LayerSpectrum], message: str = "",
+                 skipped: Optional[Sequence[SkippedTensor]] = None) -> None:
         self.layers = list(layers)
         self.message = message
+        self.skipped = list(skipped or [])
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -114,14 +204,18 @@ class SpectralReport:
 
         A Lipschitz upper bound for a plain sequential chain of these layers with
         1-Lipschitz activations in between; *not* for networks with residual branches,
-        concatenations or normalisation layers. ``None`` for an empty report.
+        concatenations or normalisation layers. ``None`` for an empty report; ``inf``
+        when the product overflows a float.
         """
         if not self.layers:
             return None
-        return math.prod(layer.upper_bound for layer in self.layers)
+        values = [layer.upper_bound for layer in self.layers]
+        if any(value == 0 for value in values):  # 0 even when another factor overflowed to inf
+            return 0.0
+        return math.prod(values)
 
     def to_dicts(self) -> List[Dict[str, Any]]:
-        """One dict per layer (spectra excluded)."""
+        """One dict per layer (spectra excluded; floats as computed, ``inf``/``nan`` included)."""
         rows = []
         for layer in self.layers:
             row = asdict(layer)
@@ -130,11 +224,44 @@ class SpectralReport:
         return rows
 
     def to_json(self, **kwargs: Any) -> str:
-        payload = {
+        """Strict JSON (RFC 8259): no ``NaN``/``Infinity`` tokens.
+
+        A non-finite value (a bound that overflowed a float) is written as ``null`` and the
+        row's ``note`` says which value it was and why; an overflowing product of bounds is
+        ``null`` with ``lipschitz_upper_bound_note`` giving its log10. Keyword arguments go
+        to :func:`json.dumps` (``allow_nan`` is always False).
+        """
+        rows = self.to_dicts()
+        for row in rows:
+            by_kind: Dict[str, List[str]] = {}
+            for key, value in list(row.items()):
+                if isinstance(value, float) and not math.isfinite(value):
+                    row[key] = None
+                    by_kind.setdefault(_non_finite_name(value), []).append(key)
+            for kind, keys in by_kind.items():
+                why = ("undefined in floating point" if kind == "NaN"
+                       else "the value overflows a float (the kernel's entries are huge)")
+                extra = f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} {kind}, written as null: {why}"
+                row["note"] = f"{row['note']}; {extra}" if row["note"] else extra
+        product = self.lipschitz_upper_bound
+        payload: Dict[str, Any] = {
             "message": self.message,
-            "layers": self.to_dicts(),
-            "lipschitz_upper_bound_sequential": self.lipschitz_upper_bound,
+            "columns": COLUMN_OPERATORS,
+            "layers": rows,
+            "skipped": [{"key": s.key, "shape": list(s.shape), "reason": s.reason} for s in self.skipped],
+            "lipschitz_upper_bound_sequential": product,
         }
+        if product is not None and not math.isfinite(product):
+            payload["lipschitz_upper_bound_sequential"] = None
+            values = [layer.upper_bound for layer in self.layers]
+            total = (math.fsum(math.log10(v) for v in values)
+                     if all(math.isfinite(v) and v > 0 for v in values) else None)
+            payload["lipschitz_upper_bound_note"] = (
+                f"the product is {_non_finite_name(product)}, written as null"
+                + (f": it overflows a float (log10 of the product = {total:.2f})" if total is not None
+                   else ": a per-layer bound is itself not finite")
+            )
+        kwargs["allow_nan"] = False
         return json.dumps(payload, **kwargs)
 
     def to_csv(self) -> str:
@@ -146,15 +273,26 @@ class SpectralReport:
             writer.writerow({k: ("x".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in row.items()})
         return buffer.getvalue()
 
+    def _skipped_lines(self) -> List[str]:
+        if not self.skipped:
+            return []
+        by_reason: Dict[str, List[str]] = {}
+        for item in self.skipped:
+            by_reason.setdefault(item.reason, []).append(item.key)
+        lines = [f"skipped {len(self.skipped)} 4-D tensor(s), not analysed:"]
+        lines += [f"  {reason} ({len(keys)}): {', '.join(keys)}" for reason, keys in by_reason.items()]
+        return lines
+
     def table(self) -> str:
-        """The report as an aligned text table."""
+        """The report as an aligned text table, with a legend, notes and skipped tensors."""
         if not self.layers:
-            return f"SpectralReport: empty. {self.message}".rstrip()
+            return "\n".join([f"SpectralReport: empty. {self.message}".rstrip(), *self._skipped_lines()])
         rows = [[h for h, _, _ in _COLUMNS]]
         rows += [[_cell(getattr(layer, a), f, a) for _, a, f in _COLUMNS] for layer in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += ["", *_LEGEND]
         notes = [f"  {layer.name}: {layer.note}" for layer in self.layers if layer.note]
         if notes:
             lines += ["", "notes:", *notes]
@@ -162,6 +300,9 @@ class SpectralReport:
                       f"{self.lipschitz_upper_bound:.4g}"]
         if self.message:
             lines.append(self.message)
+        skipped = self._skipped_lines()
+        if skipped:
+            lines += ["", *skipped]
         return "\n".join(lines)
 
     __str__ = table
@@ -169,8 +310,12 @@ class SpectralReport:
     def __repr__(self) -> str:
         return self.table()
 
-    def plot(self, path: str) -> None:
-        """Save each layer's singular-value spectrum (descending) to ``path`` (needs matplotlib)."""
+    def plot(self, path: str, *, max_points: int = 2000) -> None:
+        """Save each layer's singular-value spectrum (descending) to ``path`` (needs matplotlib).
+
+        Needs a report built with ``keep_spectra=True`` and an input size. At most
+        ``max_points`` evenly spaced values (first and last included) are drawn per layer.
+        """
         try:
             import matplotlib
 
@@ -180,11 +325,14 @@ class SpectralReport:
             raise ImportError("plotting needs matplotlib: pip install 'ttconv[plot]'") from None
         with_spectra = [layer for layer in self.layers if layer.singular_values]
         if not with_spectra:
-            raise ValueError("no layer has a spectrum to plot: build the report with an input size")
+            raise ValueError("no layer has a spectrum to plot: build the report with an input size and "
+                             "keep_spectra=True")
         figure, axes = plt.subplots(figsize=(7, 4))
         for layer in with_spectra:
             values = layer.singular_values
-            axes.plot([i / max(1, len(values) - 1) for i in range(len(values))], values, label=layer.name)
+            count = len(values)
+            picks = sorted({round(i * (count - 1) / max(1, max_points - 1)) for i in range(min(count, max_points))})
+            axes.plot([i / max(1, count - 1) for i in picks], [values[i] for i in picks], label=layer.name)
         axes.set_xlabel("rank (fraction of all singular values)")
         axes.set_ylabel("singular value (circular padding)")
         axes.legend(fontsize="small")
@@ -199,6 +347,93 @@ def _dense_shape(target: Any) -> Tuple[int, ...]:
     return tuple((target.weight if isinstance(target, nn.Conv2d) else target).shape)
 
 
+# ------------------------------------------------------------------ memory budget
+def _accepts_max_memory(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes a ``max_memory`` keyword, i.e. bounds its own working memory.
+
+    ``conv_singular_values``, ``conv_spectral_norm``, ``gram_iteration_bound``,
+    ``zero_padding_bound`` and ``operator_norm_bound`` stream over frequencies (or rows)
+    within ``max_memory`` and raise :class:`~ttconv.spectra.MemoryLimitError` when even one
+    batch does not fit. Functions without the keyword (``fantastic_four_bound``,
+    ``power_iteration_estimate``, ``SVDConv.singular_values``) are run only when the
+    report's own estimate of their peak memory fits. Checked at call time.
+    """
+    try:
+        return "max_memory" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def _itemsize(kernel: Tensor) -> int:
+    return 8 if kernel.dtype == torch.float64 else 4
+
+
+def _transfer_bytes(shape: Tuple[int, ...], stride: Tuple[int, int], n: Tuple[int, int], itemsize: int) -> int:
+    """Bytes of the complex transfer tensor (every frequency matrix) of the polyphase kernel."""
+    c_out, c_in_per_group = shape[0], shape[1]
+    m1, m2 = -(-n[0] // stride[0]), -(-n[1] // stride[1])
+    return c_out * c_in_per_group * stride[0] * stride[1] * m1 * (m2 // 2 + 1) * 2 * itemsize
+
+
+# Peak working memory of each computation in units of its transfer tensor (or kernel, or
+# activations), measured on CPU with torch 2.13 (float32, 32-512 channels, n = 64-128)
+# when every frequency is materialised at once, rounded up. Streaming functions need
+# min(this, max_memory); the others are gated on it.
+_EXACT_FACTOR = 2.5   # all frequencies: transfer tensor, a contiguous copy, SVD workspace
+_GRAM_FACTOR = 4.5    # Gram iteration: the extra Gram products
+_FF_FACTOR = 10       # fantastic_four_bound: four reshaped copies and their SVDs
+_SPATIAL_FACTOR = 4   # zero_padding_bound: the final Gram kernel
+_POWER_FACTOR = 4     # power iteration (float64): input, output and their gradients
+_LIST_BYTES = 32      # a Python float in a list (kept spectra)
+
+
+def _spectrum_length(shape: Tuple[int, ...], stride: Tuple[int, int], groups: int, n: Tuple[int, int]) -> int:
+    c_out, c_in_per_group = shape[0], shape[1]
+    per_group = min(c_out // groups, c_in_per_group * stride[0] * stride[1])
+    return groups * (n[0] // stride[0]) * (n[1] // stride[1]) * per_group
+
+
+class _TooBig(Exception):
+    """A layer whose cheapest analysis exceeds the memory budget (the caller lists it as skipped)."""
+
+
+class _Budget:
+    """Runs one layer's computations within ``max_memory``; collects notes and the peak estimate."""
+
+    def __init__(self, max_memory: Optional[int], already_used: int = 0) -> None:
+        self.max_memory = max_memory
+        self.limit = None if max_memory is None else max(1, max_memory - already_used)
+        self.notes: List[str] = []
+        self.peak = 0
+
+    def _refuse(self, label: str, why: str) -> None:
+        used = "" if self.limit == self.max_memory else \
+            f" ({format_bytes(self.max_memory - self.limit)} of it hold the spectra kept for the plot)"
+        self.notes.append(f"{label} not computed: {why}, over max_memory {format_bytes(self.max_memory)}{used}; "
+                          "raise max_memory (--max-memory) or use a smaller input size")
+
+    def run(self, label: str, estimate: float, fn: Callable[..., Tensor], *args: Any, gate: bool = False,
+            **kwargs: Any) -> Optional[Tensor]:
+        """``fn(*args, **kwargs)``, or None with a note when it does not fit.
+
+        ``max_memory`` is passed to functions that accept it (they stream, or raise
+        ``MemoryLimitError``); the others, and every call with ``gate=True`` (a result
+        that cannot stream, e.g. a spectrum kept as a list), run only if ``estimate`` fits.
+        """
+        streams = self.limit is not None and _accepts_max_memory(fn)
+        self.peak = max(self.peak, int(min(estimate, self.limit) if streams and not gate else estimate))
+        if self.limit is not None and (gate or not streams) and estimate > self.limit:
+            self._refuse(label, f"it needs about {format_bytes(estimate)}")
+            return None
+        if streams:
+            try:
+                return fn(*args, max_memory=self.limit, **kwargs)
+            except MemoryLimitError as error:
+                self._refuse(label, str(error).split(", more than")[0].split("; ")[0])
+                return None
+        return fn(*args, **kwargs)
+
+
 @torch.no_grad()
 def _analyse(
     name: str,
@@ -211,38 +446,102 @@ def _analyse(
     power_iters: int,
     spatial_iters: int,
     note: str = "",
+    keep_spectra: bool = False,
+    max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
+    kept_bytes: int = 0,
 ) -> LayerSpectrum:
     start = time.perf_counter()
     spec = target if isinstance(target, bounds.ConvSpec) else bounds.conv_spec(target)
-    ff = float(bounds.fantastic_four_bound(spec.kernel, stride=spec.stride, dilation=spec.dilation, groups=spec.groups))
+    kernel = spec.kernel
+    itemsize = _itemsize(kernel)
+    budget = _Budget(max_memory, kept_bytes)
+    notes = [note] if note else []
+    geometry = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+    ff_estimate = _FF_FACTOR * kernel.numel() * itemsize
+    ff_value = budget.run("FF min", ff_estimate, bounds.fantastic_four_bound, kernel, **geometry)
+    if ff_value is None:
+        raise _TooBig(f"not analysed: even the size-independent bounds need about {format_bytes(ff_estimate)}, "
+                      f"over max_memory {format_bytes(max_memory or 0)}")
+    ff = float(ff_value)
     exact = gram = power = None
     spectrum = None
+
+    def spatial_bound() -> Optional[float]:
+        o = min(kernel.shape[0] // spec.groups, kernel.shape[1])
+        support = [2**spatial_iters * (e - 1) + 1 for e in dilated_extent(tuple(kernel.shape[2:]), spec.dilation)]
+        estimate = _SPATIAL_FACTOR * spec.groups * o * o * support[0] * support[1] * itemsize
+        value = budget.run("spatial Gram bound", estimate, bounds.zero_padding_bound, kernel,
+                           dilation=spec.dilation, groups=spec.groups, n_iter=spatial_iters)
+        return None if value is None else float(value)
+
     if input_size is None:
-        spatial = float(bounds.zero_padding_bound(spec.kernel, dilation=spec.dilation, groups=spec.groups,
-                                                  n_iter=spatial_iters))
-        upper = min(ff, spatial)
-        note = note or "no input size: size-independent bounds for zero/circular padding only"
+        spatial = spatial_bound()
+        upper = ff if spatial is None else min(ff, spatial)  # the report's message says 'no input size'
     else:
-        kwargs = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+        transfer = _transfer_bytes(tuple(kernel.shape), spec.stride, input_size, itemsize)
         try:
-            if isinstance(target, SVDConv):  # its full spectrum, zeros of the low rank included
-                values = target.singular_values(input_size)
-            else:
-                values = conv_singular_values(spec.kernel, input_size, **kwargs)
-            spectrum = values.tolist()
-            exact = float(values[0])
-            gram = float(bounds.gram_iteration_bound(spec.kernel, input_size, n_iter=gram_iters, **kwargs))
+            spectra.check_spectral_input_size(input_size, tuple(kernel.shape[2:]), spec.stride, spec.dilation)
+            if keep_spectra:
+                count = _spectrum_length(shape, spec.stride, spec.groups, input_size)
+                estimate = count * (3 * itemsize + 8 + _LIST_BYTES)  # values, sort, Python list
+                label = "full spectrum (kept for the plot)"
+                if isinstance(target, SVDConv):  # its full spectrum, zeros of the low rank included
+                    values = budget.run(label, estimate, target.singular_values, input_size, gate=True)
+                else:
+                    values = budget.run(label, estimate, spectra.conv_singular_values, kernel, input_size,
+                                        gate=True, **geometry)
+                if values is not None:
+                    spectrum = values.tolist()
+                    exact = spectrum[0]
+                    del values
+            if exact is None:
+                value = budget.run("exact circ", _EXACT_FACTOR * transfer, spectra.conv_spectral_norm,
+                                   kernel, input_size, **geometry)
+                exact = None if value is None else float(value)
+            value = budget.run("Gram circ", _GRAM_FACTOR * transfer, bounds.gram_iteration_bound, kernel,
+                               input_size, n_iter=gram_iters, **geometry)
+            gram = None if value is None else float(value)
         except ValueError as error:  # size not divisible by stride, or smaller than the kernel
-            note = f"{note}; " if note else ""
-            note += f"no circular spectrum: {error}"
-        geometry = dict(kwargs, padding=spec.padding, padding_mode=spec.padding_mode)
-        upper = float(bounds.operator_norm_bound(spec.kernel, input_size, **geometry))
-        power = float(bounds.power_iteration_estimate(spec.kernel, input_size, n_iter=power_iters, **geometry))
+            notes.append(f"no circular spectrum: {error}")
+        left, right, top, bottom = spec.reversed_padding
+        grid = (input_size[0] + top + bottom, input_size[1] + left + right)
+        padded = tuple(s * -(-g // s) for g, s in zip(grid, spec.stride))
+        own = dict(geometry, padding=spec.padding, padding_mode=spec.padding_mode)
+        value = budget.run("upper own (exact norm on the padded grid)",
+                           _EXACT_FACTOR * _transfer_bytes(tuple(kernel.shape), spec.stride, padded, itemsize),
+                           bounds.operator_norm_bound, kernel, input_size, **own)
+        if value is not None:
+            upper = float(value)
+        else:  # size-independent bounds of the full convolution, times the padding's factor
+            spatial = spatial_bound() if spec.padding_mode == "zeros" else None
+            upper = (ff if spatial is None else min(ff, spatial)) * bounds.padding_factor(spec, input_size)
+            notes.append("upper own falls back to size-independent bounds")
+        c_in = kernel.shape[1] * spec.groups
+        activations = _POWER_FACTOR * (c_in + kernel.shape[0]) * grid[0] * grid[1] * 8
+        value = budget.run("power own", activations, bounds.power_iteration_estimate, kernel, input_size,
+                           n_iter=power_iters, **own)
+        power = None if value is None else float(value)
+    notes += budget.notes
     return LayerSpectrum(
         name=name, kind=kind, shape=shape, stride=spec.stride, input_size=input_size, exact=exact,
         fantastic_four=ff, gram=gram, power_estimate=power, upper_bound=upper,
-        seconds=time.perf_counter() - start, note=note, singular_values=spectrum,
+        seconds=time.perf_counter() - start, note="; ".join(notes), memory_estimate=budget.peak,
+        singular_values=spectrum,
     )
+
+
+def _check_max_memory(max_memory: Optional[int]) -> Optional[int]:
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+        raise ValueError(f"max_memory must be a positive number of bytes or None (no limit), got {max_memory!r}")
+    return max_memory
+
+
+def _check_iters(**iters: int) -> None:
+    for name, value in iters.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def spectral_report(
@@ -252,6 +551,8 @@ def spectral_report(
     gram_iters: int = 6,
     power_iters: int = 20,
     spatial_iters: int = 2,
+    keep_spectra: bool = False,
+    max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
     progress: Union[None, bool, ProgressFn] = None,
 ) -> SpectralReport:
     """Spectral norms and bounds of every conv layer of ``model``.
@@ -266,7 +567,17 @@ def spectral_report(
         size. Without it only size-independent bounds are computed.
     gram_iters, power_iters, spatial_iters : int
         Iterations of the frequency Gram bound, the power estimate and (without an input
-        size) the spatial Gram bound.
+        size) the spatial Gram bound; positive.
+    keep_spectra : bool
+        Keep every layer's full circular spectrum in ``LayerSpectrum.singular_values``
+        (needed by :meth:`SpectralReport.plot`). Off by default: the norm alone needs far
+        less memory than all ``n1 * n2 * min(c_out, c_in)`` singular values.
+    max_memory : int or None
+        Working-memory budget of one layer's analysis in bytes (default 1 GiB; kept spectra
+        count against it); ``None`` for no limit. Norms and bounds stream over frequencies
+        within it; a computation that still does not fit is left out and the row's note
+        says so (its value ``None``; 'upper own' then from size-independent bounds; a
+        layer whose Fantastic Four bound does not fit goes to ``report.skipped``).
     progress : bool or callable(done, total, name), optional
         ``True`` prints a line per layer on stderr; a callable is called after each layer.
 
@@ -282,12 +593,16 @@ def spectral_report(
     >>> [row["input_size"] for row in report.to_dicts()]
     [(16, 16), (16, 16)]
     """
+    _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
+    max_memory = _check_max_memory(max_memory)
     progress = progress_callback(progress)
     layers = find_conv_layers(model)
     if not layers:
         return SpectralReport([], f"no nn.Conv2d or SVDConv layers found in {type(model).__name__}")
     sizes = record_input_sizes(model, layers, example_input) if example_input is not None else {}
-    rows = []
+    rows: List[LayerSpectrum] = []
+    skipped: List[SkippedTensor] = []
+    kept = 0
     for index, (name, module) in enumerate(layers):
         seen = sizes.get(name, [])
         note = ""
@@ -295,80 +610,393 @@ def spectral_report(
             note = "not called by the example forward pass"
         elif len(seen) > 1:
             note = f"called with several input sizes {seen}; reported for the first"
-        rows.append(_analyse(name, type(module).__name__, _dense_shape(module), module, seen[0] if seen else None,
-                             gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters, note=note))
+        try:
+            row = _analyse(name, type(module).__name__, _dense_shape(module), module, seen[0] if seen else None,
+                           gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters, note=note,
+                           keep_spectra=keep_spectra, max_memory=max_memory, kept_bytes=kept)
+        except _TooBig as reason:
+            skipped.append(SkippedTensor(name, _dense_shape(module), str(reason)))
+        else:
+            kept += _LIST_BYTES * len(row.singular_values or ())
+            rows.append(row)
         if progress is not None:
             progress(index + 1, len(layers), name)
     message = "" if example_input is not None else "size-independent bounds only (no example input)"
-    return SpectralReport(rows, message)
+    return SpectralReport(rows, message, skipped)
 
 
-def _flatten_tensors(state: Mapping[str, Any], prefix: str = "") -> Dict[str, Tensor]:
-    out: Dict[str, Tensor] = {}
-    for key, value in state.items():
-        if isinstance(value, Tensor):
-            out[prefix + str(key)] = value
-        elif isinstance(value, Mapping):
-            out.update(_flatten_tensors(value, f"{prefix}{key}."))
-    return out
+# ------------------------------------------------------------- checkpoint discovery
+# A path component (split on '.') is optimizer state when one of its '_'-words matches.
+_OPTIMIZER_WORD = re.compile(r"^(optim|optimi[sz]ers?|opt|schedulers?)\d*$")
+_OPTIMIZER_NAMES = {"opt_state", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer",
+                    "square_avg", "acc_delta", "exp_inf"}
+_EMA_NAMES = {"shadow", "shadow_params", "averaged_model", "swa_model", "model_avg", "avg_model"}
+_LOOP_NAMES = {"callbacks", "loops"}
+# Mapping keys that only wrap the model's state dict; dropped from the layer names.
+_WRAPPER_KEYS = {"state_dict", "model", "model_state_dict", "model_state", "module", "net", "network",
+                 "params", "weights", "ema", "model_ema", "ema_model", "ema_state_dict", "state_dict_ema"}
+
+
+def _region(path: Tuple[str, ...]) -> str:
+    """'optimizer', 'ema', 'loop' or 'model': which part of a training checkpoint a tensor is in."""
+    parts = [p.lower() for element in path for p in element.split(".")]
+    if any(p in _OPTIMIZER_NAMES or any(_OPTIMIZER_WORD.match(w) for w in p.split("_")) for p in parts):
+        return "optimizer"
+    if any("ema" in p.split("_") or p in _EMA_NAMES for p in parts):
+        return "ema"
+    if any(p in _LOOP_NAMES for p in parts):
+        return "loop"
+    return "model"
+
+
+_REGION_REASONS = {
+    "optimizer": "optimizer state (moments, momentum buffers, schedulers), not weights",
+    "loop": "training-loop state (callbacks/loops), not the model's weights",
+    "ema": "EMA / averaged copy of the model; the model's own weights are analysed",
+}
+
+
+def _walk(obj: Any, path: Tuple[str, ...] = (), parents: Tuple[int, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], Tensor]]:
+    """Every tensor in nested mappings/lists/tuples, with its path of keys and indices (cycles cut)."""
+    if isinstance(obj, Tensor):
+        yield path, obj
+        return
+    if id(obj) in parents:
+        return
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _walk(value, path + (str(key),), parents + (id(obj),))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _walk(value, path + (str(index),), parents + (id(obj),))
+
+
+def _shape_text(t: Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def check_tensor_storage(checkpoint: Any) -> None:
+    """Refuse tensors whose logical size is far larger than the data the file stores.
+
+    ``torch.save`` keeps an expanded (stride-0) tensor as one element plus strides: a 1.6 kB
+    file can hold a "4096 x 4096 x 3 x 3" tensor that becomes 600 MB (or far more) the moment
+    it is copied. Checks metadata only (no tensor data is read or allocated).
+
+    Raises
+    ------
+    UnsafeTensorError
+        Naming the first offending key: a non-strided (sparse, ...) tensor with more than
+        :data:`MAX_KERNEL_ELEMENTS` elements, or a tensor whose storage is smaller than its
+        number of elements (overlapping strides).
+    """
+    for path, tensor in _walk(checkpoint):
+        key = ".".join(path) or "<top level>"
+        if tensor.layout != torch.strided:
+            if tensor.numel() > MAX_KERNEL_ELEMENTS:
+                raise UnsafeTensorError(f"tensor {key!r} is a {tensor.layout} tensor of logical size "
+                                        f"{_shape_text(tensor)}: refused (densifying it could exhaust memory)")
+            continue
+        logical = tensor.numel() * tensor.element_size()
+        try:
+            stored = tensor.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensor subclasses
+            continue
+        if logical > stored:
+            raise UnsafeTensorError(
+                f"tensor {key!r} claims shape {_shape_text(tensor)} ({format_bytes(logical)}) but stores only "
+                f"{format_bytes(stored)} (an expanded, stride-0 tensor): refused, as analysing it would allocate "
+                "the full size; a checkpoint of real weights never needs this (re-save it with .clone() if you "
+                "trust it)"
+            )
+
+
+def _tensor_problem(tensor: Tensor, key: str) -> Optional[str]:
+    """Why a would-be kernel cannot be analysed (a skip reason), or None; raises when implausibly large."""
+    if tensor.layout != torch.strided:
+        return f"not a dense tensor ({tensor.layout})"
+    if not tensor.is_floating_point():
+        return f"dtype {tensor.dtype} is not floating point"
+    if tensor.numel() == 0:
+        return "empty (a dimension is 0)"
+    if tensor.numel() > MAX_KERNEL_ELEMENTS:
+        raise UnsafeTensorError(
+            f"tensor {key!r} of shape {_shape_text(tensor)} has {tensor.numel():,} elements, more than "
+            f"{MAX_KERNEL_ELEMENTS:,} (2**28): implausible for a conv kernel, refused"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        return "contains NaN or Inf values (diverged training?)"
+    return None
+
+
+def _spectral_normalised(weight: Tensor, u: Tensor, v: Tensor) -> Optional[Tensor]:
+    """``weight / sigma`` as ``torch.nn.utils.spectral_norm`` computes it in eval mode."""
+    w = weight.detach().to(torch.float64)
+    if u.numel() == w.shape[0] and v.numel() * w.shape[0] == w.numel():
+        matrix = w.reshape(w.shape[0], -1)
+    elif u.numel() == w.shape[1] and v.numel() * w.shape[1] == w.numel():  # ConvTranspose: dim=1
+        matrix = w.transpose(0, 1).reshape(w.shape[1], -1)
+    else:
+        return None
+    sigma = torch.dot(u.detach().to(torch.float64).flatten(), matrix @ v.detach().to(torch.float64).flatten())
+    if not bool(torch.isfinite(sigma)) or float(sigma) == 0.0:
+        return None
+    return (w / sigma).to(weight.dtype)
+
+
+def _weight_normalised(g: Tensor, v: Tensor) -> Optional[Tensor]:
+    """``g * v / ||v||`` (norm over all dims but 0), as ``torch.nn.utils.weight_norm`` with ``dim=0``."""
+    if g.numel() != v.shape[0]:
+        return None
+    w = v.detach().to(torch.float64)
+    norm = w.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    return (g.detach().to(torch.float64).reshape(-1, 1, 1, 1) * w / norm).to(v.dtype)
+
+
+_UNREBUILDABLE = ("a reparametrized weight (spectral_norm/weight_norm) whose effective kernel cannot be rebuilt: "
+                  "its u, v or g tensors are missing or do not match")
+_Target = Tuple[str, str, Tuple[int, ...], Tensor, str]  # name, kind, shape, kernel, note
+
+
+def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[str, ...], _Target]], List[SkippedTensor]]:
+    """Kernels (by path) and skipped 4-D tensors among tensors of one region."""
+    flat = {".".join(path): (path, t) for path, t in tensors.items()}
+    used: set = set()
+    targets: List[Tuple[Tuple[str, ...], _Target]] = []
+    skipped: List[SkippedTensor] = []
+
+    def get(key: str) -> Optional[Tensor]:
+        entry = flat.get(key)
+        return entry[1] if entry is not None else None
+
+    def add(key: str, kind: str, kernel: Tensor, parts: Sequence[str], note: str = "", name_key: Optional[str] = None) -> None:
+        path = flat[key][0]
+        problem = _tensor_problem(kernel, key)
+        used.update(parts)
+        if problem is not None:
+            skipped.append(SkippedTensor(key, tuple(kernel.shape), problem))
+            return
+        name_path = flat[name_key][0] if name_key else path
+        targets.append((name_path, (key, kind, tuple(kernel.shape), kernel.detach(), note)))
+
+    # weight_norm magnitudes (4-D, e.g. (c_out, 1, 1, 1)) come before their direction: reserve them.
+    reserved = {k[: -len("weight_v")] + "weight_g" for k in flat if k.rsplit(".", 1)[-1] == "weight_v"}
+    reserved |= {k[:-1] + "0" for k in flat if k.endswith("parametrizations.weight.original1")}
+    for key, (path, tensor) in flat.items():
+        if key in used or key in reserved:
+            continue
+        last = key.rsplit(".", 1)[-1]
+        prefix = key[: len(key) - len(last)]
+        if last == "core" and all(get(prefix + n) is not None for n in ("U", "S", "V")):
+            U, S, core, V = (get(prefix + n) for n in ("U", "S", "core", "V"))
+            parts = [prefix + n for n in ("U", "S", "core", "V")]
+            if core.dim() != 4 or any(_tensor_problem(f, part) for f, part in zip((U, S, core, V), parts)):
+                used.update(parts)
+                skipped.append(SkippedTensor(key, tuple(core.shape), "SVDConv factors that are not analysable "
+                                                                   "(not floating point, empty or not finite)"))
+                continue
+            if core.shape[0] != S.numel():
+                used.update(parts)
+                skipped.append(SkippedTensor(
+                    key, tuple(core.shape), "orthogonal-core SVDConv: its kernel size and S bound are not in the "
+                    "state dict; load the whole model instead"))
+                continue
+            groups = S.numel() // U.shape[1]
+            # Stacked groups analysed as one ungrouped conv: an upper bound on their max.
+            kernel = orthonormal_core(*(f.detach().to(torch.float64) for f in (U, S, core, V)), groups)
+            shape = (U.shape[0], V.shape[0] // groups, *core.shape[2:])
+            used.update(parts)
+            targets.append((path, (key, "SVDConv", shape, kernel, "")))
+            continue
+        if last == "weight_orig" and tensor.dim() == 4:
+            u, v = get(prefix + "weight_u"), get(prefix + "weight_v")
+            weight = None if u is None or v is None else _spectral_normalised(tensor, u, v)
+            if weight is not None:
+                add(key, "Conv2d", weight, [key, prefix + "weight_u", prefix + "weight_v"],
+                    "spectral_norm: weight_orig / sigma from the stored u, v (the eval-mode kernel)",
+                    name_key=key)
+                continue
+        if key.endswith("parametrizations.weight.original") and tensor.dim() == 4:
+            base = key[: -len("original")]
+            u, v = get(base + "0._u"), get(base + "0._v")
+            weight = None if u is None or v is None else _spectral_normalised(tensor, u, v)
+            if weight is not None:
+                add(key, "Conv2d", weight, [key, base + "0._u", base + "0._v"],
+                    "spectral_norm parametrization: original / sigma from the stored _u, _v (the eval-mode kernel)")
+                continue
+        weight_norm_parts = None
+        if last == "weight_v" and tensor.dim() == 4 and get(prefix + "weight_g") is not None:
+            weight_norm_parts = (prefix + "weight_g", key)
+        elif key.endswith("parametrizations.weight.original1") and tensor.dim() == 4 \
+                and get(key[:-1] + "0") is not None:
+            weight_norm_parts = (key[:-1] + "0", key)
+        if weight_norm_parts is not None:
+            magnitude = get(weight_norm_parts[0])
+            weight = _weight_normalised(magnitude, tensor)
+            if weight is not None:
+                add(key, "Conv2d", weight, list(weight_norm_parts), "weight_norm: g * v / ||v|| (the effective kernel)")
+                continue
+            if magnitude.dim() == 4:
+                skipped.append(SkippedTensor(weight_norm_parts[0], tuple(magnitude.shape), _UNREBUILDABLE))
+        if tensor.dim() not in (3, 4, 5) or (tensor.dim() != 4 and not last.endswith("weight")):
+            continue
+        if tensor.dim() != 4:
+            skipped.append(SkippedTensor(key, tuple(tensor.shape), f"{tensor.dim()}-D weight (Conv{tensor.dim() - 2}d?): "
+                                                                  "only 2-D convolutions are analysed"))
+        elif last in ("weight_orig", "weight_v", "original", "original1"):
+            skipped.append(SkippedTensor(key, tuple(tensor.shape), _UNREBUILDABLE))
+        elif not last.endswith("weight"):
+            skipped.append(SkippedTensor(key, tuple(tensor.shape), "4-D but not a '...weight' key (not a conv kernel "
+                                                                  "by name: an image, buffer or statistic?)"))
+        else:
+            add(key, "Conv2d", tensor, [key])
+    return targets, skipped
+
+
+def _layer_names(paths: List[Tuple[str, ...]], keys: List[str]) -> List[str]:
+    """Display names: wrapper mapping keys dropped from the front, '.weight'-like tails removed."""
+    names = []
+    for path in paths:
+        path = list(path)
+        while len(path) > 1 and path[0].lower() in _WRAPPER_KEYS:
+            path.pop(0)
+        name = ".".join(path)
+        for tail in (".parametrizations.weight.original1", ".parametrizations.weight.original", ".weight_orig",
+                     ".weight_v", ".core", ".weight"):
+            if name.endswith(tail):
+                name = name[: -len(tail)]
+                break
+        else:
+            if name in ("weight", "weight_orig", "core"):
+                name = "<top level>"
+        names.append(name)
+    # Two containers can yield the same stripped name: fall back to the full keys.
+    counts: Dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [key if counts[name] > 1 else name for name, key in zip(names, keys)]
 
 
 def state_dict_report(
     state_dict: Mapping[str, Any],
     input_size: Optional[Tuple[int, int]] = None,
     *,
+    in_channels: Optional[int] = None,
     gram_iters: int = 6,
     power_iters: int = 20,
     spatial_iters: int = 2,
+    keep_spectra: bool = False,
+    max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
     progress: Union[None, bool, ProgressFn] = None,
 ) -> SpectralReport:
-    """Report on the conv kernels of a state dict (nested dicts are searched too).
+    """Report on the conv kernels of a state dict or a training checkpoint.
 
-    Every 4-D floating-point tensor is a dense kernel; ``P.U, P.S, P.core, P.V`` groups are
-    ``SVDConv`` layers (analysed on their core). A state dict stores neither strides,
-    dilations, groups nor paddings, so every kernel is analysed as a stride-1, undilated,
-    ungrouped, zero-padded conv: the size-independent bounds are then valid for any stride
-    and padding of zeros (for a grouped kernel they bound the max over groups), and with
-    ``input_size`` the exact values are those of a stride-1 circular conv on that size.
+    Finding the kernels
+        The checkpoint is searched through nested mappings and lists. Tensors under
+        optimizer state (a key containing ``optim`` or ``scheduler``: ``optimizer``,
+        ``optimizer_state_dict``, Lightning's ``optimizer_states``/``lr_schedulers``, Adam
+        moments ``exp_avg``...), under EMA copies (a key with an ``ema`` word:
+        ``ema``, ``model_ema``, ``ema_state_dict``, ``state_dict_ema``, ``shadow_params``...)
+        and under ``callbacks``/``loops`` are not analysed; an EMA copy is analysed only
+        when the checkpoint holds no other weights. In the model's weights, a kernel is a
+        4-D floating tensor whose key ends in ``weight`` (``conv1.weight``); ``spectral_norm``
+        (``weight_orig`` + ``weight_u``/``weight_v``, or ``parametrizations.weight.original``)
+        and ``weight_norm`` (``weight_g``/``weight_v``, ``original0``/``original1``) kernels
+        are rebuilt as the layer uses them in eval mode; ``U, S, core, V`` groups are
+        ``SVDConv`` layers (analysed on their core). Every other 4-D tensor (images,
+        moments, EMA copies, empty or non-finite kernels...) is listed in
+        ``report.skipped`` with the reason. Layer names drop wrapper keys such as
+        ``state_dict``, ``model``, ``model_state_dict`` and ``module``.
+
+    What is computed
+        A state dict stores neither strides, dilations, groups nor paddings, so every
+        kernel is analysed as a stride-1, undilated, ungrouped conv with zero padding up to
+        ``k - 1``: the size-independent bounds are then valid for any stride and padding
+        of zeros (for a grouped kernel they bound the max over groups), and with
+        ``input_size`` every kernel is analysed at that size (the state dict does not say
+        how deeper layers downsample).
+
+    Parameters
+    ----------
+    state_dict : mapping
+        A state dict or a checkpoint dict that holds one (``{'state_dict': ...}``,
+        ``{'model': ...}``, ``{'model_state_dict': ..., 'optimizer_state_dict': ...}``,
+        Lightning checkpoints...).
+    input_size : (int, int), optional
+        Spatial size ``(H, W)`` for exact circular values.
+    in_channels : int, optional
+        The input's channel count (the ``C`` of ``--input-size C H W``), checked against
+        the input channels (``shape[1]``) of the first kernel in the checkpoint, taken as
+        the input layer (a common mistake is ``H W C`` order); it is not used otherwise.
+    gram_iters, power_iters, spatial_iters, keep_spectra, max_memory, progress
+        As in :func:`spectral_report`.
+
+    Raises
+    ------
+    UnsafeTensorError
+        A tensor stores far less data than its shape claims (expanded, stride-0), or a
+        would-be kernel has more than :data:`MAX_KERNEL_ELEMENTS` elements.
+    ValueError
+        ``in_channels`` differs from the first kernel's input channels, or a bad argument.
     """
+    _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
+    max_memory = _check_max_memory(max_memory)
     progress = progress_callback(progress)
-    tensors = _flatten_tensors(state_dict)
-    targets: List[Tuple[str, str, Tuple[int, ...], Tensor]] = []
-    skipped: List[str] = []
-    for key, value in tensors.items():
-        if key.endswith(".core") or key == "core":
-            prefix = key[: -len("core")]
-            factors = [tensors.get(prefix + n) for n in ("U", "S", "core", "V")]
-            if all(isinstance(f, Tensor) for f in factors):
-                U, S, core, V = factors
-                if core.shape[0] != S.numel():
-                    # core='orthogonal' stores BCOP generators; its kernel size and S bound
-                    # are not in the state dict.
-                    skipped.append(prefix.rstrip("."))
-                    continue
-                groups = S.numel() // U.shape[1]
-                # Stacked groups analysed as one ungrouped conv: an upper bound on their max.
-                kernel = orthonormal_core(*(f.detach().to(torch.float64) for f in factors), groups)
-                shape = (U.shape[0], V.shape[0] // groups, *core.shape[2:])
-                targets.append((prefix.rstrip("."), "SVDConv", shape, kernel))
-                continue
-        if value.dim() == 4 and value.is_floating_point():
-            name = key[: -len(".weight")] if key.endswith(".weight") else key
-            targets.append((name, "Conv2d", tuple(value.shape), value.detach()))
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of tensors, got {type(state_dict).__name__}")
+    check_tensor_storage(state_dict)
+    regions: Dict[str, Dict[Tuple[str, ...], Tensor]] = {}
+    for path, tensor in _walk(state_dict):
+        regions.setdefault(_region(path), {})[path] = tensor
+    found, skipped = _discover(regions.get("model", {}))
+    messages = []
+    ema_found, ema_skipped = _discover(regions.get("ema", {})) if "ema" in regions else ([], [])
+    if not found and ema_found:
+        found, skipped = ema_found, skipped + ema_skipped
+        messages.append("the checkpoint holds no weights besides an EMA/averaged copy: analysed that copy")
+    else:
+        for path, tensor in regions.get("ema", {}).items():
+            if tensor.dim() == 4:
+                skipped.append(SkippedTensor(".".join(path), tuple(tensor.shape), _REGION_REASONS["ema"]))
+    for region in ("optimizer", "loop"):
+        for path, tensor in regions.get(region, {}).items():
+            if tensor.dim() == 4:
+                skipped.append(SkippedTensor(".".join(path), tuple(tensor.shape), _REGION_REASONS[region]))
+    names = _layer_names([path for path, _ in found], [target[0] for _, target in found])
+    targets = [(name, kind, shape, kernel, note) for name, (_, (_, kind, shape, kernel, note)) in zip(names, found)]
+    if in_channels is not None and targets and targets[0][2][1] != in_channels:
+        first_name, first_shape = targets[0][0], targets[0][2]
+        raise ValueError(
+            f"in_channels (the C of --input-size C H W) is {in_channels}, but the first kernel {first_name!r} "
+            f"(shape {'x'.join(map(str, first_shape))}) takes {first_shape[1]} input channels; the order is C H W: "
+            f"pass C={first_shape[1]} (from a state dict C is only checked against the first kernel, as the "
+            "input layer)"
+        )
     # Paddings are unknown: k - 1 per side covers every padding up to 'full' (crop argument).
-    targets = [(n, k, shape, bounds.ConvSpec(kernel, padding=(kernel.shape[2] - 1, kernel.shape[3] - 1)))
-               for n, k, shape, kernel in targets]
-    skip_note = (f"; skipped orthogonal-core SVDConv layers (not analysable from a state dict, load the whole "
-                 f"model instead): {', '.join(skipped)}" if skipped else "")
-    if not targets:
-        return SpectralReport([], "no 4-D conv weights found in the checkpoint" + skip_note)
-    note = ("strides, paddings and groups are not stored in a state_dict: each kernel is analysed as a "
-            "stride-1 ungrouped conv; upper bounds hold for any stride and any zero padding up to k-1 per side"
-            + skip_note)
+    specs = [(n, k, shape, bounds.ConvSpec(kernel, padding=(kernel.shape[2] - 1, kernel.shape[3] - 1)), note)
+             for n, k, shape, kernel, note in targets]
+    if not specs:
+        messages.insert(0, "no conv kernels found in the checkpoint (4-D floating tensors under keys ending in "
+                           "'weight', outside optimizer state)")
+        return SpectralReport([], " ".join(messages), skipped)
+    messages.insert(0, "strides, paddings and groups are not stored in a state_dict: each kernel is analysed as a "
+                       "stride-1 ungrouped conv; upper bounds hold for any stride and any zero padding up to k-1 per side")
+    if input_size is None:
+        messages.append("no input size: size-independent bounds for zero/circular padding only")
+    else:
+        messages.append(f"every kernel is analysed at {input_size[0]}x{input_size[1]} (a state dict does not say how "
+                        "deeper layers downsample)")
     rows = []
-    for index, (name, kind, shape, kernel) in enumerate(targets):
-        rows.append(_analyse(name, kind, shape, kernel, input_size, gram_iters=gram_iters,
-                             power_iters=power_iters, spatial_iters=spatial_iters))
+    kept = 0
+    for index, (name, kind, shape, spec, note) in enumerate(specs):
+        try:
+            row = _analyse(name, kind, shape, spec, input_size, gram_iters=gram_iters, power_iters=power_iters,
+                           spatial_iters=spatial_iters, note=note, keep_spectra=keep_spectra,
+                           max_memory=max_memory, kept_bytes=kept)
+        except _TooBig as reason:
+            skipped.append(SkippedTensor(name, shape, str(reason)))
+        else:
+            kept += _LIST_BYTES * len(row.singular_values or ())
+            rows.append(row)
         if progress is not None:
-            progress(index + 1, len(targets), name)
-    return SpectralReport(rows, note)
+            progress(index + 1, len(specs), name)
+    return SpectralReport(rows, "; ".join(messages[:1]) + "".join(f"\n{m}" for m in messages[1:]), skipped)
