@@ -92,3 +92,27 @@ def test_console_entry_point_runs_as_module(checkpoints):
 def test_demo_prints_errors_and_spectrum():
     code, out, _ = _run("demo", "--channels", "16", "--input-size", "8")
     assert code == 0 and "speed-up" in out and "sigma_max" in out
+
+
+def test_whole_model_inside_a_training_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = _net()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 2, "model": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1).state_dict()}, path)
+    code, _, err = _run("check", str(path))
+    assert code == 2 and "--unsafe-load" in err
+    code, out, err = _run("check", str(path), "--unsafe-load", "--input-size", "3", "8", "8", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["layers"]
+    assert [r["name"] for r in rows] == ["0", "2"] and rows[1]["stride"] == [2, 2]
+
+
+def test_table_lists_skipped_tensors_and_the_column_legend(tmp_path):
+    torch.manual_seed(0)
+    net = _net()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": net.state_dict(), "images": torch.randn(2, 3, 8, 8)}, path)
+    code, out, _ = _run("check", str(path), "--input-size", "3", "8", "8")
+    assert code == 0
+    assert "skipped 1 4-D tensor(s), not analysed:" in out and "images" in out
+    assert "'circ' = circular convolution on the input size" in out
