@@ -31,7 +31,7 @@ from torch import nn
 
 from configs import PADDING_MODES
 from oracle import circular_singular_values, layer_operator, operator_matrix
-from ttconv import SVDConv
+from ttconv import SVDConv, spectral_report, state_dict_report
 from ttconv.bounds import (
     exact_spectral_norm,
     fantastic_four_bound,
@@ -216,3 +216,61 @@ def test_the_sweep_covers_what_it_claims():
     scales = [cfg["scale"] for cfg in CONFIGS]
     assert min(scales) < 1e-18 and max(scales) > 1e18
     assert any(cfg["dtype"] == torch.float32 for cfg in CONFIGS) and any(cfg["svd"] for cfg in CONFIGS)
+
+
+# ------------------------------------------------------------------ report columns
+REPORT_CONFIGS = CONFIGS[::10]
+
+
+def _zero_padded_within_k_minus_1(conv: Dict[str, Any]) -> bool:
+    per_axis = _padding_per_axis(conv["padding"], conv["kernel_size"], conv["dilation"])
+    return conv["padding_mode"] == "zeros" and all(
+        max(pads) <= k - 1 for pads, k in zip(per_axis, conv["kernel_size"]))
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_report_columns_hold_on_the_sweep(chunk):
+    """Every report column called a bound (and the CLI, which prints these reports)."""
+    failures = []
+    for index in range(chunk, len(REPORT_CONFIGS), 2):
+        config = REPORT_CONFIGS[index]
+        torch.manual_seed(0)
+        layer = _build(config).to(config["dtype"])
+        real, circular = _truths(copy.deepcopy(layer).double(), config)
+        tol = TOLERANCE[config["dtype"]]
+        c = config["conv"]
+        example = torch.zeros(1, c["in_channels"], *config["n"], dtype=config["dtype"])
+        sized = spectral_report(nn.Sequential(layer), example).layers[0]
+        unsized = spectral_report(nn.Sequential(layer)).layers[0]
+        checks = [("FF min", sized.fantastic_four, real), ("upper own", sized.upper_bound, real),
+                  ("upper own, no size", unsized.upper_bound, real), ("FF min, no size", unsized.fantastic_four, real)]
+        if circular is not None and sized.gram is not None:
+            checks.append(("Gram circ", sized.gram, circular))
+        if _zero_padded_within_k_minus_1(c):
+            # A state dict stores no geometry: its rows hold for any stride and zero padding up to k - 1.
+            rows = state_dict_report({"conv." + k: v for k, v in layer.state_dict().items()}, config["n"]).layers
+            checks += [("state dict upper", rows[0].upper_bound, real)]
+        for name, value, truth in checks:
+            if value is None or not math.isfinite(value) or value < truth * (1 - tol):
+                failures.append(f"config {index} {c} n={config['n']}: {name} {value} < truth {truth}")
+        if sized.power_estimate is not None and sized.power_estimate > real * (1 + tol):
+            failures.append(f"config {index} {c}: power own {sized.power_estimate} > truth {real}")
+        if circular is not None and sized.exact is not None and abs(sized.exact - circular) > 10 * tol * circular:
+            failures.append(f"config {index} {c}: exact circ {sized.exact} != oracle {circular}")
+    assert len(REPORT_CONFIGS) >= 200
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_report_lipschitz_product_bounds_a_sequential_chain():
+    torch.manual_seed(3)
+    for padding_mode in PADDING_MODES:
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=2, padding_mode=padding_mode, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(3, 2, (2, 3), stride=(2, 1), padding=1, padding_mode=padding_mode, bias=False),
+        ).double()
+        n = (5, 6)
+        linear = nn.Sequential(model[0], model[2])  # ReLU is 1-Lipschitz: bound the linear chain
+        truth = float(torch.linalg.matrix_norm(operator_matrix(linear, (2, *n)), 2))
+        product = spectral_report(model, torch.zeros(1, 2, *n, dtype=torch.float64)).lipschitz_upper_bound
+        assert product >= truth * (1 - 1e-9), padding_mode

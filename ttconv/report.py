@@ -75,7 +75,8 @@ class LayerSpectrum:
         ('exact circ'). ``None`` without an input size, when the size does not fit the
         kernel/stride, or when the computation would exceed ``max_memory`` (see ``note``).
     fantastic_four : float
-        Fantastic Four minimum: upper bound for zero/circular padding, any size.
+        Fantastic Four minimum times the padding factor: upper bound of the layer's own
+        operator (own padding) at every input size and stride.
     gram : float or None
         Gram-iteration upper bound on ``exact`` (circular convolution, same size).
     power_estimate : float or None
@@ -83,7 +84,7 @@ class LayerSpectrum:
     upper_bound : float
         Certified bound of the layer's own operator at ``input_size`` (own padding and
         mode; from a state dict: stride 1, zero padding up to ``k - 1``), or, without an
-        input size, the best size-independent bound (zero/circular padding). It can be
+        input size, the best size-independent bound of it (any size). It can be
         below ``exact``: zero padding is a different operator than circular padding.
     seconds : float
         Wall time of the row.
@@ -146,17 +147,18 @@ _COLUMNS = [  # (header, attribute, format)
 #: Which operator each numeric column describes (also written into the JSON).
 COLUMN_OPERATORS = {
     "exact": "exact largest singular value of the circular convolution on the input size (circular padding)",
-    "fantastic_four": "upper bound for zero or circular padding at any input size (Fantastic Four minimum)",
+    "fantastic_four": "upper bound of the layer's own operator (its own padding) at every input size and stride "
+                      "(Fantastic Four minimum times the padding factor)",
     "gram": "upper bound on 'exact': the circular convolution on the input size (Gram iteration)",
     "power_estimate": "lower estimate of the layer's own operator (its own padding) on the input size",
     "upper_bound": "certified upper bound of the layer's own operator (its own padding) on the input size; "
-                   "without an input size, of zero/circular padding at any size",
+                   "without an input size, at every input size",
 }
 
 _LEGEND = [
     "columns: 'circ' = circular convolution on the input size; 'own' = the layer's own operator with its own "
     "padding (from a state dict: stride 1, zero padding up to k-1);",
-    "  'FF min' bounds zero and circular padding at any size. 'upper own' may be below 'exact circ': zero padding "
+    "  'FF min' bounds the layer's own operator at every size. 'upper own' may be below 'exact circ': zero padding "
     "and circular padding are different operators.",
 ]
 
@@ -462,7 +464,12 @@ def _analyse(
     if ff_value is None:
         raise _TooBig(f"not analysed: even the size-independent bounds need about {format_bytes(ff_estimate)}, "
                       f"over max_memory {format_bytes(max_memory or 0)}")
-    ff = float(ff_value)
+    # Fantastic Four and the spatial bound hold for the full (zero-padded) convolution;
+    # the layer's own padding multiplies them by its padding factor (worst case over sizes
+    # here, at the recorded size in the fallback below).
+    ff_full = float(ff_value)
+    factor_any_size = bounds.padding_factor(spec)
+    ff = ff_full * factor_any_size
     exact = gram = power = None
     spectrum = None
 
@@ -476,7 +483,7 @@ def _analyse(
 
     if input_size is None:
         spatial = spatial_bound()
-        upper = ff if spatial is None else min(ff, spatial)  # the report's message says 'no input size'
+        upper = (ff_full if spatial is None else min(ff_full, spatial)) * factor_any_size  # the report's message says 'no input size'
     else:
         transfer = _transfer_bytes(tuple(kernel.shape), spec.stride, input_size, itemsize)
         try:
@@ -513,8 +520,8 @@ def _analyse(
         if value is not None:
             upper = float(value)
         else:  # size-independent bounds of the full convolution, times the padding's factor
-            spatial = spatial_bound() if spec.padding_mode == "zeros" else None
-            upper = (ff if spatial is None else min(ff, spatial)) * bounds.padding_factor(spec, input_size)
+            spatial = spatial_bound()
+            upper = (ff_full if spatial is None else min(ff_full, spatial)) * bounds.padding_factor(spec, input_size)
             notes.append("upper own falls back to size-independent bounds")
         c_in = kernel.shape[1] * spec.groups
         activations = _POWER_FACTOR * (c_in + kernel.shape[0]) * grid[0] * grid[1] * 8
