@@ -63,7 +63,7 @@ def _regression_setup(mode, every, rank=3):
     return model, teacher, control
 
 
-@pytest.mark.parametrize("mode", ["scale", "clip"])
+@pytest.mark.parametrize("mode", ["clip_scale", "scale", "clip"])
 def test_thousand_steps_with_periodic_control(mode):
     model, teacher, control = _regression_setup(mode, every=10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -86,7 +86,7 @@ def test_thousand_steps_with_periodic_control(mode):
     for (name, layer, size) in control.layers:
         truth = _oracle_norm(layer, size)
         assert abs(reached[name] - truth) < 1e-4 * max(1, truth)
-        if mode == "scale":
+        if mode != "clip":  # the guaranteed modes
             assert truth <= 0.8 * (1 + 1e-5)
 
 
@@ -127,7 +127,14 @@ def test_looks_inside_data_parallel_and_records_sizes():
         (dict(max_value=float("inf")), ValueError, "max_value must be a positive finite"),
         (dict(every=0), ValueError, "every must be an int >= 1"),
         (dict(every=2.5), ValueError, "every must be an int >= 1"),
-        (dict(mode="project"), ValueError, "mode must be"),
+        (dict(mode="project"), ValueError, "mode must be one of 'clip_scale' .* got 'project'"),
+        (dict(mode="guaranteed"), ValueError, "'clip' .*'scale'"),
+        (dict(n_iter=0), ValueError, "n_iter must be an int >= 1 .* got 0"),
+        (dict(n_iter=2.0), ValueError, "n_iter must be an int >= 1 .* got 2.0"),
+        (dict(n_iter=True), ValueError, "n_iter must be an int >= 1"),
+        (dict(orthonormality_tol=-1e-3), ValueError, "orthonormality_tol must be a finite number >= 0"),
+        (dict(orthonormality_tol=float("nan")), ValueError, "orthonormality_tol must be a finite number >= 0"),
+        (dict(orthonormality_tol="1e-6"), ValueError, "orthonormality_tol must be a finite number >= 0"),
         (dict(example_input=torch.zeros(1, 5, 8, 8)), ValueError, "example_input could not be run"),
         (dict(example_input=None), ValueError, "example_input is required"),
     ],
@@ -140,6 +147,13 @@ def test_bad_arguments(kwargs, error, match):
         SpectralControl(SmallResNet(width=4), max_value, **options)
 
 
+def test_default_mode_is_the_guaranteed_clip_then_scale():
+    control = SpectralControl(SmallResNet(width=4), 1.0, example_input=torch.zeros(1, 3, 8, 8))
+    assert (control.mode, control.n_iter) == ("clip_scale", 1)
+    control = SpectralControl(SmallResNet(width=4), 1.0, mode="clip", n_iter=4, example_input=torch.zeros(1, 3, 8, 8))
+    assert (control.mode, control.n_iter) == ("clip", 4)
+
+
 def test_models_without_convs_and_bad_layers_are_refused():
     with pytest.raises(ValueError, match="no nn.Conv2d or SVDConv layers"):
         SpectralControl(nn.Linear(3, 3), 1.0, example_input=torch.zeros(1, 3))
@@ -147,3 +161,5 @@ def test_models_without_convs_and_bad_layers_are_refused():
         clip_singular_values_(nn.Linear(3, 3), 1.0, 8)
     with pytest.raises(ValueError, match="max_value"):
         scale_to_spectral_norm_(nn.Conv2d(2, 2, 3), 0, 8)
+    with pytest.raises(TypeError, match="layer must be an nn.Conv2d or SVDConv"):
+        scale_to_spectral_norm_(nn.Linear(3, 3), 1.0, 8)

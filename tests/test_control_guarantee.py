@@ -1,0 +1,243 @@
+"""What SpectralControl guarantees, and clipping / regularizers against independent references.
+
+Every reference here is computed without ttconv: explicit operator matrices
+(``oracle.py``) and a numpy re-implementation of the per-frequency clip.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from configs import config_id, random_conv_configs
+from oracle import circular_singular_values
+from ttconv import SpectralControl, SVDConv, clip_singular_values_
+
+TOL = 1e-6  # relative slack of the guarantee in float64
+
+
+def _dense(layer):
+    return (layer.dense_weight() if isinstance(layer, SVDConv) else layer.weight).detach().to(torch.float64)
+
+
+def _oracle(layer, n, stride):
+    """Exact norm of the circular conv with ``stride`` on ``n`` (any n: every s-th output kept)."""
+    return float(circular_singular_values(_dense(layer), n, stride, layer.dilation, layer.groups)[0])
+
+
+def _sweep(count=48, seed=7):
+    """Random single layers; a third of the strided ones get an input size not divisible by the stride."""
+    rng = random.Random(seed)
+    cases = []
+    for index, config in enumerate(random_conv_configs(count, seed=seed, max_in_numel=500)):
+        n = config["n"]
+        stride = config["conv"]["stride"]
+        if stride != (1, 1) and rng.random() < 0.5:
+            n = tuple(a + (s > 1) for a, s in zip(n, stride))  # odd size along the strided axes
+        kind = ["conv", "svd", "conv", "orthogonal"][index % 4]
+        cases.append((kind, config, n))
+    return cases
+
+
+def _make(kind, config, seed):
+    torch.manual_seed(seed)
+    conv = dict(config["conv"], dtype=torch.float64)
+    if kind == "conv":
+        return nn.Conv2d(**conv)
+    if kind == "orthogonal":
+        groups = conv["groups"]
+        r = min(conv["in_channels"], conv["out_channels"]) // groups
+        layer = SVDConv(**conv, rank=r, core="orthogonal")
+        with torch.no_grad():
+            layer.S.uniform_(0.5, 3.0)  # a spread spectrum, norm well above 1
+        return layer
+    return SVDConv(**conv, rank=config["rank"])
+
+
+SWEEP = _sweep()
+
+
+@pytest.mark.parametrize("mode", ["clip_scale", "scale"])
+@pytest.mark.parametrize("index, case", list(enumerate(SWEEP)),
+                         ids=[f"{c[0]}-{config_id(c[1])}-at{c[2][0]}x{c[2][1]}" for c in SWEEP])
+def test_guarantee_after_apply_against_the_oracle(mode, index, case):
+    kind, config, n = case
+    layer = _make(kind, config, index)
+    model = nn.Sequential(layer)
+    example = torch.zeros(1, layer.in_channels, *n, dtype=torch.float64)
+    divisible = all(a % s == 0 for a, s in zip(n, layer.stride))
+    controlled = layer.stride if divisible else (1, 1)
+    before = _oracle(layer, n, controlled)
+    target = 0.3 * before
+    control = SpectralControl(model, target, every=1, mode=mode, example_input=example)
+    assert control.layers[0][2] == n
+    reached = control.apply()["0"]
+    strided = _oracle(layer, n, layer.stride)
+    assert strided <= target * (1 + TOL)  # the guarantee, for every size
+    if not divisible:  # what is controlled: the stride-1 norm, which bounds the strided one
+        assert _oracle(layer, n, (1, 1)) <= target * (1 + TOL)
+        assert strided <= _oracle(layer, n, (1, 1)) * (1 + 1e-12)
+    assert reached == pytest.approx(_oracle(layer, n, controlled), rel=1e-9)  # reported honestly
+
+
+@pytest.mark.parametrize("seed, n_iter", [(0, 1), (1, 3), (2, 1), (4, 2)])
+def test_guarantee_on_a_float32_model_over_a_run_of_apply_calls(seed, n_iter):
+    torch.manual_seed(seed)
+    model = nn.Sequential(SVDConv(3, 8, 3, padding=1, rank=4), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.ReLU(), SVDConv(8, 8, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
+                          SVDConv(8, 8, 3, padding=1, core="orthogonal"))
+    control = SpectralControl(model, 0.7, every=1, example_input=torch.zeros(1, 3, 9, 9), n_iter=n_iter)
+    assert control.mode == "clip_scale"  # the default
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        loss = -sum(p.square().sum() for p in model.parameters())  # push every norm up
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        control.step()
+        for name, layer, size in control.layers:
+            divisible = all(a % s == 0 for a, s in zip(size, layer.stride))
+            # float32: rounding; the orthogonal core's norm max|S| is exact only up to the
+            # float32 orthogonality of its BCOP core.
+            slack = 1e-4 if getattr(layer, "core_kind", None) == "orthogonal" else 1e-6
+            assert _oracle(layer, size, layer.stride if divisible else (1, 1)) <= 0.7 * (1 + slack), name
+
+
+def test_plain_clip_overshoots_where_clip_scale_does_not():
+    torch.manual_seed(0)
+    layers = {mode: nn.Conv2d(6, 6, 3, padding=1, dtype=torch.float64) for mode in ("clip", "clip_scale", "scale")}
+    for layer in list(layers.values())[1:]:
+        layer.load_state_dict(layers["clip"].state_dict())
+    n = (8, 8)
+    target = 0.25 * _oracle(layers["clip"], n, (1, 1))
+    example = torch.zeros(1, 6, *n, dtype=torch.float64)
+    reached = {}
+    for mode, layer in layers.items():
+        reached[mode] = SpectralControl(nn.Sequential(layer), target, every=1, mode=mode, example_input=example).apply()["0"]
+    assert _oracle(layers["clip"], n, (1, 1)) > 1.1 * target  # the paper's clip is approximate
+    assert reached["clip"] == pytest.approx(_oracle(layers["clip"], n, (1, 1)), rel=1e-9)
+    for mode in ("clip_scale", "scale"):
+        assert _oracle(layers[mode], n, (1, 1)) <= target * (1 + TOL)
+        assert reached[mode] == pytest.approx(target, rel=1e-9)
+    # clip_scale is the clipped kernel rescaled, not the plain rescale
+    ratio = layers["clip_scale"].weight / layers["clip"].weight
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio))
+    assert not torch.allclose(layers["clip_scale"].weight, layers["scale"].weight)
+
+
+# ----------------------------------------------------------------- clip vs an independent reference
+def _reference_clip(weight, n, max_value, dilation, groups):
+    """Per-frequency clip of the stride-1 circular conv (numpy), read back at the dilated taps.
+
+    Also returns the full ``n1 x n2`` clipped kernel before projection.
+    """
+    w = weight.detach().numpy().astype(np.float64)
+    c_out, c_in_g, kh, kw = w.shape
+    (d1, d2), (n1, n2) = dilation, n
+    e1, e2 = d1 * (kh - 1) + 1, d2 * (kw - 1) + 1
+    full = np.zeros((c_out, c_in_g, n1, n2))
+    full[:, :, 0:e1:d1, 0:e2:d2] = w  # the dilated kernel on the n1 x n2 grid
+    transfer = np.fft.fft2(full, axes=(2, 3))
+    o = c_out // groups
+    for g in range(groups):
+        for a in range(n1):
+            for b in range(n2):
+                u, s, vh = np.linalg.svd(transfer[g * o:(g + 1) * o, :, a, b], full_matrices=False)
+                transfer[g * o:(g + 1) * o, :, a, b] = (u * np.minimum(s, max_value)) @ vh
+    clipped_full = np.fft.ifft2(transfer, axes=(2, 3)).real
+    return clipped_full[:, :, 0:e1:d1, 0:e2:d2].copy(), clipped_full
+
+
+DILATED = [  # (c_in, c_out, kernel, dilation, groups, n)
+    (3, 4, (3, 3), (2, 2), 1, (9, 8)),
+    (4, 6, (2, 3), (3, 1), 2, (8, 7)),
+    (6, 6, (3, 2), (1, 2), 3, (6, 9)),
+    (2, 3, (3, 3), (2, 3), 1, (7, 10)),
+]
+
+
+@pytest.mark.parametrize("kind", ["conv", "svd"])
+@pytest.mark.parametrize("c_in, c_out, kernel, dilation, groups, n", DILATED)
+def test_dilated_clip_matches_an_independent_reference(kind, c_in, c_out, kernel, dilation, groups, n):
+    torch.manual_seed(sum(kernel) + groups)
+    conv = dict(in_channels=c_in, out_channels=c_out, kernel_size=kernel, dilation=dilation, groups=groups,
+                dtype=torch.float64)
+    layer = nn.Conv2d(**conv) if kind == "conv" else SVDConv(**conv)
+    before = _dense(layer)
+    values = circular_singular_values(before, n, (1, 1), dilation, groups)
+    target = 0.5 * float(values[0])
+    expected, clipped_full = _reference_clip(before, n, target, dilation, groups)
+    # The reference is right: its unprojected kernel has exactly the clipped spectrum (oracle).
+    full_values = circular_singular_values(torch.from_numpy(clipped_full), n, (1, 1), (1, 1), groups)
+    assert torch.allclose(full_values, values.clamp(max=target), atol=1e-10)
+    clip_singular_values_(layer, target, n)
+    assert np.abs(_dense(layer).numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", ["conv", "svd"])
+def test_dilated_clip_iterated_approaches_the_target(kind):
+    torch.manual_seed(3)
+    conv = dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2, dtype=torch.float64)
+    n = (10, 10)
+    layers = [nn.Conv2d(**conv) if kind == "conv" else SVDConv(**conv) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    before = _oracle(layers[0], n, (1, 1))
+    target = 0.4 * before
+    clip_singular_values_(layers[0], target, n)
+    clip_singular_values_(layers[1], target, n, n_iter=100)
+    once, many = _oracle(layers[0], n, (1, 1)), _oracle(layers[1], n, (1, 1))
+    assert once > 1.05 * target
+    assert abs(many - target) < 0.25 * abs(once - target)
+    assert many < 1.02 * target
+
+
+# ----------------------------------------------------------------- regularizer values
+def _fantastic_four(weight, groups):
+    """Singla & Feizi: max over groups of min over four reshapes of sqrt(kh kw) ||M||_2 (numpy)."""
+    k = weight.detach().numpy().astype(np.float64)
+    c_out, i, kh, kw = k.shape
+    o = c_out // groups
+    best = []
+    for g in range(groups):
+        b = k[g * o:(g + 1) * o]
+        reshapes = [b.transpose(0, 2, 1, 3).reshape(o * kh, i * kw), b.transpose(0, 3, 1, 2).reshape(o * kw, i * kh),
+                    b.reshape(o, i * kh * kw), b.transpose(0, 2, 3, 1).reshape(o * kh * kw, i)]
+        best.append(min(np.sqrt(kh * kw) * np.linalg.norm(m, 2) for m in reshapes))
+    return max(best)
+
+
+def _regularizer_model(dilation):
+    torch.manual_seed(5)
+    return nn.Sequential(
+        SVDConv(3, 6, 3, padding=1, rank=3, dtype=torch.float64), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=dilation, dilation=dilation, groups=2, dtype=torch.float64), nn.ReLU(),
+        SVDConv(6, 4, (3, 2), stride=2, padding=1, groups=2, dtype=torch.float64), nn.ReLU(),  # 9x9: not divisible
+        nn.Conv2d(4, 4, 1, stride=2, dtype=torch.float64),
+    )
+
+
+def _control(model):
+    control = SpectralControl(model, 1.0, example_input=torch.zeros(1, 3, 9, 9, dtype=torch.float64))
+    assert {name: size for name, _, size in control.layers} == {"0": (9, 9), "2": (9, 9), "4": (9, 9), "6": (5, 5)}
+    return control
+
+
+def test_exact_regularizer_is_the_sum_of_squared_oracle_norms():
+    control = _control(_regularizer_model(dilation=2))
+    norms = []
+    for _, layer, size in control.layers:
+        divisible = all(a % s == 0 for a, s in zip(size, layer.stride))
+        norms.append(_oracle(layer, size, layer.stride if divisible else (1, 1)))
+    assert all(abs(value - 1) > 0.05 for value in norms)  # a square differs from its value
+    assert float(control.regularizer("exact")) == pytest.approx(sum(v * v for v in norms), rel=1e-9)
+
+
+def test_fantastic_four_regularizer_is_the_sum_of_squared_independent_bounds():
+    control = _control(_regularizer_model(dilation=1))
+    bounds = [_fantastic_four(_dense(layer), layer.groups) for _, layer, _ in control.layers]
+    assert all(abs(value - 1) > 0.05 for value in bounds)
+    expected = sum(v * v for v in bounds)
+    assert float(control.regularizer("fantastic_four")) == pytest.approx(expected, rel=1e-9)
+    assert float(control.regularizer()) == pytest.approx(expected, rel=1e-9)  # the default method
