@@ -1,0 +1,360 @@
+#!/usr/bin/env python3
+"""Mutation check: deliberately broken one-line changes must make their targeted tests fail.
+
+Each mutant in ``MUTANTS`` is a one-line change to a copy of the package. The script
+
+1. copies ``ttconv/``, ``tests/`` and ``pyproject.toml`` into a temporary directory (from
+   the working tree, or from a git revision with ``--rev``);
+2. checks every mutant's ``original`` text occurs exactly once in its file and that the
+   replacement changes exactly one line (otherwise the code moved on and the list below
+   needs updating: a loud error, exit 2);
+3. sanity run: the *unmutated* copy is the one imported (``PYTHONPATH`` points at it,
+   checked) and passes every targeted test (exit 2 otherwise);
+4. for each mutant: applies it, runs ``pytest -x -q -p no:cacheprovider <its tests>`` in
+   the copy and expects a failure; restores the file.
+
+It prints a table (mutant, killed/survived, killing test, seconds) and exits 1 if any
+mutant survives. No dependency beyond pytest.
+
+Usage::
+
+    python .ci/mutation.py              # all mutants (about 2 minutes on 2 cores)
+    python .ci/mutation.py --list       # the mutants and their tests
+    python .ci/mutation.py --list --markdown   # the table in docs/testing.md
+    python .ci/mutation.py --only ff_scale --only spatial_10x
+    python .ci/mutation.py --rev HEAD   # test a commit instead of the working tree
+
+To add a mutant, append a ``Mutant`` below: the smallest test selection that should kill
+it (node ids), the exact text to replace (add surrounding lines when the line itself is
+not unique; only one line may change) and what it models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+COPIED = ("ttconv", "tests", "pyproject.toml")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # exact text, must occur exactly once (may span lines for context)
+    replacement: str  # differs from ``original`` on exactly one line
+    tests: Tuple[str, ...]  # pytest node ids expected to fail
+    description: str
+
+
+MUTANTS: List[Mutant] = [
+    # ------------------------------------------------------------------ bounds.py
+    Mutant(
+        "ff_scale", "ttconv/bounds.py",
+        "math.sqrt(kh * kw) * padding_factor(spec)",
+        "kh * kw * padding_factor(spec)",
+        ("tests/test_bounds_values.py::test_fantastic_four_bounds_equal_independent_reshape_norms",),
+        "looser Fantastic Four bound: factor `sqrt(kh*kw)` -> `kh*kw`",
+    ),
+    Mutant(
+        "ff_min_to_max", "ttconv/bounds.py",
+        ".amin(-1).amax()",
+        ".amax(-1).amax()",
+        ("tests/test_bounds_values.py::test_fantastic_four_bounds_equal_independent_reshape_norms",),
+        "looser Fantastic Four bound: max instead of min over the four reshapes",
+    ),
+    Mutant(
+        "spatial_10x", "ttconv/bounds.py",
+        "return torch.stack(bounds).amax()",
+        "return 10 * torch.stack(bounds).amax()",
+        ("tests/test_bounds_values.py::test_zero_padding_bound_equals_independent_spatial_gram",),
+        "spatial (zero-padding) Gram bound 10x looser",
+    ),
+    Mutant(
+        "gram_exponent", "ttconv/bounds.py",
+        "top = (frobenius.log() * exponent + log_scale * exponent).exp().amax()",
+        "top = (frobenius.log() * exponent * 2 + log_scale * exponent * 2).exp().amax()",
+        ("tests/test_bounds_values.py::test_gram_iteration_bound_is_the_schatten_norm_of_the_frequency_matrices",),
+        "Gram iteration bound: root `2^-(t-1)` instead of `2^-t` (the bound squared)",
+    ),
+    Mutant(
+        "gram_grid_ignores_stride", "ttconv/bounds.py",
+        "grid = (n[0] // spec.stride[0], n[1] // spec.stride[1])",
+        "grid = n",
+        ("tests/test_bounds_values.py::test_gram_iteration_bound_is_the_schatten_norm_of_the_frequency_matrices",),
+        "Gram bound: polyphase kernel on the n grid, not n/stride (still a bound, looser)",
+    ),
+    Mutant(
+        "operator_bound_drops_padding_copies", "ttconv/bounds.py",
+        "candidates.append(pad_norm * conv_spectral_norm(",
+        "candidates.append(conv_spectral_norm(",
+        ("tests/test_bounds_values.py::test_operator_norm_bound_counts_the_padding_copies",),
+        "`operator_norm_bound` forgets the norm of the reflect/replicate padding map",
+    ),
+    Mutant(
+        "power_estimate_inflated", "ttconv/bounds.py",
+        "apply(x.detach()).norm() * scale,",
+        "apply(x.detach()).norm() * scale * 1.01,",
+        ("tests/test_bounds.py::test_power_iteration_converges_to_the_real_norm",),
+        "power-iteration estimate returns a bound-looking value above the true norm",
+    ),
+    Mutant(
+        "power_estimate_rounds_to_nearest", "ttconv/bounds.py",
+        "cast = torch.nextafter(cast, torch.zeros_like(cast))",
+        "cast = cast",
+        ("tests/test_bounds_values.py::test_power_estimate_of_a_float32_layer_is_the_float64_value_rounded_down",),
+        "the float64 power estimate is cast to float32 to nearest, not down (can exceed the norm)",
+    ),
+    # ----------------------------------------------------------------- spectra.py
+    Mutant(
+        "exact_smallest_not_largest", "ttconv/spectra.py",
+        "top = torch.linalg.matrix_norm(matrices, ord=2).amax()",
+        "top = torch.linalg.matrix_norm(matrices, ord=-2).amax()",
+        ("tests/test_bounds_values.py::test_exact_spectral_norm_equals_the_oracle",),
+        "exact spectral norm takes the smallest singular value per frequency (`ord=2` -> `-2`)",
+    ),
+    Mutant(
+        "polyphase_contiguous_phases", "ttconv/spectra.py",
+        "phases = padded.reshape(c_out, c_in, t1, s1, t2, s2).permute(0, 1, 3, 5, 2, 4)",
+        "phases = padded.reshape(c_out, c_in, s1, t1, s2, t2).permute(0, 1, 2, 4, 3, 5)",
+        ("tests/test_bounds_values.py::test_exact_spectral_norm_equals_the_oracle",),
+        "polyphase split takes contiguous blocks of taps instead of every s-th tap",
+    ),
+    # ------------------------------------------------------------------- layer.py
+    Mutant(
+        "forward_costlier_path", "ttconv/layer.py",
+        'path = "dense" if dense_cost <= factored_cost else "factored"',
+        'path = "dense" if dense_cost > factored_cost else "factored"',
+        ("tests/test_forward_path.py::test_auto_runs_the_cheaper_path",),
+        "`forward` with `path='auto'` takes the costlier path",
+    ),
+    Mutant(
+        "flop_costs_drop_compose", "ttconv/layer.py",
+        "return (compose_cost + out_pixels * dense,",
+        "return (out_pixels * dense,",
+        ("tests/test_forward_path.py::test_auto_runs_the_cheaper_path",),
+        "the FLOP model forgets the cost of composing the dense kernel (tiny images go dense)",
+    ),
+    Mutant(
+        "fx_costlier_path", "ttconv/layer.py",
+        "return dense <= self.stride[0] * self.stride[1] * factored_in + factored_out",
+        "return dense > self.stride[0] * self.stride[1] * factored_in + factored_out",
+        ("tests/test_forward_path.py::test_fx_trace_records_the_cheaper_path_per_pixel",),
+        "a `torch.fx` trace of `path='auto'` records the costlier path",
+    ),
+    Mutant(
+        "canonicalize_skipped", "ttconv/layer.py",
+        "self._copy_factors(canonicalize(self.U, self.S, self.core, self.V, self.groups))",
+        "pass",
+        ("tests/test_layer.py::test_canonicalize_keeps_function_and_parameter_identity",),
+        "`SVDConv.canonicalize_()` does nothing for the general core",
+    ),
+    # ---------------------------------------------------------------------- tt.py
+    Mutant(
+        "approximation_error_one_unfolding", "ttconv/tt.py",
+        "discarded = float(sv_in[..., r_in:].pow(2).sum() + sv_out[..., r_out:].pow(2).sum())",
+        "discarded = float(sv_out[..., r_out:].pow(2).sum())",
+        ("tests/test_tt.py::test_truncation_error_is_reported_exactly_and_is_optimal_per_unfolding",),
+        "`approximation_error` leaves out the input-unfolding truncation",
+    ),
+    # ----------------------------------------------------------------- control.py
+    Mutant(
+        "regularizer_sums_norms", "ttconv/control.py",
+        "t.square() for t in terms",
+        "t for t in terms",
+        ("tests/test_control_guarantee.py::test_exact_regularizer_is_the_sum_of_squared_oracle_norms",),
+        "regularizer sums the norms instead of their squares",
+    ),
+    Mutant(
+        "dilated_clip_wrong_taps", "ttconv/control.py",
+        "support = spatial[..., : dilation[0] * (kh - 1) + 1: dilation[0], : dilation[1] * (kw - 1) + 1: dilation[1]]",
+        "support = spatial[..., :kh, :kw]",
+        ("tests/test_control_guarantee.py::test_dilated_clip_matches_an_independent_reference",),
+        "a dilated clip is projected onto the undilated (wrong) taps",
+    ),
+    # ------------------------------------------------------------------ report.py
+    Mutant(
+        "report_drops_spatial_bound", "ttconv/report.py",
+        "upper = (ff_full if spatial is None else min(ff_full, spatial)) * factor_any_size",
+        "upper = ff_full * factor_any_size",
+        ("tests/test_report.py",),
+        "the size-independent report row ignores the spatial Gram bound",
+    ),
+]
+
+
+# ------------------------------------------------------------------------ machinery
+def _copy_tree(destination: Path, rev: Optional[str]) -> None:
+    if rev is None:
+        for name in COPIED:
+            source = REPO / name
+            if source.is_dir():
+                shutil.copytree(source, destination / name,
+                                ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.pyc"))
+            else:
+                shutil.copy2(source, destination / name)
+        return
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev, *COPIED],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+
+
+def _mutate(text: str, mutant: Mutant) -> str:
+    """The mutated text; raises ``LookupError`` when the mutant no longer fits the code."""
+    count = text.count(mutant.original)
+    if count != 1:
+        where = "does not occur" if count == 0 else f"occurs {count} times"
+        raise LookupError(f"{mutant.name}: the original text {where} in {mutant.file}; update MUTANTS "
+                          f"in .ci/mutation.py to the current code:\n    {mutant.original!r}")
+    mutated = text.replace(mutant.original, mutant.replacement)
+    before, after = text.splitlines(), mutated.splitlines()
+    changed = len(before) == len(after) and sum(a != b for a, b in zip(before, after)) == 1
+    if not changed:
+        raise LookupError(f"{mutant.name}: the replacement must change exactly one line")
+    return mutated
+
+
+def _environment(root: Path) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # a same-size mutant must never meet a stale .pyc
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _pytest(root: Path, tests: Sequence[str], timeout: float) -> Tuple[Optional[int], float, str]:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=root, env=_environment(root), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+        return None, time.perf_counter() - start, output
+    return done.returncode, time.perf_counter() - start, done.stdout + done.stderr
+
+
+def _first_failure(output: str) -> str:
+    match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    if not match:
+        return "?"
+    return match.group(1).split("::", 1)[-1] if "::" in match.group(1) else match.group(1)
+
+
+def _check_imports_the_copy(root: Path) -> None:
+    probe = subprocess.run([sys.executable, "-c", "import ttconv; print(ttconv.__file__)"], cwd=root,
+                           env=_environment(root), capture_output=True, text=True, check=True)
+    location = Path(probe.stdout.strip()).resolve()
+    if root.resolve() not in location.parents:
+        raise SystemExit(f"sanity check failed: the copy imports ttconv from {location}, not from {root}")
+
+
+def _table(rows: List[Tuple[str, str, str, str]]) -> str:
+    header = ("mutant", "result", "killed by", "seconds")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --list: a Markdown table (docs/testing.md)")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
+    parser.add_argument("--rev", help="copy the package and tests from this git revision, not the working tree")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    options = parser.parse_args(argv)
+
+    mutants = MUTANTS
+    if options.only:
+        unknown = sorted(set(options.only) - {m.name for m in MUTANTS})
+        if unknown:
+            parser.error(f"unknown mutant(s) {unknown}; see --list")
+        mutants = [m for m in MUTANTS if m.name in options.only]
+    if options.list and options.markdown:
+        print("| mutant | file | the one-line change models | killing test |\n|---|---|---|---|")
+        for m in mutants:
+            tests = "<br>".join(f"`{t.replace('tests/', '')}`" for t in m.tests)
+            print(f"| `{m.name}` | `{m.file}` | {m.description} | {tests} |")
+        return 0
+    if options.list:
+        for m in mutants:
+            print(f"{m.name:36s} {m.file:20s} {m.description}\n{'':36s} tests: {' '.join(m.tests)}")
+        return 0
+
+    root = Path(tempfile.mkdtemp(prefix="ttconv-mutation-"))
+    try:
+        _copy_tree(root, options.rev)
+        originals = {m.file: (root / m.file).read_text() for m in mutants}
+        problems = []
+        for m in mutants:
+            try:
+                _mutate(originals[m.file], m)
+            except LookupError as error:
+                problems.append(str(error))
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            return 2
+
+        _check_imports_the_copy(root)
+        selection = list(dict.fromkeys(t for m in mutants for t in m.tests))
+        code, seconds, output = _pytest(root, selection, options.timeout)
+        if code != 0:
+            print(output[-4000:], file=sys.stderr)
+            print(f"sanity run failed (exit {code}): the unmutated copy must pass {selection}", file=sys.stderr)
+            return 2
+        print(f"sanity: unmutated copy imported from {root} passes {len(selection)} selections ({seconds:.1f} s)")
+
+        rows, survived, errors = [], [], []
+        start = time.perf_counter()
+        for m in mutants:
+            path = root / m.file
+            path.write_text(_mutate(originals[m.file], m))
+            try:
+                code, seconds, output = _pytest(root, m.tests, options.timeout)
+            finally:
+                path.write_text(originals[m.file])
+            if code == 1:
+                result, by = "killed", _first_failure(output)
+            elif code is None:
+                result, by = "killed", f"timeout after {options.timeout:.0f} s"
+            elif code == 0:
+                result, by = "SURVIVED", "-"
+                survived.append(m.name)
+            else:  # 2: interrupted/collection error, 3: internal, 4: usage, 5: nothing collected
+                result, by = "ERROR", f"pytest exit {code}"
+                errors.append((m.name, output[-2000:]))
+            rows.append((m.name, result, by, f"{seconds:.1f}"))
+            print(f"  {m.name}: {result} ({seconds:.1f} s)", flush=True)
+        print()
+        print(_table(rows))
+        print(f"\n{len(rows) - len(survived) - len(errors)}/{len(rows)} killed in {time.perf_counter() - start:.0f} s")
+        for name, output in errors:
+            print(f"\n{name}: pytest could not run the selection (a stale node id?):\n{output}", file=sys.stderr)
+        if errors:
+            return 2
+        if survived:
+            print(f"survived: {', '.join(survived)}: the targeted tests do not detect these changes")
+            return 1
+        return 0
+    finally:
+        if options.keep:
+            print(f"copy kept at {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
