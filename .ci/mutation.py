@@ -187,7 +187,7 @@ MUTANTS: List[Mutant] = [
         "report_drops_spatial_bound", "ttconv/report.py",
         "upper = (ff_full if spatial is None else min(ff_full, spatial)) * factor_any_size",
         "upper = ff_full * factor_any_size",
-        ("tests/test_report.py",),
+        ("tests/test_report.py::test_size_independent_upper_bound_is_the_smaller_of_ff_and_the_spatial_bound",),
         "the size-independent report row ignores the spatial Gram bound",
     ),
 ]
