@@ -2,7 +2,8 @@
 
 1. Cost: a ResNet-18-like stack of 3x3 convs (widths 64-512, input sizes 56-7), as SVDConv
    at rank c/4 and as dense nn.Conv2d; times ``SpectralControl.apply()`` in each mode
-   (``scale``, ``clip``, ``clip_scale``; interleaved, on fresh copies) with every layer
+   (``scale``, ``clip``, ``clip_scale``; interleaved, on fresh copies; median of 3 runs
+   for SVDConv, one run for the dense model, whose passes take minutes) with every layer
    above the target, and one training step of the model for scale. The last column is the
    largest norm the plain clip pass leaves, over the target (``clip_scale`` ends at the
    target by construction).
@@ -46,6 +47,7 @@ def resnet_like(widths):
 
 
 def control_costs(widths, size, batch, repeats):
+    """``repeats``: (dense, SVDConv) runs per mode, interleaved; medians reported."""
     torch.manual_seed(0)
     dense = resnet_like(widths)
     low = ttconv.convert(dense, rank=0.25)
@@ -53,14 +55,14 @@ def control_costs(widths, size, batch, repeats):
     x = torch.randn(batch, 3, size, size)
     target = 1e-3  # tiny, so that every layer is above it and gets scaled or clipped
     rows, medians_by_model = [], []
-    for label, model in (("nn.Conv2d (dense FFT)", dense), ("SVDConv r=c/4 (core)", low)):
+    for label, model, runs in (("nn.Conv2d (dense FFT)", dense, repeats[0]), ("SVDConv r=c/4 (core)", low, repeats[1])):
         def train_step(model=model):
             model.zero_grad(set_to_none=True)
             model(x).sum().backward()
-        step = median_seconds(train_step, repeats)
+        step = median_seconds(train_step, runs)
         times = {mode: [] for mode in MODES}
         overshoot = 0.0
-        for _ in range(repeats):
+        for _ in range(runs):
             for mode in MODES:  # interleaved
                 control = ttconv.SpectralControl(copy.deepcopy(model), target, every=1, mode=mode,
                                                  example_input=example)
@@ -136,9 +138,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     options = parser.parse_args(argv)
     if options.quick:
-        widths, size, batch, repeats, count, fractions = [8, 16], 8, 2, 1, 6, (0.5,)
+        widths, size, batch, repeats, count, fractions = [8, 16], 8, 2, (1, 1), 6, (0.5,)
     else:
-        widths, size, batch, repeats, count, fractions = [64, 128, 256, 512], 56, 32, 1, 200, (0.9, 0.5, 0.25, 0.1)
+        widths, size, batch, repeats, count = [64, 128, 256, 512], 56, 32, (1, 3), 200
+        fractions = (0.9, 0.5, 0.25, 0.1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; widths {widths}, input {size}x{size}, "
           f"batch {batch}, target 1e-3\n")
     print(control_costs(widths, size, batch, repeats))
