@@ -182,6 +182,13 @@ MUTANTS: List[Mutant] = [
         ("tests/test_control_guarantee.py::test_dilated_clip_matches_an_independent_reference",),
         "a dilated clip is projected onto the undilated (wrong) taps",
     ),
+    Mutant(
+        "clip_scale_skips_the_scale", "ttconv/control.py",
+        'if self.mode == "clip_scale":',
+        "if False:",
+        ("tests/test_control_guarantee.py::test_guarantee_after_apply_against_the_oracle",),
+        "SpectralControl's guaranteed mode clips but never rescales to the target",
+    ),
     # ------------------------------------------------------------------ report.py
     Mutant(
         "report_drops_spatial_bound", "ttconv/report.py",

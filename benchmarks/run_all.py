@@ -27,11 +27,12 @@ SECTIONS = [  # (heading, script, blurb)
     ("Bounds: time and tightness on ResNet-18-shaped layers", "benchmarks/bench_bounds.py",
      "Cells: value / exact circular sigma_max at the layer's input size (time); first column: the exact value."),
     ("Cost of one control pass", "benchmarks/bench_control.py",
-     "SpectralControl.apply() with every layer above the target, SVDConv (core) vs dense convs (FFT)."),
+     "SpectralControl.apply() in each mode (scale, clip, clip_scale) with every layer above the target, "
+     "SVDConv (core) vs dense convs (FFT); then how far plain clipping overshoots on random layers."),
     ("Orthogonal core vs general SVDConv vs nn.Conv2d", "benchmarks/bench_orthogonal.py",
      "Training-step cost of the exactly orthogonal core, and exact O(r) clipping vs FFT clipping."),
     ("Example: training with control on digits", "examples/train_digits.py",
-     "Small CNN on scikit-learn's bundled digits: plain, SVDConv + clip, SVDConv + scale."),
+     "Small CNN on scikit-learn's bundled digits: plain, SVDConv + clip, + clip_scale, + scale."),
     ("Example: a 1-Lipschitz CNN on digits", "examples/lipschitz_digits.py",
      "Certified robust accuracy at L2 radii: orthogonal core vs general SVDConv + scale."),
 ]

@@ -109,9 +109,9 @@ def conv_spec(
     padding: Union[str, IntOrPair] = 0,
     padding_mode: str = "zeros",
 ) -> ConvSpec:
-    """Normalise a kernel or layer into a :class:`ConvSpec` (keyword geometry only for kernels).
+    """Normalise a kernel or layer into a ``ConvSpec`` (keyword geometry only for kernels).
 
-    A :class:`ConvSpec` is validated and returned as it is.
+    A ``ConvSpec`` is validated and returned as it is.
     """
     if isinstance(target, ConvSpec):
         spec = target
@@ -133,7 +133,7 @@ def conv_spec(
 
 def _grouped_kernel(spec: ConvSpec, *, dilated: bool = True) -> Tuple[Tensor, Tensor]:
     """``(kernel / scale, scale)``: the kernel split by group, ``(groups, c_out/g, c_in/g, kh, kw)``,
-    in spectral dtype, normalised by ``max |w|`` (:func:`~ttconv.spectra.kernel_scale`).
+    in spectral dtype, normalised by ``max |w|`` (``kernel_scale``).
 
     ``dilated=False`` keeps the undilated taps: a conv with dilation ``d`` is a direct sum
     of undilated convs on the ``d1 x d2`` interleaved sub-grids (zero padding: each is
@@ -231,7 +231,7 @@ def exact_spectral_norm(target: ConvLike, input_size: IntOrPair, **geometry) -> 
     """Exact spectral norm of the circular convolution on an ``n1 x n2`` input.
 
     Sedghi et al. (ICLR 2019), polyphase for stride. Exact for circular padding; for zero
-    padding at size ``n`` use :func:`operator_norm_bound`. Differentiable. Cost
+    padding at size ``n`` use ``operator_norm_bound``. Differentiable. Cost
     ``O(n1 n2 c_out c_in min(c_out, c_in))`` (``r^3`` for an ``SVDConv``).
     """
     spec = conv_spec(target, **geometry)
@@ -275,7 +275,7 @@ def fantastic_four_bounds(
     ``T: (c_out, c_in*kh*kw)``, ``U: (c_out*kh*kw, c_in)`` of the *undilated* kernel (a
     dilated conv is a direct sum of undilated ones on interleaved sub-grids, so the
     undilated bound holds and is ``(d(k-1)+1)/k`` tighter per axis than the zero-inserted
-    kernel's), each times :func:`padding_factor` of the layer's padding.
+    kernel's), each times ``padding_factor`` of the layer's padding.
 
     What each value bounds, with ``method='exact'``: the spectral norm of the layer's
     operator at every input size and stride, for zero padding of any amount; for circular,
@@ -325,10 +325,10 @@ def fantastic_four_bounds(
 
 
 def fantastic_four_bound(target: ConvLike, **options) -> Tensor:
-    """``max over groups of min of the four`` :func:`fantastic_four_bounds` (0-D, differentiable).
+    """``max over groups of min of the four`` ``fantastic_four_bounds`` (0-D, differentiable).
 
     With ``method='exact'`` a provable upper bound on the layer's spectral norm at every
-    input size and stride, for the padding described in :func:`fantastic_four_bounds`;
+    input size and stride, for the padding described in ``fantastic_four_bounds``;
     the natural training regularizer. Typically 1.6-1.8x the exact value on random 3x3
     kernels (``bounds.md``).
     """
@@ -363,7 +363,7 @@ def gram_iteration_bound(
     matrices of the (polyphase, for stride) kernel, a batch of frequencies at a time
     within ``max_memory`` bytes, and bounds each by its Frobenius norm:
     ``sigma <= ||G_t||_F^(2^-t)``. Bounds the same operator as
-    :func:`exact_spectral_norm` (the circular convolution on ``n``, divisible by the
+    ``exact_spectral_norm`` (the circular convolution on ``n``, divisible by the
     stride); provable for every ``n_iter``, decreasing in ``n_iter`` and converging to
     the exact value (measured worst ratio 1.0012 at t=3, ``bounds.md``). Only matmuls:
     on this project's CPU it is slower than the exact SVDs (docs/performance.md); its
@@ -420,14 +420,14 @@ def zero_padding_bound(
     operator by its largest absolute row sum. It bounds the full (infinite-grid)
     convolution, hence every zero-padded crop of it at every size and stride and every
     circular conv; for the layer's own padding it is multiplied by
-    :func:`padding_factor` (worst case over input sizes), exactly like
-    :func:`fantastic_four_bounds`. Runs on the undilated kernel (a dilated conv is a
+    ``padding_factor`` (worst case over input sizes), exactly like
+    ``fantastic_four_bounds``. Runs on the undilated kernel (a dilated conv is a
     direct sum of undilated ones). Provable for every ``n_iter``.
 
     Cost and memory grow fast: the support doubles each step and one step costs
     ``c^3 (2k-1)^2 k^2`` multiply-adds, so ``n_iter`` is capped at 6; 2-3 is practical
     for 512 channels (on an ``SVDConv`` it runs on the core, ``r`` channels). Work is
-    chunked to ``max_memory`` bytes; :class:`~ttconv.spectra.MemoryLimitError` when even
+    chunked to ``max_memory`` bytes; ``MemoryLimitError`` when even
     the Gram kernel does not fit.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
@@ -488,7 +488,7 @@ def operator_norm_bound(
       1), repeated at most ``c`` times when the padding exceeds the extent minus one;
       ``sqrt(c)`` times that exact norm bounds it, and equals it for a size-preserving
       circular layer with ``n`` divisible by the stride;
-    * :func:`fantastic_four_bound` times :func:`padding_factor` at this size.
+    * ``fantastic_four_bound`` times ``padding_factor`` at this size.
 
     Raises ``ValueError`` for sizes the layer refuses. Differentiable almost everywhere.
     """

@@ -57,7 +57,7 @@ def load_checkpoint(path: str, *, unsafe: bool = False) -> Any:
     Before loading, the path must be a regular file (not a directory, device such as
     ``/dev/zero``, FIFO or socket) and a zip must not inflate to far more than its size.
     After loading, every tensor must store as much data as its shape claims
-    (:func:`ttconv.report.check_tensor_storage`), so an expanded (stride-0) tensor cannot
+    (``ttconv.report.check_tensor_storage``), so an expanded (stride-0) tensor cannot
     make the analysis allocate gigabytes.
 
     Raises

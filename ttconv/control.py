@@ -4,22 +4,22 @@ In-place operations for one layer (``SVDConv`` on its small core, ``nn.Conv2d`` 
 dense FFT), all under ``torch.no_grad`` and keeping parameter identity so optimizer state
 stays attached:
 
-* :func:`scale_to_spectral_norm_` divides the kernel by ``sigma_max / max_value`` when it
+* ``scale_to_spectral_norm_`` divides the kernel by ``sigma_max / max_value`` when it
   exceeds ``max_value``: exact.
-* :func:`clip_singular_values_` clips every per-frequency singular value (Sedghi et al.
+* ``clip_singular_values_`` clips every per-frequency singular value (Sedghi et al.
   2019) and projects the result back to the kernel's support: *approximate*, the
   projection can push the norm back above the target (measured: up to 1.52x with
   ``n_iter=1`` on the 200 random layers of ``benchmarks/bench_control.py``); the norm
   actually reached is returned.
 * ``SVDConv.canonicalize_()`` restores orthonormal ``U``, ``V`` (function unchanged).
 
-:class:`SpectralControl` applies them to a whole model every ``every`` optimizer steps and
+``SpectralControl`` applies them to a whole model every ``every`` optimizer steps and
 provides differentiable regularizers. Its default ``mode='clip_scale'`` clips, then scales
 by the exact norm reached, so every controlled norm ends at most the target. The spectral
 norm controlled is that of the circular convolution at each layer's input size (learnt by
 one hooked forward pass); for a strided layer whose input size is not divisible by the
 stride, the stride-1 norm is used instead, an upper bound of the strided operator's norm
-(see :func:`spectral_norm`).
+(see ``spectral_norm``).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
 def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any) -> float:
     """Divide the kernel by ``sigma_max / max_value`` if ``sigma_max > max_value`` (exact).
 
-    ``sigma_max`` is :func:`spectral_norm` at ``input_size``. For an ``SVDConv`` only ``S``
+    ``sigma_max`` is ``spectral_norm`` at ``input_size``. For an ``SVDConv`` only ``S``
     is scaled (canonical form preserved). Parameters are updated in place; a layer within
     the target is left untouched.
 
@@ -162,7 +162,7 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     on the 200 random layers of ``benchmarks/bench_control.py`` (targets 0.1 to 0.9 times
     each layer's norm): up to 1.52x the target with ``n_iter=1``, up to 1.04x with
     ``n_iter=10``; a measurement, not a bound. Repeating clip and projection converges
-    slowly towards the target; follow with :func:`scale_to_spectral_norm_` (or use
+    slowly towards the target; follow with ``scale_to_spectral_norm_`` (or use
     ``SpectralControl``'s default ``mode='clip_scale'``) for a guarantee. An ``SVDConv`` is canonicalised first and
     clipped on its ``r_out x r_in`` core. With ``core='orthogonal'`` the clip is exact and
     costs ``O(r)``: ``S`` are clamped.
@@ -180,7 +180,7 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     Returns
     -------
     float
-        The exact spectral norm actually reached (as :func:`spectral_norm`).
+        The exact spectral norm actually reached (as ``spectral_norm``).
     """
     _check_layer(layer)
     max_value = _check_max_value(max_value)
@@ -211,24 +211,24 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
 class SpectralControl:
     """Keep every conv's spectral norm at most ``max_value`` during training.
 
-    Call :meth:`step` after each ``optimizer.step()``; every ``every`` calls it runs
-    :meth:`apply`: for each ``SVDConv`` whose ``U`` or ``V`` drifted from orthonormality by
+    Call ``step`` after each ``optimizer.step()``; every ``every`` calls it runs
+    ``apply``: for each ``SVDConv`` whose ``U`` or ``V`` drifted from orthonormality by
     more than ``orthonormality_tol`` it calls ``canonicalize_()``; then every layer whose
-    norm (:func:`spectral_norm` at its recorded input size) exceeds ``max_value`` is
+    norm (``spectral_norm`` at its recorded input size) exceeds ``max_value`` is
 
-    * ``mode='clip_scale'`` (default): clipped (:func:`clip_singular_values_`, ``n_iter``
+    * ``mode='clip_scale'`` (default): clipped (``clip_singular_values_``, ``n_iter``
       rounds), then, if the norm reached is still above ``max_value``, scaled by the exact
-      norm reached (:func:`scale_to_spectral_norm_`): guaranteed;
+      norm reached (``scale_to_spectral_norm_``): guaranteed;
     * ``mode='clip'``: clipped only, as in Sedghi et al. (2019): approximate, the norm
       can stay above ``max_value`` (measured up to 1.52x with ``n_iter=1``, see
-      :func:`clip_singular_values_`);
+      ``clip_singular_values_``);
     * ``mode='scale'``: scaled only (every singular value divided by the same factor):
       guaranteed.
 
     Layers within the target are left bit-for-bit untouched.
 
-    **Guarantee** (modes ``'clip_scale'`` and ``'scale'``): after every :meth:`apply`, every
-    controlled layer's :func:`spectral_norm` at its recorded size is at most
+    **Guarantee** (modes ``'clip_scale'`` and ``'scale'``): after every ``apply``, every
+    controlled layer's ``spectral_norm`` at its recorded size is at most
     ``max_value``, up to floating-point rounding. That is the exact norm of the circular
     convolution with the layer's stride on the recorded size when the size is divisible
     by the stride; otherwise the stride-1 norm is kept below ``max_value``, which bounds
@@ -322,7 +322,7 @@ class SpectralControl:
         self.steps = 0
 
     def step(self) -> Optional[Dict[str, float]]:
-        """Count one optimizer step; every ``every`` steps run :meth:`apply` and return its result."""
+        """Count one optimizer step; every ``every`` steps run ``apply`` and return its result."""
         self.steps += 1
         if self.steps % self.every:
             return None
@@ -335,7 +335,7 @@ class SpectralControl:
         Returns
         -------
         dict
-            Layer name -> its :func:`spectral_norm` at the recorded size afterwards.
+            Layer name -> its ``spectral_norm`` at the recorded size afterwards.
         """
         reached = {}
         for name, layer, size in self.layers:
@@ -360,8 +360,8 @@ class SpectralControl:
         ----------
         method : {'fantastic_four', 'exact'}
             ``'fantastic_four'``: each layer's Fantastic Four minimum
-            (:func:`ttconv.bounds.fantastic_four_bound`, a bound valid for any padding and
-            size; cheap); ``'exact'``: each layer's :func:`spectral_norm` at its recorded
+            (``ttconv.bounds.fantastic_four_bound``, a bound valid for any padding and
+            size; cheap); ``'exact'``: each layer's ``spectral_norm`` at its recorded
             input size (on an ``SVDConv``'s small core).
 
         Returns

@@ -1,9 +1,9 @@
-"""Whole-model conversion: every ``nn.Conv2d`` to :class:`~ttconv.SVDConv` and back.
+"""Whole-model conversion: every ``nn.Conv2d`` to ``SVDConv`` and back.
 
-:func:`convert` recurses over ``named_children`` and replaces each conv on its direct
+``convert`` recurses over ``named_children`` and replaces each conv on its direct
 parent (``nn.Sequential``, ``ModuleList``, ``ModuleDict`` and custom modules alike),
-initialising the ``SVDConv`` from the kernel the conv computes with; :func:`densify`
-undoes it; :func:`load_converted` loads a converted model's ``state_dict`` into the
+initialising the ``SVDConv`` from the kernel the conv computes with; ``densify``
+undoes it; ``load_converted`` loads a converted model's ``state_dict`` into the
 plain model, building layers of the stored ranks.
 
 Nothing changes silently: a conv that cannot be converted exactly (a subclass, extra
@@ -199,7 +199,7 @@ def _original_class(module: nn.Module) -> type:
 def _effective_kernel(conv: nn.Conv2d, strict: bool = True) -> _Kernel:
     """The kernel and bias ``conv`` computes with in eval mode, ready to convert.
 
-    ``strict``: raise :class:`_Unconvertible` for what would not be exact as a whole
+    ``strict``: raise ``_Unconvertible`` for what would not be exact as a whole
     layer (subclasses, state besides the kernel); ``from_conv2d`` converts those anyway.
     """
     if isinstance(conv, LazyModuleMixin) and conv.has_uninitialized_params():
@@ -496,7 +496,7 @@ def convert(
         converted conv then remove the hook from the ``SVDConv`` (the replaced conv hands
         its hooks over; do not use it afterwards).
     return_report : bool
-        Also return a :class:`ConversionReport` (and do not warn about what it lists).
+        Also return a ``ConversionReport`` (and do not warn about what it lists).
     progress : bool or callable(done, total, name), optional
         ``True`` prints a line per converted layer on stderr; a callable is called after
         each layer.
@@ -506,7 +506,7 @@ def convert(
     nn.Module or (nn.Module, ConversionReport)
         The converted model (the root; a conv passed as ``model`` is returned converted).
         Ranks chosen by ``energy`` or ``param_budget`` depend on the weights: reload its
-        ``state_dict`` with :func:`load_converted`.
+        ``state_dict`` with ``load_converted``.
     """
     choices = [rank is not None, energy is not None, param_budget is not None]
     if sum(choices) > 1:
@@ -584,7 +584,7 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every ``SVDConv`` of ``model`` by the equivalent plain ``nn.Conv2d``.
 
     Training flag, ``requires_grad`` (the kernel is frozen when all four factors are) and
-    forward/backward hooks carry over as in :func:`convert`; a ``UserWarning`` names
+    forward/backward hooks carry over as in ``convert``; a ``UserWarning`` names
     layers whose state-dict hooks were dropped.
     """
     model = unwrap(model)
@@ -661,14 +661,14 @@ def load_converted(
         The model as it was before conversion (plain ``nn.Conv2d`` layers; a model
         converted in any other way works too: SVDConv layers of another configuration are
         rebuilt). Conv hyper-parameters, dtype and device come from it; training flag,
-        ``requires_grad`` and hooks carry over as in :func:`convert`. A DataParallel/DDP
+        ``requires_grad`` and hooks carry over as in ``convert``. A DataParallel/DDP
         wrapper is looked through (the state dict must then be the inner model's).
     state_dict : mapping
         From ``converted.state_dict()``, e.g. ``torch.load(path, weights_only=True)``.
         Version-1 state dicts (ttconv before the configuration was stored) work for
         general-core layers: their ranks come from the factor shapes.
     strict : bool
-        As in :meth:`torch.nn.Module.load_state_dict`.
+        As in ``torch.nn.Module.load_state_dict``.
     inplace : bool
         Modify ``model`` itself instead of a deep copy.
 

@@ -61,7 +61,7 @@ def run_demo(channels: int = 128, input_size: int = 16, seed: int = 0) -> List[s
     ------
     ValueError
         An argument is out of range, or the sizes would need more than
-        :data:`DEMO_MAX_MEMORY`; the message names the option.
+        ``DEMO_MAX_MEMORY``; the message names the option.
     """
     _check_demo_args(channels, input_size)
     ranks, low_rank = _demo_ranks(channels)

@@ -8,7 +8,7 @@ with ``kh - 1`` vertical (2x1) and ``kw - 1`` horizontal (1x2) such blocks gives
 ``r x r x kh x kw`` kernel whose circular convolution is orthogonal on every input size,
 for every dilation, exactly (up to float round-off): a product of paraunitary factors.
 
-Pure tensor math with no module: :class:`ttconv.SVDConv` uses it for ``core='orthogonal'``.
+Pure tensor math with no module: ``ttconv.SVDConv`` uses it for ``core='orthogonal'``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
 """Per-layer spectral reports for whole models and checkpoints.
 
-:func:`spectral_report` runs one forward pass with hooks to learn each conv's input size,
-then computes, per ``nn.Conv2d`` / :class:`~ttconv.SVDConv`, the exact circular spectral
+``spectral_report`` runs one forward pass with hooks to learn each conv's input size,
+then computes, per ``nn.Conv2d`` / ``SVDConv``, the exact circular spectral
 norm, the Fantastic Four minimum, the Gram-iteration bound, a power-iteration estimate and
-a certified bound of the layer's actual operator. :func:`state_dict_report` does what can
+a certified bound of the layer's actual operator. ``state_dict_report`` does what can
 be done from weights alone, and finds the model's kernels in the checkpoint layouts seen
 in the wild (optimizer state, EMA copies, training-loop state and images are skipped and
 listed). Reports are returned, never printed: ``str(report)`` is an aligned table, and
 they convert to dicts, CSV and strict JSON.
 
 Memory: one layer's analysis stays within ``max_memory`` bytes. Exact norms, Gram and
-operator bounds stream over frequencies within it (:mod:`ttconv.spectra`); the other
+operator bounds stream over frequencies within it (``ttconv.spectra``); the other
 computations run only when an estimate of their peak memory fits; full spectra are kept
-only with ``keep_spectra=True`` (for :meth:`SpectralReport.plot`), within the same
+only with ``keep_spectra=True`` (for ``SpectralReport.plot``), within the same
 budget. Whatever does not fit is left out with a note in its row instead of failing.
 """
 
@@ -53,7 +53,7 @@ __all__ = [
 
 ProgressFn = Callable[[int, int, str], None]
 
-#: Default working-memory budget of one layer's analysis, in bytes (1 GiB, as in :mod:`ttconv.spectra`).
+#: Default working-memory budget of one layer's analysis, in bytes (1 GiB, as in ``ttconv.spectra``).
 DEFAULT_MAX_MEMORY = spectra.DEFAULT_MAX_MEMORY
 #: A 4-D tensor with more elements than this is refused as a conv kernel (2**28: 1 GiB in
 #: float32, e.g. 8192 x 8192 x 2 x 2); real conv kernels are orders of magnitude smaller.
@@ -66,7 +66,7 @@ class UnsafeTensorError(ValueError):
 
 @dataclass
 class LayerSpectrum:
-    """One row of a :class:`SpectralReport` (plain floats, no autograd history).
+    """One row of a ``SpectralReport`` (plain floats, no autograd history).
 
     Attributes
     ----------
@@ -180,7 +180,7 @@ def _non_finite_name(value: float) -> str:
 
 
 class SpectralReport:
-    """Per-layer spectral norms and bounds of a model; see :func:`spectral_report`.
+    """Per-layer spectral norms and bounds of a model; see ``spectral_report``.
 
     Attributes
     ----------
@@ -231,7 +231,7 @@ class SpectralReport:
         A non-finite value (a bound that overflowed a float) is written as ``null`` and the
         row's ``note`` says which value it was and why; an overflowing product of bounds is
         ``null`` with ``lipschitz_upper_bound_note`` giving its log10. Keyword arguments go
-        to :func:`json.dumps` (``allow_nan`` is always False).
+        to ``json.dumps`` (``allow_nan`` is always False).
         """
         rows = self.to_dicts()
         for row in rows:
@@ -355,7 +355,7 @@ def _accepts_max_memory(fn: Callable[..., Any]) -> bool:
 
     ``conv_singular_values``, ``conv_spectral_norm``, ``gram_iteration_bound``,
     ``zero_padding_bound`` and ``operator_norm_bound`` stream over frequencies (or rows)
-    within ``max_memory`` and raise :class:`~ttconv.spectra.MemoryLimitError` when even one
+    within ``max_memory`` and raise ``MemoryLimitError`` when even one
     batch does not fit. Functions without the keyword (``fantastic_four_bound``,
     ``power_iteration_estimate``, ``SVDConv.singular_values``) are run only when the
     report's own estimate of their peak memory fits. Checked at call time.
@@ -577,7 +577,7 @@ def spectral_report(
         size) the spatial Gram bound; positive.
     keep_spectra : bool
         Keep every layer's full circular spectrum in ``LayerSpectrum.singular_values``
-        (needed by :meth:`SpectralReport.plot`). Off by default: the norm alone needs far
+        (needed by ``SpectralReport.plot``). Off by default: the norm alone needs far
         less memory than all ``n1 * n2 * min(c_out, c_in)`` singular values.
     max_memory : int or None
         Working-memory budget of one layer's analysis in bytes (default 1 GiB; kept spectra
@@ -693,7 +693,7 @@ def check_tensor_storage(checkpoint: Any) -> None:
     ------
     UnsafeTensorError
         Naming the first offending key: a non-strided (sparse, ...) tensor with more than
-        :data:`MAX_KERNEL_ELEMENTS` elements, or a tensor whose storage is smaller than its
+        ``MAX_KERNEL_ELEMENTS`` elements, or a tensor whose storage is smaller than its
         number of elements (overlapping strides).
     """
     for path, tensor in _walk(checkpoint):
@@ -935,13 +935,13 @@ def state_dict_report(
         the input channels (``shape[1]``) of the first kernel in the checkpoint, taken as
         the input layer (a common mistake is ``H W C`` order); it is not used otherwise.
     gram_iters, power_iters, spatial_iters, keep_spectra, max_memory, progress
-        As in :func:`spectral_report`.
+        As in ``spectral_report``.
 
     Raises
     ------
     UnsafeTensorError
         A tensor stores far less data than its shape claims (expanded, stride-0), or a
-        would-be kernel has more than :data:`MAX_KERNEL_ELEMENTS` elements.
+        would-be kernel has more than ``MAX_KERNEL_ELEMENTS`` elements.
     ValueError
         ``in_channels`` differs from the first kernel's input channels, or a bad argument.
     """

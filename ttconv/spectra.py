@@ -8,7 +8,7 @@ handled by the polyphase decomposition (math.md section 2): the ``s*s`` phases o
 kernel become extra input channels of a stride-1 convolution on the ``n/s`` grid.
 
 These functions work on any dense kernel and are the baseline the TT layer is measured
-against; :class:`ttconv.SVDConv` calls them on its small core.
+against; ``ttconv.SVDConv`` calls them on its small core.
 
 Spectra are computed in float64 for float64 kernels and in float32 otherwise, whatever
 the autocast state.
@@ -212,8 +212,8 @@ def conv_singular_values(
         As in ``nn.Conv2d``.
     max_memory : int
         Working memory in bytes (default 1 GiB). Frequencies are processed in batches
-        that fit; raises :class:`MemoryLimitError` when the result itself does not fit
-        (use :func:`conv_spectral_norm`, which needs only a running maximum).
+        that fit; raises ``MemoryLimitError`` when the result itself does not fit
+        (use ``conv_spectral_norm``, which needs only a running maximum).
 
     Returns
     -------
@@ -269,7 +269,7 @@ def conv_spectral_norm(
 ) -> Tensor:
     """Largest singular value of a circular convolution (0-D tensor, differentiable).
 
-    Same arguments and cost as :func:`conv_singular_values`, but memory is bounded by
+    Same arguments and cost as ``conv_singular_values``, but memory is bounded by
     ``max_memory`` whatever the layer and input size: frequencies are processed in
     batches and only a running maximum is kept. A grouped convolution's norm is the
     maximum over its groups.
