@@ -219,17 +219,69 @@ def test_canonicalize_keeps_function_and_parameter_identity():
 
 def test_init_matches_conv2d_distribution():
     torch.manual_seed(0)
-    full = SVDConv(64, 64, 3).dense_weight()
-    dense = nn.Conv2d(64, 64, 3).weight
+    full = SVDConv(64, 64, 3).dense_weight().detach()
+    dense = nn.Conv2d(64, 64, 3).weight.detach()
     assert abs(float(full.std() / dense.std()) - 1) < 0.02
-    # Low rank keeps the dense draw's Frobenius norm, so activations keep their scale.
-    low = SVDConv(64, 64, 3, rank=8).dense_weight()
+    # Low rank keeps the kernel's Frobenius norm, so activations keep their scale.
+    low = SVDConv(64, 64, 3, rank=8).dense_weight().detach()
     assert abs(float(low.norm() / dense.norm()) - 1) < 0.05
     x = torch.randn(16, 64, 8, 8)
     ratio = float(F.conv2d(x, low).std() / F.conv2d(x, dense).std())
     assert 0.8 < ratio < 1.25
-    bias = SVDConv(64, 64, 3).bias
+    bias = SVDConv(64, 64, 3).bias.detach()
     assert float(bias.abs().max()) <= 1 / math.sqrt(64 * 9)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=None), dict(rank=(24, 8)), dict(rank=4, groups=2), dict(kernel_size=1)])
+def test_fresh_layer_is_canonical_with_conv2d_kernel_variance(kwargs):
+    kwargs = dict(dict(in_channels=16, out_channels=32, kernel_size=3), **kwargs)
+    layer = SVDConv(**kwargs, dtype=torch.float64)
+    g = layer.groups
+    for factor in (layer.U, layer.V):
+        assert orthonormality_error(factor, g) < 1e-12
+    r_out = layer.ranks[0]
+    rows = layer.core.detach().reshape(g, r_out, -1).transpose(1, 2).reshape(-1, r_out)
+    assert orthonormality_error(rows, g) < 1e-12
+    weight = layer.dense_weight().detach()
+    unfolding = weight.reshape(g, weight.shape[0] // g, -1)
+    assert torch.allclose(layer.S.detach().reshape(g, -1), torch.linalg.svdvals(unfolding)[:, :r_out], atol=1e-12)
+    fan_in = weight[0].numel()
+    assert abs(float(weight.pow(2).mean()) * 3 * fan_in - 1) < 1e-12  # nn.Conv2d: 1 / (3 fan_in)
+    # canonicalize_ of a fresh layer changes nothing but round-off.
+    before = [p.detach().clone() for p in (layer.U, layer.S, layer.core, layer.V)]
+    layer.canonicalize_()
+    assert _relative(layer.dense_weight(), weight) < 1e-12
+    assert torch.allclose(layer.S.detach(), before[1], atol=1e-12)
+
+
+def test_deep_stack_output_variance_matches_conv2d():
+    # Ten linear layers (circular padding, no bias): each multiplies the variance by
+    # fan_in * Var(w) = 1/3 in expectation for both inits.
+    def run(make, seed):
+        torch.manual_seed(seed)
+        stack = nn.Sequential(*[make() for _ in range(10)])
+        x = torch.randn(8, 32, 16, 16)
+        with torch.no_grad():
+            return float(stack(x).var()) * 3**10
+
+    svd = [run(lambda: SVDConv(32, 32, 3, padding=1, padding_mode="circular", bias=False), s) for s in range(6)]
+    conv = [run(lambda: nn.Conv2d(32, 32, 3, padding=1, padding_mode="circular", bias=False), s) for s in range(6)]
+    for values in (svd, conv):
+        assert all(0.7 < v < 1.4 for v in values), values
+        assert 0.85 < sum(values) / len(values) < 1.15
+    assert 0.85 < sum(svd) / sum(conv) < 1.15
+
+
+def test_refined_conversion_reports_the_true_error_and_never_loses():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 32, 3, dtype=torch.float64)
+    base = SVDConv.from_conv2d(conv, rank=6)
+    refined = SVDConv.from_conv2d(conv, rank=6, refine=10)
+    assert refined.ranks == base.ranks
+    assert refined.approximation_error < base.approximation_error
+    assert abs(refined.approximation_error - _relative(refined.dense_weight(), conv.weight)) < 1e-12
+    with pytest.raises(ValueError, match="refine"):
+        SVDConv.from_conv2d(conv, rank=6, refine=-1)
 
 
 def test_skip_init_and_meta_device():
