@@ -1,11 +1,11 @@
 """``SVDConv``: a drop-in ``nn.Conv2d`` stored in tensor-train form.
 
-The kernel is ``W = U diag(S) core V^T`` per group (layout in :mod:`ttconv.tt`). With
+The kernel is ``W = U diag(S) core V^T`` per group (layout in ``ttconv.tt``). With
 orthonormal ``U`` and ``V`` the layer's singular values are those of the small middle
 convolution ``diag(S) core`` (Senderovich et al., NeurIPS 2022), so exact spectra cost
 ``O(n^2 r^3)`` instead of ``O(n^2 c^3)``.
 
-Orthonormality is kept by a retraction *outside* ``forward``: :meth:`SVDConv.canonicalize_`
+Orthonormality is kept by a retraction *outside* ``forward``: ``SVDConv.canonicalize_``
 (QR of ``U`` and ``V`` with the triangular factors absorbed into the core, then an SVD of
 the core) leaves the computed function unchanged. The spectrum methods do not rely on it:
 they express the core in orthonormal bases of ``span(U)``, ``span(V)`` first, so they are
@@ -69,7 +69,7 @@ def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: 
 class SVDConv(nn.Module):
     r"""2-D convolution whose kernel is kept as ``U diag(S) core V^T`` (tensor-train form).
 
-    Takes every argument of :class:`torch.nn.Conv2d` with the same meaning and computes
+    Takes every argument of ``torch.nn.Conv2d`` with the same meaning and computes
     the same function (``padding='same'/'valid'``, all four padding modes, rectangular
     kernels, ``groups``: each group has its own factors).
 
@@ -96,7 +96,7 @@ class SVDConv(nn.Module):
         Per-group ranks ``(r_out, r_in)``; ``None`` is full rank (every kernel exactly
         representable), one int sets both. Values above what the shape allows are
         clamped to ``r_out <= min(c_out/g, r_in*kh*kw)``, ``r_in <= min(c_in/g, r_out*kh*kw)``;
-        the effective ranks are in :attr:`ranks` and ``repr``.
+        the effective ranks are in ``ranks`` and ``repr``.
     path : {'auto', 'dense', 'factored'}, keyword-only
         How ``forward`` computes: ``'dense'`` composes the kernel and runs one conv,
         ``'factored'`` runs three (1x1, core, 1x1), ``'auto'`` picks the one with fewer
@@ -104,7 +104,7 @@ class SVDConv(nn.Module):
     core : {'general', 'orthogonal'}, keyword-only
         ``'general'`` (default): any kernel of the given ranks. ``'orthogonal'``: a square
         core (``r_out = r_in = r <= min(c_out/g, c_in/g)``) that is an exactly orthogonal
-        convolution (BCOP, :mod:`ttconv.orthogonal`), with ``U``, ``V`` orthonormalised in
+        convolution (BCOP, ``ttconv.orthogonal``), with ``U``, ``V`` orthonormalised in
         ``forward``; then the layer's singular values are exactly ``|S|`` (circular padding,
         any stride and dilation, each repeated once per output position) and ``max |S|``
         bounds the norm for zero padding. See ``docs/orthogonal.md``.
@@ -118,21 +118,21 @@ class SVDConv(nn.Module):
         Output factor, orthonormal columns per group.
     S : Parameter ``(groups * r_out,)``
         Singular values of the unfolding ``W.reshape(out_channels/g, -1)`` per group, in
-        canonical form (after construction, conversion or :meth:`canonicalize_`).
+        canonical form (after construction, conversion or ``canonicalize_``).
     core : Parameter ``(groups * r_out, r_in, kh, kw)``
         Middle core; its unfolding has orthonormal rows in canonical form.
     V : Parameter ``(in_channels, r_in)``
         Input factor, orthonormal columns per group.
     bias : Parameter ``(out_channels,)`` or None
     weight : Tensor ``(out_channels, in_channels/groups, kh, kw)``
-        The composed dense kernel, :meth:`dense_weight` (differentiable, not a parameter,
+        The composed dense kernel, ``dense_weight`` (differentiable, not a parameter,
         not in the ``state_dict``), for code written for ``nn.Conv2d`` that reads
         ``.weight``. Writing *into* the returned tensor (``nn.init.*_(layer.weight)``)
         changes a temporary, not the layer; *assigning* ``layer.weight = tensor`` does set
-        the kernel (see :meth:`set_dense_weight_`), so
+        the kernel (see ``set_dense_weight_``), so
         ``torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)`` works.
     approximation_error : float or None
-        Relative Frobenius error of :meth:`from_conv2d`'s truncation (``None`` otherwise).
+        Relative Frobenius error of ``from_conv2d``'s truncation (``None`` otherwise).
 
     Notes
     -----
@@ -141,7 +141,7 @@ class SVDConv(nn.Module):
     pin down: ranks, core kind, ``max_singular_value`` and path. Loading checks it, so
     a checkpoint never loads silently into a layer of other ranks, another core kind or
     another bound (the error names the layer and both values);
-    :func:`ttconv.convert.load_converted` builds layers of the stored configuration.
+    ``ttconv.convert.load_converted`` builds layers of the stored configuration.
     Version 1 checkpoints (no extra state) still load.
 
     Examples
@@ -234,7 +234,7 @@ class SVDConv(nn.Module):
         Haar-random orthonormal rows of its unfolding; ``S`` flat, scaled so that the
         composed kernel's entries have mean 0 and the variance of ``nn.Conv2d``'s default
         init, ``1 / (3 fan_in)``, in expectation and at every rank
-        (:func:`ttconv.tt.random_factors`). The layer starts in canonical form. Bias as in
+        (``ttconv.tt.random_factors``). The layer starts in canonical form. Bias as in
         ``nn.Conv2d``. No dense kernel is drawn and nothing is decomposed: construction
         costs a few times ``nn.Conv2d(...)`` (``benchmarks/bench_convert.py``).
         """
@@ -336,7 +336,7 @@ class SVDConv(nn.Module):
         parameter: it is not in ``parameters()`` or the ``state_dict``, and writing into
         it in place (``nn.init.*_(layer.weight)``, ``layer.weight.copy_(...)``) changes a
         temporary, not the layer. Assigning sets the kernel: ``layer.weight = tensor``
-        (a ``Parameter`` too) calls :meth:`set_dense_weight_`, which is exact or raises.
+        (a ``Parameter`` too) calls ``set_dense_weight_``, which is exact or raises.
         """
         return self.dense_weight()
 
@@ -501,7 +501,7 @@ class SVDConv(nn.Module):
         Tensor
             1-D, sorted descending, length ``groups * m1 * m2 * min(c_out/g, (c_in/g) s1 s2)``
             (``m = n / s``): the full spectrum of the operator including its zeros, as
-            :func:`ttconv.conv_singular_values` returns for the dense kernel. Float64 for
+            ``ttconv.conv_singular_values`` returns for the dense kernel. Float64 for
             float64 parameters, float32 otherwise. Differentiable.
         """
         n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
@@ -559,12 +559,12 @@ class SVDConv(nn.Module):
             ``torch.nn.utils.parametrize`` that effective kernel is folded, and a
             ``UserWarning`` says so (the new layer does not enforce the
             reparametrization). Hooks, ``requires_grad`` and the training flag are not
-            carried over; :func:`ttconv.convert` does that.
+            carried over; ``ttconv.convert`` does that.
         rank : None, int or (r_out, r_in)
             Per-group ranks (clamped as in the constructor). Exclusive with ``energy``.
         energy : float in (0, 1], optional
             Keep the smallest ranks whose singular values hold this fraction of the
-            squared norm of each truncated unfolding (see :func:`ttconv.tt.decompose`).
+            squared norm of each truncated unfolding (see ``ttconv.tt.decompose``).
         path : {'auto', 'dense', 'factored'}
         refine : int, default 0
             Iterations of alternating optimisation of ``U`` and ``V`` (HOOI) after the
@@ -572,7 +572,7 @@ class SVDConv(nn.Module):
             ``approximation_error`` stays the exact error of the result. Worth it for
             truncated 3x3 (and larger) kernels, where it lowers the error by a few percent
             at roughly the cost of one more conversion per iteration; no effect at full
-            rank or on 1x1 kernels (see :func:`ttconv.tt.decompose`).
+            rank or on 1x1 kernels (see ``ttconv.tt.decompose``).
 
         Returns
         -------
@@ -735,7 +735,7 @@ class SVDConv(nn.Module):
 
 
 def _decode_extra_state(state: Any) -> Dict[str, Any]:
-    """The configuration stored by :meth:`SVDConv.get_extra_state`, as constructor keywords.
+    """The configuration stored by ``SVDConv.get_extra_state``, as constructor keywords.
 
     Returns ``dict(rank=(r_out, r_in), core=..., max_singular_value=..., path=...)``;
     raises ``ValueError`` for anything that is not such a vector.
