@@ -29,6 +29,7 @@ SECTIONS = [  # (heading, script, blurb)
     ("Cost of one control pass", "benchmarks/bench_control.py",
      "SpectralControl.apply() in each mode (scale, clip, clip_scale) with every layer above the target, "
      "SVDConv (core) vs dense convs (FFT); then how far plain clipping overshoots on random layers."),
+    ("Conversion and construction", "benchmarks/bench_convert.py", "Gram-route decompose, ResNet-50, SVDConv(), refine."),
     ("Orthogonal core vs general SVDConv vs nn.Conv2d", "benchmarks/bench_orthogonal.py",
      "Training-step cost of the exactly orthogonal core, and exact O(r) clipping vs FFT clipping."),
     ("Example: training with control on digits", "examples/train_digits.py",

@@ -319,7 +319,7 @@ def _rows_svd(x: Tensor, depth: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     head = int(in_head.to(torch.int64).cumprod(-1).sum(-1).min())  # a prefix, same for all groups
     if head == 0:  # a zero matrix in some group
         return _leaf_svd(x)
-    head_rows = rows[..., :head, :] / norms[..., :head, None]
+    head_rows = rows[..., :head, :] * norms[..., :head, None].reciprocal()
     if head == m:
         return _by_descending(vec, norms, head_rows)
     tail = _project_out(rows[..., head:, :], head_rows)
