@@ -189,6 +189,27 @@ MUTANTS: List[Mutant] = [
         ("tests/test_control_guarantee.py::test_guarantee_after_apply_against_the_oracle",),
         "SpectralControl's guaranteed mode clips but never rescales to the target",
     ),
+    Mutant(
+        "strided_clip_on_stride1", "ttconv/control.py",
+        "    stride = _effective_stride(layer, n)\n    if isinstance(layer, SVDConv):\n        q_u, kernel, q_v",
+        "    stride = (1, 1)\n    if isinstance(layer, SVDConv):\n        q_u, kernel, q_v",
+        ("tests/test_control_guarantee.py::test_strided_clip_clips_the_polyphase_spectrum_like_an_independent_reference",),
+        "a strided layer is clipped on its stride-1 operator (over-constrained) instead of its own spectrum",
+    ),
+    Mutant(
+        "half_plane_nyquist_counted_twice", "ttconv/control.py",
+        "weight = torch.where((v == 0) | (2 * v == m2), 1.0, 2.0)",
+        "weight = torch.where(v == 0, 1.0, 2.0)",
+        ("tests/test_control_guarantee.py::test_half_plane_clip_equals_the_full_plane_clip",),
+        "the half-plane inverse DFT counts the self-conjugate Nyquist column twice",
+    ),
+    Mutant(
+        "certified_norm_trusts_the_power_iteration", "ttconv/control.py",
+        "doubt = torch.linalg.cholesky_ex(shift * eye - gram).info != 0",
+        "doubt = torch.zeros_like(doubt)",
+        ("tests/test_control_guarantee.py::test_certified_norm_finds_a_maximum_the_power_iteration_misses",),
+        "the exact norm skips the Cholesky certificate and keeps the power iteration's best frequency",
+    ),
     # ------------------------------------------------------------------ report.py
     Mutant(
         "report_drops_spatial_bound", "ttconv/report.py",

@@ -165,3 +165,30 @@ def test_models_without_convs_and_bad_layers_are_refused():
         scale_to_spectral_norm_(nn.Conv2d(2, 2, 3), 0, 8)
     with pytest.raises(TypeError, match="layer must be an nn.Conv2d or SVDConv"):
         scale_to_spectral_norm_(nn.Linear(3, 3), 1.0, 8)
+
+
+@pytest.mark.parametrize("mode, norms_per_layer", [("scale", 1), ("clip", 2), ("clip_scale", 2)])
+def test_a_control_pass_computes_each_norm_once(mode, norms_per_layer, monkeypatch):
+    """One exact norm per layer before (passed on to the scale), one after a clip (passed on to
+    clip_scale's scale), none twice; a layer within the target costs one norm."""
+    import ttconv.control as control
+
+    calls = []
+    exact_norm = control._exact_norm
+
+    def counted(*args):
+        calls.append(args[1])
+        return exact_norm(*args)
+
+    monkeypatch.setattr(control, "_exact_norm", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(SVDConv(3, 8, 3, padding=1, rank=4), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          SVDConv(8, 8, 3, stride=2, padding=1))
+    control_ = SpectralControl(model, 1e-3, every=1, mode=mode, example_input=torch.zeros(1, 3, 8, 8))
+    reached = control_.apply()
+    assert len(calls) == norms_per_layer * 3
+    for name, layer, size in control_.layers:  # the values passed on are the exact norms reached
+        assert reached[name] == pytest.approx(_oracle_norm(layer, size), rel=1e-4)
+    calls.clear()
+    SpectralControl(model, 1e3, every=1, mode=mode, example_input=torch.zeros(1, 3, 8, 8)).apply()
+    assert len(calls) == 3

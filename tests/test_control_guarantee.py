@@ -13,7 +13,7 @@ from torch import nn
 
 from configs import config_id, random_conv_configs
 from oracle import circular_singular_values
-from ttconv import SpectralControl, SVDConv, clip_singular_values_
+from ttconv import SpectralControl, SVDConv, clip_singular_values_, control
 
 TOL = 1e-6  # relative slack of the guarantee in float64
 
@@ -191,6 +191,199 @@ def test_dilated_clip_iterated_approaches_the_target(kind):
     assert once > 1.05 * target
     assert abs(many - target) < 0.25 * abs(once - target)
     assert many < 1.02 * target
+
+
+# ----------------------------------------------------------------- strided clip vs an independent reference
+def _reference_strided_clip(weight, n, max_value, stride, dilation, groups):
+    """The paper's polyphase clip in numpy: the dilated kernel on the ``n1 x n2`` grid, its
+    ``s1*s2`` phases ``full[..., q1::s1, q2::s2]`` (each on the ``n / s`` grid) as extra
+    columns of every frequency's matrix, SVD, clip, inverse FFT, phases put back, taps kept.
+
+    Also returns the clipped kernel on the full grid before the projection.
+    """
+    w = weight.detach().numpy().astype(np.float64)
+    c_out, c_in_g, kh, kw = w.shape
+    (d1, d2), (s1, s2), (n1, n2) = dilation, stride, n
+    m1, m2 = n1 // s1, n2 // s2
+    e1, e2 = d1 * (kh - 1) + 1, d2 * (kw - 1) + 1
+    full = np.zeros((c_out, c_in_g, n1, n2))
+    full[:, :, 0:e1:d1, 0:e2:d2] = w
+    phases = [(q1, q2) for q1 in range(s1) for q2 in range(s2)]
+    stacked = np.stack([full[:, :, q1::s1, q2::s2] for q1, q2 in phases], axis=2)  # (c_out, i, s1 s2, m1, m2)
+    transfer = np.fft.fft2(stacked, axes=(3, 4)).reshape(c_out, c_in_g * s1 * s2, m1, m2)
+    o = c_out // groups
+    for g in range(groups):
+        for a in range(m1):
+            for b in range(m2):
+                u, s, vh = np.linalg.svd(transfer[g * o:(g + 1) * o, :, a, b], full_matrices=False)
+                transfer[g * o:(g + 1) * o, :, a, b] = (u * np.minimum(s, max_value)) @ vh
+    spatial = np.fft.ifft2(transfer, axes=(2, 3)).real.reshape(c_out, c_in_g, s1 * s2, m1, m2)
+    clipped_full = np.zeros_like(full)
+    for index, (q1, q2) in enumerate(phases):
+        clipped_full[:, :, q1::s1, q2::s2] = spatial[:, :, index]
+    return clipped_full[:, :, 0:e1:d1, 0:e2:d2].copy(), clipped_full
+
+
+STRIDED = [  # (c_in, c_out, kernel, stride, dilation, groups, n), n divisible by the stride
+    (3, 4, (3, 3), (2, 2), (1, 1), 1, (8, 8)),
+    (4, 6, (3, 2), (2, 1), (1, 2), 2, (8, 7)),
+    (2, 3, (1, 1), (2, 2), (1, 1), 1, (6, 6)),  # kernel smaller than the stride
+    (6, 6, (5, 3), (3, 2), (1, 1), 3, (9, 8)),
+    (4, 4, (3, 3), (2, 2), (2, 2), 2, (10, 10)),  # dilated and strided
+    (2, 5, (2, 3), (1, 2), (2, 1), 1, (7, 6)),
+]
+
+
+def _strided_layer(kind, c_in, c_out, kernel, stride, dilation, groups, seed):
+    torch.manual_seed(seed)
+    conv = dict(in_channels=c_in, out_channels=c_out, kernel_size=kernel, stride=stride, dilation=dilation,
+                groups=groups, dtype=torch.float64)
+    return nn.Conv2d(**conv) if kind == "conv" else SVDConv(**conv)
+
+
+@pytest.mark.parametrize("kind", ["conv", "svd"])
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, dilation, groups, n", STRIDED)
+def test_strided_clip_clips_the_polyphase_spectrum_like_an_independent_reference(
+        kind, c_in, c_out, kernel, stride, dilation, groups, n):
+    layer = _strided_layer(kind, c_in, c_out, kernel, stride, dilation, groups, seed=sum(kernel) + 7 * groups)
+    before = _dense(layer)
+    values = circular_singular_values(before, n, stride, dilation, groups)
+    target = 0.5 * float(values[0])
+    expected, clipped_full = _reference_strided_clip(before, n, target, stride, dilation, groups)
+    # The reference is right: its unprojected kernel's *strided* operator has exactly the
+    # clipped spectrum (explicit operator matrices).
+    full_values = circular_singular_values(torch.from_numpy(clipped_full), n, stride, (1, 1), groups)
+    assert torch.allclose(full_values, values.clamp(max=target), atol=1e-10)
+    reached = clip_singular_values_(layer, target, n)
+    assert np.abs(_dense(layer).numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
+    assert reached == pytest.approx(_oracle(layer, n, stride), rel=1e-9)  # the strided norm, reported
+
+
+@pytest.mark.parametrize("kind", ["conv", "svd"])
+def test_strided_clip_changes_the_kernel_less_than_the_stride1_clip(kind):
+    """At one target for the strided norm, clipping the stride-1 operator over-constrains."""
+    layer = _strided_layer(kind, 8, 8, (3, 3), (2, 2), (1, 1), 1, seed=11)
+    n = (8, 8)
+    before = _dense(layer).numpy().copy()  # not a view of the parameter clipped in place
+    target = 0.5 * _oracle(layer, n, (2, 2))
+    stride1, _ = _reference_clip(_dense(layer), n, target, (1, 1), 1)
+    clip_singular_values_(layer, target, n)
+    change = np.linalg.norm(_dense(layer).numpy() - before) / np.linalg.norm(before)
+    assert change < 0.9 * np.linalg.norm(stride1 - before) / np.linalg.norm(before)
+
+
+@pytest.mark.parametrize("kind", ["conv", "svd"])
+def test_indivisible_size_clips_the_stride1_operator(kind):
+    layer = _strided_layer(kind, 3, 4, (3, 3), (2, 2), (1, 1), 1, seed=3)
+    n = (9, 8)  # 9 is not divisible by 2: the stride-1 operator is clipped (its norm bounds the strided one)
+    before = _dense(layer)
+    target = 0.5 * _oracle(layer, n, (1, 1))
+    expected, _ = _reference_clip(before, n, target, (1, 1), 1)
+    reached = clip_singular_values_(layer, target, n)
+    assert np.abs(_dense(layer).numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
+    assert reached == pytest.approx(_oracle(layer, n, (1, 1)), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [(7, 8), (8, 7), (6, 6), (5, 5), (4, 9), (3, 3)])
+def test_half_plane_clip_equals_the_full_plane_clip(n):
+    """Only frequencies v <= n2 // 2 are decomposed (odd and even n2: the Nyquist column)."""
+    torch.manual_seed(n[0] * 10 + n[1])
+    layer = nn.Conv2d(4, 5, 3, dtype=torch.float64)
+    target = 0.4 * _oracle(layer, n, (1, 1))
+    expected, _ = _reference_clip(layer.weight, n, target, (1, 1), 1)  # numpy fft2, every frequency
+    clip_singular_values_(layer, target, n)
+    assert np.abs(layer.weight.detach().numpy() - expected).max() <= 1e-12 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (1, 1)])
+def test_svdconv_clip_leaves_the_canonical_form_and_equals_the_dense_clip(stride):
+    layer = SVDConv(6, 8, 3, stride=stride, rank=(4, 3), dtype=torch.float64)
+    dense = nn.Conv2d(6, 8, 3, stride=stride, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        layer.U.mul_(1.5)  # U no longer orthonormal: the clip works in an orthonormal basis of span(U)
+        layer.S.div_(1.5)
+    n = (8, 8)
+    target = 0.5 * _oracle(layer, n, stride)
+    clip_singular_values_(layer, target, n)
+    clip_singular_values_(dense, target, n)
+    assert torch.allclose(_dense(layer), _dense(dense), rtol=0, atol=1e-12)
+    eye_u, eye_v = torch.eye(4, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(layer.U.T @ layer.U, eye_u, atol=1e-12)
+    assert torch.allclose(layer.V.T @ layer.V, eye_v, atol=1e-12)
+    rows = layer.core.detach().reshape(4, -1)
+    assert torch.allclose(rows @ rows.T, eye_u, atol=1e-12)
+    assert bool((layer.S[:-1] >= layer.S[1:]).all()) and bool((layer.S >= 0).all())
+
+
+# ----------------------------------------------------------------- the certified exact norm
+def _numpy_max_singular_value(matrices):
+    return float(np.linalg.svd(matrices.numpy(), compute_uv=False)[..., 0].max())
+
+
+def test_certified_norm_finds_a_maximum_the_power_iteration_misses():
+    """The top singular vector of matrix 0 is orthogonal to the column the power iteration
+    starts from (that of the largest Gram diagonal), so its Rayleigh quotient stays at 0.5
+    while its norm is 1; matrix 1 (norm^2 0.7) ranks first. The Cholesky certificate at the
+    best value found (0.7) fails for matrix 0, which is then decomposed exactly."""
+    top = torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64) / 3 ** 0.5
+    second = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    tricky = (torch.outer(top, top) + 0.5 ** 0.5 * torch.outer(second, second)).to(torch.complex128)
+    plain = torch.diag(torch.tensor([0.7 ** 0.5, 0.1, 0.1, 0.1], dtype=torch.float64)).to(torch.complex128)
+    for batch in (torch.stack([tricky, plain]), torch.stack([plain, tricky])):
+        assert float(control._batch_max(batch, None)) == pytest.approx(1.0, rel=1e-14)
+        known = torch.tensor(0.8 ** 0.5, dtype=torch.float64)  # a best value from an earlier batch
+        assert float(control._batch_max(batch, known)) == pytest.approx(1.0, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.complex128, 1e-13), (torch.complex64, 1e-6)])
+def test_certified_norm_with_near_ties_and_zero_matrices(dtype, rel):
+    """Many matrices whose largest singular values agree to 1e-12 (a flat spectrum), rectangular
+    both ways, and all-zero matrices: the maximum is still that of numpy's SVD."""
+    generator = torch.Generator().manual_seed(0)
+    for o, i in ((5, 3), (3, 5), (4, 4)):
+        left = torch.linalg.qr(torch.randn(40, o, o, dtype=torch.complex128, generator=generator))[0]
+        right = torch.linalg.qr(torch.randn(40, i, i, dtype=torch.complex128, generator=generator))[0]
+        values = torch.rand(40, min(o, i), dtype=torch.float64, generator=generator) * 0.9
+        values[:, 0] = 1.0 - 1e-12 * torch.arange(40, dtype=torch.float64)  # near ties
+        matrices = (left[:, :, :min(o, i)] * values[:, None, :].to(left.dtype)) @ right[:, :, :min(o, i)].mH
+        matrices[5:9] = 0
+        matrices = matrices.to(dtype)
+        assert float(control._batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=rel)
+    zero = torch.zeros(3, 2, 2, dtype=dtype)
+    assert float(control._batch_max(zero, None)) == 0.0
+
+
+@pytest.mark.parametrize("index, config", list(enumerate(random_conv_configs(24, seed=21, max_in_numel=400))))
+def test_certified_norm_equals_the_oracle_in_one_or_many_frequency_batches(index, config, monkeypatch):
+    torch.manual_seed(index)
+    weight = torch.randn(config["conv"]["out_channels"], config["conv"]["in_channels"] // config["conv"]["groups"],
+                         *config["conv"]["kernel_size"], dtype=torch.float64)
+    if index % 3 == 0:
+        weight[:, :, 1:] = 0  # a kernel with an empty row: flat spectrum along one axis
+    conv, n = config["conv"], config["n"]
+    stride, dilation, groups = conv["stride"], conv["dilation"], conv["groups"]
+    expected = float(circular_singular_values(weight, n, stride, dilation, groups)[0])
+    assert control._exact_norm(weight, n, stride, dilation, groups) == pytest.approx(expected, rel=1e-12)
+    original = control.transfer_batches
+
+    def one_frequency_per_batch(kernel, m, max_memory, per_frequency_factor=4):
+        g, o, i, t1, t2 = kernel.shape
+        element = 16 if kernel.dtype == torch.float64 else 8
+        return original(kernel, m, (per_frequency_factor * g * o * i + t1 * t2) * element,
+                        per_frequency_factor=per_frequency_factor)
+
+    monkeypatch.setattr(control, "transfer_batches", one_frequency_per_batch)
+    assert control._exact_norm(weight, n, stride, dilation, groups) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e19, 1e-18])
+def test_certified_norm_in_float32_over_the_whole_range(scale):
+    torch.manual_seed(1)
+    weight = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    expected = float(circular_singular_values(weight, (12, 12), (2, 2), (1, 1), 2)[0])
+    value = control._exact_norm((weight * scale).float(), (12, 12), (2, 2), (1, 1), 2)
+    assert value == pytest.approx(expected * scale, rel=2e-6)
 
 
 # ----------------------------------------------------------------- regularizer values

@@ -6,11 +6,12 @@ stays attached:
 
 * ``scale_to_spectral_norm_`` divides the kernel by ``sigma_max / max_value`` when it
   exceeds ``max_value``: exact.
-* ``clip_singular_values_`` clips every per-frequency singular value (Sedghi et al.
-  2019) and projects the result back to the kernel's support: *approximate*, the
-  projection can push the norm back above the target (measured: up to 1.52x with
-  ``n_iter=1`` on the 200 random layers of ``benchmarks/bench_control.py``); the norm
-  actually reached is returned.
+* ``clip_singular_values_`` clips every per-frequency singular value of the layer's
+  circular operator (Sedghi et al. 2019; for a strided layer the strided operator's own
+  polyphase spectrum, as in Senderovich et al. 2022) and projects the result back to the
+  kernel's support: *approximate*, the projection can push the norm back above the
+  target (measured: up to 1.52x with ``n_iter=1`` on the 200 random layers of
+  ``benchmarks/bench_control.py``); the norm actually reached is returned.
 * ``SVDConv.canonicalize_()`` restores orthonormal ``U``, ``V`` (function unchanged).
 
 ``SpectralControl`` applies them to a whole model every ``every`` optimizer steps and
@@ -20,6 +21,11 @@ norm controlled is that of the circular convolution at each layer's input size (
 one hooked forward pass); for a strided layer whose input size is not divisible by the
 stride, the stride-1 norm is used instead, an upper bound of the strided operator's norm
 (see ``spectral_norm``).
+
+Cost: a pass computes each exact norm once (before, and after a clip) and passes it on.
+Those norms are certified rather than decomposed: per frequency one Gram product and one
+Cholesky factorisation, and an SVD only for the few frequencies the certificate cannot
+exclude (``_batch_max``). A clip decomposes the half plane of frequencies only.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from . import _conv_args as args
 from ._hooks import find_conv_layers, record_input_sizes
 from .bounds import fantastic_four_bound
 from .layer import SVDConv
-from .spectra import check_spectral_input_size, conv_spectral_norm, dilate_kernel, spectral_dtype
+from .spectra import (DEFAULT_MAX_MEMORY, check_spectral_input_size, conv_spectral_norm, dilate_kernel, kernel_scale,
+                      polyphase_kernel, spectral_dtype, transfer_batches)
 from .tt import canonicalize, orthonormality_error
 
 __all__ = ["clip_singular_values_", "scale_to_spectral_norm_", "spectral_norm", "SpectralControl"]
@@ -94,6 +101,85 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
                               groups=layer.groups)
 
 
+# ------------------------------------------------------------------ exact norm, certified
+# Relative margin on sigma^2 below which a frequency counts as certified under the best
+# value found: far above the rounding of a Gram matrix and its Cholesky factorisation
+# (~sqrt(size) * eps in practice), far below any gap that matters.
+_MARGIN = {torch.float32: 1e-3, torch.float64: 1e-9}
+_POWER_STEPS = 2
+
+
+def _stride1(kernel: Tensor, stride: Tuple[int, int], dilation: Tuple[int, int], groups: int) -> Tensor:
+    """Dilated kernel with its ``s1*s2`` phases as input channels, by group: ``(g, o, i s1 s2, t1, t2)``."""
+    stride1 = polyphase_kernel(dilate_kernel(kernel, dilation), stride)
+    return stride1.reshape(groups, -1, *stride1.shape[1:])
+
+
+def _batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
+    """``max(best, largest singular value of any matrix in the batch)``, evaluated exactly.
+
+    ``matrices``: ``(B, o, i)``. Every value returned is ``torch.linalg.svdvals`` of one
+    of the matrices (or ``best``). Only a few matrices are decomposed: the one a short
+    power iteration on the smaller Gram ``G`` ranks first, and those for which the
+    Cholesky factorisation of ``best^2 (1 - margin) I - G`` fails. A successful
+    factorisation certifies ``sigma_max^2 <= best^2 (1 - margin)`` up to rounding, far
+    inside the margin: such a matrix cannot exceed ``best``.
+    """
+    o, i = matrices.shape[-2:]
+    gram = matrices @ matrices.mH if o <= i else matrices.mH @ matrices
+    size = gram.shape[-1]
+    # Power iteration from the column of the largest diagonal entry (nonzero for a nonzero matrix).
+    column = gram.diagonal(dim1=-2, dim2=-1).real.argmax(-1)
+    x = torch.gather(gram, -1, column[:, None, None].expand(-1, size, 1))
+    tiny = torch.finfo(x.real.dtype).tiny
+    for _ in range(_POWER_STEPS):
+        x = gram @ x
+        x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(tiny)
+    rayleigh = ((x.mH @ (gram @ x)).real / (x.mH @ x).real.clamp_min(tiny)).flatten()
+    top = int(rayleigh.argmax())
+    if best is None or bool(rayleigh[top] > best * best):
+        value = torch.linalg.svdvals(matrices[top])[0]
+        best = value if best is None else torch.maximum(best, value)
+    doubt = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
+    if bool(best > 0):
+        shift = best * best * (1 - _MARGIN[x.real.dtype])
+        eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
+        doubt = torch.linalg.cholesky_ex(shift * eye - gram).info != 0
+    doubt[top] = False  # evaluated above, or certified by the power iteration's ranking
+    if bool(doubt.any()):
+        best = torch.maximum(best, torch.linalg.svdvals(matrices[doubt])[..., 0].max())
+    return best
+
+
+@torch.no_grad()
+def _exact_norm(kernel: Tensor, n: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int],
+                groups: int) -> float:
+    """Exact norm of the circular convolution with ``kernel`` (``n`` divisible by ``stride``).
+
+    The same value as ``conv_spectral_norm`` (the largest ``svdvals`` over the half-plane
+    frequencies of the polyphase transfer function) up to rounding, at a fraction of its
+    cost: the SVDs are replaced by one Gram product and one Cholesky factorisation per
+    frequency (``_batch_max``). Not differentiable.
+    """
+    args.check_kernel(kernel, groups, "kernel")
+    kernel = kernel.to(spectral_dtype(kernel.dtype))
+    scale = kernel_scale(kernel)
+    grouped = _stride1(kernel / scale, stride, dilation, groups)
+    m = (n[0] // stride[0], n[1] // stride[1])
+    best = None
+    for _, _, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY):
+        best = _batch_max(matrices.flatten(0, 1), best)
+    return float(best * scale)
+
+
+def _norm(layer: ConvLayer, n: Tuple[int, int]) -> float:
+    """``float(spectral_norm(layer, n))`` up to rounding, computed by ``_exact_norm``."""
+    if _is_orthogonal(layer):
+        return float(spectral_norm(layer, n))
+    n = check_spectral_input_size(n, layer.kernel_size, (1, 1), layer.dilation)
+    return _exact_norm(_kernel(layer).detach(), n, _effective_stride(layer, n), layer.dilation, layer.groups)
+
+
 @torch.no_grad()
 @full_precision
 def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any) -> float:
@@ -117,7 +203,7 @@ def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any)
     """
     _check_layer(layer)
     max_value = _check_max_value(max_value)
-    return _scale_from(layer, float(spectral_norm(layer, input_size)), max_value)
+    return _scale_from(layer, _norm(layer, args.input_size_arg(input_size)), max_value)
 
 
 def _scale_from(layer: ConvLayer, sigma: float, max_value: float) -> float:
@@ -136,18 +222,87 @@ def _is_orthogonal(layer: ConvLayer) -> bool:
     return isinstance(layer, SVDConv) and layer.core_kind == "orthogonal"
 
 
-def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, dilation: Tuple[int, int],
-                 groups: int) -> Tensor:
-    """Sedghi clip of a stride-1 circular conv, projected back to the (dilated) kernel support."""
+# ------------------------------------------------------------------ clipping
+def _inverse_phases(u: Tensor, v: Tensor, m: Tuple[int, int], taps: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """``w_v exp(+2 pi i (u a / m1 + v b / m2)) / (m1 m2)`` for taps ``(a, b)``: ``(B, t1 t2)``.
+
+    ``w_v`` is 2 for a half-plane column ``0 < v < m2 / 2`` (it stands for ``v`` and its
+    conjugate ``m2 - v``) and 1 for ``v = 0`` and ``v = m2 / 2``, whose conjugates are in
+    the half plane themselves: the real part of the sum is the inverse DFT of the full
+    Hermitian spectrum.
+    """
+    m1, m2 = m
+    a = torch.arange(taps[0], dtype=torch.float64, device=u.device)
+    b = torch.arange(taps[1], dtype=torch.float64, device=u.device)
+    angle = (2 * math.pi) * (u.to(torch.float64)[:, None, None] * a[None, :, None] / m1
+                             + v.to(torch.float64)[:, None, None] * b[None, None, :] / m2)
+    weight = torch.where((v == 0) | (2 * v == m2), 1.0, 2.0).to(torch.float64) / (m1 * m2)
+    return torch.polar(weight[:, None, None].expand_as(angle), angle).reshape(len(u), -1).to(dtype)
+
+
+def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, stride: Tuple[int, int],
+                 dilation: Tuple[int, int], groups: int) -> Tensor:
+    """Sedghi clip of the circular conv with ``stride`` on ``n``, projected back to the kernel's taps.
+
+    The stride-``s`` operator is the stride-1 operator of the polyphase kernel on the
+    ``n / s`` grid (the ``s1*s2`` phases as extra input channels): its per-frequency
+    matrices are clipped, the clipped kernel (full ``n / s`` support per phase) is read
+    back at the polyphase taps and reassembled into the (dilated) kernel, and the
+    kernel's own taps are kept. Only the half plane ``v <= m2 // 2`` is decomposed:
+    clipping commutes with complex conjugation, so the clipped spectrum stays Hermitian
+    and its inverse DFT real. The inverse DFT is evaluated at the taps only, a batch of
+    frequencies at a time (memory bounded by ``DEFAULT_MAX_MEMORY``).
+    """
     kh, kw = kernel.shape[-2:]
-    dilated = dilate_kernel(kernel, dilation)
-    grouped = dilated.reshape(groups, -1, *dilated.shape[1:])
-    transfer = torch.fft.fft2(grouped, s=n).permute(0, 3, 4, 1, 2)  # (g, n1, n2, o, i)
-    left, values, right = torch.linalg.svd(transfer, full_matrices=False)
-    clipped = (left * values.clamp(max=max_value).to(left.dtype).unsqueeze(-2)) @ right
-    spatial = torch.fft.ifft2(clipped.permute(0, 3, 4, 1, 2), dim=(-2, -1)).real
+    scale = kernel_scale(kernel)
+    limit = max_value / float(scale)
+    grouped = _stride1(kernel / scale, stride, dilation, groups)
+    g, o, i, t1, t2 = grouped.shape
+    m = (n[0] // stride[0], n[1] // stride[1])
+    taps = None
+    for u, v, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY, per_frequency_factor=8):
+        left, values, right = torch.linalg.svd(matrices, full_matrices=False)
+        clipped = (left * values.clamp(max=limit).to(left.dtype).unsqueeze(-2)) @ right
+        term = (_inverse_phases(u, v, m, (t1, t2), clipped.dtype).T @ clipped.reshape(len(u), -1)).real
+        taps = term if taps is None else taps + term
+    phases = taps.reshape(t1, t2, g * o, -1, stride[0], stride[1])  # (t1, t2, c_out, c_in/g, s1, s2)
+    spatial = phases.permute(2, 3, 0, 4, 1, 5).reshape(g * o, -1, t1 * stride[0], t2 * stride[1])
     support = spatial[..., : dilation[0] * (kh - 1) + 1: dilation[0], : dilation[1] * (kw - 1) + 1: dilation[1]]
-    return support.reshape(kernel.shape)
+    return support.reshape(kernel.shape) * scale
+
+
+def _bases_and_core(layer: SVDConv) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(Q_U, kernel, Q_V)``: orthonormal bases of ``span(U)``, ``span(V)`` and the core
+    ``R_U diag(S) core R_V^T`` in them, so that the layer's kernel is ``Q_U kernel Q_V^T``."""
+    work = spectral_dtype(layer.U.dtype)
+    g, r_out, r_in = layer.groups, layer.U.shape[1], layer.V.shape[1]
+    q_u, r_u = torch.linalg.qr(layer.U.detach().to(work).reshape(g, -1, r_out))
+    q_v, r_v = torch.linalg.qr(layer.V.detach().to(work).reshape(g, -1, r_in))
+    core = layer.S.detach().to(work)[:, None, None, None] * layer.core.detach().to(work)
+    kernel = torch.einsum("gac,gcbk,gdb->gadk", r_u, core.reshape(g, r_out, r_in, -1), r_v).reshape(core.shape)
+    return q_u.reshape(layer.U.shape), kernel, q_v.reshape(layer.V.shape)
+
+
+def _clip(layer: ConvLayer, max_value: float, n: Tuple[int, int], n_iter: int) -> float:
+    """Clip in place (validated arguments); returns the exact norm reached."""
+    if _is_orthogonal(layer):
+        # S are the singular values: clipping them is exact and O(r).
+        values = layer.effective_S()
+        layer.set_singular_values_(values.sign() * values.abs().clamp(max=max_value))
+        return _norm(layer, n)
+    stride = _effective_stride(layer, n)
+    if isinstance(layer, SVDConv):
+        q_u, kernel, q_v = _bases_and_core(layer)
+    else:
+        kernel = layer.weight.detach().to(spectral_dtype(layer.weight.dtype))
+    for _ in range(n_iter):
+        kernel = _clip_kernel(kernel, n, max_value, stride, layer.dilation, layer.groups)
+    if isinstance(layer, SVDConv):
+        ones = torch.ones_like(layer.S, dtype=kernel.dtype)
+        layer._copy_factors(canonicalize(q_u, ones, kernel, q_v, layer.groups))
+    else:
+        layer.weight.copy_(kernel)
+    return _norm(layer, n)
 
 
 @torch.no_grad()
@@ -155,17 +310,23 @@ def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, dilation:
 def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *, n_iter: int = 1) -> float:
     """Clip the layer's singular values at ``max_value`` (Sedghi et al. 2019); approximate.
 
-    Per frequency of the stride-1 circular operator on ``input_size``, singular values
-    above ``max_value`` are clipped; the kernel with full ``n1 x n2`` support that results
-    is read back at the layer's ``kh x kw`` taps (at the dilated positions for a dilated
-    layer). That projection is *not* exact: the norm can end above ``max_value``. Measured
-    on the 200 random layers of ``benchmarks/bench_control.py`` (targets 0.1 to 0.9 times
-    each layer's norm): up to 1.52x the target with ``n_iter=1``, up to 1.04x with
-    ``n_iter=10``; a measurement, not a bound. Repeating clip and projection converges
-    slowly towards the target; follow with ``scale_to_spectral_norm_`` (or use
-    ``SpectralControl``'s default ``mode='clip_scale'``) for a guarantee. An ``SVDConv`` is canonicalised first and
-    clipped on its ``r_out x r_in`` core. With ``core='orthogonal'`` the clip is exact and
-    costs ``O(r)``: ``S`` are clamped.
+    Per frequency of the layer's circular operator on ``input_size``, singular values
+    above ``max_value`` are clipped; the kernel with full support that results is read
+    back at the layer's ``kh x kw`` taps (at the dilated positions for a dilated layer).
+    For a strided layer the operator clipped is the strided one itself, through its
+    polyphase decomposition (the ``s1*s2`` phases of the kernel as input channels of a
+    stride-1 convolution on the ``n / s`` grid), as in Senderovich et al. (2022); when
+    ``input_size`` is not divisible by the stride, the stride-1 operator is clipped
+    instead (its norm bounds the strided one; this over-constrains the kernel). The
+    projection back to the taps is *not* exact: the norm can end above ``max_value``.
+    Measured on the 200 random layers of ``benchmarks/bench_control.py`` (targets 0.1 to
+    0.9 times each layer's norm): up to 1.52x the target with ``n_iter=1``, up to 1.04x
+    with ``n_iter=10``; a measurement, not a bound. Repeating clip and projection
+    converges slowly towards the target; follow with ``scale_to_spectral_norm_`` (or use
+    ``SpectralControl``'s default ``mode='clip_scale'``) for a guarantee. An ``SVDConv``
+    is clipped on its ``r_out x r_in`` core expressed in orthonormal bases of ``span(U)``
+    and ``span(V)``, and left in canonical form. With ``core='orthogonal'`` the clip is
+    exact and costs ``O(r)``: ``S`` are clamped.
 
     Parameters
     ----------
@@ -173,7 +334,8 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     max_value : float
         Target for every singular value, > 0.
     input_size : int or (int, int)
-        At least the dilated kernel extent; any size (the clip uses the stride-1 operator).
+        At least the dilated kernel extent; any size (not divisible by the stride: the
+        stride-1 operator is clipped).
     n_iter : int
         Clip-and-project rounds, >= 1.
 
@@ -181,31 +343,19 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     -------
     float
         The exact spectral norm actually reached (as ``spectral_norm``).
+
+    Notes
+    -----
+    Cost: one SVD per frequency of the half plane ``(n1 / s1) x (n2 / s2 // 2 + 1)`` of
+    ``c_out/g x (c_in/g) s1 s2`` matrices (``r_out x r_in s1 s2`` for an ``SVDConv``)
+    per round, and one exact norm afterwards, for which a Gram product and a Cholesky
+    factorisation per frequency certify all but a few frequencies (see ``_batch_max``).
     """
     _check_layer(layer)
     max_value = _check_max_value(max_value)
     n_iter = args.positive_int(n_iter, "n_iter")
     n = check_spectral_input_size(input_size, layer.kernel_size, (1, 1), layer.dilation)
-    if _is_orthogonal(layer):
-        # S are the singular values: clipping them is exact and O(r).
-        values = layer.effective_S()
-        layer.set_singular_values_(values.sign() * values.abs().clamp(max=max_value))
-        return float(spectral_norm(layer, n))
-    if isinstance(layer, SVDConv):
-        layer.canonicalize_()
-        work = spectral_dtype(layer.U.dtype)
-        kernel = (layer.S[:, None, None, None] * layer.core).to(work)
-    else:
-        kernel = layer.weight.to(spectral_dtype(layer.weight.dtype))
-    for _ in range(n_iter):
-        kernel = _clip_kernel(kernel, n, max_value, layer.dilation, layer.groups)
-    if isinstance(layer, SVDConv):
-        ones = torch.ones_like(layer.S, dtype=kernel.dtype)
-        factors = canonicalize(layer.U.to(kernel.dtype), ones, kernel, layer.V.to(kernel.dtype), layer.groups)
-        layer._copy_factors(factors)
-    else:
-        layer.weight.copy_(kernel)
-    return float(spectral_norm(layer, n))
+    return _clip(layer, max_value, n, n_iter)
 
 
 class SpectralControl:
@@ -342,12 +492,12 @@ class SpectralControl:
             if isinstance(layer, SVDConv) and max(orthonormality_error(layer.U, layer.groups),
                                                   orthonormality_error(layer.V, layer.groups)) > self.orthonormality_tol:
                 layer.canonicalize_()
-            sigma = float(spectral_norm(layer, size))
+            sigma = _norm(layer, size)  # exact; computed once, then passed on
             if sigma > self.max_value:
                 if self.mode == "scale":
                     sigma = _scale_from(layer, sigma, self.max_value)
                 else:
-                    sigma = clip_singular_values_(layer, self.max_value, size, n_iter=self.n_iter)
+                    sigma = _clip(layer, self.max_value, size, self.n_iter)  # the exact norm reached
                     if self.mode == "clip_scale":
                         sigma = _scale_from(layer, sigma, self.max_value)
             reached[name] = sigma
