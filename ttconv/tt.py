@@ -59,7 +59,7 @@ class TTFactors(NamedTuple):
 
 
 class Decomposition(NamedTuple):
-    """Result of `decompose`.
+    """Result of ``decompose``.
 
     Attributes
     ----------
@@ -447,7 +447,7 @@ def decompose(
         ``(c_out, c_in/groups, kh, kw)``, finite.
     groups : int
     rank : None, int or (r_out, r_in)
-        Clamped to the shape (see `resolve_ranks`). Exclusive with ``energy``.
+        Clamped to the shape (see ``resolve_ranks``). Exclusive with ``energy``.
     energy : float in (0, 1], optional
         Each truncation keeps the smallest rank whose singular values hold at least this
         fraction of the squared Frobenius norm of the matrix it truncates (the largest
@@ -614,7 +614,7 @@ def random_factors(
     out_per_group, in_per_group : int
     kernel_size : (int, int)
     ranks : (int, int)
-        ``(r_out, r_in)``, valid for the shape (see `resolve_ranks`).
+        ``(r_out, r_in)``, valid for the shape (see ``resolve_ranks``).
     groups : int
     dtype, device : optional
         Of the returned tensors. Half precision is sampled in float32 (QR has no
