@@ -12,7 +12,7 @@ from ttconv import SVDConv, convert, densify
 
 
 def _relative(a, b):
-    return float((a - b).norm() / b.norm())
+    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -174,3 +174,16 @@ def test_progress_true_prints_a_line_per_layer_on_stderr(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == "[4/4] 7"
     with pytest.raises(TypeError, match="progress must be"):
         convert(vgg_like(), progress="yes")
+
+
+def test_convert_refine_lowers_the_reported_error_and_reports_it_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)).double()
+    _, plain = convert(model, rank=4, return_report=True)
+    refined_model, refined = convert(model, rank=4, refine=5, return_report=True)
+    for before, after, conv, layer in zip(plain.layers, refined.layers, (model[0], model[2]),
+                                          (refined_model[0], refined_model[2])):
+        assert after.relative_error <= before.relative_error + 1e-12
+        true = ((layer.dense_weight() - conv.weight).norm() / conv.weight.norm()).item()
+        assert after.relative_error == pytest.approx(true, rel=1e-9)
+    assert sum(a.relative_error for a in refined.layers) < sum(b.relative_error for b in plain.layers)

@@ -452,6 +452,7 @@ def convert(
     inplace: bool = False,
     return_report: bool = False,
     progress: Union[None, bool, ProgressFn] = None,
+    refine: int = 0,
 ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
     """Replace every ``nn.Conv2d`` of ``model`` by an ``SVDConv`` initialised from its kernel.
 
@@ -500,6 +501,9 @@ def convert(
     progress : bool or callable(done, total, name), optional
         ``True`` prints a line per converted layer on stderr; a callable is called after
         each layer.
+    refine : int, default 0
+        HOOI iterations per converted layer after the one-pass truncation (see
+        ``SVDConv.from_conv2d``); the report's errors stay exact.
 
     Returns
     -------
@@ -551,7 +555,7 @@ def convert(
             layer_rank = _fraction_ranks(conv, layer_rank)
         try:
             layer = SVDConv._from_kernel(kernel.weight, kernel.bias, _conv_arguments(conv), rank=layer_rank,
-                                         energy=energy)
+                                         energy=energy, refine=refine)
         except (ValueError, TypeError) as error:
             raise type(error)(f"layer {name!r}: {error}") from error
         layers.append(layer)

@@ -23,9 +23,8 @@ Everything here is pure tensor math with no ``nn.Module``: the layer builds on i
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -176,39 +175,13 @@ _MAX_DEPTH = 4
 the spectrum within a factor ``sqrt(_HEAD) = 0.1`` of its top: 4 levels reach 1e-4)."""
 
 
-_SERIAL_LAPACK_SIZE = 256
-
-
-@contextlib.contextmanager
-def _lapack_threads(size: int) -> Iterator[None]:
-    """Run an eigen- or singular value decomposition of order ``size`` single-threaded.
-
-    Measured on the project's 2-core machine while other processes load it: MKL's
-    threaded ``eigh`` of a 512 x 512 matrix takes 7.0 s with 2 threads and 0.05 s with
-    one; the SVD of 512 x 4608 14 s and 1.2 s (the threads spin at barriers while a core
-    is busy elsewhere; unloaded, 2 threads are 1.5x faster). Switching the thread count
-    costs ~15 ms (the OpenMP team is rebuilt), so small problems, which do not show the
-    collapse, keep the threads. GEMMs are unaffected and always keep them.
-    """
-    threads = torch.get_num_threads()
-    serial = threads > 1 and size >= _SERIAL_LAPACK_SIZE
-    if serial:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if serial:
-            torch.set_num_threads(threads)
-
-
 def _leaf_svd(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Economy SVD of ``x: (g, m, n)``, ``m <= n``, by LAPACK on the tall orientation.
 
     This is the exact fallback of the Gram route. LAPACK is several times faster on the
     tall ``(n, m)`` matrix than on the wide one (1.7 s vs 14.1 s for 512 x 4608).
     """
-    with _lapack_threads(min(x.shape[-2:])):
-        y, sv, zh = torch.linalg.svd(x.mT, full_matrices=False)
+    y, sv, zh = torch.linalg.svd(x.mT, full_matrices=False)
     return zh.mT, sv, y.mT
 
 
@@ -234,8 +207,7 @@ def _gram(x: Tensor) -> Tensor:
 
 
 def _eigh_descending(gram: Tensor) -> Tuple[Tensor, Tensor]:
-    with _lapack_threads(gram.shape[-1]):
-        lam, vec = torch.linalg.eigh(gram)
+    lam, vec = torch.linalg.eigh(gram)
     return lam.flip(-1), vec.flip(-1)
 
 
@@ -536,8 +508,7 @@ def decompose(
         # stay orthonormal because they lie in that span.
         r_in = r_out * kh * kw
         unfolding = core.transpose(1, 2).reshape(groups, core.shape[2], -1)
-        with _lapack_threads(min(unfolding.shape[-2:])):
-            span, _, _ = torch.linalg.svd(unfolding, full_matrices=False)
+        span, _, _ = torch.linalg.svd(unfolding, full_matrices=False)
         span = span[..., :r_in]
         core = torch.einsum("gabk,gbc->gack", core, span)
         V = V @ span
