@@ -517,5 +517,7 @@ def test_histogram_of_an_orthogonal_layer_is_a_spike_at_its_singular_values():
         layer.set_singular_values_(torch.tensor([0.5, 0.5, 1.0, 1.0]))
     histograms = ev.singular_value_histograms(nn.Sequential(layer), torch.zeros(1, 4, 5, 5), bins=4, range=(0, 1.2))
     assert histograms[0].counts.tolist() == [0, 50, 0, 50]
+    tiny = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(4), nn.Conv2d(4, 4, 3, padding=1))
+    assert [h.name for h in ev.singular_value_histograms(tiny, torch.zeros(1, 4, 8, 8))] == ["0"]  # '2' sees 2x2
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         ev.singular_value_histograms(nn.Sequential(nn.ReLU()), torch.zeros(1, 4, 5, 5))

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ._hooks import record_input_sizes
 from .layer import SVDConv
-from .spectra import conv_singular_values
+from .spectra import check_spectral_input_size, conv_singular_values
 
 __all__ = [
     "predict",
@@ -605,7 +605,7 @@ def _chain(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module
             yield path, child
 
 
-def lipschitz_bound(model: nn.Module, example_input: Tensor) -> float:
+def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional[Any] = None) -> float:
     """Certified upper bound of the L2 Lipschitz constant of a plain chain of layers.
 
     The product of per-layer bounds, valid because ``model`` is an ``nn.Sequential`` (nested
@@ -634,6 +634,8 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor) -> float:
         sized by one no-grad forward pass).
     example_input : Tensor
         An input the model accepts, e.g. ``torch.zeros(1, C, H, W)``.
+    report : SpectralReport, optional
+        ``spectral_report(model, example_input)`` if you already have it (saves computing it).
 
     Returns
     -------
@@ -655,7 +657,8 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor) -> float:
     modules = list(_chain(model))
     rows: Dict[str, float] = {}
     if any(isinstance(m, (nn.Conv2d, SVDConv)) for _, m in modules):
-        report = spectral_report(model, example_input, gram_iters=1, power_iters=1)
+        if report is None:
+            report = spectral_report(model, example_input, gram_iters=1, power_iters=1)
         rows = {row.name: row.upper_bound for row in report.layers if row.input_size is not None}
     bound = 1.0
     for name, module in modules:
@@ -925,7 +928,9 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
     Returns
     -------
     list of SpectrumHistogram
-        In module order; layers not reached by the forward pass are left out.
+        In module order. Left out: layers not reached by the forward pass, and layers
+        whose input size has no circular operator (smaller than the dilated kernel, or
+        not divisible by the stride).
     """
     from ._hooks import find_conv_layers
 
@@ -934,8 +939,17 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no nn.Conv2d or SVDConv layers")
     sizes = record_input_sizes(model, layers, example_input)
-    spectra = [(name, sizes[name][0], _layer_spectrum(layer, sizes[name][0]).double())
-               for name, layer in layers if sizes[name]]
+    spectra = []
+    for name, layer in layers:
+        if not sizes[name]:
+            continue
+        try:
+            check_spectral_input_size(sizes[name][0], layer.kernel_size, layer.stride, layer.dilation)
+        except ValueError:  # smaller than the kernel or not divisible by the stride: no circular operator
+            continue
+        spectra.append((name, sizes[name][0], _layer_spectrum(layer, sizes[name][0]).double()))
+    if not spectra:
+        raise ValueError("no conv layer has a circular spectrum at the sizes seen in example_input's forward pass")
     if range is None:
         top = max(float(values.max()) for _, _, values in spectra)
         range = (0.0, top if top > 0 else 1.0)
