@@ -180,7 +180,7 @@ def test_digits_runner_writes_summary_over_seeds_and_plots(tmp_path):
     assert conv["values"] == values and conv["mean"] == pytest.approx(sum(values) / 2)
     assert conv["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))  # sample std of two values
     for run_ in payload["runs"]:  # digits_chain is a plain chain: certified
-        assert run_["metrics"]["certified@0.5"] is not None
+        assert run_["metrics"]["certified@1.5"] is not None
         assert run_["metrics"]["empirical_lipschitz"] <= run_["metrics"]["lipschitz_bound"] * (1 + 1e-6)
     names = {p.name for p in out.iterdir()}
     assert {"results.json", "results.md", "robustness.png", "spectra_conv2d.png", "reliability_conv2d.png"} <= names
