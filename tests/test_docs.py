@@ -23,3 +23,15 @@ def test_code_blocks_run(page, capsys):
             raise AssertionError(f"{page}, python block {index} failed: {error!r}") from error
     printed = capsys.readouterr().out
     assert "False" not in printed.split(), f"{page}: a printed check is False:\n{printed}"
+
+
+def test_docstrings_use_markdown_code_spans_not_sphinx_roles():
+    # mkdocstrings renders docstrings as Markdown: a Sphinx role shows up literally on the API page.
+    import pathlib
+    import re
+
+    role = re.compile(r":(class|func|meth|mod|attr|data|exc|obj):`")
+    package = pathlib.Path(__file__).resolve().parent.parent / "ttconv"
+    offenders = [f"{path.name}:{n}" for path in sorted(package.glob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if role.search(line)]
+    assert not offenders, offenders

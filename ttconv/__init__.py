@@ -4,7 +4,7 @@
 orthonormal outer factors, so the layer's exact spectrum comes from its small core.
 """
 
-from . import bounds
+from . import bounds, evaluate
 from .control import SpectralControl, clip_singular_values_, scale_to_spectral_norm_, spectral_norm
 from .convert import ConversionReport, convert, densify, load_converted
 from .layer import SVDConv
@@ -21,6 +21,7 @@ __all__ = [
     "MemoryLimitError",
     "decompose",
     "bounds",
+    "evaluate",
     "spectral_report",
     "state_dict_report",
     "SpectralReport",

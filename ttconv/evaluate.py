@@ -3,16 +3,16 @@
 Everything here is plain PyTorch (matplotlib only for the optional plots) and works on any
 classifier ``model(x) -> logits``:
 
-* calibration: :func:`expected_calibration_error` and :func:`calibration_report` (a
-  reliability table) on logits, :func:`calibration` on a model and a loader;
-* empirical robustness: :func:`fgsm` and :func:`pgd` (L2 and Linf) return adversarial
-  inputs, :func:`attack_accuracy` the accuracy under them;
-* certified robustness: :func:`lipschitz_bound` (a certified Lipschitz constant of a plain
-  chain of layers), :func:`certified_radius` and :func:`certified_accuracy`
-  (``margin / (sqrt(2) L)``), beside :func:`empirical_lipschitz`, a lower estimate of the
+* calibration: ``expected_calibration_error`` and ``calibration_report`` (a
+  reliability table) on logits, ``calibration`` on a model and a loader;
+* empirical robustness: ``fgsm`` and ``pgd`` (L2 and Linf) return adversarial
+  inputs, ``attack_accuracy`` the accuracy under them;
+* certified robustness: ``lipschitz_bound`` (a certified Lipschitz constant of a plain
+  chain of layers), ``certified_radius`` and ``certified_accuracy``
+  (``margin / (sqrt(2) L)``), beside ``empirical_lipschitz``, a lower estimate of the
   same constant from input Jacobians and adversarial pairs;
-* training certified nets: :func:`margin_loss` (hinge and hinge-KR);
-* per-layer spectra: :func:`singular_value_histograms` and :func:`plot_singular_value_histograms`.
+* training certified nets: ``margin_loss`` (hinge and hinge-KR);
+* per-layer spectra: ``singular_value_histograms`` and ``plot_singular_value_histograms``.
 
 Conventions. A *loader* is any iterable of ``(inputs, labels, ...)`` batches (a
 ``DataLoader``, a list of tuples); batches go to the device of the model's first
@@ -312,12 +312,12 @@ def calibration_report(logits: Tensor, labels: Tensor, n_bins: int = 15) -> Cali
 
 
 def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = 15) -> float:
-    """ECE with ``n_bins`` equal-width, right-closed confidence bins; see :func:`calibration_report`."""
+    """ECE with ``n_bins`` equal-width, right-closed confidence bins; see ``calibration_report``."""
     return calibration_report(logits, labels, n_bins).ece
 
 
 def calibration(model: nn.Module, loader: Loader, n_bins: int = 15) -> CalibrationReport:
-    """:func:`calibration_report` of ``model``'s predictions over ``loader`` (eval mode)."""
+    """``calibration_report`` of ``model``'s predictions over ``loader`` (eval mode)."""
     n_bins = _check_n_bins(n_bins)
     return calibration_report(*predict(model, loader), n_bins=n_bins)
 
@@ -432,7 +432,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
 
     Each restart starts at ``x`` (``random_start=False``) or at a uniform random point of
     the ball, then takes ``steps`` steps ``delta <- project(delta + step_size * d)``, ``d``
-    the ascent direction of :func:`fgsm` at the current point, projected onto the ball and
+    the ascent direction of ``fgsm`` at the current point, projected onto the ball and
     clipped to ``clamp``. Per example, the first iterate (over steps and restarts) that
     the model misclassifies is returned; for an example never misclassified, the final
     iterate of the restart with the highest loss. Gradients are taken w.r.t. the input
@@ -511,7 +511,7 @@ def attack_accuracy(model: nn.Module, loader: Loader, eps: float, *, attack: str
         Radius, >= 0 (``eps=0`` gives the clean accuracy).
     attack : {'pgd', 'fgsm'}
     norm, steps, step_size, restarts, random_start, clamp, seed
-        As in :func:`pgd` (only ``norm`` and ``clamp`` apply to FGSM).
+        As in ``pgd`` (only ``norm`` and ``clamp`` apply to FGSM).
 
     Returns
     -------
@@ -615,7 +615,7 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
       upper bound with zero padding (``docs/orthogonal.md``);
     * other ``SVDConv`` / ``nn.Conv2d``: the report's certified bound of the layer's own
       operator at the input size seen in ``example_input``'s forward pass (the
-      ``upper_bound`` column of :func:`ttconv.spectral_report`; exact for circular padding
+      ``upper_bound`` column of ``ttconv.spectral_report``; exact for circular padding
       on sizes divisible by the stride);
     * ``nn.Linear``: its exact spectral norm; eval-mode batch norm: ``max |gamma| / sqrt(var + eps)``;
       non-overlapping max/avg pooling: ``1`` / ``1/sqrt(window)``; ReLU, MaxMin,
@@ -625,7 +625,7 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
     Anything else, and any model that is not an ``nn.Sequential`` (residual connections,
     concatenations), raises ``TypeError``: a product of layer bounds is *not* a certificate
     there. For such a model, bound the constant yourself and pass it to
-    :func:`certified_accuracy`.
+    ``certified_accuracy``.
 
     Parameters
     ----------
@@ -709,7 +709,7 @@ def certified_accuracy(model: nn.Module, loader: Loader, lipschitz: float, eps: 
         The classifier, in eval mode.
     loader : iterable of (inputs, labels)
     lipschitz : float
-        Upper bound ``L`` of the model's L2 Lipschitz constant, e.g. :func:`lipschitz_bound`
+        Upper bound ``L`` of the model's L2 Lipschitz constant, e.g. ``lipschitz_bound``
         for a plain chain (or ``spectral_report(...).lipschitz_upper_bound``, which also is a
         bound for plain chains of convs and 1-Lipschitz activations only).
     eps : float
@@ -911,8 +911,8 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
     """Histogram of every conv layer's singular values, all on the same bins.
 
     Each layer's spectrum is that of its circular convolution at the input size seen in
-    ``example_input``'s forward pass (:meth:`ttconv.SVDConv.singular_values` or
-    :func:`ttconv.conv_singular_values`: every singular value, zeros of a low rank
+    ``example_input``'s forward pass (``ttconv.SVDConv.singular_values`` or
+    ``ttconv.conv_singular_values``: every singular value, zeros of a low rank
     included). Bins are equal-width over ``range``, by default ``(0, largest singular
     value of all layers)``, so layers compare at a glance.
 
