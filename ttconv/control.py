@@ -119,35 +119,53 @@ def _batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
     """``max(best, largest singular value of any matrix in the batch)``, evaluated exactly.
 
     ``matrices``: ``(B, o, i)``. Every value returned is ``torch.linalg.svdvals`` of one
-    of the matrices (or ``best``). Only a few matrices are decomposed: the one a short
-    power iteration on the smaller Gram ``G`` ranks first, and those for which the
-    Cholesky factorisation of ``best^2 (1 - margin) I - G`` fails. A successful
+    of the matrices (or ``best``), and no matrix left out can exceed it. Rounds: the
+    pending matrices a short power iteration on the smaller Gram ``G`` ranks highest
+    (``B // 32`` of them, at least one) are decomposed, then every other pending matrix
+    whose ``best^2 (1 - margin) I - G`` has a Cholesky factorisation is dropped: the
     factorisation certifies ``sigma_max^2 <= best^2 (1 - margin)`` up to rounding, far
-    inside the margin: such a matrix cannot exceed ``best``.
+    inside the margin. When a round does not raise ``best`` the rest are decomposed. A
+    spread spectrum takes one round; a flat one (every frequency within a few percent of
+    the top, as after a clip), where the power iteration ranks poorly, a few.
     """
     o, i = matrices.shape[-2:]
     gram = matrices @ matrices.mH if o <= i else matrices.mH @ matrices
-    size = gram.shape[-1]
+    count, size = gram.shape[0], gram.shape[-1]
     # Power iteration from the column of the largest diagonal entry (nonzero for a nonzero matrix).
-    column = gram.diagonal(dim1=-2, dim2=-1).real.argmax(-1)
-    x = torch.gather(gram, -1, column[:, None, None].expand(-1, size, 1))
-    tiny = torch.finfo(x.real.dtype).tiny
+    diagonal = gram.diagonal(dim1=-2, dim2=-1).real
+    x = torch.gather(gram, -1, diagonal.argmax(-1)[:, None, None].expand(-1, size, 1))
+    tiny = torch.finfo(diagonal.dtype).tiny
     for _ in range(_POWER_STEPS):
         x = gram @ x
         x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(tiny)
-    rayleigh = ((x.mH @ (gram @ x)).real / (x.mH @ x).real.clamp_min(tiny)).flatten()
-    top = int(rayleigh.argmax())
-    if best is None or bool(rayleigh[top] > best * best):
-        value = torch.linalg.svdvals(matrices[top])[0]
-        best = value if best is None else torch.maximum(best, value)
-    doubt = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
-    if bool(best > 0):
-        shift = best * best * (1 - _MARGIN[x.real.dtype])
-        eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
-        doubt = torch.linalg.cholesky_ex(shift * eye - gram).info != 0
-    doubt[top] = False  # evaluated above, or certified by the power iteration's ranking
-    if bool(doubt.any()):
-        best = torch.maximum(best, torch.linalg.svdvals(matrices[doubt])[..., 0].max())
+    rayleigh = ((x.mH @ (gram @ x)).real / (x.mH @ x).real.clamp_min(tiny)).flatten()  # <= sigma_max^2
+    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
+    chunk = max(1, count // 32)
+    pending = torch.ones(count, dtype=torch.bool, device=gram.device)
+    if best is not None:
+        pending &= diagonal.amax(-1) > 0  # all-zero matrices cannot exceed best >= 0
+    certified = False
+    while bool(pending.any()):
+        ranked = torch.where(pending, rayleigh, rayleigh.new_tensor(-1.0))
+        if best is not None and not certified:  # before a certificate: only those that beat best for sure
+            ranked = torch.where(rayleigh > best * best, ranked, rayleigh.new_tensor(-1.0))
+        chosen = ranked.argsort(descending=True)[:chunk]
+        chosen = chosen[ranked[chosen] >= 0]
+        improved = best is None or not certified
+        if len(chosen):
+            value = torch.linalg.svdvals(matrices[chosen])[..., 0].max()
+            pending[chosen] = False
+            improved = improved or bool(value > best)
+            best = value if best is None else torch.maximum(best, value)
+        if not bool(pending.any()):
+            break
+        if not improved or not bool(best > 0):  # the same certificate again would drop nothing
+            best = torch.maximum(best, torch.linalg.svdvals(matrices[pending])[..., 0].max())
+            break
+        shift = best * best * (1 - _MARGIN[diagonal.dtype])
+        where = pending.nonzero().flatten()
+        pending[where] = torch.linalg.cholesky_ex(shift * eye - gram[where]).info != 0
+        certified = True
     return best
 
 
