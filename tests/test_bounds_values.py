@@ -131,7 +131,7 @@ def test_fantastic_four_of_an_svdconv_is_that_of_its_dense_kernel():
     expected = _ff_independent(layer.dense_weight().detach(), groups=2)
     np.testing.assert_allclose(fantastic_four_bounds(layer, per_group=True).detach().numpy(), expected,
                                rtol=1e-9, atol=1e-12)
-    assert float(fantastic_four_bound(layer)) == pytest.approx(expected.min(axis=1).max(), rel=1e-9)
+    assert fantastic_four_bound(layer).item() == pytest.approx(expected.min(axis=1).max(), rel=1e-9)
 
 
 # ------------------------------------------------- Gram iteration (frequency domain)
@@ -255,7 +255,7 @@ def test_exact_spectral_norm_of_a_grouped_strided_svdconv_equals_the_oracle():
         layer.U.add_(0.3 * torch.randn_like(layer.U))
         layer.V.add_(0.3 * torch.randn_like(layer.V))
     oracle = float(circular_singular_values(layer.dense_weight().detach(), (6, 8), (2, 2), (1, 2), 2)[0])
-    assert float(exact_spectral_norm(layer, (6, 8))) == pytest.approx(oracle, rel=1e-9)
+    assert exact_spectral_norm(layer, (6, 8)).item() == pytest.approx(oracle, rel=1e-9)
 
 
 # ------------------------------------------------------------- looseness ceilings

@@ -17,8 +17,9 @@ from torch import nn
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "experiments")
 sys.path.insert(0, os.path.abspath(EXPERIMENTS))
 
-data = importlib.import_module("data")
-models = importlib.import_module("models")
+# Unique module names: tests/ has its own models.py, which pytest may have imported first.
+data = importlib.import_module("offline_data")
+models = importlib.import_module("architectures")
 run = importlib.import_module("run")
 
 import ttconv  # noqa: E402
