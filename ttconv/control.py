@@ -136,10 +136,10 @@ def _batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
     x = torch.gather(gram, -1, diagonal.argmax(-1)[:, None, None].expand(-1, size, 1))
     tiny = torch.finfo(diagonal.dtype).tiny
     for _ in range(_POWER_STEPS):
-        x = gram @ x
         x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(tiny)
-    rayleigh = ((x.mH @ (gram @ x)).real / (x.mH @ x).real.clamp_min(tiny)).flatten()  # <= sigma_max^2
-    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
+        y = gram @ x
+        rayleigh = (x.conj() * y).real.sum((-2, -1))  # x^H G x <= sigma_max^2 (x a unit vector or 0)
+        x = y
     chunk = max(1, count // 32)
     pending = torch.ones(count, dtype=torch.bool, device=gram.device)
     if best is not None:
@@ -164,7 +164,9 @@ def _batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
             break
         shift = best * best * (1 - _MARGIN[diagonal.dtype])
         where = pending.nonzero().flatten()
-        pending[where] = torch.linalg.cholesky_ex(shift * eye - gram[where]).info != 0
+        shifted = gram[where].neg_()
+        shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
+        pending[where] = torch.linalg.cholesky_ex(shifted).info != 0
         certified = True
     return best
 
