@@ -354,6 +354,12 @@ def test_certified_norm_with_near_ties_and_zero_matrices(dtype, rel):
     assert float(control._batch_max(zero, None)) == 0.0
 
 
+def test_certified_norm_on_a_batch_large_enough_for_batched_matvecs():
+    generator = torch.Generator().manual_seed(2)
+    matrices = torch.randn(4200, 16, 16, dtype=torch.complex128, generator=generator)  # > 2^20 Gram entries
+    assert float(control._batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=1e-13)
+
+
 @pytest.mark.parametrize("index, config", list(enumerate(random_conv_configs(24, seed=21, max_in_numel=400))))
 def test_certified_norm_equals_the_oracle_in_one_or_many_frequency_batches(index, config, monkeypatch):
     torch.manual_seed(index)

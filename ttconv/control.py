@@ -25,7 +25,7 @@ stride, the stride-1 norm is used instead, an upper bound of the strided operato
 Cost: a pass computes each exact norm once (before, and after a clip) and passes it on.
 Those norms are certified rather than decomposed: per frequency one Gram product and one
 Cholesky factorisation, and an SVD only for the few frequencies the certificate cannot
-exclude (``_batch_max``). A clip decomposes the half plane of frequencies only.
+exclude. A clip decomposes the half plane of frequencies only.
 """
 
 from __future__ import annotations
@@ -135,9 +135,10 @@ def _batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
     diagonal = gram.diagonal(dim1=-2, dim2=-1).real
     x = torch.gather(gram, -1, diagonal.argmax(-1)[:, None, None].expand(-1, size, 1))
     tiny = torch.finfo(diagonal.dtype).tiny
+    small = count * size * size <= 1 << 20  # a batched matvec's per-matrix overhead dominates: multiply-add
     for _ in range(_POWER_STEPS):
         x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(tiny)
-        y = gram @ x
+        y = (gram * x.mT).sum(-1, keepdim=True) if small else gram @ x
         rayleigh = (x.conj() * y).real.sum((-2, -1))  # x^H G x <= sigma_max^2 (x a unit vector or 0)
         x = y
     chunk = max(1, count // 32)
@@ -369,7 +370,7 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     Cost: one SVD per frequency of the half plane ``(n1 / s1) x (n2 / s2 // 2 + 1)`` of
     ``c_out/g x (c_in/g) s1 s2`` matrices (``r_out x r_in s1 s2`` for an ``SVDConv``)
     per round, and one exact norm afterwards, for which a Gram product and a Cholesky
-    factorisation per frequency certify all but a few frequencies (see ``_batch_max``).
+    factorisation per frequency certify all but a few frequencies, which are decomposed.
     """
     _check_layer(layer)
     max_value = _check_max_value(max_value)
