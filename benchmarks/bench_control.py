@@ -117,6 +117,10 @@ def _half_plane_matrices(layer, size):
     return torch.cat([m for _, _, m in transfer_batches(grouped, grid, 1 << 30)]).flatten(0, 1)
 
 
+def _tall(matrices):
+    return matrices.mT if matrices.shape[-2] < matrices.shape[-1] else matrices  # as the clip decomposes them
+
+
 def _gram_cholesky(matrices):
     o, i = matrices.shape[-2:]
     gram = matrices @ matrices.mH if o <= i else matrices.mH @ matrices
@@ -140,7 +144,7 @@ def limit_table(dense, low, size):
         for (name, d_layer, n), (_, c_layer, _) in pairs:
             d_mat, c_mat = _half_plane_matrices(d_layer, n), _half_plane_matrices(c_layer, n)
             flops = [m.shape[0] * m.shape[1] * m.shape[2] * min(m.shape[1:]) for m in (d_mat, c_mat)]
-            svd = [_seconds(lambda m=m: torch.linalg.svd(m, full_matrices=False)) for m in (d_mat, c_mat)]
+            svd = [_seconds(lambda m=m: torch.linalg.svd(_tall(m), full_matrices=False)) for m in (d_mat, c_mat)]
             chol = [_seconds(lambda m=m: _gram_cholesky(m)) for m in (d_mat, c_mat)]
             for index, value in enumerate(flops + svd + chol):
                 totals[index] += value
