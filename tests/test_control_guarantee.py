@@ -18,6 +18,17 @@ from ttconv import SpectralControl, SVDConv, clip_singular_values_, control
 TOL = 1e-6  # relative slack of the guarantee in float64
 
 
+def _clip_each_frequency(transfer, groups, max_value):
+    """In place: clip the singular values of every group's matrix at every frequency of
+    ``transfer: (c_out, c_in_g, m1, m2)`` (numpy, one SVD per matrix)."""
+    o = transfer.shape[0] // groups
+    for g in range(groups):
+        for a in range(transfer.shape[2]):
+            for b in range(transfer.shape[3]):
+                u, s, vh = np.linalg.svd(transfer[g * o:(g + 1) * o, :, a, b], full_matrices=False)
+                transfer[g * o:(g + 1) * o, :, a, b] = (u * np.minimum(s, max_value)) @ vh
+
+
 def _dense(layer):
     return (layer.dense_weight() if isinstance(layer, SVDConv) else layer.weight).detach().to(torch.float64)
 
@@ -140,12 +151,7 @@ def _reference_clip(weight, n, max_value, dilation, groups):
     full = np.zeros((c_out, c_in_g, n1, n2))
     full[:, :, 0:e1:d1, 0:e2:d2] = w  # the dilated kernel on the n1 x n2 grid
     transfer = np.fft.fft2(full, axes=(2, 3))
-    o = c_out // groups
-    for g in range(groups):
-        for a in range(n1):
-            for b in range(n2):
-                u, s, vh = np.linalg.svd(transfer[g * o:(g + 1) * o, :, a, b], full_matrices=False)
-                transfer[g * o:(g + 1) * o, :, a, b] = (u * np.minimum(s, max_value)) @ vh
+    _clip_each_frequency(transfer, groups, max_value)
     clipped_full = np.fft.ifft2(transfer, axes=(2, 3)).real
     return clipped_full[:, :, 0:e1:d1, 0:e2:d2].copy(), clipped_full
 
@@ -211,12 +217,7 @@ def _reference_strided_clip(weight, n, max_value, stride, dilation, groups):
     phases = [(q1, q2) for q1 in range(s1) for q2 in range(s2)]
     stacked = np.stack([full[:, :, q1::s1, q2::s2] for q1, q2 in phases], axis=2)  # (c_out, i, s1 s2, m1, m2)
     transfer = np.fft.fft2(stacked, axes=(3, 4)).reshape(c_out, c_in_g * s1 * s2, m1, m2)
-    o = c_out // groups
-    for g in range(groups):
-        for a in range(m1):
-            for b in range(m2):
-                u, s, vh = np.linalg.svd(transfer[g * o:(g + 1) * o, :, a, b], full_matrices=False)
-                transfer[g * o:(g + 1) * o, :, a, b] = (u * np.minimum(s, max_value)) @ vh
+    _clip_each_frequency(transfer, groups, max_value)
     spatial = np.fft.ifft2(transfer, axes=(2, 3)).real.reshape(c_out, c_in_g, s1 * s2, m1, m2)
     clipped_full = np.zeros_like(full)
     for index, (q1, q2) in enumerate(phases):
