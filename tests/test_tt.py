@@ -61,22 +61,88 @@ def test_truncation_error_is_reported_exactly_and_is_optimal_per_unfolding(shape
     assert abs(result.relative_error - optimal) < 1e-12
 
 
-def test_energy_picks_smallest_ranks_reaching_the_threshold():
-    torch.manual_seed(1)
-    # A kernel with a decaying spectrum along both unfoldings.
-    weight = torch.einsum(
-        "oa,a,abhw,ib->oihw", torch.randn(12, 12), torch.logspace(0, -3, 12), torch.randn(12, 12, 3, 3),
-        torch.randn(10, 12) * torch.logspace(0, -2, 12),
-    )
-    for energy in (0.5, 0.9, 0.99, 1.0):
-        result = decompose(weight.double(), energy=energy)
-        r_out, r_in = result.ranks
-        sv_in = torch.linalg.svdvals(_unfold_in(weight.double(), 1))[0]
-        kept = (sv_in[:r_in] ** 2).sum() / (sv_in**2).sum()
-        assert kept >= energy - 1e-12
-        if r_in > 1:
-            assert (sv_in[: r_in - 1] ** 2).sum() / (sv_in**2).sum() < energy
-        assert result.relative_error <= np.sqrt(2 * (1 - energy)) + 1e-12
+def _one_pass_kept(weight, groups, r_out, r_in):
+    """Fraction of ||W||^2 kept by the one-pass truncation at (r_out, r_in), in numpy:
+    V = leading r_in left singular vectors of each group's input unfolding, U = leading
+    r_out of the output unfolding of W V; kept = sum_g ||U^T W_g V||^2 (orthonormal U, V)."""
+    w = weight.numpy()
+    c_out, c_in, kh, kw = w.shape
+    total, kept = float((w**2).sum()), 0.0
+    for g in range(groups):
+        wg = w[g * (c_out // groups):(g + 1) * (c_out // groups)]
+        unfold_in = wg.transpose(1, 0, 2, 3).reshape(c_in, -1)
+        V = np.linalg.svd(unfold_in, full_matrices=False)[0][:, :r_in]
+        projected = np.einsum("oihw,ib->obhw", wg, V).reshape(wg.shape[0], -1)
+        sv = np.linalg.svd(projected, compute_uv=False)
+        kept += float((sv[:r_out] ** 2).sum())
+    return kept / total
+
+
+ENERGY_SHAPES = [  # (c_out, c_in_per_group, kh, kw, groups)
+    (24, 16, 1, 1, 1), (16, 24, 1, 1, 1), (12, 10, 3, 3, 1), (10, 12, 3, 3, 1), (8, 4, 3, 3, 2), (6, 3, 1, 1, 3),
+    (16, 6, 3, 1, 1), (4, 16, 3, 3, 1),
+]
+
+
+@pytest.mark.parametrize("shape", ENERGY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("decay", [0.0, -1.0, -3.0])
+def test_energy_is_met_on_the_whole_kernel_with_minimal_ranks(shape, decay):
+    c_out, c_in, kh, kw, groups = shape
+    gen = torch.Generator().manual_seed(c_out * 100 + c_in + int(10 * decay))
+    weight = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64, generator=gen)
+    weight = weight * torch.logspace(0, decay, c_in, dtype=torch.float64)[None, :, None, None]
+    weight = weight * torch.logspace(0, decay / 2, c_out, dtype=torch.float64)[:, None, None, None]
+    for energy in (0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999):
+        for method in ("gram", "svd"):
+            result = decompose(weight, groups, energy=energy, method=method)
+            r_out, r_in = result.ranks
+            w_hat = compose(*result.factors, groups)
+            # Kept energy measured on the composed kernel: ||W_hat||^2 / ||W||^2, and the
+            # error side 1 - ||W - W_hat||^2 / ||W||^2 (equal for an orthogonal projection).
+            kept = float(w_hat.norm() ** 2 / weight.norm() ** 2)
+            kept_by_error = 1 - float((weight - w_hat).norm() ** 2 / weight.norm() ** 2)
+            assert abs(kept - kept_by_error) < 1e-12
+            assert kept >= energy - 1e-12, (energy, method, result.ranks, kept)
+            assert abs(result.relative_error ** 2 - (1 - kept)) < 1e-12
+            assert abs(_one_pass_kept(weight, groups, r_out, r_in) - kept) < 1e-12
+            # Minimal: the one-pass truncation with either rank one lower keeps too little.
+            if r_out > 1:
+                assert _one_pass_kept(weight, groups, r_out - 1, r_in) < energy
+            if r_in > 1:
+                assert _one_pass_kept(weight, groups, r_out, r_in - 1) < energy
+
+
+@pytest.mark.parametrize("shape", [(12, 10, 3, 3, 1), (10, 12, 3, 3, 1), (8, 4, 3, 3, 2), (16, 6, 3, 1, 1)])
+def test_energy_ranks_have_the_fewest_parameters_of_all_pairs_keeping_the_energy(shape):
+    # At most 16 input ranks: the search is exhaustive, so compare with brute force over all pairs.
+    c_out, c_in, kh, kw, groups = shape
+    torch.manual_seed(3)
+    weight = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64) * torch.logspace(0, -1, c_in)[None, :, None, None]
+    o, taps = c_out // groups, kh * kw
+    for energy in (0.5, 0.8, 0.95):
+        r_out, r_in = decompose(weight, groups, energy=energy).ranks
+
+        def params(a, b):  # U, S, core, V; V compressed to the core's input span
+            b = min(b, a * taps)
+            return groups * (o * a + a + a * b * taps + c_in * b)
+
+        best = min(params(a, b) for a in range(1, o + 1) for b in range(1, c_in + 1)
+                   if _one_pass_kept(weight, groups, a, b) >= energy)
+        assert params(r_out, r_in) == best
+        assert tt.factor_params(o, c_in, (kh, kw), (r_out, r_in), groups) == best
+
+
+def test_energy_099_keeps_99_percent_of_a_1x1_kernel():
+    # Issue 14, item 6: the same matrix used to be truncated twice (kept 98.1%).
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64, 1, 1, dtype=torch.float64) * torch.logspace(0, -1, 64)[None, :, None, None]
+    result = decompose(weight, energy=0.99)
+    w_hat = compose(*result.factors)
+    s = np.linalg.svd(weight[:, :, 0, 0].numpy(), compute_uv=False)
+    r = int(np.searchsorted(np.cumsum(s**2) / (s**2).sum(), 0.99) + 1)  # Eckart-Young rank
+    assert result.ranks == (r, r)
+    assert float(w_hat.norm() ** 2 / weight.norm() ** 2) >= 0.99
+    assert (s[: r - 1] ** 2).sum() / (s**2).sum() < 0.99
 
 
 def test_canonicalize_restores_form_without_changing_kernel():

@@ -24,7 +24,7 @@ Everything here is pure tensor math with no ``nn.Module``: the layer builds on i
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ __all__ = [
     "orthonormality_error",
     "orthonormal_core",
     "energy_rank",
+    "factor_params",
     "random_factors",
 ]
 
@@ -394,6 +395,224 @@ def _hooi(w: Tensor, U: Tensor, V: Tensor, iterations: int) -> Tuple[Tensor, Ten
 # ----------------------------------------------------------------------------- decompose
 _METHODS = ("gram", "svd")
 
+_ENERGY_SLACK = 1e-12
+"""Relative round-off allowance of the energy test: a truncation keeps ``energy`` when it
+discards at most ``(1 - energy + 1e-12) ||W||^2`` (the singular values are exact to
+``~1e-14 sigma_max``, so without it ``energy=1.0`` would keep round-off directions)."""
+
+_RANK_CANDIDATES = 16
+"""Input ranks tried per energy search (all of them when there are at most this many)."""
+
+
+def factor_params(out_per_group: int, in_per_group: int, kernel_size: Tuple[int, int],
+                  ranks: Tuple[int, int], groups: int = 1) -> int:
+    """Parameters of the factors ``U, S, core, V`` at ``ranks`` (no bias)."""
+    r_out, r_in = ranks
+    taps = kernel_size[0] * kernel_size[1]
+    return groups * (out_per_group * r_out + r_out + r_out * r_in * taps + in_per_group * r_in)
+
+
+class _Truncation:
+    """One kernel's input-side decomposition, shared by every rank choice made on it.
+
+    The input unfolding's singular basis is computed once; the output side at a given
+    ``r_in`` (an SVD of the projected kernel) is computed per choice, and its singular
+    values alone (``eigvalsh`` of a Gram) are cached per ``r_in`` for the energy search.
+    """
+
+    def __init__(self, weight: Tensor, groups: int, method: str = "gram") -> None:
+        self.weight, self.groups, self.method = weight, groups, method
+        c_out, self.in_per_group, kh, kw = weight.shape
+        self.out_per_group = c_out // groups
+        self.kernel_size = (kh, kw)
+        self.taps = kh * kw
+        self.w = _grouped(weight.detach().to(_WORK_DTYPE), groups)  # (g, o, i, kh, kw)
+        self.norm_sq = float(torch.linalg.vector_norm(self.w)) ** 2
+        o, i = self.out_per_group, self.in_per_group
+        # A 1x1 kernel is a matrix and one SVD gives both unfoldings: the input unfolding
+        # is its transpose, and the projected output unfolding is ``U_all diag(s)``, whose
+        # right singular vectors are the identity. Half the work of the two stages.
+        self.pointwise = method == "gram" and self.taps == 1
+        if self.pointwise:
+            matrix = self.w.reshape(groups, o, i)
+            if i <= o:
+                V_all, s, left_rows = _rows_svd(matrix.mT)
+                self.U_all = left_rows.mT
+            else:
+                self.U_all, s, right_rows = _rows_svd(matrix)
+                V_all = right_rows.mT
+            self.left, self.sv_in = V_all, s
+        else:
+            # Input-channel unfolding (g, i, o*kh*kw) -> V; its rotated rows are the projection.
+            unfold_in = self.w.permute(0, 2, 1, 3, 4).reshape(groups, i, -1)
+            self.left, self.rotated, self.sv_in = _left_basis(unfold_in, method)
+        # tail_in[r]: squared norm discarded by keeping r input directions (all groups).
+        power = self.sv_in.pow(2).sum(0)
+        self.tail_in = torch.cat([power.flip(0).cumsum(0).flip(0), power.new_zeros(1)])
+        self._out_power: Dict[int, Tensor] = {}
+
+    # -------------------------------------------------------------- output side
+    def _projected(self, r_in: int) -> Tensor:
+        """Output unfolding ``(g, o, r_in*kh*kw)`` of the kernel projected on ``V[:, :r_in]``."""
+        g, o, (kh, kw) = self.groups, self.out_per_group, self.kernel_size
+        projected = self.rotated[:, :r_in].reshape(g, r_in, o, kh, kw).transpose(1, 2)
+        return projected.reshape(g, o, -1)
+
+    def out_power(self, r_in: int) -> Tensor:
+        """Squared singular values ``(g, p)`` of the projected output unfolding at ``r_in``."""
+        if r_in not in self._out_power:
+            if self.pointwise:
+                power = self.sv_in[..., :r_in].pow(2)  # W V_r = U_all[:, :r] diag(s[:r])
+            else:
+                x = self._projected(r_in)
+                gram = _gram(x) if x.shape[-2] <= x.shape[-1] else _gram(x.mT)
+                power = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0)
+            self._out_power[r_in] = power
+        return self._out_power[r_in]
+
+    def _out_tails(self, r_in: int) -> Tensor:
+        """``tails[r]``: squared norm discarded by keeping ``r`` output directions at ``r_in``."""
+        power = self.out_power(r_in).sum(0)
+        return torch.cat([power.flip(0).cumsum(0).flip(0), power.new_zeros(1)])
+
+    # ------------------------------------------------------------ energy search
+    def params(self, ranks: Tuple[int, int]) -> int:
+        """Factor parameters at one-pass ranks ``(r_out, r_in)`` after the exact ``V`` compression."""
+        r_out, r_in = ranks
+        return factor_params(self.out_per_group, self.in_per_group, self.kernel_size,
+                             (r_out, min(r_in, r_out * self.taps)), self.groups)
+
+    def _min_r_out(self, r_in: int, allowed: float) -> int:
+        tails = self._out_tails(r_in)
+        room = allowed - float(self.tail_in[r_in])
+        return max(1, int((tails > room).sum()))  # tails decrease: the first r with tails[r] <= room
+
+    def energy_ranks(self, energy: float) -> Tuple[int, int]:
+        """Smallest one-pass ranks ``(r_out, r_in)`` keeping ``energy`` of ``||W||_F^2``.
+
+        Kept energy is monotone in each rank (a larger ``r_in`` projects on a larger
+        subspace, whose top-``r_out`` output energy can only grow), so the pairs that keep
+        ``energy`` form a staircase. The result is on it: lowering either rank by one
+        keeps less than ``energy``. Among the staircase points, it has the fewest
+        parameters of those tried (every ``r_in`` when there are at most 16 feasible
+        ones, else 16 spread over them), then ``r_in`` is lowered as far as the same
+        ``r_out`` allows.
+        """
+        if self.norm_sq == 0.0:
+            return 1, 1
+        allowed = (1.0 - energy + _ENERGY_SLACK) * self.norm_sq
+        if self.pointwise:
+            rank = max(1, int((self.tail_in > allowed).sum()))
+            return rank, rank
+        full_in = self.sv_in.shape[-1]
+        low = max(1, int((self.tail_in > allowed).sum()))
+        count = full_in - low + 1
+        if count <= _RANK_CANDIDATES:
+            candidates = list(range(low, full_in + 1))
+        else:
+            candidates = sorted({round(low + k * (full_in - low) / (_RANK_CANDIDATES - 1))
+                                 for k in range(_RANK_CANDIDATES)})
+        best = min(((self.params((self._min_r_out(r_in, allowed), r_in)), r_in) for r_in in candidates))
+        r_in = best[1]
+        r_out = self._min_r_out(r_in, allowed)
+        # Lower r_in at this r_out while the energy still holds (monotone: bisection).
+        lo, hi = low, r_in  # hi is feasible
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._min_r_out(mid, allowed) <= r_out:
+                hi = mid
+            else:
+                lo = mid + 1
+        return r_out, hi
+
+    # ---------------------------------------------------------------- factors
+    def factors(self, r_out: int, r_in: int, refine: int = 0) -> Decomposition:
+        """Canonical factors of the one-pass truncation at ``(r_out, r_in)`` (clamped by the caller)."""
+        groups, method, w = self.groups, self.method, self.w
+        o, i, (kh, kw) = self.out_per_group, self.in_per_group, self.kernel_size
+        c_out = groups * o
+        norm_sq, sv_in = self.norm_sq, self.sv_in
+        V = self.left[..., :r_in]
+        if self.pointwise:
+            sv_out, P = sv_in[..., :r_in], self.U_all
+        else:
+            # Output-channel unfolding of the projected kernel (g, o, r_in*kh*kw) -> U, S, core.
+            P, sv_out, Qh = _economy_svd(self._projected(r_in), method)
+        r_out = min(r_out, r_in * kh * kw, sv_out.shape[-1])
+
+        discarded = float(sv_in[..., r_in:].pow(2).sum() + sv_out[..., r_out:].pow(2).sum())
+        relative_error = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
+
+        U, S = P[..., :r_out], sv_out[..., :r_out]
+        if self.pointwise:
+            r_in = r_out  # the input directions past r_out carry nothing through the core
+            V = V[..., :r_in]
+            core = torch.eye(r_out, dtype=w.dtype, device=w.device).expand(groups, r_out, r_out)[..., None]
+        else:
+            core = Qh[:, :r_out].reshape(groups, r_out, r_in, kh * kw)
+        if r_in > r_out * kh * kw:
+            # An energy-chosen r_out can leave more input directions than the core can use:
+            # compress V onto the core's input span. Exact, and the core's rows stay
+            # orthonormal because they lie in that span.
+            r_in = r_out * kh * kw
+            unfolding = core.transpose(1, 2).reshape(groups, core.shape[2], -1)
+            span, _, _ = torch.linalg.svd(unfolding, full_matrices=False)
+            span = span[..., :r_in]
+            core = torch.einsum("gabk,gbc->gack", core, span)
+            V = V @ span
+
+        # With either factor square, or a 1x1 kernel (Eckart-Young), the one pass is optimal.
+        optimal = r_out == o or r_in == i or kh * kw == 1
+        if refine and norm_sq > 0 and not optimal:
+            U, V, scaled, error_sq = _hooi(w.flatten(3), U, V, refine)
+            # Canonical form of the refined core: its SVD (small, r_out x r_in kh kw).
+            P, S, Qh = _economy_svd(scaled.reshape(groups, r_out, -1), method)
+            U, core = U @ P, Qh.reshape(groups, r_out, r_in, kh * kw)
+            relative_error = math.sqrt(error_sq / norm_sq)
+
+        out = dict(dtype=self.weight.dtype, device=self.weight.device)
+        factors = TTFactors(
+            U=U.reshape(c_out, r_out).to(**out),
+            S=S.reshape(groups * r_out).to(**out),
+            core=core.reshape(groups * r_out, r_in, kh, kw).to(**out),
+            V=V.reshape(groups * i, r_in).to(**out),
+        )
+        return Decomposition(factors, (r_out, r_in), relative_error)
+
+    def decompose(self, rank: RankSpec = None, energy: Optional[float] = None, refine: int = 0) -> Decomposition:
+        if energy is not None:
+            r_out, r_in = self.energy_ranks(float(energy))
+            if rank is not None:  # a cap (used by convert's parameter budget)
+                cap_out, cap_in = resolve_ranks(rank, self.out_per_group, self.in_per_group, self.kernel_size)
+                r_out, r_in = min(r_out, cap_out), min(r_in, cap_in)
+        else:
+            r_out, r_in = resolve_ranks(rank, self.out_per_group, self.in_per_group, self.kernel_size)
+        return self.factors(r_out, r_in, refine)
+
+
+def _check_decompose_arguments(weight: Tensor, groups: int, rank: RankSpec, energy: Optional[float],
+                               refine: int, method: str) -> int:
+    groups = check_kernel(weight, groups)
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if rank is not None and energy is not None:
+        raise ValueError("pass either rank or energy, not both")
+    if energy is not None and not (isinstance(energy, (float, int)) and not isinstance(energy, bool)
+                                   and 0.0 < float(energy) <= 1.0):
+        raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be a non-negative int (iterations), got {refine!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    return groups
+
+
+@full_precision
+def _truncation(weight: Tensor, groups: int = 1, method: str = "gram") -> _Truncation:
+    """The shared input-side analysis of ``weight`` (see ``_Truncation``), validated."""
+    groups = _check_decompose_arguments(weight, groups, None, None, 0, method)
+    return _Truncation(weight, groups, method)
+
 
 @full_precision
 def decompose(
@@ -421,9 +640,14 @@ def decompose(
     rank : None, int or (r_out, r_in)
         Clamped to the shape (see ``resolve_ranks``). Exclusive with ``energy``.
     energy : float in (0, 1], optional
-        Each truncation keeps the smallest rank whose singular values hold at least this
-        fraction of the squared Frobenius norm of the matrix it truncates (the largest
-        such rank over groups). The relative error is then at most ``sqrt(2 (1 - energy))``.
+        Fraction of the whole kernel's squared Frobenius norm to keep: the composed
+        kernel satisfies ``||W_hat||^2 = ||W||^2 - ||W - W_hat||^2 >= energy ||W||^2``
+        (up to ``1e-12 ||W||^2`` of round-off), summed over all groups, so the relative
+        error is at most ``sqrt(1 - energy)``. The ranks are minimal in this sense: the
+        one-pass truncation with either rank one lower keeps less than ``energy``; among
+        such pairs the one with the fewest parameters is taken (searched over up to 16
+        input ranks, see ``_Truncation.energy_ranks``). On a 1x1 kernel this is the
+        Eckart-Young rank: no rank-``(r - 1)`` kernel keeps ``energy``.
     refine : int, default 0
         Iterations of alternating optimisation of ``U`` and ``V`` (HOOI) after the
         one-pass truncation, at the same ranks. Never increases the error; at the ranks
@@ -444,92 +668,10 @@ def decompose(
         is the error of these factors, measured from the discarded rows (or, after
         ``refine``, from the residual itself), not estimated.
     """
-    groups = check_kernel(weight, groups)
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-    if rank is not None and energy is not None:
-        raise ValueError("pass either rank or energy, not both")
-    if energy is not None and not (isinstance(energy, (float, int)) and 0.0 < float(energy) <= 1.0):
-        raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine must be a non-negative int (iterations), got {refine!r}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    groups = _check_decompose_arguments(weight, groups, rank, energy, refine, method)
     c_out, in_per_group, kh, kw = weight.shape
-    out_per_group = c_out // groups
-    r_out, r_in = resolve_ranks(rank, out_per_group, in_per_group, (kh, kw))
-
-    w = _grouped(weight.detach().to(_WORK_DTYPE), groups)  # (g, o, i, kh, kw)
-    norm_sq = float(torch.linalg.vector_norm(w)) ** 2
-
-    pointwise = method == "gram" and kh * kw == 1
-    if pointwise:
-        # A 1x1 kernel is a matrix and one SVD gives both unfoldings: the input unfolding
-        # is its transpose, and the projected output unfolding is ``U_all diag(s)``, whose
-        # right singular vectors are the identity. Half the work of the two stages.
-        matrix = w.reshape(groups, out_per_group, in_per_group)
-        if in_per_group <= out_per_group:
-            V_all, s, left_rows = _rows_svd(matrix.mT)
-            U_all = left_rows.mT
-        else:
-            U_all, s, right_rows = _rows_svd(matrix)
-            V_all = right_rows.mT
-        sv_in = s
-        if energy is not None:
-            r_in = min(r_in, energy_rank(sv_in, float(energy)))
-        V, sv_out, P = V_all[..., :r_in], s[..., :r_in], U_all
-    else:
-        # Input-channel unfolding (g, i, o*kh*kw) -> V; its rotated rows are the projection.
-        unfold_in = w.permute(0, 2, 1, 3, 4).reshape(groups, in_per_group, -1)
-        left, rotated, sv_in = _left_basis(unfold_in, method)
-        if energy is not None:
-            r_in = min(r_in, energy_rank(sv_in, float(energy)))
-        V = left[..., :r_in]
-        projected = rotated[:, :r_in].reshape(groups, r_in, out_per_group, kh, kw).transpose(1, 2)
-        # Output-channel unfolding of the projected kernel (g, o, r_in*kh*kw) -> U, S, core.
-        P, sv_out, Qh = _economy_svd(projected.reshape(groups, out_per_group, -1), method)
-    if energy is not None:
-        r_out = min(r_out, energy_rank(sv_out, float(energy)))
-    r_out = min(r_out, r_in * kh * kw)
-
-    discarded = float(sv_in[..., r_in:].pow(2).sum() + sv_out[..., r_out:].pow(2).sum())
-    relative_error = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
-
-    U, S = P[..., :r_out], sv_out[..., :r_out]
-    if pointwise:
-        r_in = r_out  # the input directions past r_out carry nothing through the core
-        V = V[..., :r_in]
-        core = torch.eye(r_out, dtype=w.dtype, device=w.device).expand(groups, r_out, r_out)[..., None]
-    else:
-        core = Qh[:, :r_out].reshape(groups, r_out, r_in, kh * kw)
-    if r_in > r_out * kh * kw:
-        # An energy-chosen r_out can leave more input directions than the core can use
-        # (1x1 kernels): compress V onto the core's input span. Exact, and the core's rows
-        # stay orthonormal because they lie in that span.
-        r_in = r_out * kh * kw
-        unfolding = core.transpose(1, 2).reshape(groups, core.shape[2], -1)
-        span, _, _ = torch.linalg.svd(unfolding, full_matrices=False)
-        span = span[..., :r_in]
-        core = torch.einsum("gabk,gbc->gack", core, span)
-        V = V @ span
-
-    # With either factor square, or a 1x1 kernel (Eckart-Young), the one pass is optimal.
-    optimal = r_out == out_per_group or r_in == in_per_group or kh * kw == 1
-    if refine and norm_sq > 0 and not optimal:
-        U, V, scaled, error_sq = _hooi(w.flatten(3), U, V, refine)
-        # Canonical form of the refined core: its SVD (small, r_out x r_in kh kw).
-        P, S, Qh = _economy_svd(scaled.reshape(groups, r_out, -1), method)
-        U, core = U @ P, Qh.reshape(groups, r_out, r_in, kh * kw)
-        relative_error = math.sqrt(error_sq / norm_sq)
-
-    out = dict(dtype=weight.dtype, device=weight.device)
-    factors = TTFactors(
-        U=U.reshape(c_out, r_out).to(**out),
-        S=S.reshape(groups * r_out).to(**out),
-        core=core.reshape(groups * r_out, r_in, kh, kw).to(**out),
-        V=V.reshape(groups * in_per_group, r_in).to(**out),
-    )
-    return Decomposition(factors, (r_out, r_in), relative_error)
+    resolve_ranks(rank, c_out // groups, in_per_group, (kh, kw))  # validate before any work
+    return _Truncation(weight, groups, method).decompose(rank, energy, refine)
 
 
 # --------------------------------------------------------------------- initialisation
