@@ -30,6 +30,12 @@ SECTIONS = [  # (heading, script, blurb)
      "SpectralControl.apply() in each mode (scale, clip, clip_scale) with every layer above the target, "
      "SVDConv (core) vs dense convs (FFT); then how far plain clipping overshoots on random layers."),
     ("Conversion and construction", "benchmarks/bench_convert.py", "Gram-route decompose, ResNet-50, SVDConv(), refine."),
+    ("Model zoo: conversion, reports and forward at ImageNet scale", "benchmarks/bench_zoo.py",
+     "ResNet-18/50, MobileNet-v2 and VGG-11 with their real shapes (random weights, benchmarks/real_shapes.py), "
+     "every cost next to the dense model's in the same run."),
+    ("Real pretrained-model shapes: MobileNet-v3, PP-OCR, MTCNN", "benchmarks/bench_real_shapes.py",
+     "Depthwise, 1x1-heavy, non-sequential models with feature maps smaller than their kernels: report time at "
+     "the real input size, full-rank conversion size and error, and the forward-path choice."),
     ("Orthogonal core vs general SVDConv vs nn.Conv2d", "benchmarks/bench_orthogonal.py",
      "Training-step cost of the exactly orthogonal core, and exact O(r) clipping vs FFT clipping."),
     ("Example: training with control on digits", "examples/train_digits.py",

@@ -1,0 +1,125 @@
+"""Real pretrained-model shapes: MobileNet-v3-Small, PP-OCR det/rec/cls-like, MTCNN (benchmarks/real_shapes.py).
+
+Run: ``python benchmarks/bench_real_shapes.py`` (``--quick``: the MTCNN and OCR-cls models
+only, fewer repeats). Prints three markdown tables:
+
+1. ``spectral_report`` at each model's real input size, in a fresh process: wall time, peak
+   resident memory, how many layers got a row (Conv2d, ConvTranspose2d, Linear), how many of
+   them an exact value, and how many were listed as skipped.
+2. ``ttconv.convert`` at full rank: parameters before and after (depthwise layers stay dense
+   by default), how many convs stayed dense, and the model's relative output error on the
+   example input, recomputed here by running both models.
+3. Forward (eval, no grad) of the converted model with every layer's path forced to
+   ``'dense'`` and to ``'factored'``, and left at ``'auto'``: each as a ratio to the original
+   model, timed interleaved, at full rank and at rank 0.25, batch 1 and 16; last column: auto
+   over the better fixed path (the goal: at most 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import real_shapes  # noqa: E402
+from _timing import markdown_table  # noqa: E402
+from _zoo import gib, interleaved, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
+
+import ttconv  # noqa: E402
+
+# forward-path cases: (model, input shape override or None, batch sizes)
+PATH_CASES: List[Tuple[str, Optional[Tuple[int, int, int]], Tuple[int, ...]]] = [
+    ("mtcnn_pnet", (3, 120, 160), (1, 16)),  # PNet runs fully convolutionally on an image pyramid level
+    ("mtcnn_rnet", None, (16,)),
+    ("mtcnn_onet", None, (16,)),
+    ("mobilenet_v3_small", None, (1, 16)),
+    ("ocr_rec", None, (1, 16)),
+    ("ocr_cls", None, (1, 16)),
+]
+
+
+def report_rows(names: Sequence[str]) -> List[List[str]]:
+    rows = []
+    for name in names:
+        result = measure_report_in_subprocess(name)
+        _, shape = real_shapes.MODELS[name]
+        rows.append([name, "x".join(map(str, shape)), f"{result['seconds']:.1f} s", f"{gib(result['peak'])} GiB",
+                     str(result["rows"]), str(result["exact"]), str(result["skipped"])])
+    return rows
+
+
+def conversion_rows(names: Sequence[str]) -> List[List[str]]:
+    rows = []
+    for name in names:
+        model, x = real_shapes.build(name)
+        converted = ttconv.convert(model)
+        dense_left = sum(1 for m in converted.modules() if type(m) is nn.Conv2d)
+        convs = sum(1 for m in model.modules() if type(m) is nn.Conv2d)
+        rows.append([name, f"{parameters(model) / 1e6:.3f} M", f"{parameters(converted) / parameters(model):.3f}x",
+                     f"{dense_left} of {convs}", f"{relative_output_error(model, converted, x):.1e}"])
+    return rows
+
+
+def _set_path(model: nn.Module, path: str) -> None:
+    for module in model.modules():
+        if isinstance(module, ttconv.SVDConv):
+            module.path = path
+
+
+def path_rows(cases, repeats: int) -> List[List[str]]:
+    rows = []
+    for name, shape, batches in cases:
+        model, x = real_shapes.build(name)
+        if shape is not None:
+            x = torch.randn(1, *shape)
+        for rank in (None, 0.25):
+            converted = {path: ttconv.convert(model, rank=rank) for path in ("auto", "dense", "factored")}
+            for path, m in converted.items():
+                _set_path(m, path)
+            for batch in batches:
+                xb = x.expand(batch, *x.shape[1:]).contiguous()
+                fns = {"original": lambda: model(xb)}
+                fns.update({path: (lambda m=m: m(xb)) for path, m in converted.items()})
+                with torch.no_grad():
+                    t = interleaved(fns, repeats)
+                best = min(t["dense"], t["factored"])
+                rows.append([name, "full" if rank is None else str(rank), str(batch), "x".join(map(str, x.shape[1:])),
+                             f"{t['original'] * 1e3:.2f} ms", f"{t['dense'] / t['original']:.2f}x",
+                             f"{t['factored'] / t['original']:.2f}x", f"{t['auto'] / t['original']:.2f}x",
+                             f"{t['auto'] / best:.2f}"])
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    options = parser.parse_args(argv)
+    torch.set_num_threads(options.threads)
+    names = list(real_shapes.MODELS)
+    cases = PATH_CASES
+    repeats = 7
+    if options.quick:
+        names = ["mtcnn_pnet", "mtcnn_onet"]
+        cases = [("mtcnn_onet", None, (2,))]
+        repeats = 2
+    print(f"threads: {options.threads}, load average at start: {open('/proc/loadavg').read().split()[0]}, "
+          f"torch {torch.__version__}\n")
+    print("**spectral_report at the real input size** (batch 1, fresh process; peak: whole process)\n")
+    print(markdown_table(["model", "input", "time", "peak RSS", "rows", "with exact", "skipped"], report_rows(names)))
+    print("\n**convert at full rank** (default settings; output error: ||f'(x) - f(x)|| / ||f(x)||)\n")
+    print(markdown_table(["model", "params", "converted params", "convs left dense", "output error"],
+                         conversion_rows(names)))
+    print("\n**Forward path** (eval, no grad; time of the original model, then each converted model as a ratio "
+          "to it; auto / best: 'auto' over the faster of 'dense' and 'factored')\n")
+    print(markdown_table(["model", "rank", "batch", "input", "original", "dense", "factored", "auto", "auto / best"],
+                         path_rows(cases, repeats)))
+
+
+if __name__ == "__main__":
+    main()
