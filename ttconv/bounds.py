@@ -50,8 +50,10 @@ from .spectra import (
     format_bytes,
     conv_spectral_norm,
     dilate_kernel,
+    fold_kernel,
     kernel_scale,
     polyphase_kernel,
+    single_tap_matrices,
     spectral_dtype,
     transfer_batches,
 )
@@ -232,7 +234,9 @@ def exact_spectral_norm(target: ConvLike, input_size: IntOrPair, **geometry) -> 
 
     Sedghi et al. (ICLR 2019), polyphase for stride. Exact for circular padding; for zero
     padding at size ``n`` use ``operator_norm_bound``. Differentiable. Cost
-    ``O(n1 n2 c_out c_in min(c_out, c_in))`` (``r^3`` for an ``SVDConv``).
+    ``O(n1 n2 c_out c_in min(c_out, c_in))`` (``r^3`` for an ``SVDConv``); one matrix norm
+    (per group) when the polyphase kernel has a single tap, e.g. every 1x1 conv. An input
+    smaller than the kernel uses the kernel folded modulo ``n`` (``conv_spectral_norm``).
     """
     spec = conv_spec(target, **geometry)
     return conv_spectral_norm(spec.kernel, input_size, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
@@ -314,6 +318,10 @@ def fantastic_four_bounds(
         "U": k.permute(0, 1, 3, 4, 2).reshape(g, o * kh * kw, i),
     }
     factor = math.sqrt(kh * kw) * padding_factor(spec) * scale
+    if (kh, kw) == (1, 1) and method == "exact":  # the four reshapes are all the (g, o, i) matrix
+        norms = torch.linalg.matrix_norm(reshapes["T"], ord=2)
+        value = factor * (norms if per_group else norms.amax())
+        return torch.stack([value] * 4, dim=-1)
     values = []
     for name, matrix in reshapes.items():
         if per_group:
@@ -368,17 +376,27 @@ def gram_iteration_bound(
     the exact value (measured worst ratio 1.0012 at t=3, ``bounds.md``). Only matmuls:
     on this project's CPU it is slower than the exact SVDs (docs/performance.md); its
     use is GPU matmul throughput and a smooth gradient. Differentiable.
+
+    Any ``n`` divisible by the stride: smaller than the kernel, the kernel folds modulo
+    ``n`` (``conv_singular_values``). Fast path: when the folded polyphase kernel has a
+    single tap (every 1x1 conv) all frequencies hold the same matrix, and the iteration
+    runs once on it (per group) instead of on ``n1 (n2//2+1)`` copies: the same value.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
-    n = check_spectral_input_size(input_size, tuple(spec.kernel.shape[2:]), spec.stride, spec.dilation)
+    n = check_spectral_input_size(input_size, tuple(spec.kernel.shape[2:]), spec.stride, spec.dilation, fold=True)
     kernel, scale = _grouped_kernel(spec)
     g = spec.groups
-    kernel = polyphase_kernel(kernel.flatten(0, 1), spec.stride)
-    kernel = kernel.reshape(g, -1, *kernel.shape[1:])
     grid = (n[0] // spec.stride[0], n[1] // spec.stride[1])
+    kernel = fold_kernel(polyphase_kernel(kernel.flatten(0, 1), spec.stride), grid)
+    kernel = kernel.reshape(g, -1, *kernel.shape[1:])
+    single = single_tap_matrices(kernel)
+    if single is not None:  # every frequency holds this matrix: one batch of g
+        batches = iter([single])
+    else:
+        batches = (matrices for _, _, matrices in transfer_batches(kernel, grid, max_memory, per_frequency_factor=6))
     best = None
-    for _, _, matrices in transfer_batches(kernel, grid, max_memory, per_frequency_factor=6):
+    for matrices in batches:
         if matrices.shape[-1] > matrices.shape[-2]:
             matrices = matrices.mH  # the Gram matrices are (smaller dim)^2
         gram, log_scale = _gram_iterate(matrices, n_iter)
@@ -470,6 +488,31 @@ def _check_operator_size(spec: ConvSpec, n: Tuple[int, int]) -> None:
             )
 
 
+def _selected_copies(mode: str, before: int, after: int, n: int, stride: int) -> int:
+    """Largest number of outputs of a strided 1x1 conv that read one input pixel along an axis.
+
+    Output ``q`` reads position ``s q`` of the row padded by ``mode`` (zero padding: a
+    zero, read by no input pixel); 0 when every output reads padding.
+    """
+    index = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, 1, n)  # 0 marks a zero-padded pixel
+    padded = F.pad(index, (before, after), mode="constant" if mode == "zeros" else mode)
+    return int(torch.bincount(padded.flatten()[::stride].long(), minlength=n + 1)[1:].max())
+
+
+def _one_by_one_norm(spec: ConvSpec, n: Tuple[int, int]) -> Tensor:
+    """Exact norm of a 1x1 layer's own operator on ``n`` (any padding mode and amount, stride).
+
+    Output pixel ``p`` is ``W x[pixel read by p]`` (or 0 on zero padding): the operator is
+    ``W`` kron ``S`` with ``S`` a 0/1 matrix having at most one 1 per row, so ``S^T S`` is
+    diagonal with the number of outputs reading each input pixel, and
+    ``||A|| = ||W||_2 sqrt(max count)``, the count being a product over the axes.
+    """
+    kernel, scale = _grouped_kernel(spec, dilated=False)
+    copies = math.prod(_selected_copies(spec.padding_mode, before, after, n_i, s)
+                       for (before, after), n_i, s in zip(_axis_padding(spec), n, spec.stride))
+    return torch.linalg.matrix_norm(kernel[..., 0, 0], ord=2).amax() * (math.sqrt(copies) * scale)
+
+
 @full_precision
 def operator_norm_bound(
     target: ConvLike, input_size: IntOrPair, *, max_memory: int = DEFAULT_MAX_MEMORY, **geometry
@@ -483,23 +526,31 @@ def operator_norm_bound(
       followed by a valid strided conv on the padded grid ``N = n + padding``, which is a
       crop of the strided circular conv on ``N`` rounded up to the stride (no
       wrap-around reaches a kept output); its exact norm bounds it;
-    * circular mode (input at least the kernel extent): output ``p`` is a row of the
+    * circular mode: output ``p`` is a row of the
       circular conv on ``n`` itself (strided along axes the stride divides, else stride
       1), repeated at most ``c`` times when the padding exceeds the extent minus one;
       ``sqrt(c)`` times that exact norm bounds it, and equals it for a size-preserving
       circular layer with ``n`` divisible by the stride;
     * ``fantastic_four_bound`` times ``padding_factor`` at this size.
 
+    An input smaller than the dilated kernel is fine wherever the layer accepts it: the
+    circular candidate then uses the kernel folded modulo ``n``. A 1x1 kernel gets its
+    exact norm from one matrix norm: the operator is ``W`` kron a 0/1 selection ``S``
+    (each output reads one padded pixel) and ``||A|| = ||W||_2 sqrt(c)``, ``c`` the most
+    outputs reading one input pixel (0 if all read zero padding).
+
     Raises ``ValueError`` for sizes the layer refuses. Differentiable almost everywhere.
     """
     spec = conv_spec(target, **geometry)
     n = args.input_size_arg(input_size)
     _check_operator_size(spec, n)
+    if tuple(spec.kernel.shape[2:]) == (1, 1):
+        return _one_by_one_norm(spec, n)  # exact: nothing can be smaller
     extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
     axes = _axis_padding(spec)
     geometry = dict(dilation=spec.dilation, groups=spec.groups, max_memory=max_memory)
     candidates = []
-    if spec.padding_mode == "circular" and all(n_i >= e for n_i, e in zip(n, extent)):
+    if spec.padding_mode == "circular":
         strided = [n_i % s == 0 for n_i, s in zip(n, spec.stride)]
         stride = tuple(s if ok else 1 for s, ok in zip(spec.stride, strided))
         repeats = [

@@ -7,6 +7,13 @@ singular values are the union over frequencies of the singular values of the
 handled by the polyphase decomposition (math.md section 2): the ``s*s`` phases of the
 kernel become extra input channels of a stride-1 convolution on the ``n/s`` grid.
 
+An input smaller than the (dilated) kernel is allowed: on ``n`` pixels tap ``j`` shifts
+by ``j mod n``, so the kernel folds modulo the grid (taps on the same residue add up,
+``fold_kernel``) and the folded kernel's DFT is the transfer function (math.md). When the
+polyphase, folded kernel has a single tap (every 1x1 conv, any stride; a patch conv with
+kernel = stride; any kernel on a 1-pixel grid) every frequency holds the same matrix and
+one decomposition of it replaces the ``m1 m2`` frequency matrices.
+
 These functions work on any dense kernel and are the baseline the TT layer is measured
 against; ``ttconv.SVDConv`` calls them on its small core.
 
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,6 +41,7 @@ __all__ = [
     "conv_spectral_norm",
     "check_spectral_input_size",
     "dilate_kernel",
+    "fold_kernel",
     "kernel_scale",
     "polyphase_kernel",
     "spectral_dtype",
@@ -50,8 +58,18 @@ def check_spectral_input_size(
     kernel_size: Tuple[int, int],
     stride: Tuple[int, int],
     dilation: Tuple[int, int],
+    *,
+    fold: bool = False,
 ) -> Tuple[int, int]:
-    """Validate an input size for the circular spectrum; returns ``(n1, n2)``."""
+    """Validate an input size for the circular spectrum; returns ``(n1, n2)``.
+
+    The size must be divisible by the stride. With ``fold=False`` (the default, for
+    callers that map a spectrum back onto the kernel's taps, which is not unique once
+    taps fold) it must also be at least the dilated kernel extent; ``fold=True`` accepts
+    any size: the circular operator on fewer pixels than the kernel spans is the one of
+    the kernel folded modulo the size (``fold_kernel``), which ``conv_singular_values``
+    and ``conv_spectral_norm`` compute.
+    """
     n = input_size_arg(input_size)
     for axis, (n_i, s_i, extent) in enumerate(zip(n, stride, dilated_extent(kernel_size, dilation))):
         if n_i % s_i:
@@ -60,7 +78,7 @@ def check_spectral_input_size(
                 "the strided circular operator is only defined for such sizes; "
                 f"use a multiple of {s_i}"
             )
-        if n_i < extent:
+        if n_i < extent and not fold:
             raise ValueError(
                 f"input_size {n} is smaller than the (dilated) kernel extent {extent} along axis "
                 f"{axis}; use an input of at least {extent} pixels"
@@ -91,6 +109,25 @@ def polyphase_kernel(weight: Tensor, stride: Tuple[int, int]) -> Tensor:
     padded = torch.nn.functional.pad(weight, (0, t2 * s2 - kw, 0, t1 * s1 - kh))
     phases = padded.reshape(c_out, c_in, t1, s1, t2, s2).permute(0, 1, 3, 5, 2, 4)
     return phases.reshape(c_out, c_in * s1 * s2, t1, t2)
+
+
+def fold_kernel(kernel: Tensor, m: Tuple[int, int]) -> Tensor:
+    """Fold the last two (tap) axes modulo ``m = (m1, m2)``: ``(..., t1, t2)`` -> ``(..., min(t1, m1), min(t2, m2))``.
+
+    On a circular grid of ``m`` pixels tap ``t`` shifts by ``t mod m``, so taps on the
+    same residue add up into one: the folded kernel has the same circular operator on
+    ``m`` (and the same DFT at the ``m`` frequencies). Axes with ``t <= m`` are kept as
+    they are.
+    """
+    for axis, m_i in zip((-2, -1), m):
+        taps = kernel.shape[axis]
+        if taps > m_i:
+            cycles = -(-taps // m_i)
+            pad = [0, 0] * (-axis - 1) + [0, cycles * m_i - taps]
+            padded = torch.nn.functional.pad(kernel, pad)
+            shape = kernel.shape[:axis] + (cycles, m_i) + ((kernel.shape[-1],) if axis == -2 else ())
+            kernel = padded.reshape(shape).sum(dim=axis - 1)
+    return kernel
 
 
 def kernel_scale(weight: Tensor) -> Tensor:
@@ -129,10 +166,27 @@ def _phases(m: int, taps: int, frequencies: Tensor, dtype: torch.dtype) -> Tenso
     return torch.polar(torch.ones_like(angle), angle).to(dtype)
 
 
-def _stride1_kernel(weight: Tensor, stride: Tuple[int, int], dilation: Tuple[int, int], groups: int) -> Tensor:
-    """Dilated, polyphase kernel split by group: ``(groups, c_out/g, c_in/g * s1 s2, t1, t2)``."""
-    kernel = polyphase_kernel(dilate_kernel(weight, dilation), stride)
+def _stride1_kernel(weight: Tensor, stride: Tuple[int, int], dilation: Tuple[int, int], groups: int,
+                    m: Tuple[int, int]) -> Tensor:
+    """Dilated, polyphase kernel folded modulo the grid ``m = n / s``, split by group:
+    ``(groups, c_out/g, c_in/g * s1 s2, t1, t2)`` with ``t <= m``.
+
+    Folding after the polyphase split is the fold of the dilated kernel modulo ``n``:
+    phase ``q`` tap ``t`` sits at ``s t + q``, and ``s (t mod m) + q = (s t + q) mod n``.
+    """
+    kernel = fold_kernel(polyphase_kernel(dilate_kernel(weight, dilation), stride), m)
     return kernel.reshape(groups, -1, *kernel.shape[1:])
+
+
+def single_tap_matrices(kernel: Tensor) -> Optional[Tensor]:
+    """``(g, o, i)`` real matrices of a stride-1 grouped kernel ``(g, o, i, t1, t2)`` with one
+    tap, else ``None``.
+
+    Such a kernel's transfer function is the same matrix at every frequency (the phase of
+    tap 0 is 1), so the circular operator is ``kron(I_{m1 m2}, M)`` up to a permutation:
+    its singular values are those of ``M``, each ``m1 m2`` times.
+    """
+    return kernel[..., 0, 0] if kernel.shape[-2:] == (1, 1) else None
 
 
 def transfer_batches(
@@ -143,7 +197,8 @@ def transfer_batches(
     ``kernel``: ``(g, o, i, t1, t2)`` real. Yields ``(u, v, matrices)`` with ``matrices``
     ``(B, g, o, i)`` complex: ``P(u, v) = sum_{h, w} K[..., h, w] exp(-2 pi i (u h / m1 + v w / m2))``
     for every ``u`` in ``[0, m1)`` and ``v`` in ``[0, m2 // 2]`` (the other half are
-    complex conjugates). A batch holds as many frequencies as fit ``max_memory`` with
+    complex conjugates). Taps beyond ``m`` need no folding first (the phases are
+    periodic in the tap). A batch holds as many frequencies as fit ``max_memory`` with
     ``per_frequency_factor`` copies of one frequency's matrices (room for the
     decomposition that consumes them). The DFT at a batch is one matmul over the taps,
     so neither the full transfer tensor nor an FFT buffer is ever materialised.
@@ -181,12 +236,13 @@ def _prepare(
     and the memory limit."""
     groups = check_kernel(weight, groups)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    n = check_spectral_input_size(input_size, tuple(weight.shape[2:]), stride, dilation)
+    n = check_spectral_input_size(input_size, tuple(weight.shape[2:]), stride, dilation, fold=True)
     max_memory = _memory_arg(max_memory)
     weight = weight.to(spectral_dtype(weight.dtype))
     scale = kernel_scale(weight)
-    kernel = _stride1_kernel(weight / scale, stride, dilation, groups)
-    return kernel, scale, (n[0] // stride[0], n[1] // stride[1]), max_memory
+    m = (n[0] // stride[0], n[1] // stride[1])
+    kernel = _stride1_kernel(weight / scale, stride, dilation, groups, m)
+    return kernel, scale, m, max_memory
 
 
 @full_precision
@@ -206,8 +262,9 @@ def conv_singular_values(
     weight : Tensor
         Kernel ``(c_out, c_in/groups, kh, kw)`` in ``nn.Conv2d`` layout.
     input_size : int or (int, int)
-        Spatial size ``(n1, n2)`` of the input; divisible by the stride and at least the
-        dilated kernel extent.
+        Spatial size ``(n1, n2)`` of the input, divisible by the stride. Any size: an input
+        smaller than the dilated kernel extent gets the circular operator of the kernel
+        folded modulo ``n`` (taps ``j`` and ``j + n`` act alike).
     stride, dilation, groups
         As in ``nn.Conv2d``.
     max_memory : int
@@ -230,6 +287,13 @@ def conv_singular_values(
     ``O(n1 n2 c_out c_in min(c_out, c_in))``. Only the ``m1 (m2 // 2 + 1)`` frequencies
     of one half plane are decomposed: the others hold complex-conjugate matrices.
 
+    Fast path: when the polyphase kernel folded modulo ``m`` has a single tap (a 1x1
+    kernel at any stride and dilation, a kernel equal to its stride, or ``m = (1, 1)``)
+    the operator is ``kron(I_{m1 m2}, M)`` up to a permutation, with ``M`` the
+    ``c_out x c_in s1 s2`` matrix (block-diagonal over groups): the result is the
+    singular values of ``M``, each repeated ``m1 m2`` times, from one batched SVD,
+    ``O(c_out c_in min(c_out, c_in))``.
+
     Examples
     --------
     >>> w = torch.zeros(1, 1, 3, 3); w[0, 0, 1, 1] = 2.0   # 2 * identity
@@ -247,6 +311,10 @@ def conv_singular_values(
             f"max_memory={format_bytes(max_memory)}; use conv_spectral_norm (a running maximum) "
             "or raise max_memory"
         )
+    single = single_tap_matrices(kernel)
+    if single is not None:  # every frequency holds this matrix: decompose it once
+        values = torch.linalg.svdvals(single)  # (g, min(o, i))
+        return values.flatten().repeat(m1 * m2).sort(descending=True).values * scale
     batches = [torch.linalg.svdvals(matrices) for _, _, matrices in transfer_batches(kernel, m, max_memory)]
     values = torch.cat(batches).reshape(m1, m2 // 2 + 1, g, -1)
     # Frequency (u, v) with v > m2 // 2 is the conjugate of (-u, m2 - v), which was computed.
@@ -272,7 +340,8 @@ def conv_spectral_norm(
     Same arguments and cost as ``conv_singular_values``, but memory is bounded by
     ``max_memory`` whatever the layer and input size: frequencies are processed in
     batches and only a running maximum is kept. A grouped convolution's norm is the
-    maximum over its groups.
+    maximum over its groups. A single-tap polyphase kernel (every 1x1 conv) costs one
+    matrix norm per group (see ``conv_singular_values``, Notes).
 
     Examples
     --------
@@ -281,6 +350,9 @@ def conv_spectral_norm(
     tensor(3.)
     """
     kernel, scale, m, max_memory = _prepare(weight, input_size, stride, dilation, groups, max_memory)
+    single = single_tap_matrices(kernel)
+    if single is not None:  # every frequency holds this matrix
+        return torch.linalg.matrix_norm(single, ord=2).amax() * scale
     best = None
     for _, _, matrices in transfer_batches(kernel, m, max_memory):
         top = torch.linalg.matrix_norm(matrices, ord=2).amax()
