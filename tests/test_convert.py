@@ -19,7 +19,7 @@ def _relative(a, b):
 def test_full_rank_conversion_is_exact_and_densify_restores_the_state_dict(arch):
     model = ARCHITECTURES[arch]().eval()
     x = torch.randn(2, 3, 16, 16)
-    converted = convert(model)
+    converted = convert(model, force=("*",))  # depthwise convs too (kept dense by default)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert sum(isinstance(m, SVDConv) for m in converted.modules()) == n_convs
     assert not any(type(m) is nn.Conv2d for m in converted.modules())

@@ -31,9 +31,9 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ._hooks import progress_callback, unwrap
 from .layer import SVDConv, _conv_arguments, _decode_extra_state
-from .tt import energy_rank, resolve_ranks
+from .tt import _truncation, factor_params, resolve_ranks
 
-__all__ = ["convert", "densify", "load_converted", "ConversionReport", "LayerConversion"]
+__all__ = ["convert", "densify", "load_converted", "ConversionReport", "LayerConversion", "KeptDense"]
 
 RankChoice = Union[None, int, float, Tuple[int, int]]
 Exclude = Union[Iterable[str], Callable[[nn.Module, str], bool]]
@@ -58,6 +58,21 @@ class LayerConversion:
     notes: Tuple[str, ...] = ()
 
 
+@dataclass
+class KeptDense:
+    """A conv ``convert`` left dense because its TT form would not be smaller.
+
+    ``params_dense`` counts the conv's parameters (kernel and bias), ``params_tt`` those
+    of the ``SVDConv`` it would have become at the requested setting (for a layer that
+    cannot shrink at any rank, at rank ``(1, 1)``).
+    """
+
+    name: str
+    reason: str
+    params_dense: int
+    params_tt: int
+
+
 class ConversionReport:
     """Per-layer conversion results with totals; ``str()`` is an aligned table.
 
@@ -69,6 +84,14 @@ class ConversionReport:
         Convs kept dense because ``exclude`` matched them.
     skipped : list of (str, str)
         Convs left as they are because they cannot be converted exactly, with the reason.
+    kept_dense : list of KeptDense
+        Convs left dense because their TT form would not have fewer parameters (see
+        ``convert``'s ``force``).
+    output_error : float or None
+        ``||f_converted(x) - f(x)|| / ||f(x)||`` on ``convert``'s ``example_input``
+        (all outputs together, eval mode), or None without one.
+    energy : float or None
+        The shared energy threshold ``param_budget`` or ``output_tolerance`` chose.
     """
 
     def __init__(
@@ -76,18 +99,31 @@ class ConversionReport:
         layers: List[LayerConversion],
         excluded: List[str],
         skipped: Optional[List[Tuple[str, str]]] = None,
+        kept_dense: Optional[List[KeptDense]] = None,
+        output_error: Optional[float] = None,
+        energy: Optional[float] = None,
     ) -> None:
         self.layers = layers
         self.excluded = excluded
         self.skipped = list(skipped or [])
+        self.kept_dense = list(kept_dense or [])
+        self.output_error = output_error
+        self.energy = energy
 
     @property
     def params_before(self) -> int:
+        """Parameters of the converted convs before conversion."""
         return sum(layer.params_before for layer in self.layers)
 
     @property
     def params_after(self) -> int:
+        """Parameters of the ``SVDConv`` layers that replaced them."""
         return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def params_kept_dense(self) -> int:
+        """Parameters of the convs kept dense because their TT form would not be smaller."""
+        return sum(kept.params_dense for kept in self.kept_dense)
 
     @property
     def relative_error(self) -> float:
@@ -98,8 +134,9 @@ class ConversionReport:
         return [dict(vars(layer)) for layer in self.layers]
 
     def changes(self) -> List[str]:
-        """One line per skipped layer and per note: what did not convert plainly."""
+        """One line per skipped or kept-dense layer and per note: what did not convert plainly."""
         lines = [f"{name!r} left unchanged: {reason}" for name, reason in self.skipped]
+        lines += [f"{kept.name!r} kept dense: {kept.reason}" for kept in self.kept_dense]
         lines += [f"{layer.name!r}: {note}" for layer in self.layers for note in layer.notes]
         return lines
 
@@ -119,6 +156,15 @@ class ConversionReport:
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 1, lines[1])
+        if self.output_error is not None:
+            lines.append(f"model output rel. error on example_input: {self.output_error:.2e}"
+                         " (||f_converted(x) - f(x)|| / ||f(x)||, eval mode)")
+        if self.energy is not None:
+            lines.append(f"shared energy threshold: {self.energy:.6g}")
+        if self.kept_dense:
+            lines.append(f"kept dense ({self.params_kept_dense} parameters; the TT form would not be smaller, "
+                         "force= converts them):")
+            lines += [f"  {kept.name}: {kept.reason}" for kept in self.kept_dense]
         if self.excluded:
             lines.append(f"excluded: {', '.join(self.excluded)}")
         if self.skipped:
@@ -337,11 +383,12 @@ def _params(module: nn.Module) -> int:
 
 
 def _svd_params(conv: nn.Conv2d, ranks: Tuple[int, int]) -> int:
+    """Parameters of the ``SVDConv`` of ``conv`` at ``ranks`` (``r_in`` compressed to ``r_out*kh*kw``)."""
     r_out, r_in = ranks
-    g = conv.groups
     taps = conv.kernel_size[0] * conv.kernel_size[1]
     bias = conv.out_channels if conv.bias is not None else 0
-    return conv.out_channels * r_out + g * r_out + g * r_out * r_in * taps + conv.in_channels * r_in + bias
+    return factor_params(conv.out_channels // conv.groups, conv.in_channels // conv.groups, conv.kernel_size,
+                         (r_out, min(r_in, r_out * taps)), conv.groups) + bias
 
 
 def _fraction_ranks(conv: nn.Conv2d, fraction: float) -> Tuple[int, int]:
@@ -349,54 +396,93 @@ def _fraction_ranks(conv: nn.Conv2d, fraction: float) -> Tuple[int, int]:
     return max(1, math.ceil(fraction * out_g)), max(1, math.ceil(fraction * in_g))
 
 
-def _energy_ranks(spectra: Tuple[torch.Tensor, torch.Tensor], energy: float, conv: nn.Conv2d) -> Tuple[int, int]:
-    """Ranks keeping ``energy`` of each unfolding's squared norm (max over groups), clamped."""
-    out_g, in_g = conv.out_channels // conv.groups, conv.in_channels // conv.groups
-    wanted = (energy_rank(spectra[0], energy), energy_rank(spectra[1], energy))
-    return resolve_ranks(wanted, out_g, in_g, conv.kernel_size)
+def _never_smaller(conv: nn.Conv2d) -> Optional[str]:
+    """Why ``conv``'s TT form has at least its parameters at every rank, or None.
+
+    The TT form at rank ``(1, 1)`` is the smallest; if even it is not smaller than the
+    dense kernel, no rank is. For a depthwise conv it also shows nothing the dense layer
+    does not: each channel's kernel is its own ``1 x 1 x kh x kw`` core.
+    """
+    smallest, dense = _svd_params(conv, (1, 1)), _params(conv)
+    if smallest < dense:
+        return None
+    if conv.in_channels == conv.groups and conv.out_channels == conv.groups:
+        return (f"depthwise: its TT form has {smallest} parameters at any rank, the dense conv {dense} "
+                "(U, S, V add 3 per channel; each channel's kernel is its own core)")
+    return f"its TT form has at least {smallest} parameters at any rank (rank (1, 1)), the dense conv {dense}"
 
 
-def _unfolding_spectra(weight: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
-    w = weight.detach().to(torch.float64)
-    w = w.reshape(groups, -1, *w.shape[1:])
-    out_unfold = w.reshape(groups, w.shape[1], -1)
-    in_unfold = w.transpose(1, 2).reshape(groups, w.shape[2], -1)
-    return torch.linalg.svdvals(out_unfold), torch.linalg.svdvals(in_unfold)
+@dataclass
+class _Candidate:
+    """A conv that ``convert`` may replace, and what is known about its TT form."""
+
+    name: str
+    conv: nn.Conv2d
+    kernel: _Kernel
+    forced: bool
+    truncation: Any = None  # ttconv.tt._Truncation, for energy-chosen ranks
 
 
-def _budget_ranks(convs: List[Tuple[str, nn.Conv2d, Tensor]], budget: int) -> Dict[str, Tuple[int, int]]:
-    """One energy threshold for all layers, the largest whose total size fits ``budget``."""
-    spectra = {name: _unfolding_spectra(weight, conv.groups) for name, conv, weight in convs}
+def _ranks_for(candidate: _Candidate, rank: RankChoice, energy: Optional[float],
+               shrink: bool = True) -> Tuple[int, int]:
+    conv = candidate.conv
+    if energy is not None:
+        return candidate.truncation.energy_ranks(energy, shrink=shrink)
+    if isinstance(rank, float):
+        rank = _fraction_ranks(conv, rank)
+    return resolve_ranks(rank, conv.out_channels // conv.groups, conv.in_channels // conv.groups, conv.kernel_size)
 
-    def ranks_at(energy: float) -> Dict[str, Tuple[int, int]]:
-        return {name: _energy_ranks(spectra[name], energy, conv) for name, conv, _ in convs}
 
-    def size(ranks: Dict[str, Tuple[int, int]]) -> int:
-        return sum(_svd_params(conv, ranks[name]) for name, conv, _ in convs)
+def _size(candidates: List[_Candidate], ranks: Mapping[str, Tuple[int, int]], keep_larger: bool) -> int:
+    """Parameters of the considered convs: TT size, or dense where that is kept."""
+    total = 0
+    for candidate in candidates:
+        tt_size, dense = _svd_params(candidate.conv, ranks[candidate.name]), _params(candidate.conv)
+        total += dense if keep_larger and not candidate.forced and tt_size >= dense else tt_size
+    return total
 
-    smallest = {name: (1, 1) for name, _, _ in convs}
-    if size(smallest) > budget:
+
+def _budget_energy(candidates: List[_Candidate], budget: int, fixed: int,
+                   progress: Optional[ProgressFn]) -> float:
+    """The largest shared energy threshold whose model fits ``budget`` (bisection).
+
+    The size is nondecreasing in the threshold: each layer's kept energy, hence its
+    ranks, can only grow (up to the candidate input ranks of ``energy_ranks``, which are
+    the same at every threshold; the final, shrunk ranks are never larger).
+    """
+    def size(energy: float) -> int:
+        ranks = {c.name: _ranks_for(c, None, energy, shrink=False) for c in candidates}
+        return fixed + _size(candidates, ranks, keep_larger=True)
+
+    smallest = fixed + _size(candidates, {c.name: (1, 1) for c in candidates}, keep_larger=True)
+    if smallest > budget:
         raise ValueError(
             f"param_budget={budget} is below the smallest possible size of the converted layers "
-            f"({size(smallest)} parameters at rank 1); raise the budget or exclude layers"
+            f"({smallest} parameters at rank 1); raise the budget or exclude layers"
         )
+    if size(1.0) <= budget:
+        return 1.0
     low, high = 0.0, 1.0
-    if size(ranks_at(high)) <= budget:
-        return ranks_at(high)
-    for _ in range(40):  # bisection on the shared energy threshold
+    for step in range(_SEARCH_STEPS):
         middle = (low + high) / 2
-        if size(ranks_at(middle)) <= budget:
+        if size(middle) <= budget:
             low = middle
         else:
             high = middle
-    return ranks_at(low) if low > 0 else smallest
+        if progress is not None:
+            progress(step + 1, _SEARCH_STEPS, f"budget search: energy {low:.6g} fits")
+    return low
 
 
-def _excluded(exclude: Exclude) -> Callable[[nn.Module, str], bool]:
+_SEARCH_STEPS = 30
+"""Bisection steps on the shared energy threshold (to ~1e-9; ranks change at discrete thresholds)."""
+
+
+def _excluded(exclude: Exclude, argument: str = "exclude") -> Callable[[nn.Module, str], bool]:
     if callable(exclude):
         return exclude
     if isinstance(exclude, str):
-        raise TypeError("exclude must be an iterable of names or patterns, or a predicate; got a single str "
+        raise TypeError(f"{argument} must be an iterable of names or patterns, or a predicate; got a single str "
                         f"{exclude!r}: wrap it in a tuple")
     patterns = list(exclude)
     return lambda module, name: any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
@@ -414,15 +500,16 @@ def _replace(root: nn.Module, mapping: Dict[int, nn.Module]) -> None:
             _replace(child, mapping)
 
 
-def _copy_model(model: nn.Module) -> nn.Module:
+def _copy_model(model: nn.Module, memo: Optional[Dict[int, Any]] = None) -> nn.Module:
     """``copy.deepcopy`` that also copies models with hook-based reparametrizations.
 
     ``weight_norm``, pruning and (after a training forward) ``spectral_norm`` keep the
     computed ``weight`` as a non-leaf tensor attribute, which ``deepcopy`` refuses. Its
     value is recomputed by the hook before every forward, so the copy gets a detached
-    clone (via the memo; the original model is not touched).
+    clone (via the memo; the original model is not touched). Pass ``memo`` to find the
+    copy of a module: ``memo[id(module)]``.
     """
-    memo: Dict[int, Any] = {}
+    memo = {} if memo is None else memo
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, _REPARAMETRIZATION_HOOKS):
@@ -442,13 +529,156 @@ def _warn(what: str, lines: List[str], hint: str) -> None:
     warnings.warn(f"{what}{hint}:\n  " + "\n  ".join(lines), UserWarning, stacklevel=3)
 
 
+def _check_arguments(rank: Any, energy: Any, param_budget: Any, output_tolerance: Any, example_input: Any,
+                     refine: Any) -> None:
+    """Validate the global arguments before any layer is touched; messages name the argument."""
+    given = [name for name, value in (("rank", rank), ("energy", energy), ("param_budget", param_budget),
+                                      ("output_tolerance", output_tolerance)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of rank, energy, param_budget and output_tolerance, got {', '.join(given)}")
+    if isinstance(rank, float):
+        if not 0.0 < rank <= 1.0:
+            raise ValueError(f"a float rank is a fraction of channels and must be in (0, 1], got rank={rank}")
+    elif rank is not None:
+        resolve_ranks(rank, 1, 1, (1, 1))  # raises naming ``rank`` (e.g. rank=0)
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
+                               or not 0.0 < float(energy) <= 1.0):
+        raise ValueError(f"energy must be a float in (0, 1] (the fraction of each kernel's squared norm to keep), "
+                         f"got energy={energy!r}")
+    if param_budget is not None:
+        valid = (isinstance(param_budget, int) and not isinstance(param_budget, bool) and param_budget >= 1) or (
+            isinstance(param_budget, float) and 0.0 < param_budget <= 1.0)
+        if not valid:
+            raise ValueError("param_budget must be a positive int (a number of parameters) or a float in (0, 1] "
+                             f"(a fraction of the considered convs' parameters), got param_budget={param_budget!r}")
+    if output_tolerance is not None:
+        if isinstance(output_tolerance, bool) or not isinstance(output_tolerance, (int, float)) \
+                or not 0.0 < float(output_tolerance) < math.inf:
+            raise ValueError(f"output_tolerance must be a positive float (a relative output error), "
+                             f"got output_tolerance={output_tolerance!r}")
+        if example_input is None:
+            raise ValueError("output_tolerance needs example_input: the output error is measured on it")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be a non-negative int (iterations), got refine={refine!r}")
+
+
+def _outputs(value: Any) -> List[Tensor]:
+    """The floating-point tensors in a (nested) model output, in a fixed order."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() or value.is_complex() else []
+    if isinstance(value, Mapping):
+        return [t for key in value for t in _outputs(value[key])]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _outputs(item)]
+    return []
+
+
+def _run(model: nn.Module, example_input: Any) -> List[Tensor]:
+    """The model's outputs on ``example_input`` in eval mode without grad; every module's
+    training flag is restored (so batch-norm statistics and dropout are not touched)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
+    except Exception as error:
+        raise ValueError(f"example_input could not be run through the model ({type(error).__name__}: {error}); "
+                         "pass an input the model accepts (a tensor, or a tuple of positional arguments)") from error
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    tensors = _outputs(output)
+    if not tensors:
+        raise ValueError("the model's output on example_input holds no floating-point tensor to compare")
+    return tensors
+
+
+def _output_error(outputs: List[Tensor], reference: List[Tensor]) -> float:
+    """``||outputs - reference|| / ||reference||`` over all tensors together, in float64."""
+    diff = sum(float((a.detach().to(torch.float64) - b.detach().to(torch.float64)).pow(2).sum())
+               for a, b in zip(outputs, reference))
+    norm = sum(float(b.detach().to(torch.float64).pow(2).sum()) for b in reference)
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return math.sqrt(diff / norm)
+
+
+def _build(candidate: _Candidate, rank: RankChoice, energy: Optional[float], refine: int) -> SVDConv:
+    """The ``SVDConv`` of one candidate (``SVDConv._from_kernel`` with the shared input side)."""
+    conv, kernel = candidate.conv, candidate.kernel
+    truncation = candidate.truncation
+    if truncation is None:
+        truncation = _truncation(kernel.weight, conv.groups)
+    ranks = _ranks_for(candidate, rank, energy) if energy is not None else _ranks_for(candidate, rank, None)
+    result = truncation.factors(*ranks, refine=refine)
+    arguments = dict(_conv_arguments(conv), bias=kernel.bias is not None)
+    layer = torch.nn.utils.skip_init(SVDConv, **arguments, device=kernel.weight.device, dtype=kernel.weight.dtype,
+                                     rank=result.ranks)
+    with torch.no_grad():
+        layer._copy_factors(result.factors)
+        if kernel.bias is not None:
+            layer.bias.copy_(kernel.bias)
+    layer.approximation_error = result.relative_error
+    return layer
+
+
+def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_input: Any,
+                      reference: List[Tensor], tolerance: float, refine: int,
+                      progress: Optional[ProgressFn]) -> Tuple[float, float]:
+    """The smallest shared energy threshold (bisection) whose model's output error is within
+    ``tolerance``; returns ``(energy, its output error)``.
+
+    Sizes grow with the threshold, but the output error need not shrink with it (errors
+    of several layers can cancel), so the threshold found has an error within tolerance
+    and the next-lower probe (within 1e-3 of it in energy) above it: a boundary, not
+    necessarily the smallest such threshold.
+    """
+    errors: Dict[Tuple[Tuple[int, int], ...], float] = {}
+    layers: Dict[Tuple[str, Tuple[int, int]], SVDConv] = {}
+
+    def error_at(energy: float) -> float:
+        ranks = {c.name: _ranks_for(c, None, energy) for c in candidates}
+        key = tuple(ranks[c.name] for c in candidates)
+        if key not in errors:
+            memo: Dict[int, Any] = {}
+            probe = _copy_model(model, memo)
+            mapping: Dict[int, nn.Module] = {}
+            for c in candidates:
+                if (c.name, ranks[c.name]) not in layers:
+                    layers[(c.name, ranks[c.name])] = _build(c, ranks[c.name], None, refine)
+                if c.forced or _svd_params(c.conv, ranks[c.name]) < _params(c.conv):
+                    mapping[id(memo.get(id(c.conv), c.conv))] = layers[(c.name, ranks[c.name])]
+            probe = mapping.get(id(probe), probe)
+            _replace(probe, mapping)
+            errors[key] = _output_error(_run(probe, example_input), reference)
+        return errors[key]
+
+    low, high = 0.0, 1.0
+    high_error = error_at(high)
+    step = 0
+    while high - low > 1e-3:
+        middle = (low + high) / 2
+        error = error_at(middle)
+        if error <= tolerance:
+            high, high_error = middle, error
+        else:
+            low = middle
+        step += 1
+        if progress is not None:
+            progress(step, 10, f"output search: energy {middle:.4g} gives output error {error:.3g}")
+    return high, high_error
+
+
 def convert(
     model: nn.Module,
     rank: RankChoice = None,
     energy: Optional[float] = None,
     *,
-    param_budget: Optional[int] = None,
+    param_budget: Union[None, int, float] = None,
+    output_tolerance: Optional[float] = None,
+    example_input: Any = None,
     exclude: Exclude = (),
+    force: Exclude = (),
     inplace: bool = False,
     return_report: bool = False,
     progress: Union[None, bool, ProgressFn] = None,
@@ -460,6 +690,27 @@ def convert(
     reported truncation error otherwise) and keeps its training flag, the
     ``requires_grad`` flags of kernel and bias (a frozen conv gives frozen factors), and
     its forward (pre-)hooks and backward hooks (moved, in order, with their flags).
+
+    **Layers kept dense.** A conv whose TT form would not have fewer parameters than the
+    conv itself stays an ``nn.Conv2d`` unless ``force`` names it:
+
+    * at every setting, full rank included, a conv whose TT form is not smaller at *any*
+      rank (at rank ``(1, 1)``, the smallest). This is every depthwise conv
+      (``groups == in_channels == out_channels``): ``U``, ``S`` and ``V`` add 3
+      parameters per channel and each channel's ``kh x kw`` kernel is its own core, so
+      the TT form only costs (MobileNet-style nets grew 2.4x at full rank). Also tiny
+      grouped 1x1 convs (e.g. 2 channels per group);
+    * at a truncating setting (``rank``, ``energy``, ``param_budget``,
+      ``output_tolerance``), a conv whose TT form at the chosen ranks is not smaller
+      (e.g. grouped convs at ``rank=0.5``): truncating it costs accuracy and saves
+      nothing.
+
+    Full rank (no setting) converts every other conv although its TT form is usually
+    larger (a 3x3 conv C -> C: ``11 C^2`` against ``9 C^2``): that conversion is exact
+    and is for what the SVD form gives, the spectrum and its control, not for size.
+    Kept layers are listed in ``report.kept_dense`` with the reason and both parameter
+    counts (and, without ``return_report=True``, in a ``UserWarning``);
+    ``force=("*",)`` converts every conv whatever its size.
 
     What is not a plain ``nn.Conv2d`` is handled as follows, and never silently: the
     report lists it (``skipped`` and per-layer ``notes``, shown by ``str(report)``) and,
@@ -485,13 +736,33 @@ def convert(
         Per layer: ``None`` full rank (exact), an int or ``(r_out, r_in)`` (clamped per
         layer), or a float in ``(0, 1]``: that fraction of each layer's channels per group.
     energy : float in (0, 1], optional
-        Per-layer ranks keeping this fraction of each unfolding's squared norm.
-    param_budget : int, optional
-        Total parameters of the converted layers: one energy threshold is shared by all
-        layers and chosen as the largest that fits.
+        Per layer, the smallest ranks whose TT form keeps this fraction of the kernel's
+        squared Frobenius norm (``||W_hat||^2 >= energy ||W||^2``, relative error
+        ``<= sqrt(1 - energy)``; see ``ttconv.tt.decompose``).
+    param_budget : int or float in (0, 1], optional
+        Total parameters of the considered convs (converted and kept dense; not the
+        excluded or skipped ones): an int is a count, a float that fraction of their
+        parameters before conversion. One energy threshold is shared by all layers and
+        chosen (by bisection) as the largest that fits.
+    output_tolerance : float, optional
+        Relative output error ``||f_converted(x) - f(x)|| / ||f(x)||`` on
+        ``example_input`` to stay within: one shared energy threshold is chosen by
+        bisection as (about) the smallest whose converted model meets it; see
+        ``report.energy`` and ``report.output_error`` for what was achieved. Each
+        probe runs the model once. The error need not fall monotonically with the
+        threshold, so the result is a threshold that meets the tolerance whose
+        next-lower probe did not.
+    example_input : Tensor or tuple, optional
+        An input (or a tuple of positional inputs) for ``model``, e.g. a small batch. When
+        given, ``report.output_error`` is the relative output error of the converted
+        model on it (eval mode, no grad; every module's training flag is restored; the
+        outputs' floating-point tensors are compared together).
     exclude : iterable of str, or callable(module, name) -> bool
         Qualified names or ``fnmatch`` patterns (a name also excludes the layers inside
         it), or a predicate returning True for layers to keep dense.
+    force : iterable of str, or callable(module, name) -> bool
+        Layers to convert even where the TT form would not be smaller (same forms as
+        ``exclude``; ``("*",)`` matches every layer). ``exclude`` wins over ``force``.
     inplace : bool
         Modify ``model`` itself instead of a deep copy. Handles of hooks registered on a
         converted conv then remove the hook from the ``SVDConv`` (the replaced conv hands
@@ -499,8 +770,9 @@ def convert(
     return_report : bool
         Also return a ``ConversionReport`` (and do not warn about what it lists).
     progress : bool or callable(done, total, name), optional
-        ``True`` prints a line per converted layer on stderr; a callable is called after
-        each layer.
+        ``True`` prints progress lines on stderr; a callable is called after each step:
+        the analysis of each layer (``energy``, ``param_budget``, ``output_tolerance``),
+        each search step, then each converted layer.
     refine : int, default 0
         HOOI iterations per converted layer after the one-pass truncation (see
         ``SVDConv.from_conv2d``); the report's errors stay exact.
@@ -509,26 +781,24 @@ def convert(
     -------
     nn.Module or (nn.Module, ConversionReport)
         The converted model (the root; a conv passed as ``model`` is returned converted).
-        Ranks chosen by ``energy`` or ``param_budget`` depend on the weights: reload its
-        ``state_dict`` with ``load_converted``.
+        Ranks chosen by ``energy``, ``param_budget`` or ``output_tolerance`` depend on the
+        weights: reload its ``state_dict`` with ``load_converted``.
     """
-    choices = [rank is not None, energy is not None, param_budget is not None]
-    if sum(choices) > 1:
-        raise ValueError("pass at most one of rank, energy and param_budget")
-    if isinstance(rank, float) and not 0.0 < rank <= 1.0:
-        raise ValueError(f"a float rank is a fraction of channels and must be in (0, 1], got {rank}")
-    if param_budget is not None and (not isinstance(param_budget, int) or param_budget < 1):
-        raise ValueError(f"param_budget must be a positive int (a number of parameters), got {param_budget!r}")
-    is_excluded = _excluded(exclude)
+    _check_arguments(rank, energy, param_budget, output_tolerance, example_input, refine)
+    is_excluded = _excluded(exclude, "exclude")
+    is_forced = _excluded(force, "force")
     progress = progress_callback(progress)
     model = unwrap(model)
+    reference = _run(model, example_input) if example_input is not None else None
+    original = model
     if not inplace:
         model = _copy_model(model)
 
     owners = _parameter_owners(model)
-    convs: List[Tuple[str, nn.Conv2d, _Kernel]] = []
+    candidates: List[_Candidate] = []
     excluded: List[str] = []
     skipped: List[Tuple[str, str]] = []
+    kept: List[KeptDense] = []
     for name, module in model.named_modules():  # each shared module once
         if not isinstance(module, nn.Conv2d):
             continue
@@ -543,29 +813,65 @@ def convert(
         except _Unconvertible as reason:
             skipped.append((name, str(reason)))
             continue
-        convs.append((name, module, kernel))
-    budget_ranks = (_budget_ranks([(n, c, k.weight) for n, c, k in convs], param_budget)
-                    if param_budget is not None and convs else {})
+        forced = bool(is_forced(module, name))
+        never = None if forced else _never_smaller(module)
+        if never is not None:
+            kept.append(KeptDense(name, never, _params(module), _svd_params(module, (1, 1))))
+            continue
+        candidates.append(_Candidate(name, module, kernel, forced))
+
+    searched = param_budget is not None or output_tolerance is not None
+    if energy is not None or searched:
+        for index, candidate in enumerate(candidates):
+            try:
+                candidate.truncation = _truncation(candidate.kernel.weight, candidate.conv.groups)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"layer {candidate.name!r}: {error}") from error
+            if progress is not None:
+                progress(index + 1, len(candidates), f"analysing {candidate.name}")
+    chosen_energy: Optional[float] = None
+    if param_budget is not None and candidates:
+        fixed = sum(k.params_dense for k in kept)
+        budget = param_budget
+        if isinstance(param_budget, float):
+            budget = max(1, int(param_budget * (fixed + sum(_params(c.conv) for c in candidates))))
+        try:
+            chosen_energy = _budget_energy(candidates, budget, fixed, progress)
+        except ValueError as error:
+            raise ValueError(f"{error} (param_budget={param_budget!r} is {budget} parameters)"
+                             if isinstance(param_budget, float) else str(error)) from None
+    elif output_tolerance is not None and candidates:
+        chosen_energy, _ = _tolerance_energy(original if inplace else model, candidates, example_input,
+                                             reference, float(output_tolerance), refine, progress)
+    layer_energy = chosen_energy if searched else energy
+    layer_rank = None if layer_energy is not None else rank
 
     # Build every layer before touching any conv, so an error leaves an inplace model intact.
-    layers: List[SVDConv] = []
-    for index, (name, conv, kernel) in enumerate(convs):
-        layer_rank = budget_ranks.get(name, rank)
-        if isinstance(layer_rank, float):
-            layer_rank = _fraction_ranks(conv, layer_rank)
+    built: List[Tuple[_Candidate, SVDConv]] = []
+    truncating = rank is not None or energy is not None or searched
+    for index, candidate in enumerate(candidates):
+        conv = candidate.conv
         try:
-            layer = SVDConv._from_kernel(kernel.weight, kernel.bias, _conv_arguments(conv), rank=layer_rank,
-                                         energy=energy, refine=refine)
+            ranks = _ranks_for(candidate, layer_rank, layer_energy)
+            tt_size = _svd_params(conv, ranks)
+            if truncating and not candidate.forced and tt_size >= _params(conv):
+                kept.append(KeptDense(candidate.name, f"at ranks {ranks} its TT form would have {tt_size} parameters, "
+                                      f"the dense conv {_params(conv)}", _params(conv), tt_size))
+                continue
+            layer = _build(candidate, ranks, None, refine)
         except (ValueError, TypeError) as error:
-            raise type(error)(f"layer {name!r}: {error}") from error
-        layers.append(layer)
+            raise type(error)(f"layer {candidate.name!r}: {error}") from error
+        built.append((candidate, layer))
         if progress is not None:
-            progress(index + 1, len(convs), name)
+            progress(index + 1, len(candidates), candidate.name)
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    kept.sort(key=lambda k: order[k.name])
 
     mapping: Dict[int, nn.Module] = {}
     rows: List[LayerConversion] = []
     losses: List[str] = []
-    for (name, conv, kernel), layer in zip(convs, layers):
+    for candidate, layer in built:
+        name, conv, kernel = candidate.name, candidate.conv, candidate.kernel
         notes, lost = _carry_over(conv, layer, kernel.weight_frozen, kernel.bias_frozen, kernel.fold_hooks)
         losses += [f"{name!r}: {line}" for line in lost]
         mapping[id(conv)] = layer
@@ -575,7 +881,8 @@ def convert(
         model = mapping[id(model)]
     else:
         _replace(model, mapping)
-    report = ConversionReport(rows, excluded, skipped)
+    output_error = None if reference is None else _output_error(_run(model, example_input), reference)
+    report = ConversionReport(rows, excluded, skipped, kept, output_error, chosen_energy)
     if not return_report and report.changes():
         _warn("ttconv.convert did not convert every conv as a plain nn.Conv2d",
               report.changes(), " (pass return_report=True to get this in the report instead)")
