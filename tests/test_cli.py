@@ -114,5 +114,5 @@ def test_table_lists_skipped_tensors_and_the_column_legend(tmp_path):
     torch.save({"model": net.state_dict(), "images": torch.randn(2, 3, 8, 8)}, path)
     code, out, _ = _run("check", str(path), "--input-size", "3", "8", "8")
     assert code == 0
-    assert "skipped 1 4-D tensor(s), not analysed:" in out and "images" in out
+    assert "skipped 1 layer(s) or tensor(s), not analysed:" in out and "images" in out
     assert "'circ' = circular convolution on the input size" in out

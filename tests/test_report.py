@@ -31,9 +31,11 @@ def test_report_rows_sizes_and_values():
     net = Net().double()
     report = spectral_report(net, torch.randn(2, 3, 8, 8, dtype=torch.float64))
     rows = report.to_dicts()
-    assert [r["name"] for r in rows] == ["stem", "block.down", "block.mix"]
-    assert [r["input_size"] for r in rows] == [(8, 8), (8, 8), (4, 4)]
-    assert [r["kind"] for r in rows] == ["Conv2d", "SVDConv", "Conv2d"]
+    assert [r["name"] for r in rows] == ["stem", "block.down", "block.mix", "head"]
+    assert [r["input_size"] for r in rows] == [(8, 8), (8, 8), (4, 4), None]
+    assert [r["kind"] for r in rows] == ["Conv2d", "SVDConv", "Conv2d", "Linear"]
+    head = float(torch.linalg.matrix_norm(net.head.weight.detach(), 2))
+    assert rows[3]["exact"] == pytest.approx(head, rel=1e-12) == rows[3]["upper_bound"] == rows[3]["fantastic_four"]
     assert rows[1]["stride"] == (2, 2) and rows[1]["shape"] == (12, 8, 3, 3)
     for (name, module), row in zip(find_conv_layers(net), rows):
         weight = module.dense_weight() if isinstance(module, SVDConv) else module.weight
@@ -44,7 +46,9 @@ def test_report_rows_sizes_and_values():
         assert row["power_estimate"] <= real * (1 + 1e-10) <= row["upper_bound"] * (1 + 1e-10)
         assert row["seconds"] > 0
     assert report.lipschitz_upper_bound == pytest.approx(
-        rows[0]["upper_bound"] * rows[1]["upper_bound"] * rows[2]["upper_bound"])
+        rows[0]["upper_bound"] * rows[1]["upper_bound"] * rows[2]["upper_bound"] * rows[3]["upper_bound"])
+    # torch.relu and the mean in forward are outside any module: not a verified chain.
+    assert not report.chain and report.lipschitz_bound is None
 
 
 def test_report_does_not_change_training_mode_or_batchnorm_stats():
@@ -61,17 +65,18 @@ def test_report_formats():
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["layer", "type", "shape"]
     assert len({len(line) for line in lines[:5]}) == 1  # aligned
-    assert "plain sequential chain" in table
+    assert "NOT A LIPSCHITZ BOUND FOR THIS MODEL" in table
     payload = json.loads(report.to_json())
-    assert len(payload["layers"]) == 3 and payload["lipschitz_upper_bound_sequential"] > 0
+    assert len(payload["layers"]) == 4 and payload["lipschitz_upper_bound_sequential"] > 0
+    assert payload["lipschitz_chain_verified"] is False and "previous layer" in payload["lipschitz_chain_note"]
     csv_lines = report.to_csv().strip().splitlines()
-    assert csv_lines[0].startswith("name,kind,shape") and len(csv_lines) == 4
+    assert csv_lines[0].startswith("name,kind,shape") and len(csv_lines) == 5
     assert repr(report) == table
 
 
 def test_report_without_input_gives_size_independent_bounds():
     report = spectral_report(Net())
-    for row in report.to_dicts():
+    for row in report.to_dicts()[:3]:
         assert row["exact"] is None and row["input_size"] is None
         assert row["upper_bound"] <= row["fantastic_four"]
     assert "size-independent" in str(report)
@@ -93,9 +98,9 @@ def test_plot(tmp_path):
 
 
 def test_empty_model_and_bad_inputs():
-    report = spectral_report(nn.Sequential(nn.Linear(3, 3)), torch.randn(1, 3))
-    assert len(report) == 0 and "no nn.Conv2d or SVDConv layers" in str(report)
-    assert report.lipschitz_upper_bound is None
+    report = spectral_report(nn.Sequential(nn.ReLU(), nn.Conv1d(3, 3, 3)), torch.randn(1, 3, 5))
+    assert len(report) == 0 and "no layer with a spectral norm" in str(report)
+    assert report.lipschitz_upper_bound is None and [s.key for s in report.skipped] == ["1"]
     with pytest.raises(ValueError, match="example_input could not be run"):
         spectral_report(Net(), torch.randn(1, 5, 8, 8))
     with pytest.raises(TypeError, match="model must be an nn.Module"):
@@ -116,8 +121,11 @@ def test_state_dict_report_bounds_the_real_layers():
     net = Net().double()
     report = state_dict_report(net.state_dict(), (8, 8))
     rows = {r["name"]: r for r in report.to_dicts()}
-    assert set(rows) == {"stem", "block.down", "block.mix"}
+    assert set(rows) == {"stem", "block.down", "block.mix", "head"}
     assert rows["block.down"]["kind"] == "SVDConv" and rows["block.down"]["shape"] == (12, 8, 3, 3)
+    assert rows["head"]["kind"] == "Linear"
+    assert rows["head"]["exact"] == pytest.approx(float(torch.linalg.matrix_norm(net.head.weight.detach(), 2)))
+    assert not report.chain and "does not say how its layers connect" in str(report)
     for name, module in find_conv_layers(net):
         size = (8, 8) if name != "block.mix" else (4, 4)
         x_shape = (module.in_channels, *size)
@@ -255,7 +263,7 @@ def test_iteration_counts_and_memory_must_be_positive():
 
 def test_state_dict_in_channels_is_checked_against_the_first_kernel():
     sd = Net().state_dict()
-    assert len(state_dict_report(sd, (8, 8), in_channels=3)) == 3
+    assert len(state_dict_report(sd, (8, 8), in_channels=3)) == 4  # three kernels and the Linear head
     with pytest.raises(ValueError, match=r"first kernel 'stem' \(shape 8x3x3x3\) takes 3 input channels"):
         state_dict_report(sd, (8, 8), in_channels=8)
 

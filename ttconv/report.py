@@ -33,9 +33,11 @@ from torch import Tensor, nn
 
 from . import bounds, spectra
 from ._conv_args import dilated_extent
-from ._hooks import find_conv_layers, progress_callback, record_input_sizes
+from ._hooks import find_conv_layers
+from ._progress import ProgressArg, interactive, progress_for
+from ._trace import find_layers, sequential_problem, trace
 from .layer import SVDConv
-from .spectra import MemoryLimitError, format_bytes
+from .spectra import MemoryLimitError, format_bytes, kernel_scale, spectral_dtype
 from .tt import orthonormal_core
 
 __all__ = [
@@ -192,22 +194,26 @@ class SpectralReport:
     """
 
     def __init__(self, layers: Sequence[LayerSpectrum], message: str = "",
-                 skipped: Optional[Sequence[SkippedTensor]] = None) -> None:
+                 skipped: Optional[Sequence[SkippedTensor]] = None, *, chain: bool = False,
+                 chain_note: str = "") -> None:
         self.layers = list(layers)
         self.message = message
         self.skipped = list(skipped or [])
+        self.chain = chain
+        self.chain_note = chain_note
 
     def __len__(self) -> int:
         return len(self.layers)
 
     @property
     def lipschitz_upper_bound(self) -> Optional[float]:
-        """Product of the per-layer upper bounds.
+        """Product of the per-layer upper bounds, whether or not it bounds the model.
 
-        A Lipschitz upper bound for a plain sequential chain of these layers with
-        1-Lipschitz activations in between; *not* for networks with residual branches,
-        concatenations or normalisation layers. ``None`` for an empty report; ``inf``
-        when the product overflows a float.
+        A Lipschitz upper bound only for a plain chain of these layers with 1-Lipschitz
+        maps in between (``chain`` is True when the report verified that; use
+        ``lipschitz_bound``, which is None otherwise); *not* for networks with residual
+        branches, concatenations or normalisation layers. ``None`` for an empty report;
+        ``inf`` when the product overflows a float.
         """
         if not self.layers:
             return None
@@ -215,6 +221,12 @@ class SpectralReport:
         if any(value == 0 for value in values):  # 0 even when another factor overflowed to inf
             return 0.0
         return math.prod(values)
+
+    @property
+    def lipschitz_bound(self) -> Optional[float]:
+        """The product of upper bounds when the model was verified to be a plain chain
+        (``chain``; ``chain_note`` says how or why not), else None."""
+        return self.lipschitz_upper_bound if self.chain else None
 
     def to_dicts(self) -> List[Dict[str, Any]]:
         """One dict per layer (spectra excluded; floats as computed, ``inf``/``nan`` included)."""
@@ -252,6 +264,8 @@ class SpectralReport:
             "layers": rows,
             "skipped": [{"key": s.key, "shape": list(s.shape), "reason": s.reason} for s in self.skipped],
             "lipschitz_upper_bound_sequential": product,
+            "lipschitz_chain_verified": self.chain,
+            "lipschitz_chain_note": self.chain_note,
         }
         if product is not None and not math.isfinite(product):
             payload["lipschitz_upper_bound_sequential"] = None
@@ -281,7 +295,7 @@ class SpectralReport:
         by_reason: Dict[str, List[str]] = {}
         for item in self.skipped:
             by_reason.setdefault(item.reason, []).append(item.key)
-        lines = [f"skipped {len(self.skipped)} 4-D tensor(s), not analysed:"]
+        lines = [f"skipped {len(self.skipped)} layer(s) or tensor(s), not analysed:"]
         lines += [f"  {reason} ({len(keys)}): {', '.join(keys)}" for reason, keys in by_reason.items()]
         return lines
 
@@ -289,23 +303,47 @@ class SpectralReport:
         """The report as an aligned text table, with a legend, notes and skipped tensors."""
         if not self.layers:
             return "\n".join([f"SpectralReport: empty. {self.message}".rstrip(), *self._skipped_lines()])
-        rows = [[h for h, _, _ in _COLUMNS]]
-        rows += [[_cell(getattr(layer, a), f, a) for _, a, f in _COLUMNS] for layer in self.layers]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        # A note shared by several rows is printed once, as a numbered footnote the rows refer to.
+        footnotes: Dict[str, int] = {}
+        for layer in self.layers:
+            if layer.note and layer.note not in footnotes:
+                footnotes[layer.note] = len(footnotes) + 1
+        rows = [[h for h, _, _ in _COLUMNS] + ["note"]]
+        rows += [[_cell(getattr(layer, a), f, a) for _, a, f in _COLUMNS]
+                 + [f"[{footnotes[layer.note]}]" if layer.note else ""] for layer in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i < 2 or i == len(row) - 1 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines += ["", *_LEGEND]
-        notes = [f"  {layer.name}: {layer.note}" for layer in self.layers if layer.note]
-        if notes:
-            lines += ["", "notes:", *notes]
-        lines += ["", f"product of upper bounds (Lipschitz bound for a plain sequential chain only): "
-                      f"{self.lipschitz_upper_bound:.4g}"]
+        kinds = {layer.kind for layer in self.layers}
+        if "Linear" in kinds:
+            lines.append("  Linear rows: the matrix 2-norm (one SVD), exact at any input shape, in 'exact circ', 'FF min' "
+                         "and 'upper own'.")
+        if "ConvTranspose2d" in kinds:
+            lines.append("  ConvTranspose2d rows: its adjoint, the conv with the same weight on the transposed conv's "
+                         "output grid ('input'); same singular values.")
+        if footnotes:
+            lines += ["", "notes:"]
+            for note, number in footnotes.items():
+                names = [layer.name for layer in self.layers if layer.note == note]
+                where = names[0] if len(names) == 1 else f"{len(names)} layers: {', '.join(names)}"
+                lines.append(f"  [{number}] ({where}) {note}")
+        lines += ["", self._product_line()]
         if self.message:
             lines.append(self.message)
         skipped = self._skipped_lines()
         if skipped:
             lines += ["", *skipped]
         return "\n".join(lines)
+
+    def _product_line(self) -> str:
+        product = self.lipschitz_upper_bound
+        if self.chain:
+            return (f"Lipschitz upper bound of the model: {product:.4g} (product of the 'upper own' column; "
+                    f"{self.chain_note})")
+        return (f"product of the 'upper own' column: {product:.4g} -- NOT A LIPSCHITZ BOUND FOR THIS MODEL: "
+                f"{self.chain_note or 'the report could not verify that the layers form a plain chain'}")
 
     __str__ = table
 
@@ -346,7 +384,7 @@ class SpectralReport:
 def _dense_shape(target: Any) -> Tuple[int, ...]:
     if isinstance(target, SVDConv):
         return (target.out_channels, target.in_channels // target.groups, *target.kernel_size)
-    return tuple((target.weight if isinstance(target, nn.Conv2d) else target).shape)
+    return tuple((target.weight if isinstance(target, nn.Module) else target).shape)
 
 
 # ------------------------------------------------------------------ memory budget
@@ -371,8 +409,16 @@ def _itemsize(kernel: Tensor) -> int:
 
 
 def _transfer_bytes(shape: Tuple[int, ...], stride: Tuple[int, int], n: Tuple[int, int], itemsize: int) -> int:
-    """Bytes of the complex transfer tensor (every frequency matrix) of the polyphase kernel."""
+    """Bytes of the complex transfer tensor (every frequency matrix) of the polyphase kernel.
+
+    A 1x1 kernel has one matrix whatever the size and stride (every frequency holds the
+    same ``c_out x c_in/g`` matrices, the strided operator is the stride-1 one on a
+    subsampled input): its exact analysis is one matrix decomposition, so only that
+    matrix counts (``ttconv.spectra`` decomposes it once).
+    """
     c_out, c_in_per_group = shape[0], shape[1]
+    if tuple(shape[2:]) == (1, 1):
+        return c_out * c_in_per_group * 2 * itemsize
     m1, m2 = -(-n[0] // stride[0]), -(-n[1] // stride[1])
     return c_out * c_in_per_group * stride[0] * stride[1] * m1 * (m2 // 2 + 1) * 2 * itemsize
 
@@ -451,6 +497,7 @@ def _analyse(
     keep_spectra: bool = False,
     max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
     kept_bytes: int = 0,
+    power: bool = True,
 ) -> LayerSpectrum:
     start = time.perf_counter()
     spec = target if isinstance(target, bounds.ConvSpec) else bounds.conv_spec(target)
@@ -470,7 +517,7 @@ def _analyse(
     ff_full = float(ff_value)
     factor_any_size = bounds.padding_factor(spec)
     ff = ff_full * factor_any_size
-    exact = gram = power = None
+    exact = gram = estimate_own = None
     spectrum = None
 
     def spatial_bound() -> Optional[float]:
@@ -525,13 +572,13 @@ def _analyse(
             notes.append("upper own falls back to size-independent bounds")
         c_in = kernel.shape[1] * spec.groups
         activations = _POWER_FACTOR * (c_in + kernel.shape[0]) * grid[0] * grid[1] * 8
-        value = budget.run("power own", activations, bounds.power_iteration_estimate, kernel, input_size,
-                           n_iter=power_iters, **own)
-        power = None if value is None else float(value)
+        value = None if not power else budget.run("power own", activations, bounds.power_iteration_estimate,
+                                                  kernel, input_size, n_iter=power_iters, **own)
+        estimate_own = None if value is None else float(value)
     notes += budget.notes
     return LayerSpectrum(
         name=name, kind=kind, shape=shape, stride=spec.stride, input_size=input_size, exact=exact,
-        fantastic_four=ff, gram=gram, power_estimate=power, upper_bound=upper,
+        fantastic_four=ff, gram=gram, power_estimate=estimate_own, upper_bound=upper,
         seconds=time.perf_counter() - start, note="; ".join(notes), memory_estimate=budget.peak,
         singular_values=spectrum,
     )
@@ -551,6 +598,62 @@ def _check_iters(**iters: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+@torch.no_grad()
+def _analyse_linear(name: str, weight: Tensor, *, note: str = "", keep_spectra: bool = False,
+                    max_memory: Optional[int] = DEFAULT_MAX_MEMORY, kept_bytes: int = 0) -> LayerSpectrum:
+    """A matrix ``y = W x`` (applied to every row of its input): its norm is ``||W||_2`` exactly,
+    at any input shape (the operator is block diagonal with copies of ``W``). The value goes
+    in 'exact', 'FF min' and 'upper own' (each is this exact norm); Gram and power are
+    not computed (nothing to iterate on)."""
+    start = time.perf_counter()
+    if weight.dim() != 2:
+        raise ValueError(f"a Linear weight must be 2-D, got shape {tuple(weight.shape)}")
+    matrix = weight.detach().to(spectral_dtype(weight.dtype))
+    scale = kernel_scale(matrix)
+    itemsize = _itemsize(matrix)
+    budget = _Budget(max_memory, kept_bytes)
+    notes = [note] if note else []
+    estimate = 3 * matrix.numel() * itemsize + (min(matrix.shape) * _LIST_BYTES if keep_spectra else 0)
+    values = budget.run("exact (matrix SVD)", estimate, torch.linalg.svdvals, matrix / scale, gate=True)
+    spectrum = None
+    if values is not None:
+        exact: Optional[float] = float(values[0] * scale) if values.numel() else 0.0
+        upper = exact
+        if keep_spectra:
+            spectrum = (values * scale).tolist()
+    else:  # the Frobenius norm bounds the 2-norm at O(numel) cost
+        exact = None
+        upper = float(torch.linalg.vector_norm(matrix / scale) * scale)
+        notes.append("upper own is the Frobenius norm")
+    notes += budget.notes
+    return LayerSpectrum(
+        name=name, kind="Linear", shape=tuple(weight.shape), stride=None, input_size=None, exact=exact,
+        fantastic_four=upper, gram=None, power_estimate=None, upper_bound=upper,
+        seconds=time.perf_counter() - start, note="; ".join(notes), memory_estimate=budget.peak,
+        singular_values=spectrum,
+    )
+
+
+def _transposed_spec(module: nn.ConvTranspose2d) -> bounds.ConvSpec:
+    """The conv whose adjoint ``module`` is: ``nn.Conv2d(out_channels -> in_channels)`` with the same
+    weight, stride, padding, dilation and groups, zero padding (see ``spectral_report``)."""
+    return bounds.ConvSpec(module.weight, tuple(module.stride), tuple(module.padding), tuple(module.dilation),
+                           module.groups, "zeros")
+
+
+def _transposed_note(module: nn.ConvTranspose2d, grid: Tuple[int, int], given: Optional[Tuple[int, int]]) -> str:
+    """Why 'power own' is left out for a transposed conv whose adjoint conv has extra output rows."""
+    if given is None:
+        return ""
+    kernel = module.kernel_size
+    extra = [g + 2 * p - d * (k - 1) - 1 - (n - 1) * s
+             for g, p, d, k, n, s in zip(grid, module.padding, module.dilation, kernel, given, module.stride)]
+    if all(e < s for e, s in zip(extra, module.stride)):
+        return ""
+    return ("output_padding >= stride: the adjoint conv on the output grid has extra output rows that the "
+            "transposed conv drops, so its norm only bounds this layer's")
+
+
 def spectral_report(
     model: nn.Module,
     example_input: Optional[Any] = None,
@@ -560,15 +663,44 @@ def spectral_report(
     spatial_iters: int = 2,
     keep_spectra: bool = False,
     max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
-    progress: Union[None, bool, ProgressFn] = None,
+    progress: ProgressArg = None,
 ) -> SpectralReport:
-    """Spectral norms and bounds of every conv layer of ``model``.
+    """Spectral norms and bounds of every layer of ``model`` that has one.
+
+    Layers analysed (at any depth; a ``DataParallel``/``DistributedDataParallel`` wrapper
+    is looked through):
+
+    * ``nn.Conv2d`` and ``SVDConv``: every column, at the input size of the example pass;
+    * ``nn.ConvTranspose2d``: as the adjoint of the conv with the same weight (a transposed
+      conv with weight ``(in, out/g, kh, kw)``, stride ``s``, padding ``p``, dilation ``d``
+      and groups ``g`` is the adjoint of ``nn.Conv2d(out -> in)`` with that weight, ``s``,
+      ``p``, ``d``, ``g`` and zero padding, acting on the transposed conv's *output* grid
+      ``H_out = (H_in - 1) s - 2p + d (kh - 1) + output_padding + 1``: that conv maps
+      ``H_out`` back to ``H_in + floor(output_padding / s)`` rows, exactly ``H_in`` as
+      ``output_padding < s``). A matrix and its adjoint have the same singular values, so
+      every column describes that conv on the output grid ('input' shows it), and 'upper own'
+      / 'power own' bound / estimate the transposed layer itself. When
+      ``output_padding >= s`` (allowed with dilation) the conv has extra rows and 'power own'
+      is left out;
+    * ``nn.Linear``: its matrix 2-norm (one SVD), exact at any input shape; it fills
+      'exact', 'FF min' and 'upper own', Gram and power are left empty.
+
+    Every other module with parameters or a linear part (1-D/3-D convs, normalisation
+    layers, embeddings, attention, custom modules with their own parameters...) is listed
+    in ``report.skipped`` with the reason.
+
+    Lipschitz product: ``report.lipschitz_upper_bound`` multiplies the 'upper own' column;
+    it bounds the model's Lipschitz constant only when the model is a plain chain of the
+    analysed layers and 1-Lipschitz maps. With an example input that is checked on the
+    forward pass (every layer receives the previous layer's output unchanged, see
+    ``ttconv._trace``); without one, the model must be an ``nn.Sequential`` of them.
+    ``report.chain`` says whether it was verified, ``report.chain_note`` how or why not,
+    ``report.lipschitz_bound`` is the product or None, and the table prints the product as
+    a bound only when verified (otherwise labelled NOT A LIPSCHITZ BOUND).
 
     Parameters
     ----------
     model : nn.Module
-        Any model; ``nn.Conv2d`` and ``SVDConv`` layers at any depth are analysed
-        (a ``DataParallel``/``DistributedDataParallel`` wrapper is looked through).
     example_input : Tensor or tuple, optional
         One forward pass (in eval mode, without gradients) records each layer's input
         size. Without it only size-independent bounds are computed.
@@ -577,8 +709,9 @@ def spectral_report(
         size) the spatial Gram bound; positive.
     keep_spectra : bool
         Keep every layer's full circular spectrum in ``LayerSpectrum.singular_values``
-        (needed by ``SpectralReport.plot``). Off by default: the norm alone needs far
-        less memory than all ``n1 * n2 * min(c_out, c_in)`` singular values.
+        (needed by ``SpectralReport.plot``; for a Linear layer the matrix's singular
+        values). Off by default: the norm alone needs far less memory than all
+        ``n1 * n2 * min(c_out, c_in)`` singular values.
     max_memory : int or None
         Working-memory budget of one layer's analysis in bytes (default 1 GiB; kept spectra
         count against it); ``None`` for no limit. Norms and bounds stream over frequencies
@@ -586,12 +719,14 @@ def spectral_report(
         says so (its value ``None``; 'upper own' then from size-independent bounds; a
         layer whose Fantastic Four bound does not fit goes to ``report.skipped``).
     progress : bool or callable(done, total, name), optional
-        ``True`` prints a line per layer on stderr; a callable is called after each layer.
+        ``True``: one line per layer on stderr, ``[3/20] layer2.0.conv1  0.41 s``;
+        ``False``: silent; a callable is called after each layer. Default (``None``): on
+        when stderr is a terminal, silent otherwise (logs, pipes, tests).
 
     Returns
     -------
     SpectralReport
-        Empty, with a message saying so, when the model has no conv layers.
+        Empty, with a message saying so, when the model has no layer to analyse.
 
     Examples
     --------
@@ -599,37 +734,64 @@ def spectral_report(
     >>> report = spectral_report(net, torch.randn(1, 3, 16, 16))
     >>> [row["input_size"] for row in report.to_dicts()]
     [(16, 16), (16, 16)]
+    >>> report.chain
+    True
     """
     _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
     max_memory = _check_max_memory(max_memory)
-    progress = progress_callback(progress)
-    layers = find_conv_layers(model)
+    layers, skipped_modules = find_layers(model)
+    skipped: List[SkippedTensor] = [SkippedTensor(name, shape, reason) for name, shape, reason in skipped_modules]
     if not layers:
-        return SpectralReport([], f"no nn.Conv2d or SVDConv layers found in {type(model).__name__}")
-    sizes = record_input_sizes(model, layers, example_input) if example_input is not None else {}
+        return SpectralReport([], f"no layer with a spectral norm (nn.Conv2d, SVDConv, nn.ConvTranspose2d, "
+                                  f"nn.Linear) found in {type(model).__name__}", skipped)
+    reporter = progress_for(progress, len(layers), default=interactive())
+    if example_input is not None:
+        traced = trace(model, layers, example_input)
+        sizes, chain = traced.sizes, traced.chain
+        chain_note = ("the example pass verified a plain chain: each layer receives the previous one's output, "
+                      "with only 1-Lipschitz maps in between") if chain else traced.chain_reason
+    else:
+        sizes = {}
+        problem = sequential_problem(model, layers)
+        chain = problem is None
+        chain_note = problem or "an nn.Sequential of the analysed layers and 1-Lipschitz maps"
     rows: List[LayerSpectrum] = []
-    skipped: List[SkippedTensor] = []
     kept = 0
-    for index, (name, module) in enumerate(layers):
+    for name, module in layers:
         seen = sizes.get(name, [])
         note = ""
         if example_input is not None and not seen:
             note = "not called by the example forward pass"
-        elif len(seen) > 1:
+        elif len(seen) > 1 and not isinstance(module, nn.Linear):
             note = f"called with several input sizes {seen}; reported for the first"
         try:
-            row = _analyse(name, type(module).__name__, _dense_shape(module), module, seen[0] if seen else None,
-                           gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters, note=note,
-                           keep_spectra=keep_spectra, max_memory=max_memory, kept_bytes=kept)
+            if isinstance(module, nn.Linear):
+                row = _analyse_linear(name, module.weight, note=note, keep_spectra=keep_spectra,
+                                      max_memory=max_memory, kept_bytes=kept)
+            else:
+                target: Any = module
+                power = True
+                if isinstance(module, nn.ConvTranspose2d):
+                    target = _transposed_spec(module)
+                    extra = _transposed_note(module, seen[0], traced.transposed_inputs.get(name)) if seen else ""
+                    power = not extra
+                    note = "; ".join(filter(None, [note, extra]))
+                row = _analyse(name, type(module).__name__, _dense_shape(module), target,
+                               seen[0] if seen else None, gram_iters=gram_iters, power_iters=power_iters,
+                               spatial_iters=spatial_iters, note=note, keep_spectra=keep_spectra,
+                               max_memory=max_memory, kept_bytes=kept, power=power)
         except _TooBig as reason:
             skipped.append(SkippedTensor(name, _dense_shape(module), str(reason)))
         else:
             kept += _LIST_BYTES * len(row.singular_values or ())
             rows.append(row)
-        if progress is not None:
-            progress(index + 1, len(layers), name)
+        if reporter is not None:
+            reporter.step(name)
+    if chain and len(rows) < len(layers):  # the product lacks a factor
+        missing = next(name for name, _ in layers if name not in {row.name for row in rows})
+        chain, chain_note = False, f"layer {missing!r} was not analysed (memory): its factor is missing"
     message = "" if example_input is not None else "size-independent bounds only (no example input)"
-    return SpectralReport(rows, message, skipped)
+    return SpectralReport(rows, message, skipped, chain=chain, chain_note=chain_note)
 
 
 # ------------------------------------------------------------- checkpoint discovery
@@ -844,6 +1006,18 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
                 continue
             if magnitude.dim() == 4:
                 skipped.append(SkippedTensor(weight_norm_parts[0], tuple(magnitude.shape), _UNREBUILDABLE))
+        if tensor.dim() == 2 and last == "weight":
+            if "embed" in key.lower():
+                skipped.append(SkippedTensor(key, tuple(tensor.shape), "embedding table (by name): a lookup, not a "
+                                                                      "linear map of the input"))
+            else:
+                add(key, "Linear", tensor, [key])
+            continue
+        if tensor.dim() == 2 and last in ("weight_orig", "weight_v", "original", "original1"):
+            skipped.append(SkippedTensor(key, tuple(tensor.shape), "reparametrized 2-D weight (spectral_norm/"
+                                                                  "weight_norm of a Linear): not rebuilt from a state "
+                                                                  "dict; load the whole model instead"))
+            continue
         if tensor.dim() not in (3, 4, 5) or (tensor.dim() != 4 and not last.endswith("weight")):
             continue
         if tensor.dim() != 4:
@@ -893,9 +1067,9 @@ def state_dict_report(
     spatial_iters: int = 2,
     keep_spectra: bool = False,
     max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
-    progress: Union[None, bool, ProgressFn] = None,
+    progress: ProgressArg = None,
 ) -> SpectralReport:
-    """Report on the conv kernels of a state dict or a training checkpoint.
+    """Report on the conv kernels and Linear matrices of a state dict or a training checkpoint.
 
     Finding the kernels
         The checkpoint is searched through nested mappings and lists. Tensors under
@@ -947,7 +1121,6 @@ def state_dict_report(
     """
     _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
     max_memory = _check_max_memory(max_memory)
-    progress = progress_callback(progress)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of tensors, got {type(state_dict).__name__}")
     check_tensor_storage(state_dict)
@@ -979,7 +1152,8 @@ def state_dict_report(
             "input layer)"
         )
     # Paddings are unknown: k - 1 per side covers every padding up to 'full' (crop argument).
-    specs = [(n, k, shape, bounds.ConvSpec(kernel, padding=(kernel.shape[2] - 1, kernel.shape[3] - 1)), note)
+    specs = [(n, k, shape, kernel if k == "Linear" else
+              bounds.ConvSpec(kernel, padding=(kernel.shape[2] - 1, kernel.shape[3] - 1)), note)
              for n, k, shape, kernel, note in targets]
     if not specs:
         messages.insert(0, "no conv kernels found in the checkpoint (4-D floating tensors under keys ending in "
@@ -994,16 +1168,24 @@ def state_dict_report(
                         "deeper layers downsample)")
     rows = []
     kept = 0
-    for index, (name, kind, shape, spec, note) in enumerate(specs):
+    reporter = progress_for(progress, len(specs), default=interactive())
+    for name, kind, shape, spec, note in specs:
         try:
-            row = _analyse(name, kind, shape, spec, input_size, gram_iters=gram_iters, power_iters=power_iters,
-                           spatial_iters=spatial_iters, note=note, keep_spectra=keep_spectra,
-                           max_memory=max_memory, kept_bytes=kept)
+            if kind == "Linear":
+                row = _analyse_linear(name, spec, note=note, keep_spectra=keep_spectra, max_memory=max_memory,
+                                      kept_bytes=kept)
+            else:
+                row = _analyse(name, kind, shape, spec, input_size, gram_iters=gram_iters, power_iters=power_iters,
+                               spatial_iters=spatial_iters, note=note, keep_spectra=keep_spectra,
+                               max_memory=max_memory, kept_bytes=kept)
         except _TooBig as reason:
             skipped.append(SkippedTensor(name, shape, str(reason)))
         else:
             kept += _LIST_BYTES * len(row.singular_values or ())
             rows.append(row)
-        if progress is not None:
-            progress(index + 1, len(specs), name)
-    return SpectralReport(rows, "; ".join(messages[:1]) + "".join(f"\n{m}" for m in messages[1:]), skipped)
+        if reporter is not None:
+            reporter.step(name)
+    return SpectralReport(rows, "; ".join(messages[:1]) + "".join(f"\n{m}" for m in messages[1:]), skipped,
+                          chain=False, chain_note="a state dict does not say how its layers connect (residual "
+                          "branches, normalisation layers); the product bounds the model only if it is a plain "
+                          "chain of these layers, in this order, with 1-Lipschitz maps in between")

@@ -1,0 +1,266 @@
+"""Which modules a spectral report analyses, which it skips (and why), and whether the
+model is a plain chain, learnt from one traced forward pass.
+
+A product of per-layer norms bounds a model's Lipschitz constant only when the model is
+the composition of those layers with 1-Lipschitz maps in between. ``trace`` checks that on
+the example forward pass itself rather than trusting the module tree: every *leaf* call
+(an analysed layer, or a module without children) is recorded with the tensor it received
+and the tensor it returned, and the model is a plain chain when
+
+* every leaf takes exactly one tensor and returns one tensor;
+* the first leaf receives the model's input tensor, each later leaf receives the very
+  tensor object the previous leaf returned, unmodified (same ``_version``: no in-place
+  residual addition in between), and the last leaf's output is the model's output;
+* every analysed layer is called exactly once;
+* every other leaf is a known 1-Lipschitz map (``ONE_LIPSCHITZ``, with its arguments
+  checked, e.g. a non-overlapping max pool).
+
+Anything computed outside a leaf (a functional ``torch.relu``, a residual addition, a
+concatenation, a reshape) produces a new tensor and breaks the chain: the check errs on
+the side of "not verified", never the other way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._hooks import unwrap
+from .activations import ChannelPad, MaxMin
+from .layer import SVDConv
+
+#: Module types with a spectral norm that the report analyses.
+ANALYSED = (nn.Conv2d, SVDConv, nn.ConvTranspose2d, nn.Linear)
+
+
+def _pairs(value: Any) -> Tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _non_overlapping_max_pool(m: nn.Module) -> bool:
+    kernel, stride, dilation = _pairs(m.kernel_size), _pairs(m.stride or m.kernel_size), _pairs(m.dilation)
+    # Each input pixel in at most one window: |max a - max b| <= max |a - b| per window.
+    return all(k <= s for k, s in zip(kernel, stride)) and dilation == (1, 1)
+
+
+def _average_pool(m: nn.Module) -> bool:
+    # Rows sum to 1, columns to at most (ceil(k/s)/k)^2 <= 1 (Schur test) with no padding,
+    # or with zero padding counted in the divisor; partial (ceil_mode) windows divide by less.
+    return not m.ceil_mode and (_pairs(m.padding) == (0, 0) or m.count_include_pad) and m.divisor_override is None
+
+
+def _global(m: nn.Module) -> bool:
+    return all(size == 1 for size in _pairs(m.output_size))  # a mean (norm <= 1) or max over each map
+
+
+#: 1-Lipschitz maps (L2) that may sit between analysed layers of a plain chain, with the
+#: condition on their arguments under which they are.
+ONE_LIPSCHITZ = {
+    nn.ReLU: lambda m: True, nn.ReLU6: lambda m: True, nn.Tanh: lambda m: True, nn.Sigmoid: lambda m: True,
+    nn.Hardtanh: lambda m: True, nn.Hardsigmoid: lambda m: True, nn.Softsign: lambda m: True,
+    nn.LeakyReLU: lambda m: abs(m.negative_slope) <= 1, nn.ELU: lambda m: 0 <= m.alpha <= 1,
+    nn.CELU: lambda m: True,  # slope exp(x / alpha) <= 1 for x < 0, any alpha > 0
+    nn.Identity: lambda m: True, nn.Flatten: lambda m: True, nn.Unflatten: lambda m: True,
+    nn.Dropout: lambda m: True, nn.Dropout2d: lambda m: True,  # the identity in eval mode (the report's pass)
+    nn.PixelShuffle: lambda m: True, nn.PixelUnshuffle: lambda m: True,  # permutations
+    nn.MaxPool2d: _non_overlapping_max_pool, nn.AvgPool2d: _average_pool,
+    nn.AdaptiveAvgPool2d: _global, nn.AdaptiveMaxPool2d: _global,
+    MaxMin: lambda m: True, ChannelPad: lambda m: True,
+}
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def skip_reason(module: nn.Module) -> Optional[str]:
+    """Why a module with a linear part (or parameters) is not analysed, or None for a module
+    without parameters of its own (activations, pooling, containers)."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "uninitialised lazy module (run a forward pass first)"
+    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)):
+        return "1-D/3-D convolution: only 2-D convolutions are analysed (N-d support has not landed)"
+    if isinstance(module, _NORMS):
+        return ("normalisation layer: not analysed (in eval mode a batch norm scales each channel by "
+                "|gamma| / sqrt(var + eps), a factor a Lipschitz bound must include)")
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding lookup: not a linear map of its (integer) input"
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention: not a linear map, no spectral norm"
+    if isinstance(module, nn.Bilinear):
+        return "bilinear layer: not linear in its input, no spectral norm"
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return "recurrent layer: not analysed"
+    own = [name for name, _ in module.named_parameters(recurse=False)]
+    if own:
+        return (f"{type(module).__name__} with parameters ({', '.join(own)}) of no supported layer type "
+                "(Conv2d, SVDConv, ConvTranspose2d, Linear): not analysed")
+    return None
+
+
+def _analysed_or_inside(name: str, analysed_names: List[str]) -> bool:
+    return any(a == "" or name == a or name.startswith(a + ".") for a in analysed_names)
+
+
+def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, Tuple[int, ...], str]]]:
+    """``(analysed, skipped)``: analysed ``(name, module)`` in module order, and
+    ``(name, weight shape or (), reason)`` of every module that has parameters (or a
+    linear part) but is not analysed. Modules inside an analysed one (a parametrization's
+    ``original``) belong to it. Shared modules count once."""
+    root = unwrap(model)
+    analysed: List[Tuple[str, nn.Module]] = []
+    skipped: List[Tuple[str, Tuple[int, ...], str]] = []
+    for name, module in root.named_modules():
+        if _analysed_or_inside(name, [n for n, _ in analysed]):
+            continue
+        if isinstance(module, ANALYSED):
+            analysed.append((name, module))
+            continue
+        reason = skip_reason(module)
+        if reason is not None:
+            weight = getattr(module, "weight", None)
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) and not isinstance(
+                weight, nn.parameter.UninitializedParameter) else ()
+            skipped.append((name or "<top level>", shape, reason))
+    return analysed, skipped
+
+
+@dataclass
+class Trace:
+    """What one forward pass learnt: per analysed layer its spatial sizes (the input's for a
+    conv, the *output's* for a transposed conv, the grid its adjoint conv acts on) and
+    input shapes; and whether the model is a verified plain chain (``chain_reason`` says
+    why not)."""
+
+    sizes: Dict[str, List[Tuple[int, ...]]] = field(default_factory=dict)
+    transposed_inputs: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    chain: bool = False
+    chain_reason: str = ""
+
+
+def _leaves(root: nn.Module, analysed: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    names = [n for n, _ in analysed]
+    leaves = list(analysed)
+    for name, module in root.named_modules():
+        if not _analysed_or_inside(name, names) and not list(module.children()) and not isinstance(module, ANALYSED):
+            leaves.append((name, module))
+    return leaves
+
+
+def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input: Any) -> Trace:
+    """Run ``example_input`` through ``model`` once (eval mode, no grad; the training flag
+    is restored) recording every leaf call; raises ``ValueError`` naming ``example_input``
+    when the forward pass fails."""
+    root = unwrap(model)
+    result = Trace(sizes={name: [] for name, _ in analysed})
+    analysed_ids = {id(m): name for name, m in analysed}
+    calls: List[Tuple[str, nn.Module, Any, Any]] = []  # name, module, (input, version) or None, (output, version)
+    handles = []
+    for name, module in _leaves(root, analysed):
+        def before(module, args, kwargs, name=name):
+            single = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
+            calls.append((name, module, (args[0], args[0]._version) if single else None, None))
+            if name in result.sizes and args and isinstance(args[0], Tensor):
+                if isinstance(module, nn.Conv2d) or isinstance(module, SVDConv):
+                    size = tuple(int(s) for s in args[0].shape[-2:])
+                elif isinstance(module, nn.Linear):
+                    size = tuple(int(s) for s in args[0].shape[:-1])
+                else:  # a transposed conv: its output grid is recorded after the call
+                    result.transposed_inputs.setdefault(name, tuple(int(s) for s in args[0].shape[-2:]))
+                    return
+                if size not in result.sizes[name]:
+                    result.sizes[name].append(size)
+
+        def after(module, args, output, name=name):
+            index = max(i for i, call in enumerate(calls) if call[1] is module and call[3] is None)
+            single = isinstance(output, Tensor)
+            calls[index] = calls[index][:3] + ((output, output._version) if single else False,)
+            if isinstance(module, nn.ConvTranspose2d) and single:
+                size = tuple(int(s) for s in output.shape[-2:])
+                if size not in result.sizes[name]:
+                    result.sizes[name].append(size)
+
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
+    except Exception as error:
+        raise ValueError(
+            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
+            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W)"
+        ) from error
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    result.chain_reason = _chain_problem(calls, analysed_ids, example_input, output) or ""
+    result.chain = not result.chain_reason
+    return result
+
+
+def _chain_problem(calls, analysed_ids, example_input, output) -> Optional[str]:
+    if isinstance(example_input, (tuple, list)):
+        if len(example_input) != 1:
+            return "the model takes several inputs"
+        example_input = example_input[0]
+    if not calls:
+        return "no layer was called"
+    counts: Dict[str, int] = {}
+    previous: Any = (example_input, example_input._version) if isinstance(example_input, Tensor) else None
+    for name, module, received, returned in calls:
+        if id(module) in analysed_ids:
+            counts[name] = counts.get(name, 0) + 1
+        else:
+            allowed = ONE_LIPSCHITZ.get(type(module))
+            if allowed is None or not allowed(module):
+                what = "not known to be 1-Lipschitz" if allowed is None else "not 1-Lipschitz with these arguments"
+                return f"{type(module).__name__} {name!r} is {what}"
+        if received is None or not isinstance(returned, tuple):
+            return f"{name!r} does not map one tensor to one tensor"
+        if previous is None or received[0] is not previous[0] or received[1] != previous[1]:
+            first = previous is not None and previous[0] is example_input
+            return (f"{name!r} does not receive the {'model input' if first else 'previous layer output'} "
+                    "unchanged (a residual branch, concatenation or functional operation in between)")
+        previous = returned
+    if output is not previous[0] or output._version != previous[1]:
+        return "the model's output is not the last layer's output unchanged"
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:
+        return f"layer {repeated[0]!r} is called {counts[repeated[0]]} times"
+    uncalled = [name for name in analysed_ids.values() if name not in counts]
+    if uncalled:
+        return f"layer {uncalled[0]!r} is not called"
+    return None
+
+
+def sequential_problem(model: nn.Module, analysed: List[Tuple[str, nn.Module]]) -> Optional[str]:
+    """Without an example input: None when ``model`` is an ``nn.Sequential`` (nested
+    Sequentials flattened) of analysed layers and 1-Lipschitz maps, else why not."""
+    root = unwrap(model)
+    if type(root) is not nn.Sequential:
+        return (f"{type(root).__name__} is not an nn.Sequential, and without an example input the report cannot "
+                "trace how its layers connect")
+    ids = {id(m) for _, m in analysed}
+    seen: set = set()
+
+    def walk(sequential: nn.Sequential, prefix: str) -> Optional[str]:
+        for name, module in sequential._modules.items():  # named_children() would hide a repeated module
+            full = prefix + name
+            if type(module) is nn.Sequential:
+                problem = walk(module, full + ".")
+                if problem:
+                    return problem
+            elif id(module) in seen:
+                return f"{full!r} is a module used twice in the chain"
+            elif id(module) not in ids:
+                allowed = ONE_LIPSCHITZ.get(type(module))
+                if allowed is None or not allowed(module):
+                    return f"{type(module).__name__} {full!r} is not known to be 1-Lipschitz"
+            seen.add(id(module))
+        return None
+
+    return walk(root, "")
