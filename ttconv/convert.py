@@ -446,9 +446,11 @@ def _budget_energy(candidates: List[_Candidate], budget: int, fixed: int,
                    progress: Optional[ProgressFn]) -> float:
     """The largest shared energy threshold whose model fits ``budget`` (bisection).
 
-    The size is nondecreasing in the threshold: each layer's kept energy, hence its
-    ranks, can only grow (up to the candidate input ranks of ``energy_ranks``, which are
-    the same at every threshold; the final, shrunk ranks are never larger).
+    Sizes are probed with ``energy_ranks(shrink=False)``; the final ranks at the chosen
+    threshold (shrunk) are never larger, so the result fits. At a fixed input rank a
+    layer's output rank is nondecreasing in the threshold, but the tried input ranks
+    include the smallest feasible one, which moves with it, so the size is nondecreasing
+    only up to such steps: the result fits and the next-higher probe did not.
     """
     def size(energy: float) -> int:
         ranks = {c.name: _ranks_for(c, None, energy, shrink=False) for c in candidates}
@@ -603,13 +605,13 @@ def _output_error(outputs: List[Tensor], reference: List[Tensor]) -> float:
     return math.sqrt(diff / norm)
 
 
-def _build(candidate: _Candidate, rank: RankChoice, energy: Optional[float], refine: int) -> SVDConv:
-    """The ``SVDConv`` of one candidate (``SVDConv._from_kernel`` with the shared input side)."""
+def _build(candidate: _Candidate, ranks: Tuple[int, int], refine: int) -> SVDConv:
+    """The ``SVDConv`` of one candidate at one-pass ``ranks`` from ``_ranks_for``
+    (``SVDConv._from_kernel``, reusing the input side an energy search decomposed)."""
     conv, kernel = candidate.conv, candidate.kernel
     truncation = candidate.truncation
     if truncation is None:
         truncation = _truncation(kernel.weight, conv.groups)
-    ranks = _ranks_for(candidate, rank, energy) if energy is not None else _ranks_for(candidate, rank, None)
     result = truncation.factors(*ranks, refine=refine)
     arguments = dict(_conv_arguments(conv), bias=kernel.bias is not None)
     layer = torch.nn.utils.skip_init(SVDConv, **arguments, device=kernel.weight.device, dtype=kernel.weight.dtype,
@@ -645,7 +647,7 @@ def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_in
             mapping: Dict[int, nn.Module] = {}
             for c in candidates:
                 if (c.name, ranks[c.name]) not in layers:
-                    layers[(c.name, ranks[c.name])] = _build(c, ranks[c.name], None, refine)
+                    layers[(c.name, ranks[c.name])] = _build(c, ranks[c.name], refine)
                 if c.forced or _svd_params(c.conv, ranks[c.name]) < _params(c.conv):
                     mapping[id(memo.get(id(c.conv), c.conv))] = layers[(c.name, ranks[c.name])]
             probe = mapping.get(id(probe), probe)
@@ -655,6 +657,9 @@ def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_in
 
     low, high = 0.0, 1.0
     high_error = error_at(high)
+    if high_error > tolerance:
+        raise ValueError(f"output_tolerance={tolerance:g} is below the output error at energy 1.0 "
+                         f"({high_error:.3g}, round-off): raise the tolerance")
     step = 0
     while high - low > 1e-3:
         middle = (low + high) / 2
@@ -790,7 +795,6 @@ def convert(
     progress = progress_callback(progress)
     model = unwrap(model)
     reference = _run(model, example_input) if example_input is not None else None
-    original = model
     if not inplace:
         model = _copy_model(model)
 
@@ -841,8 +845,8 @@ def convert(
             raise ValueError(f"{error} (param_budget={param_budget!r} is {budget} parameters)"
                              if isinstance(param_budget, float) else str(error)) from None
     elif output_tolerance is not None and candidates:
-        chosen_energy, _ = _tolerance_energy(original if inplace else model, candidates, example_input,
-                                             reference, float(output_tolerance), refine, progress)
+        chosen_energy, _ = _tolerance_energy(model, candidates, example_input, reference,
+                                             float(output_tolerance), refine, progress)
     layer_energy = chosen_energy if searched else energy
     layer_rank = None if layer_energy is not None else rank
 
@@ -858,7 +862,7 @@ def convert(
                 kept.append(KeptDense(candidate.name, f"at ranks {ranks} its TT form would have {tt_size} parameters, "
                                       f"the dense conv {_params(conv)}", _params(conv), tt_size))
                 continue
-            layer = _build(candidate, ranks, None, refine)
+            layer = _build(candidate, ranks, refine)
         except (ValueError, TypeError) as error:
             raise type(error)(f"layer {candidate.name!r}: {error}") from error
         built.append((candidate, layer))
