@@ -162,3 +162,36 @@ def test_fx_trace_records_the_cheaper_path_per_pixel(name):
     assert len(nodes) == (1 if cheaper == "dense" else 3)
     traced = torch.fx.symbolic_trace(nn.Sequential(layer))
     assert torch.allclose(traced(x), layer.to_conv2d()(x), rtol=1e-10, atol=1e-12)
+
+
+# Large inputs: the 1x1 channel mixing runs as a matmul (_functional.MATMUL_MIN_POSITIONS).
+@pytest.mark.parametrize("kernel_size, groups, unbatched", [(3, 1, False), (1, 2, False), (3, 2, True), (1, 1, True)])
+def test_large_inputs_mix_channels_by_matmul_exactly(kernel_size, groups, unbatched):
+    from ttconv import _functional
+
+    torch.manual_seed(1)
+    side = math.isqrt(_functional.MATMUL_MIN_POSITIONS) + 1  # just above the threshold at batch 1
+    layer = SVDConv(4, 6, kernel_size, padding=kernel_size // 2, groups=groups, rank=(2, 1), dtype=torch.float64)
+    x = torch.randn(1, 4, side, side, dtype=torch.float64)
+    x = x[0] if unbatched else x
+    reference = layer.to_conv2d()(x)
+    for path, convs in (("factored", 1), ("dense", 0 if kernel_size == 1 else 1)):
+        layer.path = path
+        y, recorder = _run(layer, x)
+        assert len(recorder.calls) == convs, (path, recorder.calls)  # the 1x1 convs became matmuls
+        assert y.shape == reference.shape
+        assert torch.allclose(y, reference, rtol=1e-10, atol=1e-12)
+    small = x[..., :8, :8]  # below the threshold: 1x1 convs again
+    layer.path = "factored"
+    y, recorder = _run(layer, small)
+    assert len(recorder.calls) == 3
+    assert torch.allclose(y, layer.to_conv2d()(small), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_choose_path_is_the_cost_model_and_forward_follows_it(name):
+    layer, x = _layer(name, "auto")
+    dense, factored = layer.path_costs(tuple(x.shape))
+    assert layer.choose_path(tuple(x.shape)) == ("dense" if dense <= factored else "factored")
+    _, recorder = _run(layer, x)
+    assert len(recorder.calls) == (1 if layer.choose_path(tuple(x.shape)) == "dense" else 3)

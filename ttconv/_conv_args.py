@@ -1,4 +1,4 @@
-"""Validation and normalisation of ``nn.Conv2d``-style arguments.
+"""Validation and normalisation of ``nn.Conv{1,2,3}d``-style arguments (tuples of length d).
 
 Every public entry point funnels its convolution arguments through here, so the
 error messages (which name the argument and the fix) are the same everywhere.
@@ -27,34 +27,42 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def pair(value: Any, name: str, *, minimum: int = 1) -> Tuple[int, int]:
-    """Normalise an int or a 2-sequence of ints to a ``(h, w)`` tuple.
+def ntuple(value: Any, name: str, dims: int, *, minimum: int = 1) -> Tuple[int, ...]:
+    """Normalise an int or a ``dims``-sequence of ints to a tuple of length ``dims``.
 
     Raises a ``TypeError``/``ValueError`` naming ``name`` for anything else.
     """
     if _is_int(value):
-        items = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
-        items = (int(value[0]), int(value[1]))
+        items = (int(value),) * dims
+    elif isinstance(value, (tuple, list)) and len(value) == dims and all(_is_int(v) for v in value):
+        items = tuple(int(v) for v in value)
     else:
-        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+        what = "a pair of ints (h, w)" if dims == 2 else f"a tuple of {dims} int{'s' if dims > 1 else ''}"
+        raise TypeError(f"{name} must be an int or {what}, got {value!r}")
     if min(items) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} in both dimensions, got {value!r}")
+        where = "in both dimensions" if dims == 2 else "in every dimension"
+        raise ValueError(f"{name} must be >= {minimum} {where}, got {value!r}")
     return items
 
 
-def padding_arg(value: Any, stride: Tuple[int, int]) -> Union[str, Tuple[int, int]]:
-    """Validate ``padding`` as ``nn.Conv2d`` does: 'same', 'valid', an int or a pair."""
+def pair(value: Any, name: str, *, minimum: int = 1) -> Tuple[int, int]:
+    """Normalise an int or a 2-sequence of ints to a ``(h, w)`` tuple (``ntuple`` with 2 dims)."""
+    return ntuple(value, name, 2, minimum=minimum)  # type: ignore[return-value]
+
+
+def padding_arg(value: Any, stride: Tuple[int, ...]) -> Union[str, Tuple[int, ...]]:
+    """Validate ``padding`` as ``nn.Conv{d}d`` does: 'same', 'valid', an int or a ``d``-tuple."""
     if isinstance(value, str):
         if value not in _PADDING_STRINGS:
-            raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {value!r}")
-        if value == "same" and stride != (1, 1):
+            what = "a pair of ints" if len(stride) == 2 else f"a tuple of {len(stride)} ints"
+            raise ValueError(f"padding must be 'same', 'valid', an int or {what}, got {value!r}")
+        if value == "same" and any(s != 1 for s in stride):
             raise ValueError(
                 f"padding='same' is not supported for strided convolutions (stride={stride}); "
                 "pass explicit padding instead"
             )
         return value
-    return pair(value, "padding", minimum=0)
+    return ntuple(value, "padding", len(stride), minimum=0)
 
 
 def padding_mode_arg(value: Any) -> str:
@@ -78,23 +86,37 @@ def channels_and_groups(in_channels: Any, out_channels: Any, groups: Any) -> Tup
 
 
 def reversed_padding_repeated_twice(
-    padding: Union[str, Tuple[int, int]],
-    kernel_size: Tuple[int, int],
-    dilation: Tuple[int, int],
-) -> Tuple[int, int, int, int]:
-    """Padding for ``F.pad`` (left, right, top, bottom), matching ``nn.Conv2d`` exactly.
+    padding: Union[str, Tuple[int, ...]],
+    kernel_size: Tuple[int, ...],
+    dilation: Tuple[int, ...],
+) -> Tuple[int, ...]:
+    """Padding for ``F.pad`` (last axis first: left, right, top, bottom, ...), matching
+    ``nn.Conv{d}d`` exactly.
 
     For ``'same'`` the odd extra pixel goes to the right/bottom, as in PyTorch.
     """
     if padding == "valid":
-        return (0, 0, 0, 0)
-    if padding == "same":
-        out = []
-        for d, k in ((dilation[1], kernel_size[1]), (dilation[0], kernel_size[0])):
-            total = d * (k - 1)
+        return (0,) * (2 * len(kernel_size))
+    out = []
+    for axis in reversed(range(len(kernel_size))):
+        if padding == "same":
+            total = dilation[axis] * (kernel_size[axis] - 1)
             out += [total // 2, total - total // 2]
-        return tuple(out)  # type: ignore[return-value]
-    return (padding[1], padding[1], padding[0], padding[0])
+        else:
+            out += [padding[axis], padding[axis]]  # type: ignore[index]
+    return tuple(out)
+
+
+def output_padding_arg(value: Any, stride: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Validate a transposed conv's ``output_padding``: each entry below its stride or dilation."""
+    items = ntuple(value, "output_padding", len(stride), minimum=0)
+    for o, s, d in zip(items, stride, dilation):
+        if o >= max(s, d):
+            raise ValueError(
+                f"output_padding={items} must be smaller than either stride={stride} or dilation={dilation} "
+                "in each dimension (as in torch.nn.ConvTranspose); lower it"
+            )
+    return items
 
 
 def positive_finite(value: Any, name: str) -> float:
@@ -104,7 +126,7 @@ def positive_finite(value: Any, name: str) -> float:
     return float(value)
 
 
-def dilated_extent(kernel_size: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
+def dilated_extent(kernel_size: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tuple[int, ...]:
     """Pixels spanned by a dilated kernel along each axis: ``d (k - 1) + 1``."""
     return tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))  # type: ignore[return-value]
 

@@ -40,6 +40,7 @@ torch.fx.wrap("bcop_kernel")
 torch.fx.wrap("orthonormal_basis")
 
 _PATHS = ("auto", "dense", "factored")
+
 _CORES = ("general", "orthogonal")
 
 # Layout of the extra state (format 2): an int64 vector, so every value of a state dict
@@ -437,6 +438,23 @@ class SVDConv(nn.Module):
         return (compose_cost + out_pixels * dense,
                 batch * height * width * factored_in + out_pixels * factored_out)
 
+    def path_costs(self, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
+        """Estimated cost of the ``(dense, factored)`` forward paths, in multiply-adds.
+
+        The multiply-adds of ``flop_costs`` (the dense path composes its kernel on every call).
+        Calibration on measured times (``benchmarks/bench_paths.py``, one CPU thread, both
+        paths timed interleaved on MTCNN-, MobileNet- and OCR-like shapes): once 1x1
+        convolutions on large inputs run as matmuls, adding a per-call overhead, a compose
+        overhead or a per-element memory cost to the model picked worse on those shapes, so
+        the model is multiply-adds alone. Deterministic: nothing is timed at run time.
+        """
+        return self.flop_costs(input_shape)
+
+    def choose_path(self, input_shape: Tuple[int, ...]) -> str:
+        """The path ``forward`` takes for this input shape with ``path='auto'`` (see ``path_costs``)."""
+        dense_cost, factored_cost = self.path_costs(input_shape)
+        return "dense" if dense_cost <= factored_cost else "factored"
+
     def _dense_is_cheaper_per_pixel(self) -> bool:
         # Per output pixel, leaving out composing the kernel (the input has s1*s2 pixels each).
         _, dense, factored_in, factored_out = self._pixel_costs()
@@ -452,19 +470,38 @@ class SVDConv(nn.Module):
         else:
             self._check_input(input)
             if path == "auto":
-                dense_cost, factored_cost = self.flop_costs(tuple(input.shape))
+                dense_cost, factored_cost = self.path_costs(tuple(input.shape))
                 path = "dense" if dense_cost <= factored_cost else "factored"
         if path == "dense":
+            if self._is_pointwise():
+                return self._pointwise_forward(input, self.dense_weight())
             return self._conv(input, self.dense_weight(), self.bias)
-        g, r_in = self.groups, self.ranks[1]
-        in_g = self.in_channels // g
+        return self._factored_forward(input)
+
+    def _is_pointwise(self) -> bool:
+        """A 1x1 kernel, stride 1, no padding: the conv only mixes channels (dilation is moot)."""
+        no_padding = self.padding == "valid" or self.padding == "same" or all(p == 0 for p in self.padding)
+        return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride) and no_padding
+
+    def _pointwise_forward(self, input: Tensor, weight: Tensor) -> Tensor:
+        # A 1x1 conv as a matmul on large inputs (much faster on CPU; see _functional).
+        unbatched = not isinstance(input, torch.fx.Proxy) and input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        g = self.groups
+        y = _functional.mix_channels(x, weight.reshape(g, self.out_channels // g, -1), self.bias, g, 2)
+        return y.squeeze(0) if unbatched else y
+
+    def _factored_forward(self, input: Tensor) -> Tensor:
+        g, (r_out, r_in) = self.groups, self.ranks
         U, S, core, V = self.factors()
-        v_weight = V.reshape(g, in_g, r_in).transpose(1, 2).reshape(g * r_in, in_g, 1, 1)
+        unbatched = not isinstance(input, torch.fx.Proxy) and input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
         # Channel mixing commutes with every padding mode, so the 1x1 convs can sit
         # outside the padded core conv.
-        hidden = F.conv2d(input, v_weight, None, 1, 0, 1, g)
+        hidden = _functional.mix_channels(x, V.reshape(g, -1, r_in).transpose(1, 2), None, g, 2)
         hidden = self._conv(hidden, S[:, None, None, None] * core, None)
-        return F.conv2d(hidden, U[:, :, None, None], self.bias, 1, 0, 1, g)
+        y = _functional.mix_channels(hidden, U.reshape(g, -1, r_out), self.bias, g, 2)
+        return y.squeeze(0) if unbatched else y
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
