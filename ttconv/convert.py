@@ -1004,7 +1004,8 @@ def load_converted(
     --------
     >>> import io
     >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
-    >>> small = convert(model, energy=0.9)              # ranks depend on the weights
+    >>> small = convert(model, energy=0.9, force=("*",))  # ranks depend on the weights
+    >>> # (force: random kernels do not compress, and convert keeps a layer dense otherwise)
     >>> buffer = io.BytesIO()
     >>> torch.save(small.state_dict(), buffer)
     >>> _ = buffer.seek(0)
