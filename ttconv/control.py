@@ -42,8 +42,9 @@ from . import _conv_args as args
 from ._hooks import find_conv_layers, record_input_sizes
 from .bounds import fantastic_four_bound
 from .layer import SVDConv
-from .spectra import (DEFAULT_MAX_MEMORY, check_spectral_input_size, conv_spectral_norm, dilate_kernel, kernel_scale,
-                      polyphase_kernel, spectral_dtype, transfer_batches)
+from ._progress import ProgressArg, progress_for
+from .spectra import (DEFAULT_MAX_MEMORY, check_spectral_input_size, conv_spectral_norm, dilate_kernel, fold_kernel,
+                      kernel_scale, polyphase_kernel, single_tap_matrices, spectral_dtype, transfer_batches)
 from .tt import canonicalize, orthonormality_error
 
 __all__ = ["clip_singular_values_", "scale_to_spectral_norm_", "spectral_norm", "SpectralControl"]
@@ -185,8 +186,13 @@ def _exact_norm(kernel: Tensor, n: Tuple[int, int], stride: Tuple[int, int], dil
     args.check_kernel(kernel, groups, "kernel")
     kernel = kernel.to(spectral_dtype(kernel.dtype))
     scale = kernel_scale(kernel)
-    grouped = _stride1(kernel / scale, stride, dilation, groups)
     m = (n[0] // stride[0], n[1] // stride[1])
+    # Folded modulo the grid (an input smaller than the kernel); a single tap (every 1x1 conv)
+    # puts the same matrices at every frequency: one decomposition per group.
+    grouped = fold_kernel(_stride1(kernel / scale, stride, dilation, groups), m)
+    single = single_tap_matrices(grouped)
+    if single is not None:
+        return float(torch.linalg.matrix_norm(single, ord=2).amax() * scale)
     best = None
     for _, _, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY):
         best = _batch_max(matrices.flatten(0, 1), best)
@@ -197,7 +203,7 @@ def _norm(layer: ConvLayer, n: Tuple[int, int]) -> float:
     """``float(spectral_norm(layer, n))`` up to rounding, computed by ``_exact_norm``."""
     if _is_orthogonal(layer):
         return float(spectral_norm(layer, n))
-    n = check_spectral_input_size(n, layer.kernel_size, (1, 1), layer.dilation)
+    n = check_spectral_input_size(n, layer.kernel_size, (1, 1), layer.dilation, fold=True)
     return _exact_norm(_kernel(layer).detach(), n, _effective_stride(layer, n), layer.dilation, layer.groups)
 
 
@@ -280,6 +286,8 @@ def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, stride: T
     grouped = _stride1(kernel / scale, stride, dilation, groups)
     g, o, i, t1, t2 = grouped.shape
     m = (n[0] // stride[0], n[1] // stride[1])
+    if t1 > m[0] or t2 > m[1] or (t1, t2) == (1, 1):
+        return _clip_folded(kernel, grouped, m, limit, stride, dilation) * scale
     taps = None
     for u, v, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY, per_frequency_factor=8):
         wide = o < i  # LAPACK is 10-20% faster on the tall orientation; clipping commutes with transposition
@@ -292,6 +300,55 @@ def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, stride: T
     spatial = phases.permute(2, 3, 0, 4, 1, 5).reshape(g * o, -1, t1 * stride[0], t2 * stride[1])
     support = spatial[..., : dilation[0] * (kh - 1) + 1: dilation[0], : dilation[1] * (kw - 1) + 1: dilation[1]]
     return support.reshape(kernel.shape) * scale
+
+
+def _clip_matrices(matrices: Tensor, limit: float) -> Tensor:
+    """Each matrix of a batch with its singular values clamped at ``limit`` (tall orientation)."""
+    wide = matrices.shape[-2] < matrices.shape[-1]
+    left, values, right = torch.linalg.svd(matrices.mT if wide else matrices, full_matrices=False)
+    clipped = (left * values.clamp(max=limit).to(left.dtype).unsqueeze(-2)) @ right
+    return clipped.mT if wide else clipped
+
+
+def _clip_folded(kernel: Tensor, grouped: Tensor, m: Tuple[int, int], limit: float, stride: Tuple[int, int],
+                 dilation: Tuple[int, int]) -> Tensor:
+    """Clip of the circular operator of a kernel folded modulo the grid ``m`` (normalised kernel in,
+    normalised kernel out).
+
+    On ``m < t`` taps several taps act alike (``spectra.fold_kernel``): the operator is that of
+    the folded kernel ``F``, whose spectrum is clipped into ``F_c`` (full support on the ``m``
+    grid, or a single tap). The kernel returned is the one nearest to ``kernel`` (Frobenius)
+    whose folded kernel is ``F_c`` at every residue the kernel's taps reach: each tap moves by
+    ``(F_c - F) / c`` at its residue, ``c`` the number of taps folding there. With a single
+    tap (every 1x1 conv) the operator is ``kron(I, M)`` and the clip is exact: ``M``'s singular
+    values are clamped. With no folding it is the usual projection onto the taps.
+    """
+    g, o, i, t1, t2 = grouped.shape
+    folded = fold_kernel(grouped, m)
+    f1, f2 = folded.shape[-2:]
+    single = single_tap_matrices(folded)
+    if single is not None:
+        target = _clip_matrices(single, limit)[..., None, None]
+    else:
+        taps = None
+        for u, v, matrices in transfer_batches(folded, m, DEFAULT_MAX_MEMORY, per_frequency_factor=8):
+            clipped = _clip_matrices(matrices, limit)
+            term = (_inverse_phases(u, v, m, (f1, f2), clipped.dtype).T @ clipped.reshape(len(u), -1)).real
+            taps = term if taps is None else taps + term
+        target = taps.reshape(f1, f2, g, o, i).permute(2, 3, 4, 0, 1)
+    # Which taps of the stride-1 layout are the kernel's own (dilation and polyphase padding add zeros).
+    support = _stride1(torch.ones_like(kernel), stride, dilation, grouped.shape[0]) != 0
+    count = fold_kernel(support.to(grouped.dtype), m)
+    step = torch.where(count > 0, (target - folded) / count.clamp_min(1), torch.zeros_like(folded))
+    rows = torch.arange(t1, device=grouped.device) % f1
+    cols = torch.arange(t2, device=grouped.device) % f2
+    updated = grouped + support * step[..., rows, :][..., cols]
+    s1, s2 = stride
+    spatial = (updated.reshape(g * o, -1, s1, s2, t1, t2).permute(0, 1, 4, 2, 5, 3)
+               .reshape(g * o, -1, t1 * s1, t2 * s2))
+    kh, kw = kernel.shape[-2:]
+    support_taps = spatial[..., : dilation[0] * (kh - 1) + 1: dilation[0], : dilation[1] * (kw - 1) + 1: dilation[1]]
+    return support_taps.reshape(kernel.shape)
 
 
 def _bases_and_core(layer: SVDConv) -> Tuple[Tensor, Tensor, Tensor]:
@@ -357,8 +414,11 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     max_value : float
         Target for every singular value, > 0.
     input_size : int or (int, int)
-        At least the dilated kernel extent; any size (not divisible by the stride: the
-        stride-1 operator is clipped).
+        Any size (not divisible by the stride: the stride-1 operator is clipped). Smaller
+        than the dilated kernel, the operator is that of the kernel folded modulo the size
+        (``ttconv.spectra.fold_kernel``): its spectrum is clipped and each tap moves by its
+        share of the change at its residue (the nearest kernel whose folded kernel is the
+        clipped one).
     n_iter : int
         Clip-and-project rounds, >= 1.
 
@@ -373,11 +433,14 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     ``c_out/g x (c_in/g) s1 s2`` matrices (``r_out x r_in s1 s2`` for an ``SVDConv``)
     per round, and one exact norm afterwards, for which a Gram product and a Cholesky
     factorisation per frequency certify all but a few frequencies, which are decomposed.
+    A 1x1 kernel (and any kernel whose polyphase form folds to one tap) has the same
+    matrix at every frequency: the clip is one SVD of it, and exact (its singular values
+    clamped), whatever the size.
     """
     _check_layer(layer)
     max_value = _check_max_value(max_value)
     n_iter = args.positive_int(n_iter, "n_iter")
-    n = check_spectral_input_size(input_size, layer.kernel_size, (1, 1), layer.dilation)
+    n = check_spectral_input_size(input_size, layer.kernel_size, (1, 1), layer.dilation, fold=True)
     return _clip(layer, max_value, n, n_iter)
 
 
@@ -426,11 +489,17 @@ class SpectralControl:
         How a layer above the target is brought down (see above).
     example_input : Tensor or tuple
         One forward pass on it records every layer's input size (a size smaller than the
-        layer's dilated kernel is raised to the kernel's extent).
+        layer's dilated kernel is controlled as it is: the kernel folds modulo the size).
     orthonormality_tol : float
         Drift of ``U``, ``V`` that triggers ``canonicalize_()`` in a control step, >= 0.
     n_iter : int
         Clip-and-project rounds per clip (modes ``'clip_scale'`` and ``'clip'``), >= 1.
+    progress : bool or callable(done, total, name)
+        ``True``: one line per layer on stderr in each control pass,
+        ``[3/20] layer2.0.conv1  0.41 s  1.23 -> 1.00``; a callable is called after each
+        layer. Off by default: a pass runs every ``every`` optimizer steps inside a training
+        loop, where a line per layer and pass would flood the training log; turn it on to
+        see where a slow pass spends its time.
 
     Notes
     -----
@@ -457,6 +526,7 @@ class SpectralControl:
         example_input: Any,
         orthonormality_tol: float = 1e-6,
         n_iter: int = 1,
+        progress: ProgressArg = False,
     ) -> None:
         self.max_value = _check_max_value(max_value)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -474,6 +544,8 @@ class SpectralControl:
             raise ValueError(f"n_iter must be an int >= 1 (clip-and-project rounds per clip, e.g. the default 1), "
                              f"got {n_iter!r}")
         self.every, self.mode, self.n_iter = every, mode, int(n_iter)
+        progress_for(progress, 0)  # validate now, not at the first pass
+        self.progress = progress
         self.orthonormality_tol = float(orthonormality_tol)
         layers = find_conv_layers(model)
         if not layers:
@@ -485,11 +557,9 @@ class SpectralControl:
         self.skipped: List[str] = []
         for name, layer in layers:
             if sizes[name]:
-                # An input smaller than the (dilated) kernel has no circular operator of its
-                # own: control the smallest grid that holds the kernel instead.
-                extent = args.dilated_extent(layer.kernel_size, layer.dilation)
-                size = tuple(max(n, e) for n, e in zip(sizes[name][0], extent))
-                self.layers.append((name, layer, size))
+                # Any recorded size: smaller than the (dilated) kernel, the circular operator
+                # is that of the kernel folded modulo the size (ttconv.spectra.fold_kernel).
+                self.layers.append((name, layer, sizes[name][0]))
             else:
                 self.skipped.append(name)  # not reached by the example forward pass
         self.steps = 0
@@ -511,11 +581,12 @@ class SpectralControl:
             Layer name -> its ``spectral_norm`` at the recorded size afterwards.
         """
         reached = {}
+        reporter = progress_for(self.progress, len(self.layers))
         for name, layer, size in self.layers:
             if isinstance(layer, SVDConv) and max(orthonormality_error(layer.U, layer.groups),
                                                   orthonormality_error(layer.V, layer.groups)) > self.orthonormality_tol:
                 layer.canonicalize_()
-            sigma = _norm(layer, size)  # exact; computed once, then passed on
+            sigma = before = _norm(layer, size)  # exact; computed once, then passed on
             if sigma > self.max_value:
                 if self.mode == "scale":
                     sigma = _scale_from(layer, sigma, self.max_value)
@@ -523,6 +594,8 @@ class SpectralControl:
                     sigma = _clip(layer, self.max_value, size, self.n_iter)  # the exact norm reached
                     if self.mode == "clip_scale":
                         sigma = _scale_from(layer, sigma, self.max_value)
+            if reporter is not None:
+                reporter.step(name, f"{before:.4g} -> {sigma:.4g}" if sigma != before else f"{sigma:.4g}")
             reached[name] = sigma
         return reached
 

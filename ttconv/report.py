@@ -408,19 +408,21 @@ def _itemsize(kernel: Tensor) -> int:
     return 8 if kernel.dtype == torch.float64 else 4
 
 
-def _transfer_bytes(shape: Tuple[int, ...], stride: Tuple[int, int], n: Tuple[int, int], itemsize: int) -> int:
+def _transfer_bytes(shape: Tuple[int, ...], stride: Tuple[int, int], n: Tuple[int, int], itemsize: int,
+                    dilation: Tuple[int, int] = (1, 1)) -> int:
     """Bytes of the complex transfer tensor (every frequency matrix) of the polyphase kernel.
 
-    A 1x1 kernel has one matrix whatever the size and stride (every frequency holds the
-    same ``c_out x c_in/g`` matrices, the strided operator is the stride-1 one on a
-    subsampled input): its exact analysis is one matrix decomposition, so only that
-    matrix counts (``ttconv.spectra`` decomposes it once).
+    When the polyphase kernel folded modulo the grid ``n / s`` has a single tap (every 1x1
+    kernel at any stride, a kernel equal to its stride, a 1-pixel grid) every frequency
+    holds the same ``c_out x c_in/g s1 s2`` matrices and ``ttconv.spectra`` decomposes
+    them once: only those matrices count.
     """
     c_out, c_in_per_group = shape[0], shape[1]
-    if tuple(shape[2:]) == (1, 1):
-        return c_out * c_in_per_group * 2 * itemsize
     m1, m2 = -(-n[0] // stride[0]), -(-n[1] // stride[1])
-    return c_out * c_in_per_group * stride[0] * stride[1] * m1 * (m2 // 2 + 1) * 2 * itemsize
+    extent = dilated_extent(tuple(shape[2:]), dilation)
+    taps = [min(-(-e // s), m) for e, s, m in zip(extent, stride, (m1, m2))]
+    frequencies = 1 if taps == [1, 1] else m1 * (m2 // 2 + 1)
+    return c_out * c_in_per_group * stride[0] * stride[1] * frequencies * 2 * itemsize
 
 
 # Peak working memory of each computation in units of its transfer tensor (or kernel, or
@@ -532,15 +534,21 @@ def _analyse(
         spatial = spatial_bound()
         upper = (ff_full if spatial is None else min(ff_full, spatial)) * factor_any_size  # the report's message says 'no input size'
     else:
-        transfer = _transfer_bytes(tuple(kernel.shape), spec.stride, input_size, itemsize)
+        transfer = _transfer_bytes(tuple(kernel.shape), spec.stride, input_size, itemsize, spec.dilation)
         try:
-            spectra.check_spectral_input_size(input_size, tuple(kernel.shape[2:]), spec.stride, spec.dilation)
+            # Any size divisible by the stride: below the kernel extent the kernel folds modulo n.
+            spectra.check_spectral_input_size(input_size, tuple(kernel.shape[2:]), spec.stride, spec.dilation,
+                                              fold=True)
             if keep_spectra:
                 count = _spectrum_length(shape, spec.stride, spec.groups, input_size)
                 estimate = count * (3 * itemsize + 8 + _LIST_BYTES)  # values, sort, Python list
                 label = "full spectrum (kept for the plot)"
                 if isinstance(target, SVDConv):  # its full spectrum, zeros of the low rank included
-                    values = budget.run(label, estimate, target.singular_values, input_size, gate=True)
+                    try:
+                        values = budget.run(label, estimate, target.singular_values, input_size, gate=True)
+                    except ValueError as error:  # a size SVDConv.singular_values refuses: the norm below
+                        values = None
+                        notes.append(f"full spectrum not kept: {error}")
                 else:
                     values = budget.run(label, estimate, spectra.conv_singular_values, kernel, input_size,
                                         gate=True, **geometry)
@@ -555,14 +563,15 @@ def _analyse(
             value = budget.run("Gram circ", _GRAM_FACTOR * transfer, bounds.gram_iteration_bound, kernel,
                                input_size, n_iter=gram_iters, **geometry)
             gram = None if value is None else float(value)
-        except ValueError as error:  # size not divisible by stride, or smaller than the kernel
+        except ValueError as error:  # size not divisible by stride
             notes.append(f"no circular spectrum: {error}")
         left, right, top, bottom = spec.reversed_padding
         grid = (input_size[0] + top + bottom, input_size[1] + left + right)
         padded = tuple(s * -(-g // s) for g, s in zip(grid, spec.stride))
         own = dict(geometry, padding=spec.padding, padding_mode=spec.padding_mode)
         value = budget.run("upper own (exact norm on the padded grid)",
-                           _EXACT_FACTOR * _transfer_bytes(tuple(kernel.shape), spec.stride, padded, itemsize),
+                           _EXACT_FACTOR * _transfer_bytes(tuple(kernel.shape), spec.stride, padded, itemsize,
+                                                           spec.dilation),
                            bounds.operator_norm_bound, kernel, input_size, **own)
         if value is not None:
             upper = float(value)
