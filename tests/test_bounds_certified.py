@@ -9,7 +9,8 @@ matrix of the layer's real operator (``tests/oracle.py``) is the truth, and:
 * every function called a bound is >= the truth (``fantastic_four_bounds`` each of the
   four, ``fantastic_four_bound``, ``zero_padding_bound``, ``operator_norm_bound``), and
   ``gram_iteration_bound`` >= the exact circular norm it bounds;
-* ``exact_spectral_norm`` equals the circular oracle;
+* ``exact_spectral_norm`` equals the circular oracle (on inputs smaller than the kernel,
+  the oracle of the tiled input, ``circular_oracle.py``: the kernel folds modulo n);
 * the lower estimate ``power_iteration_estimate`` is <= the truth;
 * nothing is NaN or infinite.
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from configs import PADDING_MODES
+from circular_oracle import circular_singular_values_any_size as _tiled_singular_values
 from oracle import circular_singular_values, layer_operator, operator_matrix
 from ttconv import SVDConv, spectral_report, state_dict_report
 from ttconv.bounds import (
@@ -65,23 +67,25 @@ def _padding_per_axis(padding: Any, kernel, dilation):
     return [(p, p) for p in padding]
 
 
-def layer_configs(count: int, seed: int) -> List[Dict[str, Any]]:
-    """Deterministic random layers with an input size the layer accepts."""
+def layer_configs(count: int, seed: int, kernel_size: Optional[tuple] = None) -> List[Dict[str, Any]]:
+    """Deterministic random layers with an input size the layer accepts (``kernel_size``
+    fixes the kernel, else 1..4 per axis)."""
     rng = random.Random(seed)
     configs: List[Dict[str, Any]] = []
     while len(configs) < count:
         groups = rng.choice([1, 1, 1, 2, 3])
         c_in = groups * rng.randint(1, 3 if groups == 1 else 1)
         c_out = groups * rng.randint(1, 3)
-        kernel = (rng.randint(1, 4), rng.randint(1, 4))
+        kernel = kernel_size or (rng.randint(1, 4), rng.randint(1, 4))
         stride = (rng.randint(1, 3), rng.randint(1, 3))
         dilation = rng.choice([(1, 1), (1, 1), (2, 2), (1, 2), (3, 1)])
         extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
         form = rng.choice(["int", "pair", "pair", "valid", "same"] if stride == (1, 1) else ["int", "pair", "pair", "valid"])
+        most = kernel if kernel_size is None else [max(k, 2) for k in kernel]  # fixed 1x1: padding 0..2
         if form == "int":
-            padding: Any = (rng.randint(0, max(kernel)),) * 2
+            padding: Any = (rng.randint(0, max(most)),) * 2
         elif form == "pair":
-            padding = (rng.randint(0, kernel[0]), rng.randint(0, kernel[1]))
+            padding = (rng.randint(0, most[0]), rng.randint(0, most[1]))
         else:
             padding = form
         mode = rng.choice(PADDING_MODES)
@@ -129,13 +133,18 @@ def _truths(layer: nn.Module, config: Dict[str, Any]):
     circular = None
     divisible = all(m % s == 0 for m, s in zip(n, c["stride"]))
     extent = [d * (k - 1) + 1 for d, k in zip(c["dilation"], c["kernel_size"])]
-    if divisible and all(m >= e for m, e in zip(n, extent)):
+    if divisible:
         weight = layer.dense_weight() if isinstance(layer, SVDConv) else layer.weight
-        circular = float(circular_singular_values(weight.detach(), n, c["stride"], c["dilation"], c["groups"])[0])
+        # Smaller than the kernel: the circular operator of the input tiled (the kernel folds mod n).
+        oracle = circular_singular_values if all(m >= e for m, e in zip(n, extent)) else _tiled_singular_values
+        circular = float(oracle(weight.detach(), n, c["stride"], c["dilation"], c["groups"])[0])
     return real, circular
 
 
 CONFIGS = layer_configs(COUNT, seed=10)
+# 1x1 layers take the single-matrix paths (exact, Gram, operator bound, Fantastic Four):
+# every padding mode and amount 0..2, stride 1..3, groups, rectangular grids.
+CONFIGS_1X1 = layer_configs(300, seed=11, kernel_size=(1, 1))
 # Looseness ceilings: the worst ratio bound / truth measured on this sweep, plus 10%. The
 # size-independent bounds are loosest at tiny inputs (n = 1..3), where the operator sees
 # few taps; a bound made 10x looser fails here.
@@ -202,6 +211,26 @@ def test_every_bound_holds_on_the_sweep(chunk):
         for failure in _check(CONFIGS[index], {}):
             failures.append(f"config {index} {CONFIGS[index]['conv']} n={CONFIGS[index]['n']}: {failure}")
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_every_bound_holds_on_the_one_by_one_sweep(chunk):
+    failures = []
+    for index in range(chunk, len(CONFIGS_1X1), 2):
+        config = CONFIGS_1X1[index]
+        for failure in _check(config, {}):
+            failures.append(f"1x1 config {index} {config['conv']} n={config['n']}: {failure}")
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_the_one_by_one_sweep_covers_what_it_claims():
+    convs = [c["conv"] for c in CONFIGS_1X1]
+    assert all(c["kernel_size"] == (1, 1) for c in convs)
+    assert {c["padding_mode"] for c in convs} == set(PADDING_MODES)
+    assert {p for c in convs if not isinstance(c["padding"], str) for p in c["padding"]} == {0, 1, 2}
+    assert {s for c in convs for s in c["stride"]} == {1, 2, 3} and any(c["groups"] > 1 for c in convs)
+    assert any(any(m % s for m, s in zip(cfg["n"], cfg["conv"]["stride"])) for cfg in CONFIGS_1X1)
+    assert any(cfg["svd"] for cfg in CONFIGS_1X1) and any(cfg["dtype"] == torch.float32 for cfg in CONFIGS_1X1)
 
 
 def test_the_sweep_covers_what_it_claims():

@@ -19,6 +19,11 @@ function                           operator described                           
 ``power_iteration_estimate``       the layer's own operator on ``n``             lower estimate
 =================================  ===========================================  ======================
 
+The circular methods accept an input smaller than the (dilated) kernel: the kernel then
+folds modulo ``n`` (``ttconv.spectra.fold_kernel``). A 1x1 conv is one matrix at every
+frequency: the exact norm and the Gram bound decompose that matrix once, and
+``operator_norm_bound`` returns its exact norm ``||W||_2 sqrt(c)`` (``docs/math.md``).
+
 "The layer's own operator" includes its padding mode and amount: size-independent bounds
 carry ``padding_factor`` (1 for zero padding and for circular padding of at most the
 dilated extent minus one per axis). Stride: the strided operator keeps a subset of the
