@@ -624,9 +624,19 @@ def _build(candidate: _Candidate, ranks: Tuple[int, int], refine: int) -> SVDCon
     return layer
 
 
+def _build_cached(cache: Dict[Tuple[str, Tuple[int, int]], SVDConv], candidate: _Candidate,
+                  ranks: Tuple[int, int], refine: int) -> SVDConv:
+    """``_build`` once per layer and ranks: the search's probes and the final model share it."""
+    key = (candidate.name, ranks)
+    if key not in cache:
+        cache[key] = _build(candidate, ranks, refine)
+    return cache[key]
+
+
 def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_input: Any,
                       reference: List[Tensor], tolerance: float, refine: int,
-                      progress: Optional[ProgressFn]) -> Tuple[float, float]:
+                      progress: Optional[ProgressFn],
+                      layers: Dict[Tuple[str, Tuple[int, int]], SVDConv]) -> Tuple[float, float]:
     """The smallest shared energy threshold (bisection) whose model's output error is within
     ``tolerance``; returns ``(energy, its output error)``.
 
@@ -636,7 +646,6 @@ def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_in
     necessarily the smallest such threshold.
     """
     errors: Dict[Tuple[Tuple[int, int], ...], float] = {}
-    layers: Dict[Tuple[str, Tuple[int, int]], SVDConv] = {}
 
     def error_at(energy: float) -> float:
         ranks = {c.name: _ranks_for(c, None, energy) for c in candidates}
@@ -646,10 +655,8 @@ def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_in
             probe = _copy_model(model, memo)
             mapping: Dict[int, nn.Module] = {}
             for c in candidates:
-                if (c.name, ranks[c.name]) not in layers:
-                    layers[(c.name, ranks[c.name])] = _build(c, ranks[c.name], refine)
                 if c.forced or _svd_params(c.conv, ranks[c.name]) < _params(c.conv):
-                    mapping[id(memo.get(id(c.conv), c.conv))] = layers[(c.name, ranks[c.name])]
+                    mapping[id(memo.get(id(c.conv), c.conv))] = _build_cached(layers, c, ranks[c.name], refine)
             probe = mapping.get(id(probe), probe)
             _replace(probe, mapping)
             errors[key] = _output_error(_run(probe, example_input), reference)
@@ -834,6 +841,7 @@ def convert(
             if progress is not None:
                 progress(index + 1, len(candidates), f"analysing {candidate.name}")
     chosen_energy: Optional[float] = None
+    probed: Dict[Tuple[str, Tuple[int, int]], SVDConv] = {}  # layers the output search built
     if param_budget is not None and candidates:
         fixed = sum(k.params_dense for k in kept)
         budget = param_budget
@@ -846,7 +854,7 @@ def convert(
                              if isinstance(param_budget, float) else str(error)) from None
     elif output_tolerance is not None and candidates:
         chosen_energy, _ = _tolerance_energy(model, candidates, example_input, reference,
-                                             float(output_tolerance), refine, progress)
+                                             float(output_tolerance), refine, progress, probed)
     layer_energy = chosen_energy if searched else energy
     layer_rank = None if layer_energy is not None else rank
 
@@ -862,7 +870,7 @@ def convert(
                 kept.append(KeptDense(candidate.name, f"at ranks {ranks} its TT form would have {tt_size} parameters, "
                                       f"the dense conv {_params(conv)}", _params(conv), tt_size))
                 continue
-            layer = _build(candidate, ranks, refine)
+            layer = _build_cached(probed, candidate, ranks, refine)
         except (ValueError, TypeError) as error:
             raise type(error)(f"layer {candidate.name!r}: {error}") from error
         built.append((candidate, layer))

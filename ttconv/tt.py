@@ -487,16 +487,17 @@ class _Truncation:
         room = allowed - float(self.tail_in[r_in])
         return max(1, int((tails > room).sum()))  # tails decrease: the first r with tails[r] <= room
 
-    def energy_ranks(self, energy: float) -> Tuple[int, int]:
+    def energy_ranks(self, energy: float, shrink: bool = True) -> Tuple[int, int]:
         """Smallest one-pass ranks ``(r_out, r_in)`` keeping ``energy`` of ``||W||_F^2``.
 
         Kept energy is monotone in each rank (a larger ``r_in`` projects on a larger
         subspace, whose top-``r_out`` output energy can only grow), so the pairs that keep
         ``energy`` form a staircase. The result is on it: lowering either rank by one
         keeps less than ``energy``. Among the staircase points, it has the fewest
-        parameters of those tried (every ``r_in`` when there are at most 16 feasible
-        ones, else 16 spread over them), then ``r_in`` is lowered as far as the same
-        ``r_out`` allows.
+        parameters of those tried (the smallest feasible ``r_in`` and 16 spread over
+        ``1..full``: every one for at most 16 input channels), then ``r_in`` is lowered as far as the same
+        ``r_out`` allows (skipped with ``shrink=False``: then only the tried input ranks
+        are evaluated, a cheaper upper bound for searches over many thresholds).
         """
         if self.norm_sq == 0.0:
             return 1, 1
@@ -506,15 +507,15 @@ class _Truncation:
             return rank, rank
         full_in = self.sv_in.shape[-1]
         low = max(1, int((self.tail_in > allowed).sum()))
-        count = full_in - low + 1
-        if count <= _RANK_CANDIDATES:
-            candidates = list(range(low, full_in + 1))
-        else:
-            candidates = sorted({round(low + k * (full_in - low) / (_RANK_CANDIDATES - 1))
-                                 for k in range(_RANK_CANDIDATES)})
+        # The same spread of input ranks at every threshold (their spectra are cached), plus
+        # the smallest feasible one.
+        spread = {round(1 + k * (full_in - 1) / (_RANK_CANDIDATES - 1)) for k in range(_RANK_CANDIDATES)}
+        candidates = sorted({r for r in spread if r >= low} | {low})
         best = min(((self.params((self._min_r_out(r_in, allowed), r_in)), r_in) for r_in in candidates))
         r_in = best[1]
         r_out = self._min_r_out(r_in, allowed)
+        if not shrink:
+            return r_out, r_in
         # Lower r_in at this r_out while the energy still holds (monotone: bisection).
         lo, hi = low, r_in  # hi is feasible
         while lo < hi:
