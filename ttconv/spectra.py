@@ -44,6 +44,7 @@ __all__ = [
     "fold_kernel",
     "kernel_scale",
     "polyphase_kernel",
+    "single_tap_matrices",
     "spectral_dtype",
     "transfer_batches",
 ]
