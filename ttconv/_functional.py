@@ -30,6 +30,25 @@ def conv2d(
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def conv_nd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: Tuple[int, ...],
+    padding: Union[str, Tuple[int, ...]],
+    dilation: Tuple[int, ...],
+    groups: int,
+    padding_mode: str,
+    reversed_padding: Sequence[int],
+) -> Tensor:
+    """``nn.Conv{d}d``'s forward for any padding mode, ``d = len(stride)`` in 1, 2, 3."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]
+    if padding_mode != "zeros":
+        x = F.pad(x, tuple(reversed_padding), mode=padding_mode)
+        return conv(x, weight, bias, stride, 0, dilation, groups)
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
 # Positions (batch * spatial) from which a 1x1 convolution runs as a batched matmul: on CPU
 # torch's 1x1 conv2d is 2-14x slower than the same matmul on large feature maps with few
 # channels (benchmarks/bench_paths.py), and a little faster on small ones.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
 from .spectra import check_spectral_input_size, conv_singular_values, spectral_dtype
 from .tt import TTFactors, canonicalize, compose, decompose, orthonormal_core, random_factors, resolve_ranks
 
-__all__ = ["SVDConv"]
+__all__ = ["SVDConv", "SVDConv1d", "SVDConv2d", "SVDConv3d", "SVDConvTranspose1d", "SVDConvTranspose2d",
+           "SVDConvTranspose3d"]
 
 # torch.fx.symbolic_trace records these as single calls instead of tracing into their
 # shape arithmetic (which needs concrete sizes).
@@ -51,12 +52,16 @@ _STATE_FORMAT = 2
 
 
 def _conv_arguments(module: nn.Module) -> dict:
-    """The ``nn.Conv2d`` constructor arguments shared by ``nn.Conv2d`` and ``SVDConv``."""
-    return dict(
+    """The constructor arguments shared by a torch conv (``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d``)
+    and its SVD counterpart (``output_padding`` only for the transposed ones)."""
+    arguments = dict(
         in_channels=module.in_channels, out_channels=module.out_channels, kernel_size=module.kernel_size,
         stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
         bias=module.bias is not None, padding_mode=module.padding_mode,
     )
+    if getattr(module, "transposed", False) or getattr(module, "_transposed", False):
+        arguments["output_padding"] = module.output_padding
+    return arguments
 
 
 def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: int) -> Tuple[int, int]:
@@ -67,7 +72,776 @@ def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: 
     return r, r
 
 
-class SVDConv(nn.Module):
+class _SVDConvNd(nn.Module):
+    """Common implementation of the SVD convolutions in ``d`` dimensions, plain and transposed.
+
+    The kernel ``W: (A, B/groups, *kernel_size)`` is stored per group as
+    ``U diag(S) core V^T`` (``ttconv.tt``), with ``(A, B) = (out_channels, in_channels)`` for a
+    convolution and ``(in_channels, out_channels)`` for a transposed one (torch's
+    ``ConvTranspose`` weight layout), so ``U`` has ``A`` rows and ``V`` has ``B``. The
+    ``ttconv.tt`` routines see an N-d core with its taps flattened into one axis.
+    """
+
+    _dims = 2
+    _transposed = False
+    _torch_class: type = nn.Conv2d
+
+    # 1: U, S, core, V, bias. 2: plus ``_extra_state`` (configuration, see Notes).
+    _version = 2
+    # TorchScript must not compile the computed ``weight`` property.
+    __jit_unused_properties__ = ["weight"]
+    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: Padding = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: PaddingMode = "zeros",
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        rank: RankSpec = None,
+        path: ForwardPath = "auto",
+        core: CoreKind = "general",
+        max_singular_value: Optional[float] = None,
+        output_padding: Any = 0,
+    ) -> None:
+        super().__init__()
+        d, name = self._dims, type(self).__name__
+        self.in_channels, self.out_channels, self.groups = args.channels_and_groups(
+            in_channels, out_channels, groups
+        )
+        self.kernel_size = args.ntuple(kernel_size, "kernel_size", d)
+        self.stride = args.ntuple(stride, "stride", d)
+        self.dilation = args.ntuple(dilation, "dilation", d)
+        if self._transposed and isinstance(padding, str):
+            raise ValueError(f"{name} takes padding as an int or a tuple of {d} ints, got {padding!r} "
+                             "(torch's ConvTranspose layers have no 'same'/'valid')")
+        self.padding = args.padding_arg(padding, self.stride)
+        self.padding_mode = args.padding_mode_arg(padding_mode)
+        if self._transposed:
+            if self.padding_mode != "zeros":
+                raise ValueError(f"{name} supports only padding_mode='zeros' (as torch's ConvTranspose), "
+                                 f"got {padding_mode!r}")
+            self.output_padding = args.output_padding_arg(output_padding, self.stride, self.dilation)
+        elif output_padding != 0:
+            raise TypeError(f"output_padding is an argument of the transposed layers only, not of {name}")
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        self.path = path
+        if core not in _CORES:
+            raise ValueError(f"core must be one of {_CORES}, got {core!r}")
+        if core == "orthogonal" and (d != 2 or self._transposed):
+            raise ValueError(
+                f"core='orthogonal' is available for SVDConv (2-D, not transposed) only so far; {name} takes "
+                "core='general' (bound its norm with ttconv's control functions instead)"
+            )
+        self.core_kind = core
+        if max_singular_value is not None:
+            if core != "orthogonal":
+                raise ValueError(
+                    "max_singular_value needs core='orthogonal': only then are S the layer's singular values"
+                )
+            max_singular_value = args.positive_finite(max_singular_value, "max_singular_value")
+        self.max_singular_value = max_singular_value
+        self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
+            self.padding, self.kernel_size, self.dilation
+        )
+        rows, cols = self._weight_channels()
+        out_g, in_g = rows // groups, cols // groups
+        self.ranks: Tuple[int, int] = resolve_ranks(rank, out_g, in_g, self._tt_kernel_size())
+        if core == "orthogonal":
+            self.ranks = _orthogonal_ranks(rank, self.ranks, out_g, in_g)
+        r_out, r_in = self.ranks
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(rows, r_out, **factory))
+        self.S = nn.Parameter(torch.empty(groups * r_out, **factory))
+        if core == "orthogonal":  # BCOP generators, see ttconv.orthogonal
+            core_shape = (groups, bcop_parameter_count(self.kernel_size), r_out, r_out)
+        else:
+            core_shape = (groups * r_out, r_in, *self.kernel_size)
+        self.core = nn.Parameter(torch.empty(core_shape, **factory))
+        self.V = nn.Parameter(torch.empty(cols, r_in, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.approximation_error: Optional[float] = None
+        self.reset_parameters()
+
+    def _weight_channels(self) -> Tuple[int, int]:
+        """``(A, B)`` of the dense weight ``(A, B/groups, *k)``: ``U`` has ``A`` rows, ``V`` has ``B``."""
+        if self._transposed:
+            return self.in_channels, self.out_channels
+        return self.out_channels, self.in_channels
+
+    def _tt_kernel_size(self) -> Tuple[int, int]:
+        """The kernel size as ``ttconv.tt`` sees it: 2-D kernels as they are, others as (taps, 1)."""
+        if self._dims == 2:
+            return self.kernel_size  # type: ignore[return-value]
+        return (math.prod(self.kernel_size), 1)
+
+    def _tt_core(self, core: Tensor) -> Tensor:
+        """``core`` reshaped for ``ttconv.tt``: ``(g r_out, r_in, *k)`` -> ``(g r_out, r_in, taps, 1)`` off 2-D."""
+        return core if self._dims == 2 else core.reshape(*core.shape[:2], *self._tt_kernel_size())
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Initialise like a fresh ``nn.Conv2d``, sampling the factors directly.
+
+        ``U``, ``V``: Haar-random orthonormal columns (sign-fixed QR of Gaussians); core:
+        Haar-random orthonormal rows of its unfolding; ``S`` flat, scaled so that the
+        composed kernel's entries have mean 0 and the variance of ``nn.Conv2d``'s default
+        init, ``1 / (3 fan_in)``, in expectation and at every rank
+        (``ttconv.tt.random_factors``). The layer starts in canonical form. Bias as in
+        ``nn.Conv2d``. No dense kernel is drawn and nothing is decomposed: construction
+        costs a few times ``nn.Conv2d(...)`` (``benchmarks/bench_convert.py``).
+        """
+        if self.U.is_meta:  # nothing to fill (e.g. torch.nn.utils.skip_init)
+            return
+        if self.core_kind == "orthogonal":
+            self._reset_orthogonal()
+            return
+        self._reset_general()
+
+    @torch.no_grad()
+    def _reset_general(self) -> None:
+        rows, cols = self._weight_channels()
+        factors = random_factors(rows // self.groups, cols // self.groups, self._tt_kernel_size(), self.ranks,
+                                 self.groups, dtype=self.U.dtype, device=self.U.device)
+        self._copy_factors(factors)
+        self._reset_bias()
+
+    def _reset_bias(self) -> None:
+        if self.bias is not None:
+            # torch's fan_in: the weight's dim 1 times the taps (B/groups for the transposed layers).
+            fan_in = (self._weight_channels()[1] // self.groups) * math.prod(self.kernel_size)
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def _reset_orthogonal(self) -> None:
+        # Random orthonormal U, V, a random orthogonal core, and a flat spectrum: at the
+        # Frobenius norm of nn.Conv2d's init, or near norm-preserving (0.88 c) under a bound c.
+        for factor in (self.U, self.V):
+            factor.copy_(orthonormal_basis(torch.randn_like(factor).reshape(self.groups, -1, factor.shape[1]))
+                         .reshape(factor.shape))
+        nn.init.normal_(self.core)
+        if self.max_singular_value is None:
+            self.S.fill_(math.sqrt(self.out_channels / (3.0 * self.S.numel())))
+        else:
+            self.S.fill_(2.0)  # c * sigmoid(2) = 0.88 c
+        self._reset_bias()
+
+    def factors(self) -> TTFactors:
+        """The effective ``(U, S, core, V)`` that define the kernel (differentiable).
+
+        In the general form these are the parameters themselves. With
+        ``core='orthogonal'`` they are computed from them: ``U``, ``V`` orthonormalised
+        (sign-fixed QR), ``S`` as ``max_singular_value * sigmoid(S)`` when bounded, and the
+        core built from its BCOP generators, an exactly orthogonal convolution.
+        """
+        if self.core_kind == "general":
+            return TTFactors(self.U, self.S, self.core, self.V)
+        g = self.groups
+        U = orthonormal_basis(self.U.reshape(g, -1, self.U.shape[1])).reshape(self.U.shape)
+        V = orthonormal_basis(self.V.reshape(g, -1, self.V.shape[1])).reshape(self.V.shape)
+        S = self.effective_S()
+        core = bcop_kernel(self.core, self.kernel_size)
+        r = self.ranks[0]
+        return TTFactors(U, S, core.reshape(g * r, r, *self.kernel_size), V)
+
+    def effective_S(self) -> Tensor:
+        """``S`` as used by the kernel: ``max_singular_value * sigmoid(S)`` when bounded, else ``S``."""
+        return self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
+
+    @torch.no_grad()
+    def set_singular_values_(self, values: Tensor) -> "SVDConv":
+        """Set the layer's singular values ``S`` in place (``core='orthogonal'`` only).
+
+        ``values``: ``(groups * r,)``, each ``|value|`` becomes a singular value of the layer
+        (stride 1, circular padding: exactly; zero padding: ``max |S|`` bounds the norm).
+        Under ``max_singular_value`` the values must lie in ``[0, max_singular_value)``.
+        """
+        if self.core_kind != "orthogonal":
+            raise ValueError("set_singular_values_ needs core='orthogonal'; in the general form S are not "
+                             "the layer's singular values (use ttconv.clip_singular_values_)")
+        values = torch.as_tensor(values, dtype=self.S.dtype, device=self.S.device).reshape(self.S.shape)
+        if self.max_singular_value is None:
+            self.S.copy_(values)
+        else:
+            ratio = values / self.max_singular_value
+            if bool((ratio < 0).any() or (ratio >= 1).any()):
+                raise ValueError(f"values must lie in [0, max_singular_value={self.max_singular_value})")
+            tiny = torch.finfo(self.S.dtype).tiny
+            self.S.copy_(torch.logit(ratio.clamp_min(tiny)))
+        return self
+
+    def _copy_factors(self, factors) -> None:
+        # In place, so parameter identity (and any optimizer state) survives.
+        for name in ("U", "S", "core", "V"):
+            value = getattr(factors, name)
+            getattr(self, name).copy_(value.reshape(getattr(self, name).shape))
+
+    # --------------------------------------------------------------- forward
+    def dense_weight(self) -> Tensor:
+        """The dense kernel ``(out_channels, in_channels/groups, *kernel_size)`` (differentiable);
+        ``(in_channels, out_channels/groups, *kernel_size)`` for the transposed layers, as torch's."""
+        U, S, core, V = self.factors()
+        weight = compose(U, S, self._tt_core(core), V, self.groups)
+        rows, cols = self._weight_channels()
+        return weight.reshape(rows, cols // self.groups, *self.kernel_size)
+
+    @property
+    def weight(self) -> Tensor:
+        """The composed dense kernel, as ``nn.Conv2d.weight`` (differentiable; computed).
+
+        For code written for ``nn.Conv2d`` that reads ``.weight`` (fusion helpers, fan-in
+        computations, spectral tools). It is computed on every access and is not a
+        parameter: it is not in ``parameters()`` or the ``state_dict``, and writing into
+        it in place (``nn.init.*_(layer.weight)``, ``layer.weight.copy_(...)``) changes a
+        temporary, not the layer. Assigning sets the kernel: ``layer.weight = tensor``
+        (a ``Parameter`` too) calls ``set_dense_weight_``, which is exact or raises.
+        """
+        return self.dense_weight()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        self.set_dense_weight_(value)
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        # nn.Module.__setattr__ routes ``layer.weight = Parameter(...)`` here, not to the
+        # property setter (e.g. torch.nn.utils.fusion.fuse_conv_bn_eval does this).
+        if name == "weight":
+            self.set_dense_weight_(param)
+            return
+        super().register_parameter(name, param)
+
+    @torch.no_grad()
+    def set_dense_weight_(self, weight: Tensor) -> "SVDConv":
+        """Set the layer's kernel to a dense tensor, in place and exactly (``core='general'``).
+
+        The kernel is decomposed at the layer's ranks and copied into ``U, S, core, V``
+        (parameter identity kept, canonical form). ``layer.weight = weight`` does the same,
+        so ``torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)`` returns an ``SVDConv``
+        computing the fused function: scaling output channels keeps the ranks.
+
+        Parameters
+        ----------
+        weight : Tensor ``(out_channels, in_channels/groups, kh, kw)``
+            Finite; values are copied (no autograd link to ``weight`` is kept).
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not representable at the layer's ranks (relative Frobenius
+            error above ``1000 eps`` of the dtype, at most ``1e-2``): the layer is left
+            unchanged instead of being truncated silently.
+        AttributeError
+            For ``core='orthogonal'``, whose core is an orthogonal convolution by
+            construction: use ``layer.to_conv2d()`` and set that conv's weight.
+        """
+        if self.core_kind != "general":
+            raise AttributeError(
+                f"cannot set the dense kernel of an SVDConv with core={self.core_kind!r}: its core is an "
+                "orthogonal convolution by construction, an arbitrary kernel would break that; "
+                "convert it first with conv = layer.to_conv2d() and set conv.weight"
+            )
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+        rows, cols = self._weight_channels()
+        shape = (rows, cols // self.groups, *self.kernel_size)
+        if tuple(weight.shape) != shape:
+            layout = "(in_channels, out_channels/groups, *kernel_size)" if self._transposed else \
+                "(out_channels, in_channels/groups, kh, kw)"
+            raise ValueError(f"weight must have shape {shape} {layout}, got {tuple(weight.shape)}")
+        weight = weight.detach().to(dtype=self.U.dtype, device=self.U.device)
+        result = decompose(self._tt_core(weight), self.groups, rank=self.ranks)
+        tolerance = min(1e3 * torch.finfo(self.U.dtype).eps, 1e-2)
+        if result.ranks != self.ranks or result.relative_error > tolerance:
+            raise ValueError(
+                f"the assigned kernel is not representable at this layer's ranks {self.ranks} (relative error "
+                f"{result.relative_error:.2e} > {tolerance:.1e}); the layer is left unchanged. Use a dense copy "
+                "(conv = layer.to_conv2d()) or rebuild at higher rank with SVDConv.from_conv2d(conv, rank=...)"
+            )
+        self._copy_factors(result.factors)
+        return self
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+              output_padding: Optional[Tuple[int, ...]] = None) -> Tensor:
+        if self._transposed:
+            transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._dims - 1]
+            return transpose(x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
+        if self._dims != 2:
+            return _functional.conv_nd(
+                x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                self.padding_mode, self._reversed_padding_repeated_twice,
+            )
+        return _functional.conv2d(
+            x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+            self.padding_mode, self._reversed_padding_repeated_twice,
+        )
+
+    def _output_size(self, size: Tuple[int, ...]) -> Tuple[int, ...]:
+        """Spatial output size for a spatial input size (``output_padding`` as set, for transposed)."""
+        pads = self._reversed_padding_repeated_twice
+        extent = args.dilated_extent(self.kernel_size, self.dilation)
+        out = []
+        for axis, n in enumerate(size):
+            before, after = pads[2 * (self._dims - 1 - axis)], pads[2 * (self._dims - 1 - axis) + 1]
+            if self._transposed:
+                out.append((n - 1) * self.stride[axis] - before - after + extent[axis] + self.output_padding[axis])
+            else:
+                out.append((n + before + after - extent[axis]) // self.stride[axis] + 1)
+        return tuple(out)
+
+    def _output_hw(self, height: int, width: int) -> Tuple[int, ...]:
+        return self._output_size((height, width))
+
+    def _pixel_costs(self) -> Tuple[int, int, int, int]:
+        """Multiply-adds: ``(compose the kernel, dense per output pixel, factored per input
+        pixel, factored per output pixel)``."""
+        r_out, r_in = self.ranks
+        g, taps = self.groups, math.prod(self.kernel_size)
+        rows, cols = self._weight_channels()
+        in_g = cols // g
+        compose_cost = g * r_out * r_in * taps * in_g + rows * r_out * in_g * taps
+        dense = rows * in_g * taps
+        return compose_cost, dense, cols * r_in, g * r_out * r_in * taps + rows * r_out
+
+    def flop_costs(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+        """Multiply-adds of the ``(dense, factored)`` forward paths for an input shape.
+
+        ``dense`` counts composing the kernel plus one convolution; ``factored`` counts
+        the three convolutions (``V`` 1x1 at input resolution, the core, ``U`` 1x1).
+        """
+        batch = input_shape[0] if len(input_shape) == self._dims + 2 else 1
+        size = tuple(input_shape[-self._dims:])
+        in_pixels, out_pixels = batch * math.prod(size), batch * math.prod(self._output_size(size))
+        compose_cost, dense, factored_in, factored_out = self._pixel_costs()
+        if self._transposed:
+            # The adjoint of a conv from out_channels to in_channels: the kernel taps and the
+            # core run at input resolution, U^T on the input, V on the output.
+            in_pixels, out_pixels = out_pixels, in_pixels
+        return (compose_cost + out_pixels * dense,
+                in_pixels * factored_in + out_pixels * factored_out)
+
+    def path_costs(self, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
+        """Estimated cost of the ``(dense, factored)`` forward paths, in multiply-adds.
+
+        The multiply-adds of ``flop_costs`` (the dense path composes its kernel on every call).
+        Calibration on measured times (``benchmarks/bench_paths.py``, one CPU thread, both
+        paths timed interleaved on MTCNN-, MobileNet- and OCR-like shapes): once 1x1
+        convolutions on large inputs run as matmuls, adding a per-call overhead, a compose
+        overhead or a per-element memory cost to the model picked worse on those shapes, so
+        the model is multiply-adds alone. Deterministic: nothing is timed at run time.
+        """
+        return self.flop_costs(input_shape)
+
+    def choose_path(self, input_shape: Tuple[int, ...]) -> str:
+        """The path ``forward`` takes for this input shape with ``path='auto'`` (see ``path_costs``)."""
+        dense_cost, factored_cost = self.path_costs(input_shape)
+        return "dense" if dense_cost <= factored_cost else "factored"
+
+    def _dense_is_cheaper_per_pixel(self) -> bool:
+        # Per output pixel, leaving out composing the kernel (the input has s1*s2 pixels each).
+        _, dense, factored_in, factored_out = self._pixel_costs()
+        # (Transposed: per input pixel, which has prod(stride) output pixels.)
+        return dense <= math.prod(self.stride) * factored_in + factored_out
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input, None)
+
+    def _forward(self, input: Tensor, output_padding: Optional[Tuple[int, ...]]) -> Tensor:
+        path = self.path
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: shapes are symbolic, so no input checks; 'auto'
+            # compares per-output-pixel costs, leaving out composing the kernel.
+            if path == "auto":
+                path = "dense" if self._dense_is_cheaper_per_pixel() else "factored"
+        else:
+            self._check_input(input)
+            if path == "auto":
+                dense_cost, factored_cost = self.path_costs(tuple(input.shape))
+                path = "dense" if dense_cost <= factored_cost else "factored"
+        if path == "dense":
+            if self._is_pointwise():
+                return self._pointwise_forward(input, self.dense_weight())
+            return self._conv(input, self.dense_weight(), self.bias, output_padding)
+        return self._factored_forward(input, output_padding)
+
+    def _is_pointwise(self) -> bool:
+        """A 1x1 kernel, stride 1, no padding: the conv only mixes channels (dilation is moot)."""
+        no_padding = self.padding == "valid" or self.padding == "same" or all(p == 0 for p in self.padding)
+        return (all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride) and no_padding
+                and not self._transposed)
+
+    def _pointwise_forward(self, input: Tensor, weight: Tensor) -> Tensor:
+        # A 1x1 conv as a matmul on large inputs (much faster on CPU; see _functional).
+        d = self._dims
+        unbatched = not isinstance(input, torch.fx.Proxy) and input.dim() == d + 1
+        x = input.unsqueeze(0) if unbatched else input
+        g = self.groups
+        y = _functional.mix_channels(x, weight.reshape(g, self.out_channels // g, -1), self.bias, g, d)
+        return y.squeeze(0) if unbatched else y
+
+    def _factored_forward(self, input: Tensor, output_padding: Optional[Tuple[int, ...]] = None) -> Tensor:
+        d, g, (r_out, r_in) = self._dims, self.groups, self.ranks
+        U, S, core, V = self.factors()
+        unbatched = not isinstance(input, torch.fx.Proxy) and input.dim() == d + 1
+        x = input.unsqueeze(0) if unbatched else input
+        scaled_core = S[(...,) + (None,) * (d + 1)] * core
+        # Channel mixing commutes with every padding mode, so the 1x1 convs can sit
+        # outside the padded core conv.
+        if self._transposed:
+            # The adjoint of V core^T U^T: U^T on the input, the core transposed, then V.
+            hidden = _functional.mix_channels(x, U.reshape(g, -1, r_out).transpose(1, 2), None, g, d)
+            hidden = self._conv(hidden, scaled_core, None, output_padding)
+            y = _functional.mix_channels(hidden, V.reshape(g, -1, r_in), self.bias, g, d)
+        else:
+            hidden = _functional.mix_channels(x, V.reshape(g, -1, r_in).transpose(1, 2), None, g, d)
+            hidden = self._conv(hidden, scaled_core, None)
+            y = _functional.mix_channels(hidden, U.reshape(g, -1, r_out), self.bias, g, d)
+        return y.squeeze(0) if unbatched else y
+
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        d = self._dims
+        if input.dim() not in (d + 1, d + 2):
+            if d == 2:
+                what = "4-D (batch, channels, height, width) or 3-D (channels, height, width)"
+            else:
+                what = f"{d + 2}-D (batch, channels, {d} spatial) or {d + 1}-D (channels, {d} spatial)"
+            raise ValueError(f"input must be {what}, got shape {tuple(input.shape)}")
+        if input.shape[-d - 1] != self.in_channels:
+            raise ValueError(
+                f"input has {input.shape[-d - 1]} channels (dim {input.dim() - d - 1}) but this layer expects "
+                f"in_channels={self.in_channels}; got shape {tuple(input.shape)}"
+            )
+
+    # ------------------------------------------------------------- spectrum
+    @full_precision
+    def singular_values(self, input_size: IntOrPair) -> Tensor:
+        """All singular values of the layer on an ``n1 x n2`` input, circular padding.
+
+        Exact: computed from the core alone (``O(n1 n2 r^3)``, math.md theorem), with the
+        stride handled by polyphase decomposition. The padding amount and mode do not
+        enter: this is the spectrum of the circular convolution with this kernel, stride
+        and dilation, which is the layer's operator when ``padding_mode='circular'``
+        keeps the size, and the standard proxy otherwise.
+
+        Parameters
+        ----------
+        input_size : int or (int, int)
+            Divisible by the stride and at least the dilated kernel extent.
+
+        Returns
+        -------
+        Tensor
+            1-D, sorted descending, length ``groups * m1 * m2 * min(c_out/g, (c_in/g) s1 s2)``
+            (``m = n / s``): the full spectrum of the operator including its zeros, as
+            ``ttconv.conv_singular_values`` returns for the dense kernel. Float64 for
+            float64 parameters, float32 otherwise. Differentiable.
+        """
+        if self._transposed or self._dims == 3:
+            raise NotImplementedError(
+                f"{type(self).__name__}.singular_values is not available yet (N-d and transposed spectra are "
+                "issue 12 item 3); for now use the explicit operator or convert a 2-D SVDConv"
+            )
+        if self._dims == 1:
+            # A 1-D conv is a 2-D conv on an n x 1 image with a k x 1 kernel.
+            n = args.ntuple(input_size, "input_size", 1)[0]
+            check_spectral_input_size((n, 1), (self.kernel_size[0], 1), (self.stride[0], 1), (self.dilation[0], 1))
+            values = conv_singular_values(self.orthonormal_core()[..., None], (n, 1), stride=(self.stride[0], 1),
+                                          dilation=(self.dilation[0], 1), groups=self.groups)
+            per_group = min(self.out_channels, self.in_channels * self.stride[0]) // self.groups
+            total = self.groups * (n // self.stride[0]) * per_group
+            return F.pad(values, (0, total - values.numel()))
+        n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
+        s1, s2 = self.stride
+        if self.core_kind == "orthogonal":
+            # Exactly |S|, once per output position (docs/orthogonal.md): O(r), no FFT.
+            positions = (n[0] // s1) * (n[1] // s2)
+            values = self.effective_S().to(spectral_dtype(self.S.dtype)).abs().repeat_interleave(positions)
+            values = values.sort(descending=True).values
+        else:
+            values = conv_singular_values(
+                self.orthonormal_core(), n, stride=self.stride, dilation=self.dilation, groups=self.groups
+            )
+        per_group = min(self.out_channels, (self.in_channels * s1 * s2)) // self.groups
+        total = self.groups * (n[0] // s1) * (n[1] // s2) * per_group
+        return F.pad(values, (0, total - values.numel()))
+
+    @full_precision
+    def orthonormal_core(self) -> Tensor:
+        """The kernel of the middle conv in orthonormal bases of ``span(U)``, ``span(V)``.
+
+        ``(groups * r_out, r_in, kh, kw)``: a convolution with the same stride, padding,
+        dilation and groups as the layer has the same nonzero singular values as the layer
+        (math.md theorem), for every padding mode and input size, whether or not ``U`` and
+        ``V`` are currently orthonormal. Float64 for float64 parameters, float32 otherwise.
+        Differentiable; cost ``O(c r^2 + r^3 kh kw)``. Every spectral method uses it.
+        """
+        work = spectral_dtype(self.U.dtype)
+        U, S, core, V = (p.to(work) for p in self.factors())
+        return orthonormal_core(U, S, self._tt_core(core), V, self.groups).reshape(core.shape)
+
+    def spectral_norm(self, input_size: IntOrPair) -> Tensor:
+        """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D)."""
+        return self.singular_values(input_size)[0]
+
+    # ----------------------------------------------------------- conversion
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Module,
+        rank: RankSpec = None,
+        energy: Optional[float] = None,
+        *,
+        path: ForwardPath = "auto",
+        refine: int = 0,
+    ) -> Any:
+        """Convert the dense torch layer of this class's kind (exact at full rank).
+
+        ``SVDConv1d.from_conv(nn.Conv1d)``, ``SVDConv3d.from_conv(nn.Conv3d)``,
+        ``SVDConvTranspose2d.from_conv(nn.ConvTranspose2d)``, ...; arguments and result as
+        ``SVDConv.from_conv2d``. For the transposed layers the TT form is that of torch's
+        weight ``(in_channels, out_channels/groups, *kernel_size)``.
+        """
+        return cls._from_conv(conv, rank, energy, path, refine, f"{cls.__name__}.from_conv")
+
+    @classmethod
+    def _from_conv(cls, conv: nn.Module, rank: RankSpec, energy: Optional[float], path: ForwardPath,
+                   refine: int, caller: str) -> Any:
+        if type(conv) is not cls._torch_class and not isinstance(conv, cls._torch_class):
+            raise TypeError(f"conv must be a torch.nn.{cls._torch_class.__name__} for {cls.__name__}, "
+                            f"got {type(conv).__name__}")
+        # convert.py imports this module; the kernel resolution lives there with the rest
+        # of the knowledge about torch's reparametrizations.
+        from .convert import _effective_kernel
+
+        kernel = _effective_kernel(conv, strict=False)
+        if kernel.folded:
+            warnings.warn(f"{caller}: {'; '.join(kernel.folded)}", UserWarning, stacklevel=3)
+        return cls._from_kernel(kernel.weight, kernel.bias, _conv_arguments(conv), rank=rank, energy=energy,
+                                path=path, refine=refine)
+
+    @classmethod
+    def from_conv2d(
+        cls,
+        conv: nn.Conv2d,
+        rank: RankSpec = None,
+        energy: Optional[float] = None,
+        *,
+        path: ForwardPath = "auto",
+        refine: int = 0,
+    ) -> "SVDConv":
+        """Convert a dense ``nn.Conv2d`` (exact at full rank).
+
+        Parameters
+        ----------
+        conv : nn.Conv2d
+            Its stride, padding, dilation, groups, padding mode, bias, dtype and device are
+            carried over. Weights must be finite. The kernel converted is the one the conv
+            computes with in eval mode: for a conv reparametrized by
+            ``nn.utils.spectral_norm`` / ``weight_norm`` / ``prune`` (forward pre-hooks) or
+            ``torch.nn.utils.parametrize`` that effective kernel is folded, and a
+            ``UserWarning`` says so (the new layer does not enforce the
+            reparametrization). Hooks, ``requires_grad`` and the training flag are not
+            carried over; ``ttconv.convert`` does that.
+        rank : None, int or (r_out, r_in)
+            Per-group ranks (clamped as in the constructor). Exclusive with ``energy``.
+        energy : float in (0, 1], optional
+            Keep the smallest ranks whose singular values hold this fraction of the
+            squared norm of each truncated unfolding (see ``ttconv.tt.decompose``).
+        path : {'auto', 'dense', 'factored'}
+        refine : int, default 0
+            Iterations of alternating optimisation of ``U`` and ``V`` (HOOI) after the
+            one-pass truncation, at the same ranks: the error never increases, and
+            ``approximation_error`` stays the exact error of the result. Worth it for
+            truncated 3x3 (and larger) kernels, where it lowers the error by a few percent
+            at roughly the cost of one more conversion per iteration; no effect at full
+            rank or on 1x1 kernels (see ``ttconv.tt.decompose``).
+
+        Returns
+        -------
+        SVDConv
+            In canonical form; ``approximation_error`` is the relative Frobenius error
+            ``||W - W_hat|| / ||W||``, which equals the optimal truncation error of the
+            two unfoldings truncated (0 up to round-off at full rank), or with ``refine``
+            the error of the refined factors.
+        """
+        if cls._dims != 2 or cls._transposed or not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}"
+                            + ("" if cls._dims == 2 and not cls._transposed else
+                               f"; use {cls.__name__}.from_conv for a {cls._torch_class.__name__}"))
+        return cls._from_conv(conv, rank, energy, path, refine, "SVDConv.from_conv2d")
+
+    @classmethod
+    def _from_kernel(
+        cls,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        arguments: Dict[str, Any],
+        rank: RankSpec = None,
+        energy: Optional[float] = None,
+        path: ForwardPath = "auto",
+        refine: int = 0,
+    ) -> "SVDConv":
+        """An ``SVDConv`` with ``nn.Conv2d`` constructor ``arguments`` holding ``weight``."""
+        flat = weight if cls._dims == 2 else weight.reshape(*weight.shape[:2], -1, 1)  # taps as (taps, 1)
+        result = decompose(flat, arguments["groups"], rank=rank, energy=energy, refine=refine)
+        arguments = dict(arguments, bias=bias is not None)
+        layer = torch.nn.utils.skip_init(
+            cls, **arguments, device=weight.device, dtype=weight.dtype, rank=result.ranks, path=path
+        )
+        with torch.no_grad():
+            layer._copy_factors(result.factors)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.approximation_error = result.relative_error
+        return layer
+
+    def to_conv(self) -> nn.Module:
+        """The plain torch layer of this kind (``nn.Conv1d``, ..., ``nn.ConvTranspose3d``) computing
+        the same function (same dtype and device)."""
+        conv = torch.nn.utils.skip_init(self._torch_class, **_conv_arguments(self), device=self.U.device,
+                                        dtype=self.U.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing the same function (same dtype and device)."""
+        if self._dims != 2 or self._transposed:
+            raise TypeError(f"to_conv2d is for SVDConv; use {type(self).__name__}.to_conv()")
+        conv = torch.nn.utils.skip_init(nn.Conv2d, **_conv_arguments(self), device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------- maintenance
+    @torch.no_grad()
+    def canonicalize_(self) -> "SVDConv":
+        """Restore the exact canonical form in place without changing the layer's function.
+
+        Afterwards ``U``, ``V`` have orthonormal columns, the core's unfolding orthonormal
+        rows, and ``S`` holds the singular values of the kernel's ``(c_out/g, c_in/g*kh*kw)``
+        unfolding, sorted descending. Parameters keep their identity (optimizer state
+        stays attached; moments are not transformed). Cost ``O(c r^2 + r^3 kh kw)``.
+        """
+        if self.core_kind == "orthogonal":
+            # Re-centre the raw factors on their orthonormal bases (a fixed point of the
+            # sign-fixed QR), so they stay well conditioned; the function is unchanged.
+            factors = self.factors()
+            self.U.copy_(factors.U)
+            self.V.copy_(factors.V)
+            return self
+        self._copy_factors(canonicalize(self.U, self.S, self._tt_core(self.core), self.V, self.groups))
+        return self
+
+    # ------------------------------------------------------------- module
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * self._dims:
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+        if self._transposed and self.output_padding != (0,) * self._dims:
+            s += f", output_padding={self.output_padding}"
+        if self.dilation != (1,) * self._dims:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        s += f", rank={self.ranks}"
+        if self.core_kind != "general":
+            s += f", core={self.core_kind!r}"
+        if self.max_singular_value is not None:
+            s += f", max_singular_value={self.max_singular_value}"
+        if self.path != "auto":
+            s += f", path={self.path!r}"
+        return s
+
+    # ---------------------------------------------------------- checkpoint
+    def _config(self) -> Dict[str, Any]:
+        """The constructor keywords that shapes alone do not pin down."""
+        return dict(rank=self.ranks, core=self.core_kind, max_singular_value=self.max_singular_value, path=self.path)
+
+    def get_extra_state(self) -> Tensor:
+        """The configuration as an int64 vector (see ``_STATE_FIELDS``); plain tensor data."""
+        bound = self.max_singular_value
+        bits = struct.unpack("<q", struct.pack("<d", 0.0 if bound is None else float(bound)))[0]
+        values = [_STATE_FORMAT, *self.ranks, _CORES.index(self.core_kind), int(bound is not None), bits,
+                  _PATHS.index(self.path)]
+        return torch.tensor(values, dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a stored configuration against this layer; ``RuntimeError`` if it differs."""
+        problem = self._config_mismatch(_decode_extra_state(state))
+        if problem:
+            raise RuntimeError(problem)
+
+    def _config_mismatch(self, saved: Dict[str, Any]) -> str:
+        """Why a checkpoint layer of configuration ``saved`` cannot load into this one ('' if it can).
+
+        ``path`` is a runtime choice that does not change the function: not checked.
+        """
+        mine = self._config()
+        for key in ("rank", "core", "max_singular_value"):
+            if saved[key] != mine[key]:
+                return (
+                    f"the checkpoint's {type(self).__name__} has {key}={saved[key]!r}, this layer {key}={mine[key]!r}; "
+                    "load with "
+                    "load_converted(model, state_dict) (from ttconv.convert), which builds layers of the stored "
+                    "configuration"
+                )
+        return ""
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        name = prefix[:-1] if prefix else type(self).__name__
+        version = local_metadata.get("version")
+        if version is not None and version > self._version:
+            error_msgs.append(
+                f"{name}: checkpoint was written by a newer ttconv ({type(self).__name__} state "
+                f"version {version}, this version reads up to {self._version}); upgrade ttconv to load it"
+            )
+            return
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            # Checked before the parameters, so the message says what differs (ranks, core,
+            # bound) rather than only which shapes do; a mismatch loads nothing here.
+            try:
+                problem = self._config_mismatch(_decode_extra_state(state_dict[key]))
+            except ValueError as error:
+                problem = str(error)
+            if problem:
+                error_msgs.append(f"{name}: {problem}")
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key not in state_dict and (version is None or version < 2) and key in missing_keys:
+            # Version 1 wrote no extra state (and a state dict rebuilt as a plain dict has no
+            # version): the parameter shapes are then the only check, as they were.
+            missing_keys.remove(key)
+
+
+class SVDConv(_SVDConvNd):
     r"""2-D convolution whose kernel is kept as ``U diag(S) core V^T`` (tensor-train form).
 
     Takes every argument of ``torch.nn.Conv2d`` with the same meaning and computes
@@ -156,22 +930,59 @@ class SVDConv(nn.Module):
     torch.Size([1024])
     """
 
-    # 1: U, S, core, V, bias. 2: plus ``_extra_state`` (configuration, see Notes).
-    _version = 2
-    # TorchScript must not compile the computed ``weight`` property.
-    __jit_unused_properties__ = ["weight"]
-    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"]
+    _dims = 2
+    _transposed = False
+    _torch_class = nn.Conv2d
+
+
+SVDConv2d = SVDConv
+"""``SVDConv2d`` is ``SVDConv`` (the same class), named like ``torch.nn.Conv2d``."""
+
+
+class SVDConv1d(_SVDConvNd):
+    """1-D convolution kept as ``U diag(S) core V^T``: ``torch.nn.Conv1d``'s arguments and function.
+
+    Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 1: ``rank``,
+    ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv1d``), ``canonicalize_``, state
+    dict and ``extra_repr``. The core is a 1-D kernel ``(groups * r_out, r_in, *kernel_size)``.
+    ``core='orthogonal'`` is 2-D only for now. ``singular_values(n)`` gives the exact circular spectrum (a 1-D conv is a 2-D one on an ``n x 1`` image).
+    """
+
+    _dims = 1
+    _transposed = False
+    _torch_class = nn.Conv1d
+
+
+class SVDConv3d(_SVDConvNd):
+    """3-D convolution kept as ``U diag(S) core V^T``: ``torch.nn.Conv3d``'s arguments and function.
+
+    Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 3: ``rank``,
+    ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv3d``), ``canonicalize_``, state
+    dict and ``extra_repr``. The core is a 3-D kernel ``(groups * r_out, r_in, *kernel_size)``.
+    ``core='orthogonal'`` is 2-D only for now. Spectra of 3-D layers are not available yet.
+    """
+
+    _dims = 3
+    _transposed = False
+    _torch_class = nn.Conv3d
+
+
+class _SVDConvTransposeNd(_SVDConvNd):
+    """Transposed layers: torch's ``ConvTranspose`` constructor order and ``forward(input, output_size)``."""
+
+    _transposed = True
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: IntOrPair,
-        stride: IntOrPair = 1,
-        padding: Padding = 0,
-        dilation: IntOrPair = 1,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        output_padding: Any = 0,
         groups: int = 1,
         bias: bool = True,
+        dilation: Any = 1,
         padding_mode: PaddingMode = "zeros",
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
@@ -181,594 +992,72 @@ class SVDConv(nn.Module):
         core: CoreKind = "general",
         max_singular_value: Optional[float] = None,
     ) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.groups = args.channels_and_groups(
-            in_channels, out_channels, groups
-        )
-        self.kernel_size = args.pair(kernel_size, "kernel_size")
-        self.stride = args.pair(stride, "stride")
-        self.dilation = args.pair(dilation, "dilation")
-        self.padding = args.padding_arg(padding, self.stride)
-        self.padding_mode = args.padding_mode_arg(padding_mode)
-        if path not in _PATHS:
-            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-        self.path = path
-        if core not in _CORES:
-            raise ValueError(f"core must be one of {_CORES}, got {core!r}")
-        self.core_kind = core
-        if max_singular_value is not None:
-            if core != "orthogonal":
-                raise ValueError(
-                    "max_singular_value needs core='orthogonal': only then are S the layer's singular values"
-                )
-            max_singular_value = args.positive_finite(max_singular_value, "max_singular_value")
-        self.max_singular_value = max_singular_value
-        self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
-            self.padding, self.kernel_size, self.dilation
-        )
-        out_g, in_g = out_channels // groups, in_channels // groups
-        self.ranks: Tuple[int, int] = resolve_ranks(rank, out_g, in_g, self.kernel_size)
-        if core == "orthogonal":
-            self.ranks = _orthogonal_ranks(rank, self.ranks, out_g, in_g)
-        r_out, r_in = self.ranks
-        factory = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(out_channels, r_out, **factory))
-        self.S = nn.Parameter(torch.empty(groups * r_out, **factory))
-        if core == "orthogonal":  # BCOP generators, see ttconv.orthogonal
-            core_shape = (groups, bcop_parameter_count(self.kernel_size), r_out, r_out)
-        else:
-            core_shape = (groups * r_out, r_in, *self.kernel_size)
-        self.core = nn.Parameter(torch.empty(core_shape, **factory))
-        self.V = nn.Parameter(torch.empty(in_channels, r_in, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.approximation_error: Optional[float] = None
-        self.reset_parameters()
-
-    # ------------------------------------------------------------------ init
-    def reset_parameters(self) -> None:
-        """Initialise like a fresh ``nn.Conv2d``, sampling the factors directly.
-
-        ``U``, ``V``: Haar-random orthonormal columns (sign-fixed QR of Gaussians); core:
-        Haar-random orthonormal rows of its unfolding; ``S`` flat, scaled so that the
-        composed kernel's entries have mean 0 and the variance of ``nn.Conv2d``'s default
-        init, ``1 / (3 fan_in)``, in expectation and at every rank
-        (``ttconv.tt.random_factors``). The layer starts in canonical form. Bias as in
-        ``nn.Conv2d``. No dense kernel is drawn and nothing is decomposed: construction
-        costs a few times ``nn.Conv2d(...)`` (``benchmarks/bench_convert.py``).
-        """
-        if self.U.is_meta:  # nothing to fill (e.g. torch.nn.utils.skip_init)
-            return
-        if self.core_kind == "orthogonal":
-            self._reset_orthogonal()
-            return
-        self._reset_general()
-
-    @torch.no_grad()
-    def _reset_general(self) -> None:
-        out_g, in_g = self.out_channels // self.groups, self.in_channels // self.groups
-        factors = random_factors(out_g, in_g, self.kernel_size, self.ranks, self.groups,
-                                 dtype=self.U.dtype, device=self.U.device)
-        self._copy_factors(factors)
-        self._reset_bias()
-
-    def _reset_bias(self) -> None:
-        if self.bias is not None:
-            fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    @torch.no_grad()
-    def _reset_orthogonal(self) -> None:
-        # Random orthonormal U, V, a random orthogonal core, and a flat spectrum: at the
-        # Frobenius norm of nn.Conv2d's init, or near norm-preserving (0.88 c) under a bound c.
-        for factor in (self.U, self.V):
-            factor.copy_(orthonormal_basis(torch.randn_like(factor).reshape(self.groups, -1, factor.shape[1]))
-                         .reshape(factor.shape))
-        nn.init.normal_(self.core)
-        if self.max_singular_value is None:
-            self.S.fill_(math.sqrt(self.out_channels / (3.0 * self.S.numel())))
-        else:
-            self.S.fill_(2.0)  # c * sigmoid(2) = 0.88 c
-        self._reset_bias()
-
-    def factors(self) -> TTFactors:
-        """The effective ``(U, S, core, V)`` that define the kernel (differentiable).
-
-        In the general form these are the parameters themselves. With
-        ``core='orthogonal'`` they are computed from them: ``U``, ``V`` orthonormalised
-        (sign-fixed QR), ``S`` as ``max_singular_value * sigmoid(S)`` when bounded, and the
-        core built from its BCOP generators, an exactly orthogonal convolution.
-        """
-        if self.core_kind == "general":
-            return TTFactors(self.U, self.S, self.core, self.V)
-        g = self.groups
-        U = orthonormal_basis(self.U.reshape(g, -1, self.U.shape[1])).reshape(self.U.shape)
-        V = orthonormal_basis(self.V.reshape(g, -1, self.V.shape[1])).reshape(self.V.shape)
-        S = self.effective_S()
-        core = bcop_kernel(self.core, self.kernel_size)
-        r = self.ranks[0]
-        return TTFactors(U, S, core.reshape(g * r, r, *self.kernel_size), V)
-
-    def effective_S(self) -> Tensor:
-        """``S`` as used by the kernel: ``max_singular_value * sigmoid(S)`` when bounded, else ``S``."""
-        return self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
-
-    @torch.no_grad()
-    def set_singular_values_(self, values: Tensor) -> "SVDConv":
-        """Set the layer's singular values ``S`` in place (``core='orthogonal'`` only).
-
-        ``values``: ``(groups * r,)``, each ``|value|`` becomes a singular value of the layer
-        (stride 1, circular padding: exactly; zero padding: ``max |S|`` bounds the norm).
-        Under ``max_singular_value`` the values must lie in ``[0, max_singular_value)``.
-        """
-        if self.core_kind != "orthogonal":
-            raise ValueError("set_singular_values_ needs core='orthogonal'; in the general form S are not "
-                             "the layer's singular values (use ttconv.clip_singular_values_)")
-        values = torch.as_tensor(values, dtype=self.S.dtype, device=self.S.device).reshape(self.S.shape)
-        if self.max_singular_value is None:
-            self.S.copy_(values)
-        else:
-            ratio = values / self.max_singular_value
-            if bool((ratio < 0).any() or (ratio >= 1).any()):
-                raise ValueError(f"values must lie in [0, max_singular_value={self.max_singular_value})")
-            tiny = torch.finfo(self.S.dtype).tiny
-            self.S.copy_(torch.logit(ratio.clamp_min(tiny)))
-        return self
-
-    def _copy_factors(self, factors) -> None:
-        # In place, so parameter identity (and any optimizer state) survives.
-        for name in ("U", "S", "core", "V"):
-            getattr(self, name).copy_(getattr(factors, name))
-
-    # --------------------------------------------------------------- forward
-    def dense_weight(self) -> Tensor:
-        """The dense kernel ``(out_channels, in_channels/groups, kh, kw)`` (differentiable)."""
-        return compose(*self.factors(), self.groups)
-
-    @property
-    def weight(self) -> Tensor:
-        """The composed dense kernel, as ``nn.Conv2d.weight`` (differentiable; computed).
-
-        For code written for ``nn.Conv2d`` that reads ``.weight`` (fusion helpers, fan-in
-        computations, spectral tools). It is computed on every access and is not a
-        parameter: it is not in ``parameters()`` or the ``state_dict``, and writing into
-        it in place (``nn.init.*_(layer.weight)``, ``layer.weight.copy_(...)``) changes a
-        temporary, not the layer. Assigning sets the kernel: ``layer.weight = tensor``
-        (a ``Parameter`` too) calls ``set_dense_weight_``, which is exact or raises.
-        """
-        return self.dense_weight()
-
-    @weight.setter
-    def weight(self, value: Tensor) -> None:
-        self.set_dense_weight_(value)
-
-    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
-        # nn.Module.__setattr__ routes ``layer.weight = Parameter(...)`` here, not to the
-        # property setter (e.g. torch.nn.utils.fusion.fuse_conv_bn_eval does this).
-        if name == "weight":
-            self.set_dense_weight_(param)
-            return
-        super().register_parameter(name, param)
-
-    @torch.no_grad()
-    def set_dense_weight_(self, weight: Tensor) -> "SVDConv":
-        """Set the layer's kernel to a dense tensor, in place and exactly (``core='general'``).
-
-        The kernel is decomposed at the layer's ranks and copied into ``U, S, core, V``
-        (parameter identity kept, canonical form). ``layer.weight = weight`` does the same,
-        so ``torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)`` returns an ``SVDConv``
-        computing the fused function: scaling output channels keeps the ranks.
-
-        Parameters
-        ----------
-        weight : Tensor ``(out_channels, in_channels/groups, kh, kw)``
-            Finite; values are copied (no autograd link to ``weight`` is kept).
-
-        Raises
-        ------
-        ValueError
-            If ``weight`` is not representable at the layer's ranks (relative Frobenius
-            error above ``1000 eps`` of the dtype, at most ``1e-2``): the layer is left
-            unchanged instead of being truncated silently.
-        AttributeError
-            For ``core='orthogonal'``, whose core is an orthogonal convolution by
-            construction: use ``layer.to_conv2d()`` and set that conv's weight.
-        """
-        if self.core_kind != "general":
-            raise AttributeError(
-                f"cannot set the dense kernel of an SVDConv with core={self.core_kind!r}: its core is an "
-                "orthogonal convolution by construction, an arbitrary kernel would break that; "
-                "convert it first with conv = layer.to_conv2d() and set conv.weight"
-            )
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        if tuple(weight.shape) != shape:
-            raise ValueError(f"weight must have shape {shape} (out_channels, in_channels/groups, kh, kw), "
-                             f"got {tuple(weight.shape)}")
-        weight = weight.detach().to(dtype=self.U.dtype, device=self.U.device)
-        result = decompose(weight, self.groups, rank=self.ranks)
-        tolerance = min(1e3 * torch.finfo(self.U.dtype).eps, 1e-2)
-        if result.ranks != self.ranks or result.relative_error > tolerance:
-            raise ValueError(
-                f"the assigned kernel is not representable at this layer's ranks {self.ranks} (relative error "
-                f"{result.relative_error:.2e} > {tolerance:.1e}); the layer is left unchanged. Use a dense copy "
-                "(conv = layer.to_conv2d()) or rebuild at higher rank with SVDConv.from_conv2d(conv, rank=...)"
-            )
-        self._copy_factors(result.factors)
-        return self
-
-    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return _functional.conv2d(
-            x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-            self.padding_mode, self._reversed_padding_repeated_twice,
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device, dtype, rank=rank, path=path, core=core, max_singular_value=max_singular_value,
+            output_padding=output_padding,
         )
 
-    def _output_hw(self, height: int, width: int) -> Tuple[int, int]:
-        left, right, top, bottom = self._reversed_padding_repeated_twice
-        extent = args.dilated_extent(self.kernel_size, self.dilation)
-        return (
-            (height + top + bottom - extent[0]) // self.stride[0] + 1,
-            (width + left + right - extent[1]) // self.stride[1] + 1,
+    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+        """As ``torch.nn.ConvTranspose{d}d.forward``: ``output_size`` picks the output padding."""
+        if isinstance(input, torch.fx.Proxy) or output_size is None:
+            return self._forward(input, self.output_padding)
+        self._check_input(input)
+        output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
+            self, input, output_size, self.stride, self.padding, self.kernel_size, self._dims, self.dilation
         )
+        return self._forward(input, tuple(output_padding))
 
-    def _pixel_costs(self) -> Tuple[int, int, int, int]:
-        """Multiply-adds: ``(compose the kernel, dense per output pixel, factored per input
-        pixel, factored per output pixel)``."""
-        r_out, r_in = self.ranks
-        g, taps = self.groups, self.kernel_size[0] * self.kernel_size[1]
-        in_g = self.in_channels // g
-        compose_cost = g * r_out * r_in * taps * in_g + self.out_channels * r_out * in_g * taps
-        dense = self.out_channels * in_g * taps
-        return compose_cost, dense, self.in_channels * r_in, g * r_out * r_in * taps + self.out_channels * r_out
 
-    def flop_costs(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
-        """Multiply-adds of the ``(dense, factored)`` forward paths for an input shape.
+class SVDConvTranspose1d(_SVDConvTransposeNd):
+    """1-D transposed convolution kept in TT form: ``torch.nn.ConvTranspose1d``'s arguments and function.
 
-        ``dense`` counts composing the kernel plus one convolution; ``factored`` counts
-        the three convolutions (``V`` 1x1 at input resolution, the core, ``U`` 1x1).
-        """
-        batch = input_shape[0] if len(input_shape) == 4 else 1
-        height, width = input_shape[-2:]
-        out_pixels = batch * math.prod(self._output_hw(height, width))
-        compose_cost, dense, factored_in, factored_out = self._pixel_costs()
-        return (compose_cost + out_pixels * dense,
-                batch * height * width * factored_in + out_pixels * factored_out)
+    Same constructor arguments (``output_padding``, ``groups``, ``dilation``; padding mode
+    'zeros' only, as torch) and ``forward(input, output_size=None)``. The TT form is that of
+    torch's weight ``(in_channels, out_channels/groups, *kernel_size)``: ``U`` is
+    ``(in_channels, r_1)``, ``V`` is ``(out_channels, r_2)``, ``core`` is
+    ``(groups * r_1, r_2, *kernel_size)`` and ``rank=(r_1, r_2)`` counts in that order. This
+    layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
+    weight, so its singular values are that convolution's (the meaning of ``S``).
+    ``core='orthogonal'`` and spectra are not available yet for transposed layers.
+    """
 
-    def path_costs(self, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
-        """Estimated cost of the ``(dense, factored)`` forward paths, in multiply-adds.
+    _dims = 1
+    _torch_class = nn.ConvTranspose1d
 
-        The multiply-adds of ``flop_costs`` (the dense path composes its kernel on every call).
-        Calibration on measured times (``benchmarks/bench_paths.py``, one CPU thread, both
-        paths timed interleaved on MTCNN-, MobileNet- and OCR-like shapes): once 1x1
-        convolutions on large inputs run as matmuls, adding a per-call overhead, a compose
-        overhead or a per-element memory cost to the model picked worse on those shapes, so
-        the model is multiply-adds alone. Deterministic: nothing is timed at run time.
-        """
-        return self.flop_costs(input_shape)
 
-    def choose_path(self, input_shape: Tuple[int, ...]) -> str:
-        """The path ``forward`` takes for this input shape with ``path='auto'`` (see ``path_costs``)."""
-        dense_cost, factored_cost = self.path_costs(input_shape)
-        return "dense" if dense_cost <= factored_cost else "factored"
+class SVDConvTranspose2d(_SVDConvTransposeNd):
+    """2-D transposed convolution kept in TT form: ``torch.nn.ConvTranspose2d``'s arguments and function.
 
-    def _dense_is_cheaper_per_pixel(self) -> bool:
-        # Per output pixel, leaving out composing the kernel (the input has s1*s2 pixels each).
-        _, dense, factored_in, factored_out = self._pixel_costs()
-        return dense <= self.stride[0] * self.stride[1] * factored_in + factored_out
+    Same constructor arguments (``output_padding``, ``groups``, ``dilation``; padding mode
+    'zeros' only, as torch) and ``forward(input, output_size=None)``. The TT form is that of
+    torch's weight ``(in_channels, out_channels/groups, *kernel_size)``: ``U`` is
+    ``(in_channels, r_1)``, ``V`` is ``(out_channels, r_2)``, ``core`` is
+    ``(groups * r_1, r_2, *kernel_size)`` and ``rank=(r_1, r_2)`` counts in that order. This
+    layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
+    weight, so its singular values are that convolution's (the meaning of ``S``).
+    ``core='orthogonal'`` and spectra are not available yet for transposed layers.
+    """
 
-    def forward(self, input: Tensor) -> Tensor:
-        path = self.path
-        if isinstance(input, torch.fx.Proxy):
-            # torch.fx.symbolic_trace: shapes are symbolic, so no input checks; 'auto'
-            # compares per-output-pixel costs, leaving out composing the kernel.
-            if path == "auto":
-                path = "dense" if self._dense_is_cheaper_per_pixel() else "factored"
-        else:
-            self._check_input(input)
-            if path == "auto":
-                dense_cost, factored_cost = self.path_costs(tuple(input.shape))
-                path = "dense" if dense_cost <= factored_cost else "factored"
-        if path == "dense":
-            if self._is_pointwise():
-                return self._pointwise_forward(input, self.dense_weight())
-            return self._conv(input, self.dense_weight(), self.bias)
-        return self._factored_forward(input)
+    _dims = 2
+    _torch_class = nn.ConvTranspose2d
 
-    def _is_pointwise(self) -> bool:
-        """A 1x1 kernel, stride 1, no padding: the conv only mixes channels (dilation is moot)."""
-        no_padding = self.padding == "valid" or self.padding == "same" or all(p == 0 for p in self.padding)
-        return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride) and no_padding
 
-    def _pointwise_forward(self, input: Tensor, weight: Tensor) -> Tensor:
-        # A 1x1 conv as a matmul on large inputs (much faster on CPU; see _functional).
-        unbatched = not isinstance(input, torch.fx.Proxy) and input.dim() == 3
-        x = input.unsqueeze(0) if unbatched else input
-        g = self.groups
-        y = _functional.mix_channels(x, weight.reshape(g, self.out_channels // g, -1), self.bias, g, 2)
-        return y.squeeze(0) if unbatched else y
+class SVDConvTranspose3d(_SVDConvTransposeNd):
+    """3-D transposed convolution kept in TT form: ``torch.nn.ConvTranspose3d``'s arguments and function.
 
-    def _factored_forward(self, input: Tensor) -> Tensor:
-        g, (r_out, r_in) = self.groups, self.ranks
-        U, S, core, V = self.factors()
-        unbatched = not isinstance(input, torch.fx.Proxy) and input.dim() == 3
-        x = input.unsqueeze(0) if unbatched else input
-        # Channel mixing commutes with every padding mode, so the 1x1 convs can sit
-        # outside the padded core conv.
-        hidden = _functional.mix_channels(x, V.reshape(g, -1, r_in).transpose(1, 2), None, g, 2)
-        hidden = self._conv(hidden, S[:, None, None, None] * core, None)
-        y = _functional.mix_channels(hidden, U.reshape(g, -1, r_out), self.bias, g, 2)
-        return y.squeeze(0) if unbatched else y
+    Same constructor arguments (``output_padding``, ``groups``, ``dilation``; padding mode
+    'zeros' only, as torch) and ``forward(input, output_size=None)``. The TT form is that of
+    torch's weight ``(in_channels, out_channels/groups, *kernel_size)``: ``U`` is
+    ``(in_channels, r_1)``, ``V`` is ``(out_channels, r_2)``, ``core`` is
+    ``(groups * r_1, r_2, *kernel_size)`` and ``rank=(r_1, r_2)`` counts in that order. This
+    layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
+    weight, so its singular values are that convolution's (the meaning of ``S``).
+    ``core='orthogonal'`` and spectra are not available yet for transposed layers.
+    """
 
-    def _check_input(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-        if input.dim() not in (3, 4):
-            raise ValueError(
-                f"input must be 4-D (batch, channels, height, width) or 3-D (channels, height, width), "
-                f"got shape {tuple(input.shape)}"
-            )
-        if input.shape[-3] != self.in_channels:
-            raise ValueError(
-                f"input has {input.shape[-3]} channels (dim {input.dim() - 3}) but this layer expects "
-                f"in_channels={self.in_channels}; got shape {tuple(input.shape)}"
-            )
-
-    # ------------------------------------------------------------- spectrum
-    @full_precision
-    def singular_values(self, input_size: IntOrPair) -> Tensor:
-        """All singular values of the layer on an ``n1 x n2`` input, circular padding.
-
-        Exact: computed from the core alone (``O(n1 n2 r^3)``, math.md theorem), with the
-        stride handled by polyphase decomposition. The padding amount and mode do not
-        enter: this is the spectrum of the circular convolution with this kernel, stride
-        and dilation, which is the layer's operator when ``padding_mode='circular'``
-        keeps the size, and the standard proxy otherwise.
-
-        Parameters
-        ----------
-        input_size : int or (int, int)
-            Divisible by the stride and at least the dilated kernel extent.
-
-        Returns
-        -------
-        Tensor
-            1-D, sorted descending, length ``groups * m1 * m2 * min(c_out/g, (c_in/g) s1 s2)``
-            (``m = n / s``): the full spectrum of the operator including its zeros, as
-            ``ttconv.conv_singular_values`` returns for the dense kernel. Float64 for
-            float64 parameters, float32 otherwise. Differentiable.
-        """
-        n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
-        s1, s2 = self.stride
-        if self.core_kind == "orthogonal":
-            # Exactly |S|, once per output position (docs/orthogonal.md): O(r), no FFT.
-            positions = (n[0] // s1) * (n[1] // s2)
-            values = self.effective_S().to(spectral_dtype(self.S.dtype)).abs().repeat_interleave(positions)
-            values = values.sort(descending=True).values
-        else:
-            values = conv_singular_values(
-                self.orthonormal_core(), n, stride=self.stride, dilation=self.dilation, groups=self.groups
-            )
-        per_group = min(self.out_channels, (self.in_channels * s1 * s2)) // self.groups
-        total = self.groups * (n[0] // s1) * (n[1] // s2) * per_group
-        return F.pad(values, (0, total - values.numel()))
-
-    @full_precision
-    def orthonormal_core(self) -> Tensor:
-        """The kernel of the middle conv in orthonormal bases of ``span(U)``, ``span(V)``.
-
-        ``(groups * r_out, r_in, kh, kw)``: a convolution with the same stride, padding,
-        dilation and groups as the layer has the same nonzero singular values as the layer
-        (math.md theorem), for every padding mode and input size, whether or not ``U`` and
-        ``V`` are currently orthonormal. Float64 for float64 parameters, float32 otherwise.
-        Differentiable; cost ``O(c r^2 + r^3 kh kw)``. Every spectral method uses it.
-        """
-        work = spectral_dtype(self.U.dtype)
-        return orthonormal_core(*(p.to(work) for p in self.factors()), self.groups)
-
-    def spectral_norm(self, input_size: IntOrPair) -> Tensor:
-        """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D)."""
-        return self.singular_values(input_size)[0]
-
-    # ----------------------------------------------------------- conversion
-    @classmethod
-    def from_conv2d(
-        cls,
-        conv: nn.Conv2d,
-        rank: RankSpec = None,
-        energy: Optional[float] = None,
-        *,
-        path: ForwardPath = "auto",
-        refine: int = 0,
-    ) -> "SVDConv":
-        """Convert a dense ``nn.Conv2d`` (exact at full rank).
-
-        Parameters
-        ----------
-        conv : nn.Conv2d
-            Its stride, padding, dilation, groups, padding mode, bias, dtype and device are
-            carried over. Weights must be finite. The kernel converted is the one the conv
-            computes with in eval mode: for a conv reparametrized by
-            ``nn.utils.spectral_norm`` / ``weight_norm`` / ``prune`` (forward pre-hooks) or
-            ``torch.nn.utils.parametrize`` that effective kernel is folded, and a
-            ``UserWarning`` says so (the new layer does not enforce the
-            reparametrization). Hooks, ``requires_grad`` and the training flag are not
-            carried over; ``ttconv.convert`` does that.
-        rank : None, int or (r_out, r_in)
-            Per-group ranks (clamped as in the constructor). Exclusive with ``energy``.
-        energy : float in (0, 1], optional
-            Keep the smallest ranks whose singular values hold this fraction of the
-            squared norm of each truncated unfolding (see ``ttconv.tt.decompose``).
-        path : {'auto', 'dense', 'factored'}
-        refine : int, default 0
-            Iterations of alternating optimisation of ``U`` and ``V`` (HOOI) after the
-            one-pass truncation, at the same ranks: the error never increases, and
-            ``approximation_error`` stays the exact error of the result. Worth it for
-            truncated 3x3 (and larger) kernels, where it lowers the error by a few percent
-            at roughly the cost of one more conversion per iteration; no effect at full
-            rank or on 1x1 kernels (see ``ttconv.tt.decompose``).
-
-        Returns
-        -------
-        SVDConv
-            In canonical form; ``approximation_error`` is the relative Frobenius error
-            ``||W - W_hat|| / ||W||``, which equals the optimal truncation error of the
-            two unfoldings truncated (0 up to round-off at full rank), or with ``refine``
-            the error of the refined factors.
-        """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
-        # convert.py imports this module; the kernel resolution lives there with the rest
-        # of the knowledge about torch's reparametrizations.
-        from .convert import _effective_kernel
-
-        kernel = _effective_kernel(conv, strict=False)
-        if kernel.folded:
-            warnings.warn(f"SVDConv.from_conv2d: {'; '.join(kernel.folded)}", UserWarning, stacklevel=2)
-        return cls._from_kernel(kernel.weight, kernel.bias, _conv_arguments(conv), rank=rank, energy=energy,
-                                path=path, refine=refine)
-
-    @classmethod
-    def _from_kernel(
-        cls,
-        weight: Tensor,
-        bias: Optional[Tensor],
-        arguments: Dict[str, Any],
-        rank: RankSpec = None,
-        energy: Optional[float] = None,
-        path: ForwardPath = "auto",
-        refine: int = 0,
-    ) -> "SVDConv":
-        """An ``SVDConv`` with ``nn.Conv2d`` constructor ``arguments`` holding ``weight``."""
-        result = decompose(weight, arguments["groups"], rank=rank, energy=energy, refine=refine)
-        arguments = dict(arguments, bias=bias is not None)
-        layer = torch.nn.utils.skip_init(
-            cls, **arguments, device=weight.device, dtype=weight.dtype, rank=result.ranks, path=path
-        )
-        with torch.no_grad():
-            layer._copy_factors(result.factors)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.approximation_error = result.relative_error
-        return layer
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` computing the same function (same dtype and device)."""
-        conv = torch.nn.utils.skip_init(nn.Conv2d, **_conv_arguments(self), device=self.U.device, dtype=self.U.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
-    # ------------------------------------------------------- maintenance
-    @torch.no_grad()
-    def canonicalize_(self) -> "SVDConv":
-        """Restore the exact canonical form in place without changing the layer's function.
-
-        Afterwards ``U``, ``V`` have orthonormal columns, the core's unfolding orthonormal
-        rows, and ``S`` holds the singular values of the kernel's ``(c_out/g, c_in/g*kh*kw)``
-        unfolding, sorted descending. Parameters keep their identity (optimizer state
-        stays attached; moments are not transformed). Cost ``O(c r^2 + r^3 kh kw)``.
-        """
-        if self.core_kind == "orthogonal":
-            # Re-centre the raw factors on their orthonormal bases (a fixed point of the
-            # sign-fixed QR), so they stay well conditioned; the function is unchanged.
-            factors = self.factors()
-            self.U.copy_(factors.U)
-            self.V.copy_(factors.V)
-            return self
-        self._copy_factors(canonicalize(self.U, self.S, self.core, self.V, self.groups))
-        return self
-
-    # ------------------------------------------------------------- module
-    def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        s += f", rank={self.ranks}"
-        if self.core_kind != "general":
-            s += f", core={self.core_kind!r}"
-        if self.max_singular_value is not None:
-            s += f", max_singular_value={self.max_singular_value}"
-        if self.path != "auto":
-            s += f", path={self.path!r}"
-        return s
-
-    # ---------------------------------------------------------- checkpoint
-    def _config(self) -> Dict[str, Any]:
-        """The constructor keywords that shapes alone do not pin down."""
-        return dict(rank=self.ranks, core=self.core_kind, max_singular_value=self.max_singular_value, path=self.path)
-
-    def get_extra_state(self) -> Tensor:
-        """The configuration as an int64 vector (see ``_STATE_FIELDS``); plain tensor data."""
-        bound = self.max_singular_value
-        bits = struct.unpack("<q", struct.pack("<d", 0.0 if bound is None else float(bound)))[0]
-        values = [_STATE_FORMAT, *self.ranks, _CORES.index(self.core_kind), int(bound is not None), bits,
-                  _PATHS.index(self.path)]
-        return torch.tensor(values, dtype=torch.int64)
-
-    def set_extra_state(self, state: Any) -> None:
-        """Check a stored configuration against this layer; ``RuntimeError`` if it differs."""
-        problem = self._config_mismatch(_decode_extra_state(state))
-        if problem:
-            raise RuntimeError(problem)
-
-    def _config_mismatch(self, saved: Dict[str, Any]) -> str:
-        """Why a checkpoint layer of configuration ``saved`` cannot load into this one ('' if it can).
-
-        ``path`` is a runtime choice that does not change the function: not checked.
-        """
-        mine = self._config()
-        for key in ("rank", "core", "max_singular_value"):
-            if saved[key] != mine[key]:
-                return (
-                    f"the checkpoint's SVDConv has {key}={saved[key]!r}, this layer {key}={mine[key]!r}; load with "
-                    "load_converted(model, state_dict) (from ttconv.convert), which builds layers of the stored "
-                    "configuration"
-                )
-        return ""
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        name = prefix[:-1] if prefix else "SVDConv"
-        version = local_metadata.get("version")
-        if version is not None and version > self._version:
-            error_msgs.append(
-                f"{name}: checkpoint was written by a newer ttconv (SVDConv state "
-                f"version {version}, this version reads up to {self._version}); upgrade ttconv to load it"
-            )
-            return
-        key = prefix + "_extra_state"
-        if key in state_dict:
-            # Checked before the parameters, so the message says what differs (ranks, core,
-            # bound) rather than only which shapes do; a mismatch loads nothing here.
-            try:
-                problem = self._config_mismatch(_decode_extra_state(state_dict[key]))
-            except ValueError as error:
-                problem = str(error)
-            if problem:
-                error_msgs.append(f"{name}: {problem}")
-                return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key not in state_dict and (version is None or version < 2) and key in missing_keys:
-            # Version 1 wrote no extra state (and a state dict rebuilt as a plain dict has no
-            # version): the parameter shapes are then the only check, as they were.
-            missing_keys.remove(key)
+    _dims = 3
+    _torch_class = nn.ConvTranspose3d
 
 
 def _decode_extra_state(state: Any) -> Dict[str, Any]:

@@ -1,0 +1,280 @@
+"""SVDConv1d/2d/3d and SVDConvTranspose1d/2d/3d against the torch layer they mirror.
+
+A randomised sweep per class (seeded) over padding amounts ('same'/'valid' where torch
+takes them), padding modes (transposed: zeros only, as torch), strides, dilation, groups,
+rectangular kernels, output_padding and bias: at full rank the converted layer computes the
+torch layer's function on every forward path to float64 round-off, ``to_conv`` gives back
+its weight, the state dict round-trips and gradients reach every factor and equal torch's
+input gradient. Truncation errors are checked against the dense weights directly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oracle import operator_matrix
+from ttconv import (SVDConv, SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d,
+                    SVDConvTranspose3d)
+
+CLASSES = {  # SVD class: (torch class, dims, transposed)
+    SVDConv1d: (nn.Conv1d, 1, False),
+    SVDConv2d: (nn.Conv2d, 2, False),
+    SVDConv3d: (nn.Conv3d, 3, False),
+    SVDConvTranspose1d: (nn.ConvTranspose1d, 1, True),
+    SVDConvTranspose2d: (nn.ConvTranspose2d, 2, True),
+    SVDConvTranspose3d: (nn.ConvTranspose3d, 3, True),
+}
+PER_CLASS = {1: 40, 2: 30, 3: 16}
+
+
+def _random_config(rng: random.Random, dims: int, transposed: bool) -> dict:
+    groups = rng.choice([1, 1, 2, 3])
+    c_in, c_out = groups * rng.randint(1, 3), groups * rng.randint(1, 3)
+    kernel = tuple(rng.randint(1, 3) for _ in range(dims))
+    stride = tuple(rng.choice([1, 1, 2]) for _ in range(dims))
+    dilation = tuple(rng.choice([1, 1, 2]) for _ in range(dims))
+    config = dict(in_channels=c_in, out_channels=c_out, kernel_size=kernel, stride=stride, dilation=dilation,
+                  groups=groups, bias=rng.random() < 0.7)
+    if transposed:
+        config["padding"] = tuple(rng.randint(0, 1) for _ in range(dims))
+        config["output_padding"] = tuple(rng.randint(0, max(s, d) - 1) for s, d in zip(stride, dilation))
+    else:
+        choice = rng.random()
+        if choice < 0.15:
+            config["padding"] = "valid"
+        elif choice < 0.3 and all(s == 1 for s in stride):
+            config["padding"] = "same"
+        else:
+            config["padding"] = tuple(rng.randint(0, 2) for _ in range(dims))
+        config["padding_mode"] = rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"])
+    size = tuple(rng.randint(5, 7) if dims < 3 else rng.randint(5, 6) for _ in range(dims))
+    return dict(layer=config, size=size)
+
+
+def _configs():
+    rng = random.Random(12)
+    cases = []
+    for cls, (_, dims, transposed) in CLASSES.items():
+        for index in range(PER_CLASS[dims]):
+            cases.append(pytest.param(cls, _random_config(rng, dims, transposed), id=f"{cls.__name__}-{index}"))
+    return cases
+
+
+def _relative(a, b):
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
+
+
+def _torch_layer(cls, config):
+    torch.manual_seed(hash(str(config)) % 1000)
+    return CLASSES[cls][0](**config["layer"], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cls, config", _configs())
+def test_full_rank_matches_the_torch_layer(cls, config):
+    conv = _torch_layer(cls, config)
+    layer = cls.from_conv(conv)
+    assert type(layer) is cls and layer.approximation_error < 1e-12
+    x = torch.randn(2, conv.in_channels, *config["size"], dtype=torch.float64, requires_grad=True)
+    expected = conv(x)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    for path in ("dense", "factored", "auto"):
+        layer.path = path
+        y = layer(x)
+        assert y.shape == expected.shape
+        assert _relative(y, expected) < 1e-12, path
+        layer.zero_grad(set_to_none=True)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+        assert _relative(grad_x, grad_expected) < 1e-11, path
+        y.square().sum().backward()
+        for name in ("U", "S", "core", "V"):
+            grad = getattr(layer, name).grad
+            assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().max()) > 0, (path, name)
+    # Unbatched input, as torch takes it.
+    assert _relative(layer(x[0]), conv(x[0])) < 1e-12
+    back = layer.to_conv()
+    assert type(back) is type(conv) and _relative(back.weight, conv.weight) < 1e-12
+    assert repr(back) == repr(conv)
+    if conv.bias is not None:
+        assert torch.equal(back.bias, conv.bias)
+
+
+@pytest.mark.parametrize("cls, config", _configs()[::3])
+def test_state_dict_round_trip_and_repr(cls, config):
+    conv = _torch_layer(cls, config)
+    layer = cls.from_conv(conv, rank=1)
+    kwargs = dict(config["layer"], rank=layer.ranks, dtype=torch.float64)
+    fresh = cls(**kwargs)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(2, conv.in_channels, *config["size"], dtype=torch.float64)
+    assert torch.equal(fresh(x), layer(x))
+    # Another rank does not load silently.
+    other = cls(**dict(kwargs, rank=(layer.ranks[0] + 1, layer.ranks[1] + 1)))
+    if other.ranks != layer.ranks:
+        with pytest.raises(RuntimeError, match=f"{cls.__name__} has rank="):
+            other.load_state_dict(layer.state_dict())
+    text = repr(layer)
+    assert text.startswith(f"{cls.__name__}({conv.in_channels}, {conv.out_channels}, kernel_size=")
+    assert f"rank={layer.ranks}" in text
+    torch_text = repr(conv)[len(type(conv).__name__) + 1:-1]
+    for part in torch_text.split(", "):  # every torch argument shown is shown the same way
+        if "=" in part and not part.startswith("padding_mode") and not part.startswith("bias"):
+            key = part.split("=")[0]
+            assert f"{key}=" in text, (key, text, torch_text)
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+@pytest.mark.parametrize("rank", [1, 2, (1, 3)])
+def test_truncation_error_is_the_exact_weight_error(cls, rank):
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(3)
+    conv = torch_class(4, 6, (3,) * dims if dims < 3 else (3, 2, 2), groups=2, dtype=torch.float64)
+    layer = cls.from_conv(conv, rank=rank)
+    truth = _relative(layer.to_conv().weight, conv.weight)
+    assert truth > 1e-3  # truncated for real
+    assert abs(layer.approximation_error - truth) < 1e-10 * max(1.0, truth)
+    # energy: the kept fraction of the whole kernel's squared norm is at least what was asked
+    kept = cls.from_conv(conv, energy=0.9)
+    assert 1 - _relative(kept.to_conv().weight, conv.weight) ** 2 >= 0.9 - 1e-12
+
+
+@pytest.mark.parametrize("cls", [SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d])
+def test_transposed_output_size_as_torch(cls):
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(4)
+    conv = torch_class(4, 2, 3, stride=3, padding=1, dtype=torch.float64)
+    layer = cls.from_conv(conv)
+    x = torch.randn(1, 4, *(4,) * dims, dtype=torch.float64)
+    for extra in range(3):  # every output size the stride allows
+        size = [(4 - 1) * 3 - 2 + 3 + extra] * dims
+        for path in ("dense", "factored"):
+            layer.path = path
+            y = layer(x, output_size=size)
+            assert list(y.shape[2:]) == size
+            assert _relative(y, conv(x, output_size=size)) < 1e-12
+    with pytest.raises(ValueError):
+        layer(x, output_size=[100] * dims)
+
+
+def test_svdconv2d_is_svdconv():
+    assert SVDConv2d is SVDConv
+    assert type(SVDConv2d(2, 3, 3)).__name__ == "SVDConv"
+
+
+@pytest.mark.parametrize("cls", [SVDConv1d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d])
+def test_orthogonal_core_is_refused_off_2d(cls):
+    with pytest.raises(ValueError, match="core='orthogonal' is available for SVDConv .* only so far"):
+        cls(4, 4, 3, core="orthogonal")
+
+
+@pytest.mark.parametrize("cls", [SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d])
+def test_transposed_arguments_refused_as_torch_does(cls):
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        cls(2, 2, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="'same'/'valid'"):
+        cls(2, 2, 3, padding="same")
+    with pytest.raises(ValueError, match="output_padding=.* must be smaller than either stride"):
+        cls(2, 2, 3, stride=2, output_padding=2)
+    with pytest.raises(TypeError, match="kernel_size must be an int or"):
+        cls(2, 2, (3,) * (CLASSES[cls][1] + 1))
+
+
+def test_conv_arguments_refused_with_the_argument_named():
+    with pytest.raises(TypeError, match="output_padding is an argument of the transposed layers only"):
+        SVDConv1d(2, 2, 3, output_padding=1)
+    with pytest.raises(TypeError, match=r"kernel_size must be an int or a tuple of 3 ints"):
+        SVDConv3d(2, 2, (3, 3))
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        SVDConv3d(2, 2, 3, stride=(1, 2, 1), padding="same")
+    with pytest.raises(TypeError, match="torch.nn.Conv1d for SVDConv1d, got Conv2d"):
+        SVDConv1d.from_conv(nn.Conv2d(2, 2, 3))
+    with pytest.raises(TypeError, match="use SVDConvTranspose2d.from_conv"):
+        SVDConvTranspose2d.from_conv2d(nn.Conv2d(2, 2, 3))
+    with pytest.raises(ValueError, match="input must be 3-D .* or 2-D"):
+        SVDConv1d(2, 2, 3)(torch.randn(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="input has 3 channels"):
+        SVDConv3d(2, 2, 3)(torch.randn(1, 3, 5, 5, 5))
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_fresh_layers_initialise_like_torch(cls):
+    """The composed kernel's variance and the bias bound are torch's (fan-in of torch's weight layout)."""
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(5)
+    layer = cls(24, 12, (3,) * dims, groups=2)
+    conv = torch_class(24, 12, (3,) * dims, groups=2)
+    fan_in = conv.weight.shape[1] * math.prod(conv.weight.shape[2:])
+    variance = float(layer.dense_weight().detach().var())
+    assert 0.6 < variance * 3 * fan_in < 1.6  # torch's default init: 1 / (3 fan_in)
+    assert float(layer.bias.detach().abs().max()) <= 1 / math.sqrt(fan_in)
+
+
+@pytest.mark.parametrize("stride, dilation, n", [(1, 1, 8), (2, 1, 8), (1, 2, 9), (3, 2, 9)])
+def test_conv1d_singular_values_equal_the_explicit_circular_operator(stride, dilation, n):
+    torch.manual_seed(6)
+    layer = SVDConv1d(4, 6, 3, stride=stride, dilation=dilation, groups=2, rank=(2, 1), dtype=torch.float64)
+    weight = layer.dense_weight().detach()
+    extent = dilation * 2 + 1
+
+    def circular(x):
+        return F.conv1d(F.pad(x, (0, extent - 1), mode="circular"), weight, None, stride, 0, dilation, 2)
+
+    matrix = operator_matrix(circular, (4, n))
+    truth = torch.linalg.svdvals(matrix)
+    values = layer.singular_values(n)
+    assert values.shape == truth.shape
+    assert torch.allclose(values, truth, rtol=0, atol=1e-12 * float(truth[0]))
+
+
+def test_nd_spectra_not_yet_refused_with_a_message():
+    for layer in (SVDConv3d(2, 2, 3), SVDConvTranspose2d(2, 2, 3)):
+        with pytest.raises(NotImplementedError, match="issue 12 item 3"):
+            layer.singular_values(8)
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_canonicalize_keeps_function(cls):
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(7)
+    layer = cls(4, 6, (3,) * dims, groups=2, rank=(2, 2), dtype=torch.float64)
+    with torch.no_grad():
+        layer.U.mul_(1.5)
+        layer.V.add_(0.1)
+    x = torch.randn(1, 4, *(5,) * dims, dtype=torch.float64)
+    before = layer(x)
+    layer.canonicalize_()
+    assert _relative(layer(x), before) < 1e-12
+    g = layer.groups
+    for factor in (layer.U, layer.V):
+        blocks = factor.detach().reshape(g, -1, factor.shape[1])
+        gram = blocks.mT @ blocks
+        assert torch.allclose(gram, torch.eye(factor.shape[1], dtype=torch.float64).expand_as(gram), atol=1e-12)
+
+
+@pytest.mark.parametrize("cls, size", [(SVDConv1d, (17000,)), (SVDConv3d, (26, 26, 26)),
+                                       (SVDConvTranspose1d, (17000,)), (SVDConvTranspose3d, (26, 26, 26))])
+def test_large_inputs_mix_channels_by_matmul_exactly(cls, size):
+    from ttconv import _functional
+
+    assert math.prod(size) >= _functional.MATMUL_MIN_POSITIONS
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(8)
+    conv = torch_class(4, 6, 3, padding=1, groups=2, dtype=torch.float64)
+    layer = cls.from_conv(conv)
+    x = torch.randn(1, 4, *size, dtype=torch.float64)
+    layer.path = "factored"
+    assert _relative(layer(x), conv(x)) < 1e-12
+    pointwise = torch_class(4, 6, 1, groups=2, dtype=torch.float64)
+    layer = cls.from_conv(pointwise)
+    for path in ("dense", "factored"):
+        layer.path = path
+        assert _relative(layer(x), pointwise(x)) < 1e-12
