@@ -81,6 +81,7 @@ def _one_pass_kept(weight, groups, r_out, r_in):
 ENERGY_SHAPES = [  # (c_out, c_in_per_group, kh, kw, groups)
     (24, 16, 1, 1, 1), (16, 24, 1, 1, 1), (12, 10, 3, 3, 1), (10, 12, 3, 3, 1), (8, 4, 3, 3, 2), (6, 3, 1, 1, 3),
     (16, 6, 3, 1, 1), (4, 16, 3, 3, 1),
+    (12, 40, 3, 3, 1), (40, 30, 3, 3, 1),  # more than 16 input ranks: spread candidates, then the shrink
 ]
 
 
@@ -130,6 +131,21 @@ def test_energy_ranks_have_the_fewest_parameters_of_all_pairs_keeping_the_energy
                    if _one_pass_kept(weight, groups, a, b) >= energy)
         assert params(r_out, r_in) == best
         assert tt.factor_params(o, c_in, (kh, kw), (r_out, r_in), groups) == best
+
+
+def test_energy_ranks_shrink_r_in_below_the_tried_input_ranks():
+    # 39 input channels: 16 spread input ranks are tried; the best of them (r_in = 21 here)
+    # is then lowered to the smallest r_in that keeps the energy at the same r_out.
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 39, 3, 3, dtype=torch.float64, generator=gen)
+    weight *= torch.logspace(0, -2.6, 37, dtype=torch.float64)[:, None, None, None]
+    weight *= torch.logspace(0, -0.4, 39, dtype=torch.float64)[None, :, None, None]
+    tried = tt._truncation(weight).energy_ranks(0.8, shrink=False)
+    r_out, r_in = decompose(weight, energy=0.8).ranks
+    assert r_out == tried[0] and r_in < tried[1]  # the shrink did something here
+    assert _one_pass_kept(weight, 1, r_out, r_in) >= 0.8 - 1e-12
+    assert _one_pass_kept(weight, 1, r_out, r_in - 1) < 0.8
+    assert _one_pass_kept(weight, 1, r_out - 1, r_in) < 0.8
 
 
 def test_energy_099_keeps_99_percent_of_a_1x1_kernel():
