@@ -5,7 +5,10 @@ kernels 1/3/5, depthwise and strided layers, feature maps 7-160) at batch 1 and 
 ranks full / 0.5 / 0.25, times ``path='dense'``, ``'factored'`` and ``'auto'`` on the same
 layer and input, interleaved (one call of each path per round, median over rounds), in two
 modes: forward only in ``eval()`` under ``torch.no_grad()``, and forward+backward in
-training. Reports ``auto / best``: 1.00 means auto took the faster fixed path.
+training. Times are the fastest of the rounds (the least disturbed by other processes on a
+shared machine). Reports ``auto / best`` (auto timed as a third path) and ``choice / best``
+(the time of the fixed path auto chose, which isolates the choice from timing noise): 1.00
+means auto took the faster fixed path.
 
 Run at one thread (``OMP_NUM_THREADS=1`` is set here): ``python benchmarks/bench_paths.py``
 (``--quick`` for a subset that runs in well under two minutes). The load average is printed:
@@ -62,8 +65,8 @@ def build_layer(in_channels, out_channels, kernel, stride, groups, fraction):
     return SVDConv(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, rank=rank)
 
 
-def interleaved_medians(functions, rounds):
-    """Median seconds of each function, calling each once per round, in turn."""
+def interleaved_minima(functions, rounds):
+    """Fastest seconds of each function, calling each once per round, in turn."""
     for fn in functions.values():
         fn()
     times = {name: [] for name in functions}
@@ -72,7 +75,7 @@ def interleaved_medians(functions, rounds):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: min(values) for name, values in times.items()}
 
 
 def _forward_eval(layer, x, path):
@@ -91,8 +94,8 @@ def _forward_backward(layer, x, path):
     return run
 
 
-def measure(names, batches, rounds, modes):
-    rows, ratios = [], {mode: [] for mode in modes}
+def measure(names, batches, rounds, modes, dump=None):
+    rows, ratios, choices = [], {mode: [] for mode in modes}, {mode: [] for mode in modes}
     for label, c_in, c_out, kernel, stride, groups, size in SHAPES:
         if label not in names:
             continue
@@ -107,25 +110,32 @@ def measure(names, batches, rounds, modes):
                 for mode in modes:
                     layer.train(mode == "fwd+bwd")
                     make = _forward_eval if mode == "fwd eval" else _forward_backward
-                    times = interleaved_medians({p: make(layer, x, p) for p in PATHS}, rounds)
+                    times = interleaved_minima({p: make(layer, x, p) for p in PATHS}, rounds)
                     best = min(times["dense"], times["factored"])
                     ratio = times["auto"] / best
+                    choice = times[chosen] / best
                     ratios[mode].append(ratio)
+                    choices[mode].append(choice)
+                    if dump is not None:
+                        dump.append(dict(label=label, rank=rank_label, batch=batch, mode=mode, dense=times["dense"],
+                                         factored=times["factored"], auto=times["auto"], chosen=chosen,
+                                         flops=layer.flop_costs(tuple(x.shape))))
                     faster = "dense" if times["dense"] <= times["factored"] else "factored"
                     rows.append([label, f"{c_in}->{c_out} k{kernel} s{stride} g{groups}", f"{size[0]}x{size[1]}",
                                  rank_label, str(layer.ranks), str(batch), mode,
                                  f"{times['dense'] * 1e3:.3f}", f"{times['factored'] * 1e3:.3f}",
-                                 f"{times['auto'] * 1e3:.3f}", chosen, faster, f"{ratio:.2f}"])
+                                 f"{times['auto'] * 1e3:.3f}", chosen, faster, f"{ratio:.2f}", f"{choice:.2f}"])
                     print(" | ".join(rows[-1]), flush=True, file=sys.stderr)
     header = ["shape", "layer", "n", "rank", "ranks", "batch", "mode", "dense ms", "factored ms", "auto ms",
-              "auto picks", "faster", "auto / best"]
-    return markdown_table(header, rows), ratios
+              "auto picks", "faster", "auto / best", "choice / best"]
+    return markdown_table(header, rows), ratios, choices
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a subset of the shapes, fewer rounds (< 2 min)")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--dump", metavar="JSON", help="also write every timing with the layer's FLOP counts")
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     names = QUICK if options.quick else [s[0] for s in SHAPES]
@@ -135,14 +145,21 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {rounds} interleaved rounds, "
           f"load average before: {load}\n")
     start = time.perf_counter()
-    table, ratios = measure(names, (1, 16), rounds, modes)
+    dump = [] if options.dump else None
+    table, ratios, choices = measure(names, (1, 16), rounds, modes, dump)
     print(table)
     print()
-    for mode, values in ratios.items():
-        values = sorted(values)
-        within = sum(v <= 1.10 for v in values)
-        print(f"{mode}: auto / best median {statistics.median(values):.2f}, worst {values[-1]:.2f}, "
-              f"within 10% on {within}/{len(values)}")
+    for mode in modes:
+        for label, values in (("auto / best", ratios[mode]), ("choice / best", choices[mode])):
+            values = sorted(values)
+            within = sum(v <= 1.10 for v in values)
+            print(f"{mode}: {label} median {statistics.median(values):.2f}, worst {values[-1]:.2f}, "
+                  f"within 10% on {within}/{len(values)}")
+    if dump is not None:
+        import json
+
+        with open(options.dump, "w") as handle:
+            json.dump(dump, handle, indent=1)
     load = open("/proc/loadavg").read().strip() if os.path.exists("/proc/loadavg") else "n/a"
     print(f"\nload average after: {load}; {time.perf_counter() - start:.0f} s")
 
