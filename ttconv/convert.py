@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -548,8 +549,10 @@ def _check_arguments(rank: Any, energy: Any, param_budget: Any, output_tolerance
         raise ValueError(f"energy must be a float in (0, 1] (the fraction of each kernel's squared norm to keep), "
                          f"got energy={energy!r}")
     if param_budget is not None:
-        valid = (isinstance(param_budget, int) and not isinstance(param_budget, bool) and param_budget >= 1) or (
-            isinstance(param_budget, float) and 0.0 < param_budget <= 1.0)
+        integral = isinstance(param_budget, numbers.Integral) and not isinstance(param_budget, bool)
+        valid = (integral and param_budget >= 1) or (
+            not integral and not isinstance(param_budget, bool) and isinstance(param_budget, numbers.Real)
+            and 0.0 < float(param_budget) <= 1.0)
         if not valid:
             raise ValueError("param_budget must be a positive int (a number of parameters) or a float in (0, 1] "
                              f"(a fraction of the considered convs' parameters), got param_budget={param_budget!r}")
@@ -844,14 +847,15 @@ def convert(
     probed: Dict[Tuple[str, Tuple[int, int]], SVDConv] = {}  # layers the output search built
     if param_budget is not None and candidates:
         fixed = sum(k.params_dense for k in kept)
-        budget = param_budget
-        if isinstance(param_budget, float):
-            budget = max(1, int(param_budget * (fixed + sum(_params(c.conv) for c in candidates))))
+        fraction = not isinstance(param_budget, numbers.Integral)
+        budget = int(param_budget)
+        if fraction:
+            budget = max(1, int(float(param_budget) * (fixed + sum(_params(c.conv) for c in candidates))))
         try:
             chosen_energy = _budget_energy(candidates, budget, fixed, progress)
         except ValueError as error:
             raise ValueError(f"{error} (param_budget={param_budget!r} is {budget} parameters)"
-                             if isinstance(param_budget, float) else str(error)) from None
+                             if fraction else str(error)) from None
     elif output_tolerance is not None and candidates:
         chosen_energy, _ = _tolerance_energy(model, candidates, example_input, reference,
                                              float(output_tolerance), refine, progress, probed)

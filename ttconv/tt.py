@@ -406,7 +406,22 @@ _RANK_CANDIDATES = 16
 
 def factor_params(out_per_group: int, in_per_group: int, kernel_size: Tuple[int, int],
                   ranks: Tuple[int, int], groups: int = 1) -> int:
-    """Parameters of the factors ``U, S, core, V`` at ``ranks`` (no bias)."""
+    """Parameters of the TT factors of a kernel at ``ranks`` (no bias).
+
+    Parameters
+    ----------
+    out_per_group, in_per_group : int
+        Channels per group.
+    kernel_size : (int, int)
+    ranks : (int, int)
+        ``(r_out, r_in)`` per group, as the factors hold them.
+    groups : int
+
+    Returns
+    -------
+    int
+        ``groups * (o r_out + r_out + r_out r_in kh kw + i r_in)``: ``U``, ``S``, ``core``, ``V``.
+    """
     r_out, r_in = ranks
     taps = kernel_size[0] * kernel_size[1]
     return groups * (out_per_group * r_out + r_out + r_out * r_in * taps + in_per_group * r_in)
