@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from ._hooks import unwrap
 from .activations import ChannelPad, MaxMin
-from .layer import SVDConv
+from .layer import SVDConv, SVDConvTranspose2d
 
 #: Module types with a spectral norm that the report analyses.
-ANALYSED = (nn.Conv2d, SVDConv, nn.ConvTranspose2d, nn.Linear)
+ANALYSED = (nn.Conv2d, SVDConv, nn.ConvTranspose2d, SVDConvTranspose2d, nn.Linear)
+TRANSPOSED = (nn.ConvTranspose2d, SVDConvTranspose2d)
 
 
 def _pairs(value: Any) -> Tuple[int, ...]:
@@ -79,7 +80,8 @@ def skip_reason(module: nn.Module) -> Optional[str]:
     without parameters of its own (activations, pooling, containers)."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "uninitialised lazy module (run a forward pass first)"
-    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)):
+    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)) or \
+            getattr(module, "_dims", 2) != 2:
         return "1-D/3-D convolution: only 2-D convolutions are analysed (N-d support has not landed)"
     if isinstance(module, _NORMS):
         return ("normalisation layer: not analysed (in eval mode a batch norm scales each channel by "
@@ -95,7 +97,7 @@ def skip_reason(module: nn.Module) -> Optional[str]:
     own = [name for name, _ in module.named_parameters(recurse=False)]
     if own:
         return (f"{type(module).__name__} with parameters ({', '.join(own)}) of no supported layer type "
-                "(Conv2d, SVDConv, ConvTranspose2d, Linear): not analysed")
+                "(Conv2d, SVDConv, ConvTranspose2d, SVDConvTranspose2d, Linear): not analysed")
     return None
 
 
@@ -162,7 +164,7 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
             single = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
             calls.append((name, module, (args[0], args[0]._version) if single else None, None))
             if name in result.sizes and args and isinstance(args[0], Tensor):
-                if isinstance(module, nn.Conv2d) or isinstance(module, SVDConv):
+                if not isinstance(module, TRANSPOSED + (nn.Linear,)):
                     size = tuple(int(s) for s in args[0].shape[-2:])
                 elif isinstance(module, nn.Linear):
                     size = tuple(int(s) for s in args[0].shape[:-1])
@@ -176,7 +178,7 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
             index = max(i for i, call in enumerate(calls) if call[1] is module and call[3] is None)
             single = isinstance(output, Tensor)
             calls[index] = calls[index][:3] + ((output, output._version) if single else False,)
-            if isinstance(module, nn.ConvTranspose2d) and single:
+            if isinstance(module, TRANSPOSED) and single:
                 size = tuple(int(s) for s in output.shape[-2:])
                 if size not in result.sizes[name]:
                     result.sizes[name].append(size)

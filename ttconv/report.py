@@ -35,8 +35,8 @@ from . import bounds, spectra
 from ._conv_args import dilated_extent
 from ._hooks import find_conv_layers
 from ._progress import ProgressArg, interactive, progress_for
-from ._trace import find_layers, sequential_problem, trace
-from .layer import SVDConv
+from ._trace import TRANSPOSED, find_layers, sequential_problem, trace
+from .layer import SVDConv, SVDConvTranspose2d
 from .spectra import MemoryLimitError, format_bytes, kernel_scale, spectral_dtype
 from .tt import orthonormal_core
 
@@ -382,6 +382,8 @@ class SpectralReport:
 
 
 def _dense_shape(target: Any) -> Tuple[int, ...]:
+    if isinstance(target, SVDConvTranspose2d):
+        return (target.in_channels, target.out_channels // target.groups, *target.kernel_size)
     if isinstance(target, SVDConv):
         return (target.out_channels, target.in_channels // target.groups, *target.kernel_size)
     return tuple((target.weight if isinstance(target, nn.Module) else target).shape)
@@ -643,14 +645,15 @@ def _analyse_linear(name: str, weight: Tensor, *, note: str = "", keep_spectra: 
     )
 
 
-def _transposed_spec(module: nn.ConvTranspose2d) -> bounds.ConvSpec:
+def _transposed_spec(module: Union[nn.ConvTranspose2d, SVDConvTranspose2d]) -> bounds.ConvSpec:
     """The conv whose adjoint ``module`` is: ``nn.Conv2d(out_channels -> in_channels)`` with the same
     weight, stride, padding, dilation and groups, zero padding (see ``spectral_report``)."""
-    return bounds.ConvSpec(module.weight, tuple(module.stride), tuple(module.padding), tuple(module.dilation),
+    weight = module.dense_weight() if isinstance(module, SVDConvTranspose2d) else module.weight
+    return bounds.ConvSpec(weight.detach(), tuple(module.stride), tuple(module.padding), tuple(module.dilation),
                            module.groups, "zeros")
 
 
-def _transposed_note(module: nn.ConvTranspose2d, grid: Tuple[int, int], given: Optional[Tuple[int, int]]) -> str:
+def _transposed_note(module: Any, grid: Tuple[int, int], given: Optional[Tuple[int, int]]) -> str:
     """Why 'power own' is left out for a transposed conv whose adjoint conv has extra output rows."""
     if given is None:
         return ""
@@ -680,7 +683,8 @@ def spectral_report(
     is looked through):
 
     * ``nn.Conv2d`` and ``SVDConv``: every column, at the input size of the example pass;
-    * ``nn.ConvTranspose2d``: as the adjoint of the conv with the same weight (a transposed
+    * ``nn.ConvTranspose2d`` and ``SVDConvTranspose2d`` (its dense weight): as the adjoint of
+      the conv with the same weight (a transposed
       conv with weight ``(in, out/g, kh, kw)``, stride ``s``, padding ``p``, dilation ``d``
       and groups ``g`` is the adjoint of ``nn.Conv2d(out -> in)`` with that weight, ``s``,
       ``p``, ``d``, ``g`` and zero padding, acting on the transposed conv's *output* grid
@@ -780,7 +784,7 @@ def spectral_report(
             else:
                 target: Any = module
                 power = True
-                if isinstance(module, nn.ConvTranspose2d):
+                if isinstance(module, TRANSPOSED):
                     target = _transposed_spec(module)
                     extra = _transposed_note(module, seen[0], traced.transposed_inputs.get(name)) if seen else ""
                     power = not extra
