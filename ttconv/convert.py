@@ -468,12 +468,13 @@ def _budget_energy(candidates: List[_Candidate], budget: int, fixed: int,
     low, high = 0.0, 1.0
     for step in range(_SEARCH_STEPS):
         middle = (low + high) / 2
-        if size(middle) <= budget:
+        probed = size(middle)
+        if probed <= budget:
             low = middle
         else:
             high = middle
         if progress is not None:
-            progress(step + 1, _SEARCH_STEPS, f"budget search: energy {low:.6g} fits")
+            progress(step + 1, _SEARCH_STEPS, f"budget search: energy {middle:.6g} gives {probed} parameters")
     return low
 
 
@@ -870,16 +871,16 @@ def convert(
         try:
             ranks = _ranks_for(candidate, layer_rank, layer_energy)
             tt_size = _svd_params(conv, ranks)
-            if truncating and not candidate.forced and tt_size >= _params(conv):
+            keep = truncating and not candidate.forced and tt_size >= _params(conv)
+            if keep:
                 kept.append(KeptDense(candidate.name, f"at ranks {ranks} its TT form would have {tt_size} parameters, "
                                       f"the dense conv {_params(conv)}", _params(conv), tt_size))
-                continue
-            layer = _build_cached(probed, candidate, ranks, refine)
+            else:
+                built.append((candidate, _build_cached(probed, candidate, ranks, refine)))
         except (ValueError, TypeError) as error:
             raise type(error)(f"layer {candidate.name!r}: {error}") from error
-        built.append((candidate, layer))
         if progress is not None:
-            progress(index + 1, len(candidates), candidate.name)
+            progress(index + 1, len(candidates), candidate.name + (" (kept dense)" if keep else ""))
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
     kept.sort(key=lambda k: order[k.name])
 
