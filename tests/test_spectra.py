@@ -132,8 +132,14 @@ def test_layer_bad_input_sizes_raise():
 
 
 def test_bad_weights_raise():
-    with pytest.raises(ValueError, match="4-D"):
-        conv_singular_values(torch.randn(3, 3, 3), 8)
+    with pytest.raises(ValueError, match="3-D, 4-D or 5-D"):  # 1-D and 3-D kernels are fine
+        conv_singular_values(torch.randn(3, 3), 8)
+    with pytest.raises(ValueError, match="3-D, 4-D or 5-D"):
+        conv_singular_values(torch.randn(1, 1, 1, 1, 1, 1), 8)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        conv_singular_values(torch.full((1, 1, 2), float("inf")), 8)
+    with pytest.raises(TypeError, match="input_size must be an int or a tuple of 3 ints"):
+        conv_singular_values(torch.randn(1, 1, 2, 2, 2), (8, 8))
     weight = torch.randn(2, 2, 3, 3)
     weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):

@@ -367,3 +367,65 @@ def test_size_preserving_circular_layer_on_a_small_input_gets_the_exact_folded_n
         truth = float(torch.linalg.matrix_norm(operator_matrix(layer_operator(layer), (2, *n)), 2))
         assert float(operator_norm_bound(layer, n)) == pytest.approx(truth, rel=TOL)
         assert float(exact_spectral_norm(layer, n)) == pytest.approx(truth, rel=TOL)
+
+
+# ------------------------------------------------------------------ 1-D and 3-D kernels
+def _nd_configs(d: int, count: int, seed: int):
+    rng = random.Random(seed)
+    configs = []
+    while len(configs) < count:
+        kernel = tuple(rng.randint(1, 4) for _ in range(d))
+        stride = tuple(rng.randint(1, 3) for _ in range(d))
+        dilation = tuple(rng.randint(1, 2) for _ in range(d))
+        n = tuple(s * rng.randint(1, 4) for s in stride)  # some below the dilated extent
+        groups = rng.choice([1, 1, 2])
+        c_in, c_out = groups * rng.randint(1, 2), groups * rng.randint(1, 3)
+        if c_in * math.prod(n) > (160 if d == 3 else 60):
+            continue
+        configs.append(dict(kernel=kernel, stride=stride, dilation=dilation, n=n, groups=groups,
+                            c_in=c_in, c_out=c_out))
+    return configs
+
+
+ND = [(1, c) for c in _nd_configs(1, 60, seed=18)] + [(3, c) for c in _nd_configs(3, 60, seed=19)]
+
+
+def test_nd_sweep_covers_what_it_claims():
+    for d in (1, 3):
+        configs = [c for dd, c in ND if dd == d]
+        assert any(all(k == 1 for k in c["kernel"]) for c in configs)  # single-tap path
+        assert any(any(n < dil * (k - 1) + 1 for n, k, dil in zip(c["n"], c["kernel"], c["dilation"]))
+                   for c in configs)  # folding
+        assert any(max(c["stride"]) > 1 for c in configs) and any(max(c["dilation"]) > 1 for c in configs)
+        assert any(c["groups"] > 1 for c in configs)
+
+
+@pytest.mark.parametrize("index", range(len(ND)))
+def test_nd_spectrum_matches_the_explicit_operator(index):
+    """``d = 1`` and ``d = 3`` kernels: every singular value against the float64 matrix built with
+    F.conv1d / F.conv3d on the tiled input (``circular_oracle``)."""
+    d, c = ND[index]
+    weight = torch.randn(c["c_out"], c["c_in"] // c["groups"], *c["kernel"], dtype=torch.float64)
+    expected = circular_singular_values_any_size(weight, c["n"], c["stride"], c["dilation"], c["groups"])
+    geometry = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
+    _close(conv_singular_values(weight, c["n"], **geometry), expected)
+    _close(conv_spectral_norm(weight, c["n"], **geometry), expected[0])
+
+
+def test_nd_batches_within_max_memory_give_the_same_spectrum():
+    weight = torch.randn(3, 2, 3, 2, 2, dtype=torch.float64)
+    n = (5, 4, 3)
+    expected = circular_singular_values_any_size(weight, n, (1, 1, 1), (1, 1, 1))
+    one_frequency = 4 * 3 * 2 * 16 + 12 * 16 + 3 * expected.numel() * 8  # forces many batches
+    _close(conv_singular_values(weight, n, max_memory=one_frequency), expected)
+    kernel = weight.reshape(1, 3, 2, 3, 2, 2)
+    batches = list(spectra.transfer_batches(kernel, n, 4 * 3 * 2 * 16 + 12 * 16))
+    assert len(batches) == 5 * 4 * (3 // 2 + 1) and all(len(b) == 4 for b in batches)
+
+
+def test_two_d_transfer_batches_keep_their_u_v_layout():
+    kernel = torch.randn(1, 2, 3, 3, 2, dtype=torch.float64)
+    (u, v, matrices), = spectra.transfer_batches(kernel, (4, 5), 1 << 20)
+    assert u.tolist() == [a for a in range(4) for _ in range(3)] and v.tolist() == [0, 1, 2] * 4
+    expected = torch.fft.fft2(kernel, s=(4, 5))[..., :3].permute(3, 4, 0, 1, 2).reshape(12, 1, 2, 3)
+    _close(matrices, expected)

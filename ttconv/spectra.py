@@ -1,4 +1,4 @@
-"""Exact singular values of 2-D convolutions with circular padding.
+"""Exact singular values of convolutions with circular padding (2-D; also 1-D and 3-D).
 
 Sedghi, Gupta & Long, *The Singular Values of Convolutional Layers* (ICLR 2019): a
 circular convolution on an ``n1 x n2`` grid is block-diagonalised by the 2-D DFT, so its
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -54,15 +54,43 @@ def spectral_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _axes_arg(value: Any, d: int, name: str) -> Tuple[int, ...]:
+    """An int or a sequence of ``d`` positive ints (``pair`` and its messages for ``d = 2``)."""
+    if d == 2:
+        return input_size_arg(value, name) if name == "input_size" else pair(value, name)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        items = (int(value),) * d
+    elif isinstance(value, (tuple, list)) and len(value) == d and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        items = tuple(int(v) for v in value)
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of {d} ints (one per spatial axis), got {value!r}")
+    if min(items) < 1:
+        raise ValueError(f"{name} must be >= 1 along every axis, got {value!r}")
+    return items
+
+
+def _check_weight(weight: Any, groups: int) -> int:
+    """``check_kernel`` for 1, 2 or 3 spatial axes: ``(c_out, c_in/groups, *kernel_size)``."""
+    if not isinstance(weight, Tensor) or weight.dim() not in (3, 4, 5):
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 3-D, 4-D or 5-D tensor (c_out, c_in/groups, *kernel_size) "
+                         f"for a 1-D, 2-D or 3-D convolution, got {shape}")
+    if weight.dim() == 4:
+        return check_kernel(weight, groups)
+    return check_kernel(weight.reshape(*weight.shape[:2], -1, 1), groups)  # same checks, 2-D view
+
+
 def check_spectral_input_size(
     input_size: IntOrPair,
-    kernel_size: Tuple[int, int],
-    stride: Tuple[int, int],
-    dilation: Tuple[int, int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
     *,
     fold: bool = False,
-) -> Tuple[int, int]:
-    """Validate an input size for the circular spectrum; returns ``(n1, n2)``.
+) -> Tuple[int, ...]:
+    """Validate an input size for the circular spectrum; returns ``(n1, n2)`` (one size per
+    axis of ``kernel_size``: ``(n1,)`` or ``(n1, n2, n3)`` for 1-D and 3-D kernels).
 
     The size must be divisible by the stride. With ``fold=False`` (the default, for
     callers that map a spectrum back onto the kernel's taps, which is not unique once
@@ -71,7 +99,7 @@ def check_spectral_input_size(
     the kernel folded modulo the size (``fold_kernel``), which ``conv_singular_values``
     and ``conv_spectral_norm`` compute.
     """
-    n = input_size_arg(input_size)
+    n = _axes_arg(input_size, len(kernel_size), "input_size")
     for axis, (n_i, s_i, extent) in enumerate(zip(n, stride, dilated_extent(kernel_size, dilation))):
         if n_i % s_i:
             raise ValueError(
@@ -87,46 +115,50 @@ def check_spectral_input_size(
     return n
 
 
-def dilate_kernel(weight: Tensor, dilation: Tuple[int, int]) -> Tensor:
-    if dilation == (1, 1):
+def dilate_kernel(weight: Tensor, dilation: Sequence[int]) -> Tensor:
+    """The zero-inserted kernel: tap ``j`` moved to ``d j`` along every spatial axis."""
+    if all(d == 1 for d in dilation):
         return weight
-    c_out, c_in, kh, kw = weight.shape
-    out = weight.new_zeros(c_out, c_in, dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
-    out[:, :, :: dilation[0], :: dilation[1]] = weight
+    extent = dilated_extent(tuple(weight.shape[2:]), tuple(dilation))
+    out = weight.new_zeros(*weight.shape[:2], *extent)
+    out[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))] = weight
     return out
 
 
-def polyphase_kernel(weight: Tensor, stride: Tuple[int, int]) -> Tensor:
-    """Stride-``s`` kernel -> stride-1 kernel with the ``s1*s2`` phases as input channels.
+def polyphase_kernel(weight: Tensor, stride: Sequence[int]) -> Tensor:
+    """Stride-``s`` kernel -> stride-1 kernel with the ``s1*s2`` phases as input channels
+    (per spatial axis of ``weight``, ``len(stride)`` of them).
 
     ``y[p] = sum_j W[j] x[s p + j]``; writing ``j = s t + q`` gives
     ``y[p] = sum_{q, t} W[s t + q] x_q[p + t]`` with ``x_q[m] = x[s m + q]``.
     """
-    if stride == (1, 1):
+    if all(s == 1 for s in stride):
         return weight
-    c_out, c_in, kh, kw = weight.shape
-    s1, s2 = stride
-    t1, t2 = -(-kh // s1), -(-kw // s2)
-    padded = torch.nn.functional.pad(weight, (0, t2 * s2 - kw, 0, t1 * s1 - kh))
-    phases = padded.reshape(c_out, c_in, t1, s1, t2, s2).permute(0, 1, 3, 5, 2, 4)
-    return phases.reshape(c_out, c_in * s1 * s2, t1, t2)
+    c_out, c_in, *k = weight.shape
+    d = len(k)
+    t = [-(-k_a // s_a) for k_a, s_a in zip(k, stride)]
+    pad = [amount for t_a, s_a, k_a in zip(reversed(t), reversed(stride), reversed(k)) for amount in (0, t_a * s_a - k_a)]
+    padded = torch.nn.functional.pad(weight, pad)
+    order = [*range(3, 2 + 2 * d, 2), *range(2, 2 + 2 * d, 2)]  # (.., t1, s1, t2, s2, ..) -> (.., s1, s2, .., t1, t2, ..)
+    phases = padded.reshape(c_out, c_in, *(size for pair_ in zip(t, stride) for size in pair_)).permute(0, 1, *order)
+    return phases.reshape(c_out, c_in * math.prod(stride), *t)
 
 
-def fold_kernel(kernel: Tensor, m: Tuple[int, int]) -> Tensor:
-    """Fold the last two (tap) axes modulo ``m = (m1, m2)``: ``(..., t1, t2)`` -> ``(..., min(t1, m1), min(t2, m2))``.
+def fold_kernel(kernel: Tensor, m: Sequence[int]) -> Tensor:
+    """Fold the last ``len(m)`` (tap) axes modulo ``m``: ``(..., t1, t2)`` -> ``(..., min(t1, m1), min(t2, m2))``.
 
     On a circular grid of ``m`` pixels tap ``t`` shifts by ``t mod m``, so taps on the
     same residue add up into one: the folded kernel has the same circular operator on
     ``m`` (and the same DFT at the ``m`` frequencies). Axes with ``t <= m`` are kept as
     they are.
     """
-    for axis, m_i in zip((-2, -1), m):
+    for axis, m_i in zip(range(-len(m), 0), m):
         taps = kernel.shape[axis]
         if taps > m_i:
             cycles = -(-taps // m_i)
             pad = [0, 0] * (-axis - 1) + [0, cycles * m_i - taps]
             padded = torch.nn.functional.pad(kernel, pad)
-            shape = kernel.shape[:axis] + (cycles, m_i) + ((kernel.shape[-1],) if axis == -2 else ())
+            shape = kernel.shape[:axis] + (cycles, m_i) + kernel.shape[axis:][1:]
             kernel = padded.reshape(shape).sum(dim=axis - 1)
     return kernel
 
@@ -167,8 +199,8 @@ def _phases(m: int, taps: int, frequencies: Tensor, dtype: torch.dtype) -> Tenso
     return torch.polar(torch.ones_like(angle), angle).to(dtype)
 
 
-def _stride1_kernel(weight: Tensor, stride: Tuple[int, int], dilation: Tuple[int, int], groups: int,
-                    m: Tuple[int, int]) -> Tensor:
+def _stride1_kernel(weight: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int,
+                    m: Sequence[int]) -> Tensor:
     """Dilated, polyphase kernel folded modulo the grid ``m = n / s``, split by group:
     ``(groups, c_out/g, c_in/g * s1 s2, t1, t2)`` with ``t <= m``.
 
@@ -180,50 +212,60 @@ def _stride1_kernel(weight: Tensor, stride: Tuple[int, int], dilation: Tuple[int
 
 
 def single_tap_matrices(kernel: Tensor) -> Optional[Tensor]:
-    """``(g, o, i)`` real matrices of a stride-1 grouped kernel ``(g, o, i, t1, t2)`` with one
-    tap, else ``None``.
+    """``(g, o, i)`` real matrices of a stride-1 grouped kernel ``(g, o, i, t1, t2)`` (any
+    number of tap axes) with one tap, else ``None``.
 
     Such a kernel's transfer function is the same matrix at every frequency (the phase of
     tap 0 is 1), so the circular operator is ``kron(I_{m1 m2}, M)`` up to a permutation:
     its singular values are those of ``M``, each ``m1 m2`` times.
     """
-    return kernel[..., 0, 0] if kernel.shape[-2:] == (1, 1) else None
+    return kernel.reshape(kernel.shape[:3]) if kernel.shape[3:].numel() == 1 else None
 
 
 def transfer_batches(
-    kernel: Tensor, m: Tuple[int, int], max_memory: int, *, per_frequency_factor: int = 4
-) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+    kernel: Tensor, m: Sequence[int], max_memory: int, *, per_frequency_factor: int = 4
+) -> Iterator[Tuple[Tensor, ...]]:
     """The half-plane DFT of a stride-1 grouped kernel, a batch of frequencies at a time.
 
     ``kernel``: ``(g, o, i, t1, t2)`` real. Yields ``(u, v, matrices)`` with ``matrices``
     ``(B, g, o, i)`` complex: ``P(u, v) = sum_{h, w} K[..., h, w] exp(-2 pi i (u h / m1 + v w / m2))``
     for every ``u`` in ``[0, m1)`` and ``v`` in ``[0, m2 // 2]`` (the other half are
-    complex conjugates). Taps beyond ``m`` need no folding first (the phases are
+    complex conjugates). Any number of spatial axes: ``kernel`` ``(g, o, i, *t)`` with
+    ``len(m) == len(t)`` yields one frequency index per axis, then the matrices (the last
+    axis halved: ``(u,)`` for 1-D, ``(u, v, w)`` for 3-D). Taps beyond ``m`` need no folding first (the phases are
     periodic in the tap). A batch holds as many frequencies as fit ``max_memory`` with
     ``per_frequency_factor`` copies of one frequency's matrices (room for the
     decomposition that consumes them). The DFT at a batch is one matmul over the taps,
     so neither the full transfer tensor nor an FFT buffer is ever materialised.
     """
-    g, o, i, t1, t2 = kernel.shape
-    m1, m2 = m
-    half = m2 // 2 + 1
+    g, o, i, *taps = kernel.shape
+    if len(taps) != len(m):
+        raise ValueError(f"kernel has {len(taps)} tap axes but the grid m={tuple(m)} has {len(m)}")
+    half_shape = (*m[:-1], m[-1] // 2 + 1)
+    total = math.prod(half_shape)
     complex_dtype = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
     element = torch.empty((), dtype=complex_dtype).element_size()
-    per_frequency = (per_frequency_factor * g * o * i + t1 * t2) * element
-    batch = max(1, min(m1 * half, max_memory // max(1, per_frequency)))
+    per_frequency = (per_frequency_factor * g * o * i + math.prod(taps)) * element
+    batch = max(1, min(total, max_memory // max(1, per_frequency)))
     if per_frequency > max_memory:
         raise MemoryLimitError(
             f"one frequency's {g} x {o} x {i} matrices need {format_bytes(per_frequency)}, more than "
             f"max_memory={format_bytes(max_memory)}; raise max_memory"
         )
-    flat = kernel.to(complex_dtype).reshape(g * o * i, t1 * t2).T
+    flat = kernel.to(complex_dtype).reshape(g * o * i, -1).T
     device = kernel.device
-    for start in range(0, m1 * half, batch):
-        index = torch.arange(start, min(start + batch, m1 * half), device=device)
-        u, v = index // half, index % half
-        phases = _phases(m1, t1, u, complex_dtype)[:, :, None] * _phases(m2, t2, v, complex_dtype)[:, None, :]
-        values = phases.reshape(-1, t1 * t2) @ flat
-        yield u, v, values.reshape(-1, g, o, i)
+    for start in range(0, total, batch):
+        index = torch.arange(start, min(start + batch, total), device=device)
+        frequencies = []
+        for size in reversed(half_shape):  # row-major: the last axis varies fastest
+            frequencies.insert(0, index % size)
+            index = index // size
+        phases = None  # (B, t1 t2 ...): the product of the per-axis phases
+        for m_a, t_a, f_a in zip(m, taps, frequencies):
+            axis = _phases(m_a, t_a, f_a, complex_dtype)
+            phases = axis if phases is None else (phases[:, :, None] * axis[:, None, :]).reshape(len(f_a), -1)
+        values = phases @ flat
+        yield (*frequencies, values.reshape(-1, g, o, i))
 
 
 DEFAULT_MAX_MEMORY = 1 << 30
@@ -232,16 +274,17 @@ DEFAULT_MAX_MEMORY = 1 << 30
 
 def _prepare(
     weight: Tensor, input_size: IntOrPair, stride: IntOrPair, dilation: IntOrPair, groups: int, max_memory: Any
-) -> Tuple[Tensor, Tensor, Tuple[int, int], int]:
+) -> Tuple[Tensor, Tensor, Tuple[int, ...], int]:
     """Validate; return the normalised stride-1 grouped kernel, its scale, the grid ``n/s``
     and the memory limit."""
-    groups = check_kernel(weight, groups)
-    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    groups = _check_weight(weight, groups)
+    d = weight.dim() - 2
+    stride, dilation = _axes_arg(stride, d, "stride"), _axes_arg(dilation, d, "dilation")
     n = check_spectral_input_size(input_size, tuple(weight.shape[2:]), stride, dilation, fold=True)
     max_memory = _memory_arg(max_memory)
     weight = weight.to(spectral_dtype(weight.dtype))
     scale = kernel_scale(weight)
-    m = (n[0] // stride[0], n[1] // stride[1])
+    m = tuple(n_a // s_a for n_a, s_a in zip(n, stride))
     kernel = _stride1_kernel(weight / scale, stride, dilation, groups, m)
     return kernel, scale, m, max_memory
 
@@ -261,13 +304,17 @@ def conv_singular_values(
     Parameters
     ----------
     weight : Tensor
-        Kernel ``(c_out, c_in/groups, kh, kw)`` in ``nn.Conv2d`` layout.
+        Kernel ``(c_out, c_in/groups, kh, kw)`` in ``nn.Conv2d`` layout; also
+        ``(c_out, c_in/groups, k)`` (``nn.Conv1d``) and ``(c_out, c_in/groups, kd, kh, kw)``
+        (``nn.Conv3d``): ``d = weight.dim() - 2`` spatial axes, ``d``-D DFT, polyphase
+        stride and dilation per axis.
     input_size : int or (int, int)
-        Spatial size ``(n1, n2)`` of the input, divisible by the stride. Any size: an input
-        smaller than the dilated kernel extent gets the circular operator of the kernel
-        folded modulo ``n`` (taps ``j`` and ``j + n`` act alike).
+        Spatial size ``(n1, n2)`` of the input (``d`` sizes, or an int for all), divisible
+        by the stride. Any size: an input smaller than the dilated kernel extent gets the
+        circular operator of the kernel folded modulo ``n`` (taps ``j`` and ``j + n`` act
+        alike).
     stride, dilation, groups
-        As in ``nn.Conv2d``.
+        As in ``nn.Conv2d`` (an int or ``d`` ints).
     max_memory : int
         Working memory in bytes (default 1 GiB). Frequencies are processed in batches
         that fit; raises ``MemoryLimitError`` when the result itself does not fit
@@ -277,6 +324,7 @@ def conv_singular_values(
     -------
     Tensor
         1-D, length ``groups * m1 * m2 * min(c_out/groups, (c_in/groups) * s1 * s2)``
+        (products over the ``d`` axes)
         with ``m = n / s``: every singular value of the operator
         ``x -> circular_conv(x)`` from ``c_in x n1 x n2`` to ``c_out x m1 x m2``, with
         multiplicity. Float64 for float64 kernels, float32 otherwise. Differentiable.
@@ -303,8 +351,7 @@ def conv_singular_values(
     """
     kernel, scale, m, max_memory = _prepare(weight, input_size, stride, dilation, groups, max_memory)
     g, o, i = kernel.shape[:3]
-    m1, m2 = m
-    count = g * m1 * m2 * min(o, i)
+    count = g * math.prod(m) * min(o, i)
     needed = 3 * count * kernel.element_size()  # half-plane values, the mirrored copy, the sort
     if needed > max_memory:
         raise MemoryLimitError(
@@ -315,14 +362,18 @@ def conv_singular_values(
     single = single_tap_matrices(kernel)
     if single is not None:  # every frequency holds this matrix: decompose it once
         values = torch.linalg.svdvals(single)  # (g, min(o, i))
-        return values.flatten().repeat(m1 * m2).sort(descending=True).values * scale
-    batches = [torch.linalg.svdvals(matrices) for _, _, matrices in transfer_batches(kernel, m, max_memory)]
-    values = torch.cat(batches).reshape(m1, m2 // 2 + 1, g, -1)
-    # Frequency (u, v) with v > m2 // 2 is the conjugate of (-u, m2 - v), which was computed.
+        return values.flatten().repeat(math.prod(m)).sort(descending=True).values * scale
+    batches = [torch.linalg.svdvals(batch[-1]) for batch in transfer_batches(kernel, m, max_memory)]
+    last = len(m) - 1
+    values = torch.cat(batches).reshape(*m[:-1], m[-1] // 2 + 1, g, -1)
+    # Frequency (u, v) with v > m2 // 2 is the conjugate of (-u, m2 - v), which was computed
+    # (any number of axes: every index negated modulo its size).
     device = values.device
-    rows = (-torch.arange(m1, device=device)) % m1
-    cols = m2 - torch.arange(m2 // 2 + 1, m2, device=device)
-    values = torch.cat([values, values[rows][:, cols]], dim=1)
+    mirrored = values
+    for axis, m_a in enumerate(m[:-1]):
+        mirrored = mirrored.index_select(axis, (-torch.arange(m_a, device=device)) % m_a)
+    mirrored = mirrored.index_select(last, m[-1] - torch.arange(m[-1] // 2 + 1, m[-1], device=device))
+    values = torch.cat([values, mirrored], dim=last)
     return values.flatten().sort(descending=True).values * scale
 
 
@@ -342,7 +393,8 @@ def conv_spectral_norm(
     ``max_memory`` whatever the layer and input size: frequencies are processed in
     batches and only a running maximum is kept. A grouped convolution's norm is the
     maximum over its groups. A single-tap polyphase kernel (every 1x1 conv) costs one
-    matrix norm per group (see ``conv_singular_values``, Notes).
+    matrix norm per group (see ``conv_singular_values``, Notes). 1-D and 3-D kernels
+    and inputs smaller than the kernel as in ``conv_singular_values``.
 
     Examples
     --------
@@ -355,7 +407,7 @@ def conv_spectral_norm(
     if single is not None:  # every frequency holds this matrix
         return torch.linalg.matrix_norm(single, ord=2).amax() * scale
     best = None
-    for _, _, matrices in transfer_batches(kernel, m, max_memory):
+    for *_, matrices in transfer_batches(kernel, m, max_memory):
         top = torch.linalg.matrix_norm(matrices, ord=2).amax()
         best = top if best is None else torch.maximum(best, top)
     return best * scale
