@@ -77,6 +77,37 @@ def test_svd_transposed_conv_is_reported_like_its_dense_layer():
     assert row.exact == pytest.approx(circ, rel=REL)
 
 
+# ------------------------------------------------------------------ BatchNorm
+def test_batch_norm_rows_are_the_eval_mode_gain_and_a_conv_bn_relu_chain_is_verified():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1),
+                          nn.BatchNorm2d(2, affine=False)).double()
+    for bn in (model[1], model[4]):
+        bn.running_var.uniform_(0.01, 2.0)
+        if bn.affine:
+            bn.weight.data.uniform_(-3.0, 3.0)
+    model.train()  # the report runs in eval mode and restores the flag
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    report = spectral_report(model, x)
+    assert model.training
+    rows = {row.name: row for row in report.layers}
+    model.eval()
+    for name in ("1", "4"):
+        bn = model[int(name)]
+        truth = _top(operator_matrix(lambda z: bn(z) - bn(torch.zeros_like(z[:1])), (bn.num_features, 5, 5)))
+        assert rows[name].kind == "BatchNorm2d" and rows[name].upper_bound == pytest.approx(truth, rel=REL)
+        assert rows[name].exact == rows[name].upper_bound == rows[name].fantastic_four
+    assert report.chain and report.lipschitz_bound == pytest.approx(math.prod(r.upper_bound for r in report.layers))
+    y = x + 1e-3 * torch.randn(32, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ratios = (model(y) - model(x)).flatten(1).norm(dim=1) / (y - x).flatten(1).norm(dim=1)
+    assert float(ratios.max()) <= report.lipschitz_bound
+    no_stats = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
+    report = spectral_report(no_stats, torch.randn(2, 2, 4, 4))
+    assert [s.key for s in report.skipped] == ["1"] and "own statistics" in report.skipped[0].reason
+    assert not report.chain
+
+
 # ------------------------------------------------------------------ Linear
 def test_linear_rows_are_the_exact_matrix_norm_at_any_input_shape():
     torch.manual_seed(0)
@@ -120,14 +151,15 @@ class _Mixed(nn.Module):
         super().__init__()
         self.conv1d = nn.Conv1d(2, 2, 3, padding=1)
         self.conv3d = nn.Conv3d(1, 1, 3, padding=1)
-        self.norm = nn.BatchNorm2d(2)
+        self.norm = nn.GroupNorm(1, 2)
+        self.prelu = nn.PReLU()  # 1-Lipschitz activation: not listed
         self.embed = nn.Embedding(4, 3)
         self.scale = _Scale()
         self.conv = nn.Conv2d(2, 2, 3, padding=1)
         self.head = nn.Linear(2, 2)
 
     def forward(self, x):
-        x = self.scale(self.norm(self.conv(x)))
+        x = self.scale(self.prelu(self.norm(self.conv(x))))
         x = self.conv1d(x.flatten(2)).reshape(x.shape)
         return self.head(x.mean((2, 3)))
 
@@ -138,7 +170,7 @@ def test_every_unanalysed_module_with_parameters_is_listed_with_a_reason():
     reasons = {s.key: s.reason for s in report.skipped}
     assert set(reasons) == {"conv1d", "conv3d", "norm", "embed", "scale"}
     assert "only 2-D convolutions" in reasons["conv1d"] and "only 2-D convolutions" in reasons["conv3d"]
-    assert "normalisation" in reasons["norm"] and "embedding" in reasons["embed"] and "gain" in reasons["scale"]
+    assert "own statistics" in reasons["norm"] and "embedding" in reasons["embed"] and "gain" in reasons["scale"]
     assert "skipped 5 layer(s)" in str(report) and not report.chain
 
 
@@ -202,7 +234,8 @@ def test_a_residual_model_gets_no_unlabelled_product(inplace):
 
 
 @pytest.mark.parametrize("model, why", [
-    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2)), "BatchNorm2d '1' is not known to be 1-Lipschitz"),
+    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4)), "LayerNorm '1' is not known to be 1-Lipschitz"),
+    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.PReLU(init=1.5)), "PReLU '1' is not 1-Lipschitz with these arguments"),
     (nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2)), "Upsample '1' is not known"),
     (nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(3, stride=2)), "not 1-Lipschitz with these arguments"),
     (nn.Sequential(nn.Conv2d(2, 2, 1), nn.GELU()), "GELU '1' is not known"),

@@ -33,8 +33,11 @@ from .activations import ChannelPad, MaxMin
 from .layer import SVDConv, SVDConvTranspose2d
 
 #: Module types with a spectral norm that the report analyses.
-ANALYSED = (nn.Conv2d, SVDConv, nn.ConvTranspose2d, SVDConvTranspose2d, nn.Linear)
+BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)  # eval mode: a fixed per-channel scale
+ANALYSED = (nn.Conv2d, SVDConv, nn.ConvTranspose2d, SVDConvTranspose2d, nn.Linear) + BATCH_NORMS
 TRANSPOSED = (nn.ConvTranspose2d, SVDConvTranspose2d)
+#: Analysed layers whose norm does not depend on the input size.
+SIZE_FREE = (nn.Linear,) + BATCH_NORMS
 
 
 def _pairs(value: Any) -> Tuple[int, ...]:
@@ -70,9 +73,18 @@ ONE_LIPSCHITZ = {
     nn.MaxPool2d: _non_overlapping_max_pool, nn.AvgPool2d: _average_pool,
     nn.AdaptiveAvgPool2d: _global, nn.AdaptiveMaxPool2d: _global,
     MaxMin: lambda m: True, ChannelPad: lambda m: True,
+    nn.PReLU: lambda m: bool((m.weight.detach().abs() <= 1).all()),  # slopes in [-1, 1]
 }
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def batch_norm_problem(module: nn.Module) -> Optional[str]:
+    """Why an (analysed) batch norm is not a fixed linear map in eval mode, or None."""
+    if not module.track_running_stats or module.running_var is None:
+        return ("batch norm without running statistics: it normalises by each batch's own statistics, "
+                "not a fixed linear map")
+    return None
 
 
 def skip_reason(module: nn.Module) -> Optional[str]:
@@ -83,9 +95,11 @@ def skip_reason(module: nn.Module) -> Optional[str]:
     if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)) or \
             getattr(module, "_dims", 2) != 2:
         return "1-D/3-D convolution: only 2-D convolutions are analysed (N-d support has not landed)"
+    if type(module) in ONE_LIPSCHITZ:
+        return None
     if isinstance(module, _NORMS):
-        return ("normalisation layer: not analysed (in eval mode a batch norm scales each channel by "
-                "|gamma| / sqrt(var + eps), a factor a Lipschitz bound must include)")
+        return ("normalisation by the input's own statistics (group/layer/instance norm): not a linear map, "
+                "not analysed")
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding lookup: not a linear map of its (integer) input"
     if isinstance(module, nn.MultiheadAttention):
@@ -164,10 +178,10 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
             single = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
             calls.append((name, module, (args[0], args[0]._version) if single else None, None))
             if name in result.sizes and args and isinstance(args[0], Tensor):
-                if not isinstance(module, TRANSPOSED + (nn.Linear,)):
+                if not isinstance(module, TRANSPOSED + SIZE_FREE):
                     size = tuple(int(s) for s in args[0].shape[-2:])
-                elif isinstance(module, nn.Linear):
-                    size = tuple(int(s) for s in args[0].shape[:-1])
+                elif isinstance(module, SIZE_FREE):
+                    size = tuple(int(s) for s in args[0].shape[1:-1])
                 else:  # a transposed conv: its output grid is recorded after the call
                     result.transposed_inputs.setdefault(name, tuple(int(s) for s in args[0].shape[-2:]))
                     return

@@ -35,7 +35,7 @@ from . import bounds, spectra
 from ._conv_args import dilated_extent
 from ._hooks import find_conv_layers
 from ._progress import ProgressArg, interactive, progress_for
-from ._trace import TRANSPOSED, find_layers, sequential_problem, trace
+from ._trace import BATCH_NORMS, SIZE_FREE, TRANSPOSED, batch_norm_problem, find_layers, sequential_problem, trace
 from .layer import SVDConv, SVDConvTranspose2d
 from .spectra import MemoryLimitError, format_bytes, kernel_scale, spectral_dtype
 from .tt import orthonormal_core
@@ -320,6 +320,8 @@ class SpectralReport:
         if "Linear" in kinds:
             lines.append("  Linear rows: the matrix 2-norm (one SVD), exact at any input shape, in 'exact circ', 'FF min' "
                          "and 'upper own'.")
+        if any(kind.startswith("BatchNorm") or kind == "SyncBatchNorm" for kind in kinds):
+            lines.append("  BatchNorm rows: eval mode, max |gamma| / sqrt(running_var + eps), exact at any input shape.")
         if "ConvTranspose2d" in kinds:
             lines.append("  ConvTranspose2d rows: its adjoint, the conv with the same weight on the transposed conv's "
                          "output grid ('input'); same singular values.")
@@ -645,6 +647,23 @@ def _analyse_linear(name: str, weight: Tensor, *, note: str = "", keep_spectra: 
     )
 
 
+@torch.no_grad()
+def _analyse_batch_norm(name: str, module: nn.Module, note: str = "") -> LayerSpectrum:
+    """An eval-mode batch norm: ``x -> gamma (x - mean) / sqrt(var + eps) + beta`` per channel, a
+    diagonal linear part with norm ``max |gamma| / sqrt(var + eps)``, exact at any input shape."""
+    start = time.perf_counter()
+    var = module.running_var.detach().to(torch.float64)
+    gains = 1.0 / torch.sqrt(var + module.eps)
+    if module.weight is not None:
+        gains = gains * module.weight.detach().to(torch.float64)
+    value = float(gains.abs().max()) if gains.numel() else 0.0
+    return LayerSpectrum(
+        name=name, kind=type(module).__name__, shape=(gains.numel(),), stride=None, input_size=None, exact=value,
+        fantastic_four=value, gram=None, power_estimate=None, upper_bound=value,
+        seconds=time.perf_counter() - start, note=note, memory_estimate=gains.numel() * 8,
+    )
+
+
 def _transposed_spec(module: Union[nn.ConvTranspose2d, SVDConvTranspose2d]) -> bounds.ConvSpec:
     """The conv whose adjoint ``module`` is: ``nn.Conv2d(out_channels -> in_channels)`` with the same
     weight, stride, padding, dilation and groups, zero padding (see ``spectral_report``)."""
@@ -696,10 +715,14 @@ def spectral_report(
       ``output_padding >= s`` (allowed with dilation) the conv has extra rows and 'power own'
       is left out;
     * ``nn.Linear``: its matrix 2-norm (one SVD), exact at any input shape; it fills
-      'exact', 'FF min' and 'upper own', Gram and power are left empty.
+      'exact', 'FF min' and 'upper own', Gram and power are left empty;
+    * batch norms (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``) as they run in eval mode: a
+      per-channel scale ``gamma / sqrt(running_var + eps)`` whose norm ``max |gamma| /
+      sqrt(running_var + eps)`` fills the same three columns (without running statistics a
+      batch norm is no fixed linear map and is skipped).
 
-    Every other module with parameters or a linear part (1-D/3-D convs, normalisation
-    layers, embeddings, attention, custom modules with their own parameters...) is listed
+    Every other module with parameters or a linear part (1-D/3-D convs, group/layer/instance
+    norms, embeddings, attention, custom modules with their own parameters...) is listed
     in ``report.skipped`` with the reason.
 
     Lipschitz product: ``report.lipschitz_upper_bound`` multiplies the 'upper own' column;
@@ -775,8 +798,18 @@ def spectral_report(
         note = ""
         if example_input is not None and not seen:
             note = "not called by the example forward pass"
-        elif len(seen) > 1 and not isinstance(module, nn.Linear):
+        elif len(seen) > 1 and not isinstance(module, SIZE_FREE):
             note = f"called with several input sizes {seen}; reported for the first"
+        if isinstance(module, BATCH_NORMS):
+            problem = batch_norm_problem(module)
+            if problem is not None:
+                skipped.append(SkippedTensor(name, tuple(module.running_mean.shape) if module.running_mean is not None
+                                             else (module.num_features,), problem))
+            else:
+                rows.append(_analyse_batch_norm(name, module, note))
+            if reporter is not None:
+                reporter.step(name)
+            continue
         try:
             if isinstance(module, nn.Linear):
                 row = _analyse_linear(name, module.weight, note=note, keep_spectra=keep_spectra,
