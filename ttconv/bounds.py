@@ -504,6 +504,10 @@ def _selected_copies(mode: str, before: int, after: int, n: int, stride: int) ->
     return int(torch.bincount(padded.flatten()[::stride].long(), minlength=n + 1)[1:].max())
 
 
+def _is_one_by_one(spec: ConvSpec) -> bool:
+    return tuple(spec.kernel.shape[2:]) == (1, 1)
+
+
 def _one_by_one_norm(spec: ConvSpec, n: Tuple[int, int]) -> Tensor:
     """Exact norm of a 1x1 layer's own operator on ``n`` (any padding mode and amount, stride).
 
@@ -549,7 +553,7 @@ def operator_norm_bound(
     spec = conv_spec(target, **geometry)
     n = args.input_size_arg(input_size)
     _check_operator_size(spec, n)
-    if tuple(spec.kernel.shape[2:]) == (1, 1):
+    if _is_one_by_one(spec):
         return _one_by_one_norm(spec, n)  # exact: nothing can be smaller
     extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
     axes = _axis_padding(spec)
