@@ -465,6 +465,7 @@ class _Truncation:
         power = self.sv_in.pow(2).sum(0)
         self.tail_in = torch.cat([power.flip(0).cumsum(0).flip(0), power.new_zeros(1)])
         self._out_power: Dict[int, Tensor] = {}
+        self._grams: Optional[Dict[int, Tensor]] = None  # output Grams, kept during one energy search
 
     # -------------------------------------------------------------- output side
     def _projected(self, r_in: int) -> Tensor:
@@ -478,12 +479,32 @@ class _Truncation:
         if r_in not in self._out_power:
             if self.pointwise:
                 power = self.sv_in[..., :r_in].pow(2)  # W V_r = U_all[:, :r] diag(s[:r])
+            elif self.out_per_group <= r_in * self.taps:
+                power = torch.linalg.eigvalsh(self._output_gram(r_in)).flip(-1).clamp_min(0.0)
             else:
-                x = self._projected(r_in)
-                gram = _gram(x) if x.shape[-2] <= x.shape[-1] else _gram(x.mT)
-                power = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0)
+                power = torch.linalg.eigvalsh(_gram(self._projected(r_in).mT)).flip(-1).clamp_min(0.0)
             self._out_power[r_in] = power
         return self._out_power[r_in]
+
+    def _output_gram(self, r_in: int) -> Tensor:
+        """``X X^T`` ``(g, o, o)`` of the projected output unfolding ``X`` at ``r_in``.
+
+        ``X`` holds the first ``r_in`` rotated rows side by side (each an ``o x kh*kw``
+        block ``R_b``), so ``X X^T = sum_{b < r_in} R_b R_b^T``: during one search the Gram
+        at a larger ``r_in`` extends the nearest smaller one (``self._grams``) by the new
+        blocks only, and a sweep over input ranks costs one Gram, not one per rank.
+        """
+        grams = self._grams if self._grams is not None else {}
+        below = max((r for r in grams if r <= r_in), default=0)
+        if below == r_in:
+            return grams[r_in]
+        g, o, (kh, kw) = self.groups, self.out_per_group, self.kernel_size
+        new = self.rotated[:, below:r_in].reshape(g, r_in - below, o, kh * kw).transpose(1, 2).reshape(g, o, -1)
+        gram = new @ new.mT
+        if below:
+            gram = gram + grams[below]
+        grams[r_in] = gram
+        return gram
 
     def _out_tails(self, r_in: int) -> Tensor:
         """``tails[r]``: squared norm discarded by keeping ``r`` output directions at ``r_in``."""
@@ -516,6 +537,13 @@ class _Truncation:
         """
         if self.norm_sq == 0.0:
             return 1, 1
+        self._grams = {}
+        try:
+            return self._energy_ranks(energy, shrink)
+        finally:
+            self._grams = None  # (g, o, o) each: not kept between searches
+
+    def _energy_ranks(self, energy: float, shrink: bool) -> Tuple[int, int]:
         allowed = (1.0 - energy + _ENERGY_SLACK) * self.norm_sq
         if self.pointwise:
             rank = max(1, int((self.tail_in > allowed).sum()))
