@@ -532,8 +532,10 @@ class _Truncation:
         keeps less than ``energy``. Among the staircase points, it has the fewest
         parameters of those tried (the smallest feasible ``r_in`` and 16 spread over
         ``1..full``: every one for at most 16 input channels), then ``r_in`` is lowered as far as the same
-        ``r_out`` allows (skipped with ``shrink=False``: then only the tried input ranks
-        are evaluated, a cheaper upper bound for searches over many thresholds).
+        ``r_out`` allows. ``shrink=False`` tries the 16 spread input ranks only, whose
+        spectra are cached across thresholds, and skips the lowering: an upper bound on
+        the parameters of the ``shrink=True`` result at no new decomposition, for
+        searches over many thresholds.
         """
         if self.norm_sq == 0.0:
             return 1, 1
@@ -551,9 +553,9 @@ class _Truncation:
         full_in = self.sv_in.shape[-1]
         low = max(1, int((self.tail_in > allowed).sum()))
         # The same spread of input ranks at every threshold (their spectra are cached), plus
-        # the smallest feasible one.
+        # the smallest feasible one (which ``spread`` need not hold).
         spread = {round(1 + k * (full_in - 1) / (_RANK_CANDIDATES - 1)) for k in range(_RANK_CANDIDATES)}
-        candidates = sorted({r for r in spread if r >= low} | {low})
+        candidates = sorted({r for r in spread if r >= low} | ({low} if shrink else set()))
         best = min(((self.params((self._min_r_out(r_in, allowed), r_in)), r_in) for r_in in candidates))
         r_in = best[1]
         r_out = self._min_r_out(r_in, allowed)
