@@ -70,6 +70,12 @@ class UnsafeTensorError(ValueError):
 class LayerSpectrum:
     """One row of a ``SpectralReport`` (plain floats, no autograd history).
 
+    Columns mean the same for every conv row (``Conv2d``, ``SVDConv``, and transposed convs
+    through their adjoint conv on the output grid, see ``spectral_report``). For layers whose
+    norm does not depend on the input (``Linear``: the matrix 2-norm; eval-mode batch norms:
+    the largest per-channel gain) ``exact``, ``fantastic_four`` and ``upper_bound`` all hold
+    that exact norm, ``gram``, ``power_estimate``, ``stride`` and ``input_size`` are None.
+
     Attributes
     ----------
     exact : float or None
@@ -102,7 +108,7 @@ class LayerSpectrum:
     name: str
     kind: str
     shape: Tuple[int, ...]
-    stride: Tuple[int, int]
+    stride: Optional[Tuple[int, int]]
     input_size: Optional[Tuple[int, int]]
     exact: Optional[float]
     fantastic_four: float
@@ -155,6 +161,15 @@ COLUMN_OPERATORS = {
     "power_estimate": "lower estimate of the layer's own operator (its own padding) on the input size",
     "upper_bound": "certified upper bound of the layer's own operator (its own padding) on the input size; "
                    "without an input size, at every input size",
+}
+
+#: What the rows of layers other than plain convs hold (also written into the JSON).
+KIND_NOTES = {
+    "Linear": "the matrix 2-norm (one SVD), exact at any input shape, in exact, fantastic_four and upper_bound",
+    "BatchNorm": "eval mode: max |gamma| / sqrt(running_var + eps), exact at any input shape, in exact, "
+                 "fantastic_four and upper_bound",
+    "ConvTranspose2d": "the adjoint conv (same weight and geometry, out -> in channels) on the transposed conv's "
+                       "output grid (input_size); same singular values",
 }
 
 _LEGEND = [
@@ -261,6 +276,7 @@ class SpectralReport:
         payload: Dict[str, Any] = {
             "message": self.message,
             "columns": COLUMN_OPERATORS,
+            "kinds": KIND_NOTES,
             "layers": rows,
             "skipped": [{"key": s.key, "shape": list(s.shape), "reason": s.reason} for s in self.skipped],
             "lipschitz_upper_bound_sequential": product,
@@ -785,12 +801,14 @@ def spectral_report(
         traced = trace(model, layers, example_input)
         sizes, chain = traced.sizes, traced.chain
         chain_note = ("the example pass verified a plain chain: each layer receives the previous one's output, "
-                      "with only 1-Lipschitz maps in between") if chain else traced.chain_reason
+                      "with only 1-Lipschitz maps in between; for inputs of the example's size") if chain \
+            else traced.chain_reason
     else:
         sizes = {}
         problem = sequential_problem(model, layers)
         chain = problem is None
-        chain_note = problem or "an nn.Sequential of the analysed layers and 1-Lipschitz maps"
+        chain_note = problem or ("an nn.Sequential of the analysed layers and 1-Lipschitz maps; size-independent "
+                                 "bounds, for inputs of any size")
     rows: List[LayerSpectrum] = []
     kept = 0
     for name, module in layers:
