@@ -399,3 +399,60 @@ def test_cli_prints_a_repeated_note_once(tmp_path):
     table = text[: text.index("columns:")]
     assert table.count("[1]") == 3
     assert [line.split()[0] for line in err.getvalue().splitlines()] == ["[1/3]", "[2/3]", "[3/3]"]
+
+
+def _small_input_cases(count=40):
+    """Random layers on inputs smaller than their dilated kernel (n divisible by the stride)."""
+    generator = torch.Generator().manual_seed(10)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=generator))]
+    cases = []
+    while len(cases) < count:
+        k, s, d, g = pick([2, 3, 5]), pick([1, 2]), pick([1, 2]), pick([1, 2])
+        extent = d * (k - 1) + 1
+        sizes = [n for n in range(1, extent) if n % s == 0]
+        if not sizes:
+            continue
+        cases.append(dict(kind=pick(["conv", "svd"]), k=k, s=s, d=d, g=g, c_in=2 * g, c_out=pick([1, 2]) * g,
+                          n=(pick(sizes), pick(sizes)), index=len(cases)))
+    return cases
+
+
+@pytest.mark.parametrize("case", _small_input_cases(), ids=lambda c: f"{c['index']}")
+def test_control_guarantee_below_the_kernel_size_against_the_oracle(case):
+    torch.manual_seed(case["index"])
+    padding = (case["d"] * (case["k"] - 1) + 1) // 2  # enough for torch to accept any n >= 1
+    geometry = dict(stride=case["s"], padding=padding, dilation=case["d"], groups=case["g"])
+    if case["kind"] == "svd":
+        layer = SVDConv(case["c_in"], case["c_out"], case["k"], rank=1, dtype=torch.float64, **geometry)
+        weight = lambda: layer.dense_weight().detach()
+    else:
+        layer = nn.Conv2d(case["c_in"], case["c_out"], case["k"], bias=False, dtype=torch.float64, **geometry)
+        weight = lambda: layer.weight.detach()
+    n, stride, dilation = case["n"], (case["s"],) * 2, (case["d"],) * 2
+    truth = lambda: float(circular_singular_values_any_size(weight(), n, stride, dilation, case["g"])[0])
+    before = truth()
+    row = spectral_report(nn.Sequential(layer), torch.zeros(1, case["c_in"], *n, dtype=torch.float64)).layers[0]
+    assert row.exact == pytest.approx(before, rel=REL)
+    target = 0.5 * before
+    control = SpectralControl(nn.Sequential(layer), target, every=1, example_input=torch.zeros(1, case["c_in"], *n,
+                                                                                              dtype=torch.float64))
+    reached = control.apply()["0"]
+    after = truth()
+    assert after <= target * (1 + 1e-9) and reached == pytest.approx(after, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", [c for c in _small_input_cases() if c["d"] == 1 and c["s"] == 1],
+                         ids=lambda c: f"{c['index']}")
+def test_plain_clip_below_an_undilated_kernel_is_exact(case):
+    # Every residue mod n holds a tap of an undilated kernel larger than n: the folded kernel
+    # can take any value, so the clip reaches its target exactly (no projection loss).
+    torch.manual_seed(case["index"])
+    layer = nn.Conv2d(case["c_in"], case["c_out"], case["k"], padding=case["k"] // 2, groups=case["g"], bias=False,
+                      dtype=torch.float64)
+    n = case["n"]
+    before = circular_singular_values_any_size(layer.weight.detach(), n, (1, 1), (1, 1), case["g"])
+    target = 0.5 * float(before[0])
+    SpectralControl(layer, target, mode="clip", example_input=torch.zeros(1, case["c_in"], *n,
+                                                                          dtype=torch.float64)).apply()
+    after = circular_singular_values_any_size(layer.weight.detach(), n, (1, 1), (1, 1), case["g"])
+    assert torch.allclose(after, before.clamp(max=target), rtol=0, atol=1e-10 * float(before[0]))
