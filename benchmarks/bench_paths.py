@@ -94,6 +94,18 @@ def _forward_backward(layer, x, path):
     return run
 
 
+def _elements(layer, x):
+    """Tensor elements each path reads and writes (input, hidden maps, output), for calibration."""
+    y = layer._output_size(tuple(x.shape[2:]))
+    in_px, out_px = x.shape[0] * x[0, 0].numel(), x.shape[0] * int(torch.tensor(y).prod())
+    r_out, r_in = layer.ranks
+    g = layer.groups
+    dense = in_px * layer.in_channels + out_px * layer.out_channels
+    if layer._is_pointwise():
+        return dense, dense + 2 * in_px * g * r_in
+    return dense, dense + 2 * in_px * g * r_in + 2 * out_px * g * r_out
+
+
 def measure(names, batches, rounds, modes, dump=None):
     rows, ratios, choices = [], {mode: [] for mode in modes}, {mode: [] for mode in modes}
     for label, c_in, c_out, kernel, stride, groups, size in SHAPES:
@@ -119,7 +131,7 @@ def measure(names, batches, rounds, modes, dump=None):
                     if dump is not None:
                         dump.append(dict(label=label, rank=rank_label, batch=batch, mode=mode, dense=times["dense"],
                                          factored=times["factored"], auto=times["auto"], chosen=chosen,
-                                         flops=layer.flop_costs(tuple(x.shape))))
+                                         flops=layer.flop_costs(tuple(x.shape)), elements=_elements(layer, x)))
                     faster = "dense" if times["dense"] <= times["factored"] else "factored"
                     rows.append([label, f"{c_in}->{c_out} k{kernel} s{stride} g{groups}", f"{size[0]}x{size[1]}",
                                  rank_label, str(layer.ranks), str(batch), mode,

@@ -26,11 +26,13 @@ _CONV_NAMES = {"conv2d", "conv1d", "conv3d", "convolution", "_convolution", "con
 
 
 class ConvRecorder(TorchFunctionMode):
-    """Records ``(name, multiply-adds)`` of every convolution called inside the block."""
+    """Records ``(name, multiply-adds)`` of every convolution called inside the block, and
+    the elements each reads and writes (input plus output numel) in ``elements``."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.elements = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -39,6 +41,7 @@ class ConvRecorder(TorchFunctionMode):
         if name in _CONV_NAMES:
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             self.calls.append((name, result.numel() * math.prod(weight.shape[1:])))
+            self.elements += args[0].numel() + result.numel()
         return result
 
     @property
@@ -67,6 +70,8 @@ CASES = {  # name: (SVDConv kwargs, input shape)
     "full_rank": (dict(in_channels=16, out_channels=64, kernel_size=3, padding=1), (8, 16, 16, 16)),
     # Full rank, but a 2x2 image: composing the kernel costs more than three small convs.
     "tiny_image": (dict(in_channels=64, out_channels=64, kernel_size=3, padding=1), (1, 64, 2, 2)),
+    # Wide, on a 2x2 image: composing the 256x256x3x3 kernel is 100x the convolutions.
+    "tiny_image_wide": (dict(in_channels=256, out_channels=256, kernel_size=3, padding=1), (1, 256, 2, 2)),
     "grouped": (dict(in_channels=16, out_channels=16, kernel_size=3, padding=1, groups=4), (8, 16, 16, 16)),
     # Stride 2: the first 1x1 conv of the factored path runs on 4x the output pixels.
     "strided": (dict(in_channels=32, out_channels=32, kernel_size=3, stride=2, padding=1, rank=(24, 32)),
@@ -97,7 +102,8 @@ def _measured_costs(name):
 
 
 EXPECTED = {  # the cheaper path, by the independent model above (checked with a margin below)
-    "low_rank": "factored", "full_rank": "dense", "tiny_image": "factored", "grouped": "dense",
+    "low_rank": "factored", "full_rank": "dense", "tiny_image": "factored", "tiny_image_wide": "factored",
+    "grouped": "dense",
     "strided": "dense", "strided_low_rank": "factored",
 }
 
@@ -175,7 +181,8 @@ def test_large_inputs_mix_channels_by_matmul_exactly(kernel_size, groups, unbatc
     x = torch.randn(1, 4, side, side, dtype=torch.float64)
     x = x[0] if unbatched else x
     reference = layer.to_conv2d()(x)
-    for path, convs in (("factored", 1), ("dense", 0 if kernel_size == 1 else 1)):
+    # A 1x1 layer's factored path folds its 1x1 core into U (two mixings, no conv left).
+    for path, convs in (("factored", 0 if kernel_size == 1 else 1), ("dense", 0 if kernel_size == 1 else 1)):
         layer.path = path
         y, recorder = _run(layer, x)
         assert len(recorder.calls) == convs, (path, recorder.calls)  # the 1x1 convs became matmuls
@@ -184,7 +191,7 @@ def test_large_inputs_mix_channels_by_matmul_exactly(kernel_size, groups, unbatc
     small = x[..., :8, :8]  # below the threshold: 1x1 convs again
     layer.path = "factored"
     y, recorder = _run(layer, small)
-    assert len(recorder.calls) == 3
+    assert len(recorder.calls) == (2 if kernel_size == 1 else 3)
     assert torch.allclose(y, layer.to_conv2d()(small), rtol=1e-10, atol=1e-12)
 
 
@@ -195,3 +202,65 @@ def test_choose_path_is_the_cost_model_and_forward_follows_it(name):
     assert layer.choose_path(tuple(x.shape)) == ("dense" if dense <= factored else "factored")
     _, recorder = _run(layer, x)
     assert len(recorder.calls) == (1 if layer.choose_path(tuple(x.shape)) == "dense" else 3)
+
+
+def _model_cost(layer, x, path):
+    """The cost model of ``path_costs``, with every count measured on the forced path: conv
+    multiply-adds, elements read and written, and calls (the dense path adds composing the
+    kernel: its multiply-adds and ``_COMPOSE_CALLS`` calls)."""
+    from ttconv import layer as layer_module
+
+    layer.path = path
+    _, recorder = _run(layer, x)
+    calls = len(recorder.calls)
+    macs = recorder.macs
+    if path == "dense":
+        macs += _compose_macs(layer)
+        calls += layer_module._COMPOSE_CALLS
+    return macs + layer_module._COST_PER_ELEMENT * recorder.elements + layer_module._COST_PER_CALL * calls, macs
+
+
+GRID = [  # (in, out, kernel, stride, rank, input shape); all below MATMUL_MIN_POSITIONS
+    (c_in, c_out, k, s, rank, (batch, c_in, n, n))
+    for c_in, c_out in ((3, 10), (16, 64), (64, 64), (120, 40))
+    for k, s in ((1, 1), (3, 1), (3, 2))
+    for rank in (1, 0.25, None)
+    for batch, n in ((1, 4), (1, 16), (4, 40))
+] + [
+    # Thin layers on large maps: fewer multiply-adds factored, but the hidden maps cost more
+    # to write and read than the multiply-adds saved, so the model picks dense.
+    (3, 16, 3, 2, 4, (1, 3, 120, 120)), (8, 8, 1, 1, 4, (1, 8, 120, 120)), (32, 4, 3, 2, 4, (1, 32, 120, 120)),
+    (3, 10, 3, 1, 4, (2, 3, 90, 90)), (3, 16, 3, 1, 4, (1, 3, 120, 120)), (8, 8, 3, 1, 4, (1, 8, 120, 120)),
+]
+THIN = GRID[-6:]
+
+
+def test_auto_follows_the_cost_model_measured_on_the_forced_paths():
+    """Deterministic (no timing): over the grid, ``forward`` with ``path='auto'`` takes the path
+    of lower modelled cost, where the counts are measured on each forced path. The grid holds
+    cases where multiply-adds alone would choose the other path, so the element and call
+    terms are exercised."""
+    torch.manual_seed(0)
+    disagreements = 0
+    for c_in, c_out, k, s, rank, shape in GRID:
+        r = None if rank is None else max(1, int(rank * min(c_in, c_out))) if rank < 1 else rank
+        layer = SVDConv(c_in, c_out, k, stride=s, padding=k // 2, rank=r, dtype=torch.float64)
+        x = torch.randn(*shape, dtype=torch.float64)
+        dense, dense_macs = _model_cost(layer, x, "dense")
+        factored, factored_macs = _model_cost(layer, x, "factored")
+        if abs(math.log(dense / factored)) < 1e-3:
+            continue  # a tie within round-off of the model: either path is right
+        expected = "dense" if dense < factored else "factored"
+        assert layer.choose_path(tuple(x.shape)) == expected, (c_in, c_out, k, s, r, shape, dense, factored)
+        layer.path = "auto"
+        _, recorder = _run(layer, x)
+        assert len(recorder.calls) == len(_run(_forced(layer, expected), x)[1].calls)
+        disagreements += ("dense" if dense_macs <= factored_macs else "factored") != expected
+        if (c_in, c_out, k, s, rank, shape) in THIN:  # the element term decides (see GRID)
+            assert expected == "dense" and factored_macs < dense_macs, (c_in, c_out, k, s, rank, shape)
+    assert disagreements >= 3
+
+
+def _forced(layer, path):
+    layer.path = path
+    return layer

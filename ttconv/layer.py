@@ -42,6 +42,13 @@ torch.fx.wrap("orthonormal_basis")
 
 _PATHS = ("auto", "dense", "factored")
 
+# Cost model of the forward paths (``path_costs``), in multiply-adds: one tensor element read or
+# written, one operator call, and the operator calls of composing the dense kernel. Chosen on
+# interleaved timings of both paths (benchmarks/bench_paths.py --dump, one CPU thread).
+_COST_PER_ELEMENT = 32
+_COST_PER_CALL = 300_000
+_COMPOSE_CALLS = 3
+
 _CORES = ("general", "orthogonal")
 
 # Layout of the extra state (format 2): an int64 vector, so every value of a state dict
@@ -413,6 +420,8 @@ class _SVDConvNd(nn.Module):
         in_g = cols // g
         compose_cost = g * r_out * r_in * taps * in_g + rows * r_out * in_g * taps
         dense = rows * in_g * taps
+        if self._is_pointwise():  # the factored path folds the core into U: two channel mixings
+            return compose_cost, dense, cols * r_in, rows * r_in
         return compose_cost, dense, cols * r_in, g * r_out * r_in * taps + rows * r_out
 
     def flop_costs(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
@@ -432,17 +441,39 @@ class _SVDConvNd(nn.Module):
         return (compose_cost + out_pixels * dense,
                 in_pixels * factored_in + out_pixels * factored_out)
 
-    def path_costs(self, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
-        """Estimated cost of the ``(dense, factored)`` forward paths, in multiply-adds.
+    def path_elements(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+        """Tensor elements the ``(dense, factored)`` forward paths read and write: the input,
+        the output and, for the factored path, each hidden map twice (written, then read)."""
+        batch = input_shape[0] if len(input_shape) == self._dims + 2 else 1
+        size = tuple(input_shape[-self._dims:])
+        in_pixels, out_pixels = batch * math.prod(size), batch * math.prod(self._output_size(size))
+        r_out, r_in = self.ranks
+        g = self.groups
+        dense = in_pixels * self.in_channels + out_pixels * self.out_channels
+        # Hidden maps: after the first mixing (input resolution) and after the core (output
+        # resolution); the rank on each side is r_in / r_out for a conv, r_out / r_in transposed.
+        first, second = (r_out, r_in) if self._transposed else (r_in, r_out)
+        if self._is_pointwise():
+            return dense, dense + 2 * in_pixels * g * first
+        return dense, dense + 2 * in_pixels * g * first + 2 * out_pixels * g * second
 
-        The multiply-adds of ``flop_costs`` (the dense path composes its kernel on every call).
-        Calibration on measured times (``benchmarks/bench_paths.py``, one CPU thread, both
-        paths timed interleaved on MTCNN-, MobileNet- and OCR-like shapes): once 1x1
-        convolutions on large inputs run as matmuls, adding a per-call overhead, a compose
-        overhead or a per-element memory cost to the model picked worse on those shapes, so
-        the model is multiply-adds alone. Deterministic: nothing is timed at run time.
+    def path_costs(self, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
+        """Estimated cost of the ``(dense, factored)`` forward paths, in multiply-add units.
+
+        ``flop_costs`` (the dense path composes its kernel on every call) plus what makes
+        small and thin layers slow on CPU: ``_COST_PER_ELEMENT`` per tensor element read or
+        written (``path_elements``; maps with few channels are memory-bound) and
+        ``_COST_PER_CALL`` per operator call (the dense path makes ``1 + _COMPOSE_CALLS``,
+        the factored path 3, or 2 for a 1x1 layer). The constants come from timings of both
+        paths on MTCNN-, MobileNet- and OCR-like shapes on one CPU thread
+        (``benchmarks/bench_paths.py --dump``). Deterministic: nothing is timed at run time.
         """
-        return self.flop_costs(input_shape)
+        dense_macs, factored_macs = self.flop_costs(input_shape)
+        dense_elements, factored_elements = self.path_elements(input_shape)
+        factored_calls = 2 if self._is_pointwise() else 3
+        dense = dense_macs + _COST_PER_ELEMENT * dense_elements + _COST_PER_CALL * (1 + _COMPOSE_CALLS)
+        factored = factored_macs + _COST_PER_ELEMENT * factored_elements + _COST_PER_CALL * factored_calls
+        return dense, factored
 
     def choose_path(self, input_shape: Tuple[int, ...]) -> str:
         """The path ``forward`` takes for this input shape with ``path='auto'`` (see ``path_costs``)."""
@@ -499,7 +530,12 @@ class _SVDConvNd(nn.Module):
         scaled_core = S[(...,) + (None,) * (d + 1)] * core
         # Channel mixing commutes with every padding mode, so the 1x1 convs can sit
         # outside the padded core conv.
-        if self._transposed:
+        if self._is_pointwise():
+            # A 1x1 core only mixes channels too: fold it into U, two mixings instead of three.
+            left = (U.reshape(g, -1, r_out) * S.reshape(g, 1, r_out)) @ core.reshape(g, r_out, r_in)
+            hidden = _functional.mix_channels(x, V.reshape(g, -1, r_in).transpose(1, 2), None, g, d)
+            y = _functional.mix_channels(hidden, left, self.bias, g, d)
+        elif self._transposed:
             # The adjoint of V core^T U^T: U^T on the input, the core transposed, then V.
             hidden = _functional.mix_channels(x, U.reshape(g, -1, r_out).transpose(1, 2), None, g, d)
             hidden = self._conv(hidden, scaled_core, None, output_padding)
