@@ -641,13 +641,15 @@ def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_in
                       reference: List[Tensor], tolerance: float, refine: int,
                       progress: Optional[ProgressFn],
                       layers: Dict[Tuple[str, Tuple[int, int]], SVDConv]) -> Tuple[float, float]:
-    """The smallest shared energy threshold (bisection) whose model's output error is within
-    ``tolerance``; returns ``(energy, its output error)``.
+    """The smallest shared energy threshold whose model's output error is within
+    ``tolerance``, by bisection; returns ``(energy, its output error)``.
 
+    The bisection runs on ``log10(1 - energy)`` from ``-12`` (all but exact) to ``0``,
+    to ``_TOLERANCE_RESOLUTION`` decades: the thresholds that matter for a model's
+    outputs are often ``0.999`` and above, where a linear bisection would not look.
     Sizes grow with the threshold, but the output error need not shrink with it (errors
-    of several layers can cancel), so the threshold found has an error within tolerance
-    and the next-lower probe (within 1e-3 of it in energy) above it: a boundary, not
-    necessarily the smallest such threshold.
+    of several layers can cancel), so the threshold found meets the tolerance and the
+    next probe below it did not: a boundary, not necessarily the smallest such threshold.
     """
     errors: Dict[Tuple[Tuple[int, int], ...], float] = {}
 
@@ -666,23 +668,32 @@ def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_in
             errors[key] = _output_error(_run(probe, example_input), reference)
         return errors[key]
 
-    low, high = 0.0, 1.0
-    high_error = error_at(high)
-    if high_error > tolerance:
-        raise ValueError(f"output_tolerance={tolerance:g} is below the output error at energy 1.0 "
-                         f"({high_error:.3g}, round-off): raise the tolerance")
-    step = 0
-    while high - low > 1e-3:
-        middle = (low + high) / 2
-        error = error_at(middle)
+    def energy_of(exponent: float) -> float:
+        return 1.0 - 10.0 ** exponent
+
+    passing, failing = _TOLERANCE_EXPONENTS  # exponents of the discarded fraction 1 - energy
+    passing_error = error_at(energy_of(passing))
+    if passing_error > tolerance:
+        raise ValueError(f"output_tolerance={tolerance:g} is below the output error at energy 1 - 1e-12 "
+                         f"({passing_error:.3g}, round-off): raise the tolerance")
+    steps = math.ceil(math.log2((failing - passing) / _TOLERANCE_RESOLUTION))
+    for step in range(steps):
+        middle = (passing + failing) / 2
+        error = error_at(energy_of(middle))
         if error <= tolerance:
-            high, high_error = middle, error
+            passing, passing_error = middle, error
         else:
-            low = middle
-        step += 1
+            failing = middle
         if progress is not None:
-            progress(step, 10, f"output search: energy {middle:.4g} gives output error {error:.3g}")
-    return high, high_error
+            progress(step + 1, steps, f"output search: energy {energy_of(middle):.6g} gives output error {error:.3g}")
+    return energy_of(passing), passing_error
+
+
+_TOLERANCE_EXPONENTS = (-12.0, 0.0)
+"""The output search's range of ``log10(1 - energy)``: from all but exact to rank 1."""
+
+_TOLERANCE_RESOLUTION = 0.01
+"""Width in decades of ``1 - energy`` where the output search stops (about 2%: 11 probes)."""
 
 
 def convert(
@@ -763,11 +774,11 @@ def convert(
     output_tolerance : float, optional
         Relative output error ``||f_converted(x) - f(x)|| / ||f(x)||`` on
         ``example_input`` to stay within: one shared energy threshold is chosen by
-        bisection as (about) the smallest whose converted model meets it; see
-        ``report.energy`` and ``report.output_error`` for what was achieved. Each
-        probe runs the model once. The error need not fall monotonically with the
-        threshold, so the result is a threshold that meets the tolerance whose
-        next-lower probe did not.
+        bisection (on ``log10(1 - energy)``, to 0.01 decades, about 12 probes) as
+        (about) the smallest whose converted model meets it; see ``report.energy`` and
+        ``report.output_error`` for what was achieved. Each probe runs the model once.
+        The error need not fall monotonically with the threshold, so the result is a
+        threshold that meets the tolerance whose next probe below did not.
     example_input : Tensor or tuple, optional
         An input (or a tuple of positional inputs) for ``model``, e.g. a small batch. When
         given, ``report.output_error`` is the relative output error of the converted
