@@ -322,5 +322,30 @@ def test_budget_search_reports_progress_first_and_decomposes_each_layer_once(mon
     assert lines[-1] == (len(convs), len(convs), report.layers[-1].name)
 
 
+@pytest.mark.parametrize("kwargs", [dict(energy=0.99), dict(output_tolerance=0.1), dict(rank=0.5)])
+def test_each_layer_is_decomposed_once_whatever_the_setting(monkeypatch, kwargs):
+    torch.manual_seed(0)
+    model = _compressible(mobilenet_like()).eval()
+    calls = []
+    real = convert_module._truncation
+
+    def counting(weight, groups=1, method="gram"):
+        calls.append(weight.shape)
+        return real(weight, groups, method)
+
+    monkeypatch.setattr(convert_module, "_truncation", counting)
+    lines = []
+    _, report = convert(model, example_input=torch.randn(2, 3, 32, 32), return_report=True,
+                        progress=lambda done, total, name: lines.append(name), **kwargs)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    converted = [row.name for row in report.layers]
+    # energy / output search: every non-depthwise conv analysed once, probes included;
+    # rank: only the converted ones are decomposed (a kept layer's size needs no decomposition).
+    assert len(calls) == (len(converted) if "rank" in kwargs else len(convs))
+    if "output_tolerance" in kwargs:
+        assert sum(name.startswith("output search") for name in lines) == 11
+        assert report.output_error <= 0.1
+
+
 def test_convert_is_exported():
     assert ttconv.convert is convert
