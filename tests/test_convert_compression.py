@@ -12,6 +12,7 @@ from torch import nn
 
 import ttconv
 from ttconv import SVDConv, convert
+
 convert_module = importlib.import_module("ttconv.convert")  # the module; ttconv.convert is the function
 
 
@@ -240,12 +241,12 @@ def test_output_tolerance_search_meets_the_tolerance_and_reports_it():
         assert report.output_error == pytest.approx(truth, rel=1e-6)
         assert 0 < report.energy <= 1
         # The threshold found is the one used: energy= at it builds the same model.
-        again, again_report = convert(model, energy=report.energy, return_report=True)
+        _, again_report = convert(model, energy=report.energy, return_report=True)
         assert [r.ranks for r in again_report.layers] == [r.ranks for r in report.layers]
         # Bisection on log10(1 - energy) to 0.01 decades: discarding 2.5% more (0.011
         # decades) already misses the tolerance, or gives the same ranks (a boundary).
         coarser = 1 - (1 - report.energy) * 10 ** 0.011
-        lower, lower_report = convert(model, energy=coarser, example_input=x, return_report=True)
+        _, lower_report = convert(model, energy=coarser, example_input=x, return_report=True)
         assert (lower_report.output_error > tolerance
                 or [r.ranks for r in lower_report.layers] == [r.ranks for r in report.layers])
         sizes[tolerance] = _conv_params(converted)
