@@ -279,3 +279,26 @@ def test_large_inputs_mix_channels_by_matmul_exactly(cls, size):
     for path in ("dense", "factored"):
         layer.path = path
         assert _relative(layer(x), pointwise(x)) < 1e-12
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_fx_symbolic_trace_computes_the_same(cls):
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(9)
+    layer = cls(4, 6, 3, stride=2, padding=1, groups=2, rank=2, dtype=torch.float64)
+    traced = torch.fx.symbolic_trace(nn.Sequential(layer))
+    x = torch.randn(2, 4, *(7,) * dims, dtype=torch.float64)
+    assert _relative(traced(x), layer.to_conv()(x)) < 1e-12
+
+
+@pytest.mark.parametrize("cls", [SVDConv1d, SVDConv3d, SVDConvTranspose2d])
+def test_set_dense_weight_exact_or_refused(cls):
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(10)
+    layer = cls(4, 6, 3, groups=2, dtype=torch.float64)  # full rank: every kernel is representable
+    conv = torch_class(4, 6, 3, groups=2, dtype=torch.float64)
+    layer.weight = conv.weight.detach()
+    assert _relative(layer.weight, conv.weight) < 1e-12
+    low = cls(4, 6, 3, groups=2, rank=1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"not representable.*{cls.__name__}.from_conv"):
+        low.weight = conv.weight.detach()

@@ -196,7 +196,9 @@ class _SVDConvNd(nn.Module):
 
     def _tt_core(self, core: Tensor) -> Tensor:
         """``core`` reshaped for ``ttconv.tt``: ``(g r_out, r_in, *k)`` -> ``(g r_out, r_in, taps, 1)`` off 2-D."""
-        return core if self._dims == 2 else core.reshape(*core.shape[:2], *self._tt_kernel_size())
+        if self._dims == 2:
+            return core
+        return core.reshape(core.shape[0], core.shape[1], *self._tt_kernel_size())  # (fx: no unpacking)
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
@@ -372,10 +374,12 @@ class _SVDConvNd(nn.Module):
         result = decompose(self._tt_core(weight), self.groups, rank=self.ranks)
         tolerance = min(1e3 * torch.finfo(self.U.dtype).eps, 1e-2)
         if result.ranks != self.ranks or result.relative_error > tolerance:
+            to_dense, from_dense = ("to_conv2d", "from_conv2d") if type(self) is SVDConv else ("to_conv", "from_conv")
             raise ValueError(
                 f"the assigned kernel is not representable at this layer's ranks {self.ranks} (relative error "
                 f"{result.relative_error:.2e} > {tolerance:.1e}); the layer is left unchanged. Use a dense copy "
-                "(conv = layer.to_conv2d()) or rebuild at higher rank with SVDConv.from_conv2d(conv, rank=...)"
+                f"(conv = layer.{to_dense}()) or rebuild at higher rank with "
+                f"{type(self).__name__}.{from_dense}(conv, rank=...)"
             )
         self._copy_factors(result.factors)
         return self
@@ -910,8 +914,11 @@ class SVDConv(_SVDConvNd):
         the effective ranks are in ``ranks`` and ``repr``.
     path : {'auto', 'dense', 'factored'}, keyword-only
         How ``forward`` computes: ``'dense'`` composes the kernel and runs one conv,
-        ``'factored'`` runs three (1x1, core, 1x1), ``'auto'`` picks the one with fewer
-        FLOPs for the actual input shape. All give the same result.
+        ``'factored'`` runs three (1x1, core, 1x1; a 1x1 layer two channel mixings), ``'auto'``
+        picks the one of lower modelled cost for the actual input shape (``path_costs``:
+        multiply-adds, memory traffic and per-call overhead, calibrated on CPU timings;
+        ``choose_path`` says which). All give the same result. On large inputs the 1x1
+        channel mixings run as batched matmuls.
     core : {'general', 'orthogonal'}, keyword-only
         ``'general'`` (default): any kernel of the given ranks. ``'orthogonal'``: a square
         core (``r_out = r_in = r <= min(c_out/g, c_in/g)``) that is an exactly orthogonal
