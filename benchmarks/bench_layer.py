@@ -42,8 +42,7 @@ def layer_table(shapes, batch, repeats):
         base_bwd = median_seconds(_forward_backward(conv, x), repeats)
         rows.append([f"{channels}x{size}x{size}", "Conv2d", "-", f"{base_fwd * 1e3:.1f}", "1.00", f"{base_bwd * 1e3:.1f}", "1.00"])
         for label, layer in candidates:
-            dense_cost, factored_cost = layer.flop_costs(tuple(x.shape))
-            path = "dense" if dense_cost <= factored_cost else "factored"
+            path = layer.choose_path(tuple(x.shape))
             with torch.no_grad():
                 fwd = median_seconds(lambda: layer(x), repeats)
             bwd = median_seconds(_forward_backward(layer, x), repeats)

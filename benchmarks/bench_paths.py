@@ -53,7 +53,7 @@ SHAPES = [
     ("ocr-head", 256, 512, 1, 1, 1, (3, 80)),
     ("ocr-cls", 96, 96, 5, 1, 1, (6, 48)),
 ]
-QUICK = ["mtcnn-p1", "mtcnn-p3", "mtcnn-p4", "mtcnn-r2", "mnv3-dw", "mnv3-1x1", "mnv3-3x3", "ocr-s21"]
+QUICK = ["mtcnn-p3", "mtcnn-p4", "mtcnn-r2", "mnv3-dw", "mnv3-1x1", "ocr-s21"]
 RANKS = [("full", None), ("0.5", 0.5), ("0.25", 0.25)]
 PATHS = ("dense", "factored", "auto")
 
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     names = QUICK if options.quick else [s[0] for s in SHAPES]
-    rounds = options.rounds or (5 if options.quick else 9)
+    rounds = options.rounds or (3 if options.quick else 9)
     modes = ("fwd eval", "fwd+bwd")
     load = open("/proc/loadavg").read().strip() if os.path.exists("/proc/loadavg") else "n/a"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {rounds} interleaved rounds, "
