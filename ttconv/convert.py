@@ -1,10 +1,12 @@
-"""Whole-model conversion: every ``nn.Conv2d`` to ``SVDConv`` and back.
+"""Whole-model conversion: every torch conv to its SVD counterpart and back.
 
-``convert`` recurses over ``named_children`` and replaces each conv on its direct
-parent (``nn.Sequential``, ``ModuleList``, ``ModuleDict`` and custom modules alike),
-initialising the ``SVDConv`` from the kernel the conv computes with; ``densify``
-undoes it; ``load_converted`` loads a converted model's ``state_dict`` into the
-plain model, building layers of the stored ranks.
+``nn.Conv1d/2d/3d`` become ``SVDConv1d/2d/3d`` (``SVDConv2d`` is ``SVDConv``) and
+``nn.ConvTranspose1d/2d/3d`` become ``SVDConvTranspose1d/2d/3d`` (one table,
+``SVD_CLASSES``). ``convert`` recurses over ``named_children`` and replaces each conv on
+its direct parent (``nn.Sequential``, ``ModuleList``, ``ModuleDict`` and custom modules
+alike), initialising the SVD layer from the kernel the conv computes with; ``densify``
+undoes it (each layer back to its exact torch class); ``load_converted`` loads a
+converted model's ``state_dict`` into the plain model, building layers of the stored ranks.
 
 Nothing changes silently: a conv that cannot be converted exactly (a subclass, extra
 state, tied parameters) is left as it is and listed in the report with the reason; what
@@ -31,10 +33,25 @@ from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDict
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ._hooks import progress_callback, unwrap
-from .layer import SVDConv, _conv_arguments, _decode_extra_state
+from .layer import (SVDConv, SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d,
+                    SVDConvTranspose3d, _conv_arguments, _decode_extra_state, _SVDConvNd)
 from .tt import _truncation, factor_params, resolve_ranks
 
-__all__ = ["convert", "densify", "load_converted", "ConversionReport", "LayerConversion", "KeptDense"]
+__all__ = ["convert", "densify", "load_converted", "ConversionReport", "LayerConversion", "KeptDense",
+           "SVD_CLASSES"]
+
+SVD_CLASSES: Mapping[type, type] = {
+    nn.Conv1d: SVDConv1d,
+    nn.Conv2d: SVDConv2d,
+    nn.Conv3d: SVDConv3d,
+    nn.ConvTranspose1d: SVDConvTranspose1d,
+    nn.ConvTranspose2d: SVDConvTranspose2d,
+    nn.ConvTranspose3d: SVDConvTranspose3d,
+}
+"""The torch conv classes ``convert`` replaces, and the ttconv class each becomes
+(``densify`` goes back through the layer's ``to_conv``, which builds this torch class)."""
+
+_TORCH_CONVS = tuple(SVD_CLASSES)
 
 RankChoice = Union[None, int, float, Tuple[int, int]]
 Exclude = Union[Iterable[str], Callable[[nn.Module, str], bool]]
@@ -64,7 +81,7 @@ class KeptDense:
     """A conv ``convert`` left dense because its TT form would not be smaller.
 
     ``params_dense`` counts the conv's parameters (kernel and bias), ``params_tt`` those
-    of the ``SVDConv`` it would have become at the requested setting (for a layer that
+    of the SVD layer it would have become at the requested setting (for a layer that
     cannot shrink at any rank, at rank ``(1, 1)``).
     """
 
@@ -118,7 +135,7 @@ class ConversionReport:
 
     @property
     def params_after(self) -> int:
-        """Parameters of the ``SVDConv`` layers that replaced them."""
+        """Parameters of the SVD layers that replaced them."""
         return sum(layer.params_after for layer in self.layers)
 
     @property
@@ -220,12 +237,14 @@ def _hook_tensor_name(hook: Any) -> str:
     return hook._tensor_name if isinstance(hook, BasePruningMethod) else hook.name
 
 
-def _fold_hook(conv: nn.Conv2d, hook: Any, name: str) -> Tuple[Tensor, List[str], List[str], str]:
+def _fold_hook(conv: nn.Module, hook: Any, name: str) -> Tuple[Tensor, List[str], List[str], str]:
     """``(value, source parameters, other state, note)`` of a hook-based reparametrization."""
     if isinstance(hook, SpectralNorm):
         # Eval mode: no power-iteration step, sigma = u^T W v from the stored u, v. In
         # training mode each forward would first move u, v one step; the eval-mode kernel
-        # is the function a trained model is used with.
+        # is the function a trained model is used with. sigma is one scalar, whichever
+        # dim the hook normalises (dim=1 for a ConvTranspose, whose weight is (in, out/g, ...)):
+        # compute_weight reshapes with the hook's own dim.
         value = hook.compute_weight(conv, do_power_iteration=False)
         return (value, [name + "_orig"], [name + "_u", name + "_v"],
                 f"spectral_norm on {name} folded: its eval-mode value W / sigma (sigma from the stored "
@@ -243,19 +262,34 @@ def _original_class(module: nn.Module) -> type:
     return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
-def _effective_kernel(conv: nn.Conv2d, strict: bool = True) -> _Kernel:
+def _torch_conv_class(module: nn.Module) -> Optional[type]:
+    """The class of ``SVD_CLASSES`` that ``module`` is an instance of (a subclass too), or None."""
+    return next((cls for cls in type(module).__mro__ if cls in SVD_CLASSES), None)
+
+
+def _svd_class(conv: nn.Module) -> type:
+    """The ttconv class that ``conv`` (a torch conv of ``SVD_CLASSES``, or a subclass) becomes."""
+    return SVD_CLASSES[_torch_conv_class(conv)]
+
+
+def _effective_kernel(conv: nn.Module, strict: bool = True) -> _Kernel:
     """The kernel and bias ``conv`` computes with in eval mode, ready to convert.
 
+    ``conv`` is any conv of ``SVD_CLASSES``; the kernel has torch's layout for its kind.
     ``strict``: raise ``_Unconvertible`` for what would not be exact as a whole
-    layer (subclasses, state besides the kernel); ``from_conv2d`` converts those anyway.
+    layer (subclasses, state besides the kernel); ``from_conv`` converts those anyway.
     """
+    base = _torch_conv_class(conv)
+    base_name = "a torch conv" if base is None else f"an nn.{base.__name__}"
     if isinstance(conv, LazyModuleMixin) and conv.has_uninitialized_params():
-        raise _Unconvertible("uninitialized lazy conv: run one forward pass first (it then becomes an nn.Conv2d)")
+        raise _Unconvertible(f"uninitialized lazy conv: run one forward pass first (it then becomes {base_name})")
     cls = _original_class(conv)
-    if strict and cls is not nn.Conv2d:
+    if strict and cls not in SVD_CLASSES:
+        svd = "the matching SVD layer" if base is None else SVD_CLASSES[base].__name__
         raise _Unconvertible(
-            f"{cls.__qualname__} is a subclass of nn.Conv2d and may override forward or hold more state; "
-            "convert it by hand with SVDConv.from_conv2d if it computes a plain convolution"
+            f"{cls.__qualname__} is a subclass of nn.{'Module' if base is None else base.__name__} and may "
+            f"override forward or hold more state; convert it by hand with {svd}.from_conv if it computes a "
+            "plain convolution"
         )
     hooks = [(key, hook) for key, hook in conv._forward_pre_hooks.items()
              if isinstance(hook, _REPARAMETRIZATION_HOOKS)]
@@ -298,7 +332,7 @@ def _effective_kernel(conv: nn.Conv2d, strict: bool = True) -> _Kernel:
         extra = (set(conv._parameters) | set(conv._buffers)) - accounted
         extra |= set(conv._modules) - ({"parametrizations"} if parametrized else set())
         if extra:
-            raise _Unconvertible(f"holds {', '.join(sorted(extra))} besides its kernel and bias; an SVDConv "
+            raise _Unconvertible(f"holds {', '.join(sorted(extra))} besides its kernel and bias; an SVD layer "
                                  "would drop them")
     if "weight" in values:
         weight, weight_frozen = values["weight"]
@@ -336,7 +370,7 @@ def _tied_elsewhere(conv: nn.Module, owners: Dict[int, List[Tuple[str, int]]]) -
 
 # ----------------------------------------------------------------- carrying over
 def _kernel_parameters(module: nn.Module) -> List[nn.Parameter]:
-    if isinstance(module, SVDConv):
+    if isinstance(module, _SVDConvNd):
         return [module.U, module.S, module.core, module.V]
     return [module.weight]
 
@@ -383,26 +417,48 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _svd_params(conv: nn.Conv2d, ranks: Tuple[int, int]) -> int:
-    """Parameters of the ``SVDConv`` of ``conv`` at ``ranks`` (``r_in`` compressed to ``r_out*kh*kw``)."""
+# The TT layout of a torch conv's weight ``(A, B/groups, *kernel_size)``: ``U`` has ``A`` rows,
+# ``V`` has ``B``, with ``(A, B) = (out_channels, in_channels)`` for a conv and
+# ``(in_channels, out_channels)`` for a transposed one (torch's layout, as the layers store it).
+def _tt_channels(conv: nn.Module) -> Tuple[int, int]:
+    """Channels per group ``(A/groups, B/groups)`` of the rows of ``U`` and of ``V``."""
+    rows, cols = (conv.in_channels, conv.out_channels) if conv.transposed else (conv.out_channels, conv.in_channels)
+    return rows // conv.groups, cols // conv.groups
+
+
+def _tt_kernel_size(conv: nn.Module) -> Tuple[int, int]:
+    """The kernel size as ``ttconv.tt`` sees it (as the SVD layers do): 2-D kernels as they
+    are, the taps of others flattened into ``(taps, 1)``."""
+    kernel_size = tuple(conv.kernel_size)
+    return kernel_size if len(kernel_size) == 2 else (math.prod(kernel_size), 1)  # type: ignore[return-value]
+
+
+def _tt_weight(conv: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` of ``conv`` as a 4-D kernel for ``ttconv.tt`` (see ``_tt_kernel_size``)."""
+    return weight.reshape(*weight.shape[:2], *_tt_kernel_size(conv))
+
+
+def _svd_params(conv: nn.Module, ranks: Tuple[int, int]) -> int:
+    """Parameters of the SVD layer of ``conv`` at ``ranks`` (the second rank compressed to
+    ``r_1 * taps``)."""
     r_out, r_in = ranks
-    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    kernel_size = _tt_kernel_size(conv)
+    taps = kernel_size[0] * kernel_size[1]
     bias = conv.out_channels if conv.bias is not None else 0
-    return factor_params(conv.out_channels // conv.groups, conv.in_channels // conv.groups, conv.kernel_size,
-                         (r_out, min(r_in, r_out * taps)), conv.groups) + bias
+    return factor_params(*_tt_channels(conv), kernel_size, (r_out, min(r_in, r_out * taps)), conv.groups) + bias
 
 
-def _fraction_ranks(conv: nn.Conv2d, fraction: float) -> Tuple[int, int]:
-    out_g, in_g = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+def _fraction_ranks(conv: nn.Module, fraction: float) -> Tuple[int, int]:
+    out_g, in_g = _tt_channels(conv)
     return max(1, math.ceil(fraction * out_g)), max(1, math.ceil(fraction * in_g))
 
 
-def _never_smaller(conv: nn.Conv2d) -> Optional[str]:
+def _never_smaller(conv: nn.Module) -> Optional[str]:
     """Why ``conv``'s TT form has at least its parameters at every rank, or None.
 
     The TT form at rank ``(1, 1)`` is the smallest; if even it is not smaller than the
     dense kernel, no rank is. For a depthwise conv it also shows nothing the dense layer
-    does not: each channel's kernel is its own ``1 x 1 x kh x kw`` core.
+    does not: each channel's kernel is its own ``1 x 1 x *kernel_size`` core.
     """
     smallest, dense = _svd_params(conv, (1, 1)), _params(conv)
     if smallest < dense:
@@ -418,7 +474,7 @@ class _Candidate:
     """A conv that ``convert`` may replace, and what is known about its TT form."""
 
     name: str
-    conv: nn.Conv2d
+    conv: nn.Module  # of SVD_CLASSES
     kernel: _Kernel
     forced: bool
     truncation: Any = None  # ttconv.tt._Truncation, for energy-chosen ranks
@@ -431,7 +487,7 @@ def _ranks_for(candidate: _Candidate, rank: RankChoice, energy: Optional[float],
         return candidate.truncation.energy_ranks(energy, shrink=shrink)
     if isinstance(rank, float):
         rank = _fraction_ranks(conv, rank)
-    return resolve_ranks(rank, conv.out_channels // conv.groups, conv.in_channels // conv.groups, conv.kernel_size)
+    return resolve_ranks(rank, *_tt_channels(conv), _tt_kernel_size(conv))
 
 
 def _size(candidates: List[_Candidate], ranks: Mapping[str, Tuple[int, int]], keep_larger: bool) -> int:
@@ -609,16 +665,21 @@ def _output_error(outputs: List[Tensor], reference: List[Tensor]) -> float:
     return math.sqrt(diff / norm)
 
 
-def _build(candidate: _Candidate, ranks: Tuple[int, int], refine: int) -> SVDConv:
-    """The ``SVDConv`` of one candidate at one-pass ``ranks`` from ``_ranks_for``
-    (``SVDConv._from_kernel``, reusing the input side an energy search decomposed)."""
+def _analyse(candidate: _Candidate) -> Any:
+    """The input-side decomposition of a candidate's kernel (``ttconv.tt._Truncation``)."""
+    return _truncation(_tt_weight(candidate.conv, candidate.kernel.weight), candidate.conv.groups)
+
+
+def _build(candidate: _Candidate, ranks: Tuple[int, int], refine: int) -> _SVDConvNd:
+    """The SVD layer (of ``SVD_CLASSES``) of one candidate at one-pass ``ranks`` from ``_ranks_for``
+    (as ``_SVDConvNd._from_kernel``, reusing the input side an energy search decomposed)."""
     conv, kernel = candidate.conv, candidate.kernel
     truncation = candidate.truncation
     if truncation is None:
-        truncation = _truncation(kernel.weight, conv.groups)
+        truncation = _analyse(candidate)
     result = truncation.factors(*ranks, refine=refine)
     arguments = dict(_conv_arguments(conv), bias=kernel.bias is not None)
-    layer = torch.nn.utils.skip_init(SVDConv, **arguments, device=kernel.weight.device, dtype=kernel.weight.dtype,
+    layer = torch.nn.utils.skip_init(_svd_class(conv), **arguments, device=kernel.weight.device, dtype=kernel.weight.dtype,
                                      rank=result.ranks)
     with torch.no_grad():
         layer._copy_factors(result.factors)
@@ -628,8 +689,8 @@ def _build(candidate: _Candidate, ranks: Tuple[int, int], refine: int) -> SVDCon
     return layer
 
 
-def _build_cached(cache: Dict[Tuple[str, Tuple[int, int]], SVDConv], candidate: _Candidate,
-                  ranks: Tuple[int, int], refine: int) -> SVDConv:
+def _build_cached(cache: Dict[Tuple[str, Tuple[int, int]], _SVDConvNd], candidate: _Candidate,
+                  ranks: Tuple[int, int], refine: int) -> _SVDConvNd:
     """``_build`` once per layer and ranks: the search's probes and the final model share it."""
     key = (candidate.name, ranks)
     if key not in cache:
@@ -640,7 +701,7 @@ def _build_cached(cache: Dict[Tuple[str, Tuple[int, int]], SVDConv], candidate: 
 def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_input: Any,
                       reference: List[Tensor], tolerance: float, refine: int,
                       progress: Optional[ProgressFn],
-                      layers: Dict[Tuple[str, Tuple[int, int]], SVDConv]) -> Tuple[float, float]:
+                      layers: Dict[Tuple[str, Tuple[int, int]], _SVDConvNd]) -> Tuple[float, float]:
     """The smallest shared energy threshold whose model's output error is within
     ``tolerance``, by bisection; returns ``(energy, its output error)``.
 
@@ -711,20 +772,25 @@ def convert(
     progress: Union[None, bool, ProgressFn] = None,
     refine: int = 0,
 ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
-    """Replace every ``nn.Conv2d`` of ``model`` by an ``SVDConv`` initialised from its kernel.
+    """Replace every torch conv of ``model`` by its SVD layer, initialised from its kernel.
 
-    Each ``SVDConv`` computes what the conv computed (exactly at full rank, up to the
-    reported truncation error otherwise) and keeps its training flag, the
-    ``requires_grad`` flags of kernel and bias (a frozen conv gives frozen factors), and
-    its forward (pre-)hooks and backward hooks (moved, in order, with their flags).
+    Every kind is converted, through one table (``SVD_CLASSES``): ``nn.Conv1d``,
+    ``nn.Conv2d``, ``nn.Conv3d`` become ``SVDConv1d``, ``SVDConv`` (= ``SVDConv2d``),
+    ``SVDConv3d``, and ``nn.ConvTranspose1d/2d/3d`` become ``SVDConvTranspose1d/2d/3d``
+    (whose TT form is that of torch's weight ``(in_channels, out_channels/groups, *k)``,
+    so ``rank=(r_1, r_2)`` counts ``in_channels`` first there). Each SVD layer computes
+    what the conv computed (exactly at full rank, up to the reported truncation error
+    otherwise) and keeps its training flag, the ``requires_grad`` flags of kernel and bias
+    (a frozen conv gives frozen factors), and its forward (pre-)hooks and backward hooks
+    (moved, in order, with their flags).
 
     **Layers kept dense.** A conv whose TT form would not have fewer parameters than the
-    conv itself stays an ``nn.Conv2d`` unless ``force`` names it:
+    conv itself stays as it is unless ``force`` names it:
 
     * at every setting, full rank included, a conv whose TT form is not smaller at *any*
       rank (at rank ``(1, 1)``, the smallest). This is every depthwise conv
-      (``groups == in_channels == out_channels``): ``U``, ``S`` and ``V`` add 3
-      parameters per channel and each channel's ``kh x kw`` kernel is its own core, so
+      (``groups == in_channels == out_channels``, of any kind): ``U``, ``S`` and ``V`` add 3
+      parameters per channel and each channel's kernel is its own core, so
       the TT form only costs (MobileNet-style nets grew 2.4x at full rank). Also tiny
       grouped 1x1 convs (e.g. 2 channels per group);
     * at a truncating setting (``rank``, ``energy``, ``param_budget``,
@@ -739,7 +805,7 @@ def convert(
     counts (and, without ``return_report=True``, in a ``UserWarning``);
     ``force=("*",)`` converts every conv whatever its size.
 
-    What is not a plain ``nn.Conv2d`` is handled as follows, and never silently: the
+    What is not a plain torch conv of ``SVD_CLASSES`` is handled as follows, and never silently: the
     report lists it (``skipped`` and per-layer ``notes``, shown by ``str(report)``) and,
     without ``return_report=True``, a ``UserWarning`` names the layers.
 
@@ -748,8 +814,9 @@ def convert(
       ``spectral_norm``, ``weight_norm``): the effective kernel is converted exactly and
       the reparametrization is *folded*: it is not enforced any more. The kernel is the
       eval-mode one; for spectral norm that is ``W / sigma`` with sigma from the stored
-      power-iteration vectors (a training-mode forward would first move them one step).
-    * Subclasses of ``nn.Conv2d`` (they may override ``forward``), uninitialised lazy
+      power-iteration vectors (a training-mode forward would first move them one step),
+      whichever dim it normalises (``dim=1``, torch's default for a ``ConvTranspose``).
+    * Subclasses of the torch convs (they may override ``forward``), uninitialised lazy
       convs, convs holding parameters, buffers or submodules besides kernel and bias, and
       convs whose parameters are tied to another module are left as they are (skipped).
     * State-dict hooks on a conv are dropped (they expect its parameter names); this is
@@ -792,7 +859,7 @@ def convert(
         ``exclude``; ``("*",)`` matches every layer). ``exclude`` wins over ``force``.
     inplace : bool
         Modify ``model`` itself instead of a deep copy. Handles of hooks registered on a
-        converted conv then remove the hook from the ``SVDConv`` (the replaced conv hands
+        converted conv then remove the hook from the SVD layer (the replaced conv hands
         its hooks over; do not use it afterwards).
     return_report : bool
         Also return a ``ConversionReport`` (and do not warn about what it lists).
@@ -802,7 +869,7 @@ def convert(
         each search step, then each converted layer.
     refine : int, default 0
         HOOI iterations per converted layer after the one-pass truncation (see
-        ``SVDConv.from_conv2d``); the report's errors stay exact.
+        ``SVDConv.from_conv2d``, ``from_conv``); the report's errors stay exact.
 
     Returns
     -------
@@ -826,7 +893,7 @@ def convert(
     skipped: List[Tuple[str, str]] = []
     kept: List[KeptDense] = []
     for name, module in model.named_modules():  # each shared module once
-        if not isinstance(module, nn.Conv2d):
+        if not isinstance(module, _TORCH_CONVS):
             continue
         if is_excluded(module, name):
             excluded.append(name)
@@ -850,13 +917,13 @@ def convert(
     if energy is not None or searched:
         for index, candidate in enumerate(candidates):
             try:
-                candidate.truncation = _truncation(candidate.kernel.weight, candidate.conv.groups)
+                candidate.truncation = _analyse(candidate)
             except (ValueError, TypeError) as error:
                 raise type(error)(f"layer {candidate.name!r}: {error}") from error
             if progress is not None:
                 progress(index + 1, len(candidates), f"analysing {candidate.name}")
     chosen_energy: Optional[float] = None
-    probed: Dict[Tuple[str, Tuple[int, int]], SVDConv] = {}  # layers the output search built
+    probed: Dict[Tuple[str, Tuple[int, int]], _SVDConvNd] = {}  # layers the output search built
     if param_budget is not None and candidates:
         fixed = sum(k.params_dense for k in kept)
         fraction = not isinstance(param_budget, numbers.Integral)
@@ -875,7 +942,7 @@ def convert(
     layer_rank = None if layer_energy is not None else rank
 
     # Build every layer before touching any conv, so an error leaves an inplace model intact.
-    built: List[Tuple[_Candidate, SVDConv]] = []
+    built: List[Tuple[_Candidate, _SVDConvNd]] = []
     truncating = rank is not None or energy is not None or searched
     for index, candidate in enumerate(candidates):
         conv = candidate.conv
@@ -912,7 +979,7 @@ def convert(
     output_error = None if reference is None else _output_error(_run(model, example_input), reference)
     report = ConversionReport(rows, excluded, skipped, kept, output_error, chosen_energy)
     if not return_report and report.changes():
-        _warn("ttconv.convert did not convert every conv as a plain nn.Conv2d",
+        _warn("ttconv.convert did not convert every conv as a plain torch conv",
               report.changes(), " (pass return_report=True to get this in the report instead)")
     elif losses:
         _warn("ttconv.convert dropped hooks", losses, "")
@@ -920,11 +987,28 @@ def convert(
 
 
 def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Replace every ``SVDConv`` of ``model`` by the equivalent plain ``nn.Conv2d``.
+    """Replace every SVD layer of ``model`` by the equivalent plain torch conv.
 
+    Each layer becomes its exact torch class (``SVDConv1d`` -> ``nn.Conv1d``, ...,
+    ``SVDConvTranspose3d`` -> ``nn.ConvTranspose3d``; see ``SVD_CLASSES``) with the same
+    hyper-parameters, dtype and device, and the composed kernel as its weight: after a
+    full-rank ``convert`` the ``state_dict`` equals the original one up to round-off.
     Training flag, ``requires_grad`` (the kernel is frozen when all four factors are) and
     forward/backward hooks carry over as in ``convert``; a ``UserWarning`` names
     layers whose state-dict hooks were dropped.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model (a ``DataParallel``/DDP wrapper is looked through); an SVD layer passed
+        as ``model`` is returned as a torch conv.
+    inplace : bool
+        Modify ``model`` itself instead of a deep copy.
+
+    Returns
+    -------
+    nn.Module
+        The model with only torch convs.
     """
     model = unwrap(model)
     if not inplace:
@@ -932,8 +1016,8 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     mapping: Dict[int, nn.Module] = {}
     losses: List[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, SVDConv):
-            conv = module.to_conv2d()
+        if isinstance(module, _SVDConvNd):
+            conv = module.to_conv()
             frozen = not any(p.requires_grad for p in _kernel_parameters(module))
             bias_frozen = module.bias is None or not module.bias.requires_grad
             losses += [f"{name!r}: {line}" for line in _carry_over(module, conv, frozen, bias_frozen)[1]]
@@ -947,10 +1031,11 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 def _stored_configs(state_dict: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """``layer name -> SVDConv constructor keywords`` for every SVDConv in a state dict.
+    """``layer name -> SVD layer constructor keywords`` for every SVD layer in a state dict.
 
     Format 2 stores the configuration in ``<layer>._extra_state``; a version-1 state dict
-    has none, and then the ranks come from the shapes of ``U`` and ``V`` (general core).
+    (2-D ``SVDConv`` only: the other kinds came with format 2) has none, and then the
+    ranks come from the shapes of ``U`` and ``V`` (general core).
     """
     configs: Dict[str, Dict[str, Any]] = {}
     for key, value in state_dict.items():
@@ -967,7 +1052,7 @@ def _stored_configs(state_dict: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
                 configs[name] = _decode_extra_state(extra)
             except ValueError as error:
                 raise ValueError(f"layer {name or '(root)'!r}: {error}") from None
-        elif value.dim() == 4 and value.shape[0] == S.numel():
+        elif value.dim() != 4 or value.shape[0] == S.numel():  # a general core (1-D/3-D cores are general)
             configs[name] = dict(rank=(U.shape[1], V.shape[1]), core="general", max_singular_value=None,
                                  path="auto")
         else:
@@ -986,19 +1071,21 @@ def load_converted(
     strict: bool = True,
     inplace: bool = False,
 ) -> nn.Module:
-    """Load the ``state_dict`` of a converted model into ``model``, building its SVDConv layers.
+    """Load the ``state_dict`` of a converted model into ``model``, building its SVD layers.
 
     Ranks chosen by ``convert(energy=...)`` or ``convert(param_budget=...)`` depend on the
     weights, so a fresh ``convert`` of the plain model cannot reproduce the layer shapes.
     The state dict stores each layer's configuration (ranks, core kind,
-    ``max_singular_value``, path); this builds an ``SVDConv`` of exactly that
-    configuration at every layer the state dict has one, then loads it.
+    ``max_singular_value``, path); this builds an SVD layer of exactly that
+    configuration at every layer the state dict has one, then loads it: the counterpart
+    (``SVD_CLASSES``) of the torch conv there, ``SVDConv1d`` for an ``nn.Conv1d``,
+    ``SVDConvTranspose2d`` for an ``nn.ConvTranspose2d`` and so on.
 
     Parameters
     ----------
     model : nn.Module
-        The model as it was before conversion (plain ``nn.Conv2d`` layers; a model
-        converted in any other way works too: SVDConv layers of another configuration are
+        The model as it was before conversion (plain torch convs; a model
+        converted in any other way works too: SVD layers of another configuration are
         rebuilt). Conv hyper-parameters, dtype and device come from it; training flag,
         ``requires_grad`` and hooks carry over as in ``convert``. A DataParallel/DDP
         wrapper is looked through (the state dict must then be the inner model's).
@@ -1019,7 +1106,7 @@ def load_converted(
     Raises
     ------
     ValueError
-        A layer the state dict holds as an SVDConv is not a conv in ``model``, or a stored
+        A layer the state dict holds as an SVD layer is not a conv in ``model``, or a stored
         configuration is malformed.
     RuntimeError
         From ``load_state_dict``: missing or unexpected keys, shape mismatches.
@@ -1045,27 +1132,29 @@ def load_converted(
     if not inplace:
         model = _copy_model(model)
     mapping: Dict[int, nn.Module] = {}
-    built: List[Tuple[str, nn.Module, SVDConv, _Kernel]] = []
+    built: List[Tuple[str, nn.Module, _SVDConvNd, _Kernel]] = []
     for name, module in model.named_modules():
         if name not in configs or id(module) in mapping:
             continue
         config = configs[name]
-        if isinstance(module, SVDConv):
+        if isinstance(module, _SVDConvNd):
+            cls: type = type(module)
             if {**module._config(), "path": config["path"]} == config:
                 module.path = config["path"]  # a runtime choice: no need to rebuild
                 continue
             kernel = _Kernel(module.U, module.bias,
                              not any(p.requires_grad for p in _kernel_parameters(module)),
                              module.bias is None or not module.bias.requires_grad, [], [])
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, _TORCH_CONVS):
+            cls = _svd_class(module)
             kernel = _effective_kernel(module, strict=False)
         else:
-            raise ValueError(f"layer {name or '(root)'!r}: the state dict holds an SVDConv there, but the model has "
+            raise ValueError(f"layer {name or '(root)'!r}: the state dict holds an SVD layer there, but the model has "
                              f"a {type(module).__name__}; pass the model the state dict was converted from")
         factory = next(module.parameters(), None)
         arguments = dict(_conv_arguments(module), bias=kernel.bias is not None)
         layer = torch.nn.utils.skip_init(
-            SVDConv, **arguments, **config,
+            cls, **arguments, **config,
             device=None if factory is None else factory.device, dtype=None if factory is None else factory.dtype,
         )
         mapping[id(module)] = layer
