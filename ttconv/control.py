@@ -20,12 +20,15 @@ by the exact norm reached, so every controlled norm ends at most the target. The
 norm controlled is that of the circular convolution at each layer's input size (learnt by
 one hooked forward pass); for a strided layer whose input size is not divisible by the
 stride, the stride-1 norm is used instead, an upper bound of the strided operator's norm
-(see ``spectral_norm``).
+(see ``spectral_norm``). An input smaller than the kernel is controlled at its own size:
+the operator is that of the kernel folded modulo the size (``ttconv.spectra.fold_kernel``).
 
 Cost: a pass computes each exact norm once (before, and after a clip) and passes it on.
 Those norms are certified rather than decomposed: per frequency one Gram product and one
 Cholesky factorisation, and an SVD only for the few frequencies the certificate cannot
-exclude. A clip decomposes the half plane of frequencies only.
+exclude. A clip decomposes the half plane of frequencies only. A 1x1 layer (any kernel
+whose polyphase form folds to a single tap) has one matrix at every frequency: its norm is
+one matrix norm and its clip one SVD, exact.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Per-layer spectral reports for whole models and checkpoints.
 
-``spectral_report`` runs one forward pass with hooks to learn each conv's input size,
-then computes, per ``nn.Conv2d`` / ``SVDConv``, the exact circular spectral
-norm, the Fantastic Four minimum, the Gram-iteration bound, a power-iteration estimate and
-a certified bound of the layer's actual operator. ``state_dict_report`` does what can
+``spectral_report`` runs one forward pass with hooks to learn each layer's input size
+(and whether the model is a plain chain, ``ttconv._trace``), then computes, per
+``nn.Conv2d`` / ``SVDConv`` (and transposed conv, through its adjoint), the exact circular
+spectral norm, the Fantastic Four minimum, the Gram-iteration bound, a power-iteration
+estimate and a certified bound of the layer's actual operator; per ``nn.Linear`` and
+eval-mode batch norm its exact norm. Modules it cannot analyse are listed with the reason. ``state_dict_report`` does what can
 be done from weights alone, and finds the model's kernels in the checkpoint layouts seen
 in the wild (optimizer state, EMA copies, training-loop state and images are skipped and
 listed). Reports are returned, never printed: ``str(report)`` is an aligned table, and
