@@ -1,6 +1,7 @@
-"""SVDConv vs nn.Conv2d (forward, forward+backward) and core vs dense exact spectra.
+"""SVDConv vs nn.Conv2d (forward, forward+backward), the 1-D, 3-D and transposed layers vs
+their torch counterparts, and core vs dense exact spectra.
 
-Run: ``python benchmarks/bench_layer.py`` (``--quick`` for a smoke run). Prints two
+Run: ``python benchmarks/bench_layer.py`` (``--quick`` for a smoke run). Prints three
 markdown tables; every time is a median over repeats, every ratio is against the
 baseline timed in the same run on the same machine.
 """
@@ -17,7 +18,19 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import markdown_table, median_seconds  # noqa: E402
 
-from ttconv import SVDConv, conv_singular_values  # noqa: E402
+from ttconv import SVDConv, SVDConv1d, SVDConv3d, SVDConvTranspose2d, conv_singular_values  # noqa: E402
+
+# (SVD class, torch class, channels, kernel, stride, padding, input spatial size)
+ND_SHAPES = [
+    (SVDConv1d, nn.Conv1d, 128, 5, 1, 2, (2048,)),
+    (SVDConv3d, nn.Conv3d, 32, 3, 1, 1, (16, 16, 16)),
+    (SVDConvTranspose2d, nn.ConvTranspose2d, 64, 4, 2, 1, (32, 32)),
+]
+ND_QUICK = [
+    (SVDConv1d, nn.Conv1d, 8, 5, 1, 2, (64,)),
+    (SVDConv3d, nn.Conv3d, 4, 3, 1, 1, (6, 6, 6)),
+    (SVDConvTranspose2d, nn.ConvTranspose2d, 8, 4, 2, 1, (8, 8)),
+]
 
 RESNET_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (channels, spatial size), 3x3 convs
 SPECTRUM_SHAPES = [(256, 16), (256, 32), (512, 16), (512, 32)]  # (channels, n), rank c/4
@@ -54,6 +67,30 @@ def layer_table(shapes, batch, repeats):
     return markdown_table(header, rows)
 
 
+def nd_table(shapes, batch, repeats):
+    """The 1-D, 3-D and transposed layers against their torch counterparts, timed in the same run."""
+    rows = []
+    for svd_class, torch_class, channels, kernel, stride, padding, size in shapes:
+        x = torch.randn(batch, channels, *size)
+        conv = torch_class(channels, channels, kernel, stride=stride, padding=padding)
+        candidates = [("full", svd_class.from_conv(conv)),
+                      ("c/4", svd_class(channels, channels, kernel, stride=stride, padding=padding, rank=channels // 4))]
+        with torch.no_grad():
+            base_fwd = median_seconds(lambda: conv(x), repeats)
+        base_bwd = median_seconds(_forward_backward(conv, x), repeats)
+        shape = f"{channels}x{'x'.join(map(str, size))}"
+        rows.append([shape, torch_class.__name__, "-", f"{base_fwd * 1e3:.1f}", "1.00", f"{base_bwd * 1e3:.1f}", "1.00"])
+        for label, layer in candidates:
+            path = layer.choose_path(tuple(x.shape))
+            with torch.no_grad():
+                fwd = median_seconds(lambda: layer(x), repeats)
+            bwd = median_seconds(_forward_backward(layer, x), repeats)
+            rows.append(["", f"{svd_class.__name__} r={label} {layer.ranks[0]}", path, f"{fwd * 1e3:.1f}",
+                         f"{fwd / base_fwd:.2f}", f"{bwd * 1e3:.1f}", f"{bwd / base_bwd:.2f}"])
+    header = ["input (c x size)", "layer", "auto path", "fwd ms", "fwd / torch", "fwd+bwd ms", "fwd+bwd / torch"]
+    return markdown_table(header, rows)
+
+
 def spectrum_table(shapes, repeats):
     rows = []
     for channels, n in shapes:
@@ -75,11 +112,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     options = parser.parse_args(argv)
     if options.quick:
-        layers, spectra, batch, repeats = [(16, 8)], [(16, 8)], 2, 1
+        layers, spectra, batch, repeats, nd = [(16, 8)], [(16, 8)], 2, 1, ND_QUICK
     else:
-        layers, spectra, batch, repeats = RESNET_SHAPES, SPECTRUM_SHAPES, options.batch, 5
+        layers, spectra, batch, repeats, nd = RESNET_SHAPES, SPECTRUM_SHAPES, options.batch, 5, ND_SHAPES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, 3x3 convs, padding 1\n")
     print(layer_table(layers, batch, repeats))
+    print()
+    print(nd_table(nd, min(batch, 8), repeats))
     print()
     print(spectrum_table(spectra, repeats))
 
