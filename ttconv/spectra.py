@@ -137,9 +137,9 @@ def polyphase_kernel(weight: Tensor, stride: Sequence[int]) -> Tensor:
     c_out, c_in, *k = weight.shape
     d = len(k)
     t = [-(-k_a // s_a) for k_a, s_a in zip(k, stride)]
-    pad = [amount for t_a, s_a, k_a in zip(reversed(t), reversed(stride), reversed(k)) for amount in (0, t_a * s_a - k_a)]
+    pad = [x for t_a, s_a, k_a in zip(t, stride, k) for x in (t_a * s_a - k_a, 0)][::-1]  # F.pad: last axis first
     padded = torch.nn.functional.pad(weight, pad)
-    order = [*range(3, 2 + 2 * d, 2), *range(2, 2 + 2 * d, 2)]  # (.., t1, s1, t2, s2, ..) -> (.., s1, s2, .., t1, t2, ..)
+    order = [*range(3, 2 + 2 * d, 2), *range(2, 2 + 2 * d, 2)]  # (.., t1, s1, ..) -> (.., s1, s2, .., t1, t2, ..)
     phases = padded.reshape(c_out, c_in, *(size for pair_ in zip(t, stride) for size in pair_)).permute(0, 1, *order)
     return phases.reshape(c_out, c_in * math.prod(stride), *t)
 
