@@ -412,9 +412,6 @@ class _SVDConvNd(nn.Module):
                 out.append((n + before + after - extent[axis]) // self.stride[axis] + 1)
         return tuple(out)
 
-    def _output_hw(self, height: int, width: int) -> Tuple[int, ...]:
-        return self._output_size((height, width))
-
     def _pixel_costs(self) -> Tuple[int, int, int, int]:
         """Multiply-adds: ``(compose the kernel, dense per output pixel, factored per input
         pixel, factored per output pixel)``."""
