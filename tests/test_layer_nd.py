@@ -302,3 +302,44 @@ def test_set_dense_weight_exact_or_refused(cls):
     low = cls(4, 6, 3, groups=2, rank=1, dtype=torch.float64)
     with pytest.raises(ValueError, match=f"not representable.*{cls.__name__}.from_conv"):
         low.weight = conv.weight.detach()
+
+
+class _MacRecorder(torch.overrides.TorchFunctionMode):
+    """Multiply-adds of every (transposed) convolution called: a conv's output element takes
+    ``c_in/g * taps`` products; a transposed conv's input element feeds ``c_out/g * taps``."""
+
+    def __init__(self):
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name.startswith("conv_transpose"):
+            self.macs += args[0].numel() * math.prod(args[1].shape[1:])
+        elif name in ("conv1d", "conv2d", "conv3d"):
+            self.macs += result.numel() * math.prod(args[1].shape[1:])
+        return result
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+@pytest.mark.parametrize("rank", [1, None])
+def test_flop_costs_are_the_measured_multiply_adds(cls, rank):
+    """Both paths' convolution multiply-adds, measured on small inputs (1x1 mixings run as
+    convs there), are ``flop_costs`` less composing the kernel for the dense path."""
+    torch_class, dims, transposed = CLASSES[cls]
+    layer = cls(4, 6, 3, stride=2, padding=1, groups=2, rank=rank, dtype=torch.float64)
+    x = torch.randn(2, 4, *(5,) * dims, dtype=torch.float64)
+    measured = {}
+    for path in ("dense", "factored"):
+        layer.path = path
+        with _MacRecorder() as recorder:
+            layer(x)
+        measured[path] = recorder.macs
+    rows, cols = (4, 6) if transposed else (6, 4)
+    r_out, r_in = layer.ranks
+    # composing: per group the core with V, then U with the result (weight layout (rows, cols/g, *k))
+    compose = 2 * r_out * r_in * 3 ** dims * (cols // 2) + rows * r_out * (cols // 2) * 3 ** dims
+    dense, factored = layer.flop_costs(tuple(x.shape))
+    assert dense == compose + measured["dense"]
+    assert factored == measured["factored"]
