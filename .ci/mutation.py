@@ -125,10 +125,24 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "polyphase_contiguous_phases", "ttconv/spectra.py",
-        "phases = padded.reshape(c_out, c_in, t1, s1, t2, s2).permute(0, 1, 3, 5, 2, 4)",
-        "phases = padded.reshape(c_out, c_in, s1, t1, s2, t2).permute(0, 1, 2, 4, 3, 5)",
+        "phases = padded.reshape(c_out, c_in, *(size for pair_ in zip(t, stride) for size in pair_)).permute(0, 1, *order)",
+        "phases = padded.reshape(c_out, c_in, *(size for pair_ in zip(stride, t) for size in pair_)).permute(0, 1, *order)",
         ("tests/test_bounds_values.py::test_exact_spectral_norm_equals_the_oracle",),
         "polyphase split takes contiguous blocks of taps instead of every s-th tap",
+    ),
+    Mutant(
+        "fold_keeps_the_first_cycle", "ttconv/spectra.py",
+        "            kernel = padded.reshape(shape).sum(dim=axis - 1)",
+        "            kernel = padded.reshape(shape).select(axis - 1, 0)",
+        ("tests/test_spectra_fast_paths.py::test_spectrum_of_an_input_smaller_than_the_kernel_matches_the_tiled_oracle",),
+        "an input smaller than the kernel: taps that wrap around the grid are dropped instead of added",
+    ),
+    Mutant(
+        "one_by_one_copies_ignore_stride", "ttconv/bounds.py",
+        "padded.flatten()[::stride].long()",
+        "padded.flatten().long()",
+        ("tests/test_spectra_fast_paths.py::test_one_by_one_operator_norm_is_exact_for_every_padding",),
+        "the exact 1x1 operator norm counts pixel copies of outputs the stride skips",
     ),
     # ------------------------------------------------------------------- layer.py
     Mutant(
@@ -209,6 +223,35 @@ MUTANTS: List[Mutant] = [
         "pending[where] = False",
         ("tests/test_control_guarantee.py::test_certified_norm_finds_a_maximum_the_power_iteration_misses",),
         "the exact norm skips the Cholesky certificate and keeps the power iteration's best frequency",
+    ),
+    # ------------------------------------------------------------------ tt.py / convert.py (compression)
+    Mutant(
+        "energy_ignores_the_input_side", "ttconv/tt.py",
+        "        room = allowed - float(self.tail_in[r_in])",
+        "        room = allowed",
+        ("tests/test_tt.py::test_energy_is_met_on_the_whole_kernel_with_minimal_ranks",),
+        "energy counts only the output-side truncation (the kernel is truncated twice)",
+    ),
+    Mutant(
+        "energy_never_lowers_r_in", "ttconv/tt.py",
+        "            if self._min_r_out(mid, allowed) <= r_out:",
+        "            if False:",
+        ("tests/test_tt.py::test_energy_ranks_shrink_r_in_below_the_tried_input_ranks",),
+        "the energy search keeps the first feasible input rank instead of the smallest",
+    ),
+    Mutant(
+        "depthwise_converted_anyway", "ttconv/convert.py",
+        "    if smallest < dense:",
+        "    if True:",
+        ("tests/test_convert_compression.py::test_full_rank_keeps_depthwise_convs_dense_and_stays_exact",),
+        "a conv whose TT form can never be smaller (depthwise) is converted and grows the model",
+    ),
+    Mutant(
+        "truncation_grows_layers", "ttconv/convert.py",
+        "            keep = truncating and not candidate.forced and tt_size >= _params(conv)",
+        "            keep = False",
+        ("tests/test_convert_compression.py::test_truncating_settings_never_grow_a_layer_unless_forced",),
+        "a truncating setting converts a layer whose TT form is not smaller",
     ),
     # ------------------------------------------------------------------ report.py
     Mutant(

@@ -26,6 +26,10 @@ SECTIONS = [  # (heading, script, blurb)
      "Why U and V are kept orthonormal by a retraction outside forward (design.md)."),
     ("Bounds: time and tightness on ResNet-18-shaped layers", "benchmarks/bench_bounds.py",
      "Cells: value / exact circular sigma_max at the layer's input size (time); first column: the exact value."),
+    ("Single-tap fast paths: 1x1 and patch convs", "benchmarks/bench_single_tap.py",
+     "When every frequency holds the same matrix (1x1 convs, patch convs whose kernel equals their stride), one "
+     "batched SVD replaces the per-frequency route: exact norm, Gram bound and operator bound, both routes timed "
+     "alternately in one run."),
     ("Cost of one control pass", "benchmarks/bench_control.py",
      "SpectralControl.apply() in each mode (scale, clip, clip_scale) with every layer above the target, "
      "SVDConv (core) vs dense convs (FFT); then how far plain clipping overshoots on random layers."),
