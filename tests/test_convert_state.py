@@ -258,7 +258,7 @@ def test_committed_version_1_checkpoint():
 
 def test_load_converted_errors():
     state = convert(nn.Sequential(nn.Conv2d(3, 4, 3)), rank=2).state_dict()
-    with pytest.raises(ValueError, match=r"layer '0': the state dict holds an SVDConv there, but the model has a Linear"):
+    with pytest.raises(ValueError, match=r"layer '0': the state dict holds an SVD layer there, but the model has a Linear"):
         load_converted(nn.Sequential(nn.Linear(3, 4)), state)
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         load_converted(nn.Sequential(nn.Conv2d(3, 4, 3)), [1, 2])
