@@ -253,7 +253,28 @@ MUTANTS: List[Mutant] = [
         ("tests/test_convert_compression.py::test_truncating_settings_never_grow_a_layer_unless_forced",),
         "a truncating setting converts a layer whose TT form is not smaller",
     ),
-    # ------------------------------------------------------------------ report.py
+    # ------------------------------------------------------------------ report.py, _trace.py
+    Mutant(
+        "chain_accepts_a_changed_input", "ttconv/_trace.py",
+        "        if previous is None or received[0] is not previous[0] or received[1] != previous[1]:",
+        "        if previous is None or received[0] is not previous[0]:",
+        ("tests/test_report_coverage.py::test_a_residual_model_gets_no_unlabelled_product",),
+        "an in-place residual (y += x, same tensor, new version) passes as a plain chain",
+    ),
+    Mutant(
+        "product_printed_for_any_model", "ttconv/report.py",
+        "        return self.lipschitz_upper_bound if self.chain else None",
+        "        return self.lipschitz_upper_bound",
+        ("tests/test_report_coverage.py::test_a_residual_model_gets_no_unlabelled_product",),
+        "the product of layer bounds is returned as a Lipschitz bound for a non-sequential model",
+    ),
+    Mutant(
+        "folded_clip_counts_each_residue_once", "ttconv/control.py",
+        "(target - folded) / count.clamp_min(1)",
+        "(target - folded)",
+        ("tests/test_report_coverage.py::test_plain_clip_below_an_undilated_kernel_is_exact",),
+        "a clip below the kernel size moves every tap of a residue by the whole change",
+    ),
     Mutant(
         "report_drops_spatial_bound", "ttconv/report.py",
         "upper = (ff_full if spatial is None else min(ff_full, spatial)) * factor_any_size",
