@@ -406,6 +406,30 @@ def test_parametrized_conv_transpose_and_3d_fold_exactly(kind):
     assert _output_error(_outputs(converted, x), _outputs(model, x)) <= 1e-10
 
 
+def _hook_weight_norm(conv):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates it; models still use it
+        return nn.utils.weight_norm(conv)
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.spectral_norm, _hook_weight_norm,
+                                  lambda conv: torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.4)],
+                         ids=["spectral_norm", "weight_norm", "prune"])
+def test_hook_reparametrized_nd_and_transposed_convs_fold_exactly(wrap):
+    torch.manual_seed(3)
+    model = nn.Sequential(wrap(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2)), nn.ReLU(),  # (B, 6, 13)
+                          wrap(nn.Conv1d(6, 5, 3, dilation=2)), nn.Unflatten(2, (1, 1, 9)),   # (B, 5, 1, 1, 9)
+                          wrap(nn.ConvTranspose3d(5, 2, 2, stride=(1, 2, 2)))).double()
+    model.train()
+    model(torch.randn(2, 4, 6, dtype=torch.float64))  # spectral_norm: one power-iteration step
+    model.eval()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    converted, report = convert(model, return_report=True)
+    assert [type(converted[i]) for i in (0, 2, 4)] == [SVDConvTranspose1d, SVDConv1d, SVDConvTranspose3d]
+    assert all(any("folded" in note for note in layer.notes) for layer in report.layers)
+    assert _output_error(_outputs(converted, x), _outputs(model, x)) <= 1e-10
+
+
 # ------------------------------------------------------------------ carried over, skipped
 def test_hooks_flags_and_training_mode_carry_over_for_nd_kinds():
     model = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ConvTranspose1d(8, 4, 3, stride=2), nn.Conv1d(4, 4, 1))

@@ -33,8 +33,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDict
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ._hooks import progress_callback, unwrap
-from .layer import (SVDConv, SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d,
-                    SVDConvTranspose3d, _conv_arguments, _decode_extra_state, _SVDConvNd)
+from .layer import (SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d,
+                    _conv_arguments, _decode_extra_state, _SVDConvNd)
 from .tt import _truncation, factor_params, resolve_ranks
 
 __all__ = ["convert", "densify", "load_converted", "ConversionReport", "LayerConversion", "KeptDense",
