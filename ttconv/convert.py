@@ -22,10 +22,11 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
@@ -40,7 +41,7 @@ from .tt import _truncation, factor_params, resolve_ranks
 __all__ = ["convert", "densify", "load_converted", "ConversionReport", "LayerConversion", "KeptDense",
            "SVD_CLASSES"]
 
-SVD_CLASSES: Mapping[type, type] = {
+SVD_CLASSES: Mapping[Type[_ConvNd], Type[_SVDConvNd]] = {
     nn.Conv1d: SVDConv1d,
     nn.Conv2d: SVDConv2d,
     nn.Conv3d: SVDConv3d,
@@ -51,7 +52,7 @@ SVD_CLASSES: Mapping[type, type] = {
 """The torch conv classes ``convert`` replaces, and the ttconv class each becomes
 (``densify`` goes back through the layer's ``to_conv``, which builds this torch class)."""
 
-_TORCH_CONVS = tuple(SVD_CLASSES)
+_TORCH_CONVS: Tuple[Type[_ConvNd], ...] = tuple(SVD_CLASSES)
 
 RankChoice = Union[None, int, float, Tuple[int, int]]
 Exclude = Union[Iterable[str], Callable[[nn.Module, str], bool]]
@@ -237,7 +238,7 @@ def _hook_tensor_name(hook: Any) -> str:
     return hook._tensor_name if isinstance(hook, BasePruningMethod) else hook.name
 
 
-def _fold_hook(conv: nn.Module, hook: Any, name: str) -> Tuple[Tensor, List[str], List[str], str]:
+def _fold_hook(conv: _ConvNd, hook: Any, name: str) -> Tuple[Tensor, List[str], List[str], str]:
     """``(value, source parameters, other state, note)`` of a hook-based reparametrization."""
     if isinstance(hook, SpectralNorm):
         # Eval mode: no power-iteration step, sigma = u^T W v from the stored u, v. In
@@ -262,17 +263,21 @@ def _original_class(module: nn.Module) -> type:
     return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
-def _torch_conv_class(module: nn.Module) -> Optional[type]:
+def _torch_conv_class(module: nn.Module) -> Optional[Type[_ConvNd]]:
     """The class of ``SVD_CLASSES`` that ``module`` is an instance of (a subclass too), or None."""
     return next((cls for cls in type(module).__mro__ if cls in SVD_CLASSES), None)
 
 
-def _svd_class(conv: nn.Module) -> type:
+def _svd_class(conv: nn.Module) -> Type[_SVDConvNd]:
     """The ttconv class that ``conv`` (a torch conv of ``SVD_CLASSES``, or a subclass) becomes."""
-    return SVD_CLASSES[_torch_conv_class(conv)]
+    base = _torch_conv_class(conv)
+    if base is None:
+        kinds = ", ".join(c.__name__ for c in SVD_CLASSES)
+        raise TypeError(f"{type(conv).__name__} is not a conv that ttconv converts ({kinds})")
+    return SVD_CLASSES[base]
 
 
-def _effective_kernel(conv: nn.Module, strict: bool = True) -> _Kernel:
+def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
     """The kernel and bias ``conv`` computes with in eval mode, ready to convert.
 
     ``conv`` is any conv of ``SVD_CLASSES``; the kernel has torch's layout for its kind.
@@ -420,25 +425,25 @@ def _params(module: nn.Module) -> int:
 # The TT layout of a torch conv's weight ``(A, B/groups, *kernel_size)``: ``U`` has ``A`` rows,
 # ``V`` has ``B``, with ``(A, B) = (out_channels, in_channels)`` for a conv and
 # ``(in_channels, out_channels)`` for a transposed one (torch's layout, as the layers store it).
-def _tt_channels(conv: nn.Module) -> Tuple[int, int]:
+def _tt_channels(conv: _ConvNd) -> Tuple[int, int]:
     """Channels per group ``(A/groups, B/groups)`` of the rows of ``U`` and of ``V``."""
     rows, cols = (conv.in_channels, conv.out_channels) if conv.transposed else (conv.out_channels, conv.in_channels)
     return rows // conv.groups, cols // conv.groups
 
 
-def _tt_kernel_size(conv: nn.Module) -> Tuple[int, int]:
+def _tt_kernel_size(conv: _ConvNd) -> Tuple[int, int]:
     """The kernel size as ``ttconv.tt`` sees it (as the SVD layers do): 2-D kernels as they
     are, the taps of others flattened into ``(taps, 1)``."""
     kernel_size = tuple(conv.kernel_size)
     return kernel_size if len(kernel_size) == 2 else (math.prod(kernel_size), 1)  # type: ignore[return-value]
 
 
-def _tt_weight(conv: nn.Module, weight: Tensor) -> Tensor:
+def _tt_weight(conv: _ConvNd, weight: Tensor) -> Tensor:
     """``weight`` of ``conv`` as a 4-D kernel for ``ttconv.tt`` (see ``_tt_kernel_size``)."""
     return weight.reshape(*weight.shape[:2], *_tt_kernel_size(conv))
 
 
-def _svd_params(conv: nn.Module, ranks: Tuple[int, int]) -> int:
+def _svd_params(conv: _ConvNd, ranks: Tuple[int, int]) -> int:
     """Parameters of the SVD layer of ``conv`` at ``ranks`` (the second rank compressed to
     ``r_1 * taps``)."""
     r_out, r_in = ranks
@@ -448,12 +453,12 @@ def _svd_params(conv: nn.Module, ranks: Tuple[int, int]) -> int:
     return factor_params(*_tt_channels(conv), kernel_size, (r_out, min(r_in, r_out * taps)), conv.groups) + bias
 
 
-def _fraction_ranks(conv: nn.Module, fraction: float) -> Tuple[int, int]:
+def _fraction_ranks(conv: _ConvNd, fraction: float) -> Tuple[int, int]:
     out_g, in_g = _tt_channels(conv)
     return max(1, math.ceil(fraction * out_g)), max(1, math.ceil(fraction * in_g))
 
 
-def _never_smaller(conv: nn.Module) -> Optional[str]:
+def _never_smaller(conv: _ConvNd) -> Optional[str]:
     """Why ``conv``'s TT form has at least its parameters at every rank, or None.
 
     The TT form at rank ``(1, 1)`` is the smallest; if even it is not smaller than the
@@ -474,7 +479,7 @@ class _Candidate:
     """A conv that ``convert`` may replace, and what is known about its TT form."""
 
     name: str
-    conv: nn.Module  # of SVD_CLASSES
+    conv: _ConvNd  # of SVD_CLASSES
     kernel: _Kernel
     forced: bool
     truncation: Any = None  # ttconv.tt._Truncation, for energy-chosen ranks
@@ -679,8 +684,8 @@ def _build(candidate: _Candidate, ranks: Tuple[int, int], refine: int) -> _SVDCo
         truncation = _analyse(candidate)
     result = truncation.factors(*ranks, refine=refine)
     arguments = dict(_conv_arguments(conv), bias=kernel.bias is not None)
-    layer = torch.nn.utils.skip_init(_svd_class(conv), **arguments, device=kernel.weight.device, dtype=kernel.weight.dtype,
-                                     rank=result.ranks)
+    layer = torch.nn.utils.skip_init(_svd_class(conv), **arguments, device=kernel.weight.device,
+                                     dtype=kernel.weight.dtype, rank=result.ranks)
     with torch.no_grad():
         layer._copy_factors(result.factors)
         if kernel.bias is not None:
