@@ -485,3 +485,31 @@ def test_initialized_lazy_conv_converts():
         converted = convert(model)
     assert type(converted[0]) is SVDConvTranspose2d
     assert _output_error(_outputs(converted, x), reference) <= 1e-10
+
+
+def test_a_bare_conv_of_each_kind_converts_and_densifies_to_its_class():
+    for torch_class, svd_class in TORCH_TO_SVD.items():
+        conv = torch_class(4, 6, 3).double()
+        converted = convert(conv)
+        assert type(converted) is svd_class
+        back = densify(converted)
+        assert type(back) is torch_class and repr(back) == repr(conv)
+        assert torch.allclose(back.weight, conv.weight, rtol=0, atol=1e-12)
+
+
+class _Upsampler(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):  # output_size picks the output padding, as in U-Net decoders
+        return self.up(x, output_size=[2 * x.shape[-2], 2 * x.shape[-1]])
+
+
+def test_converted_transposed_layers_take_output_size():
+    model = _Upsampler().double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    converted = convert(model)
+    assert type(converted.up) is SVDConvTranspose2d
+    out = _outputs(converted, x)
+    assert out[0].shape == (2, 3, 10, 12) and _output_error(out, _outputs(model, x)) <= 1e-10
