@@ -253,6 +253,13 @@ MUTANTS: List[Mutant] = [
         ("tests/test_convert_compression.py::test_truncating_settings_never_grow_a_layer_unless_forced",),
         "a truncating setting converts a layer whose TT form is not smaller",
     ),
+    Mutant(
+        "transposed_sized_as_plain_conv", "ttconv/convert.py",
+        "    rows, cols = (conv.in_channels, conv.out_channels) if conv.transposed else (conv.out_channels, conv.in_channels)",
+        "    rows, cols = (conv.out_channels, conv.in_channels)",
+        ("tests/test_convert_nd.py::test_transposed_ranks_count_in_channels_first",),
+        "transposed convs sized with a plain conv's channel order (weight is (in, out/g, *k))",
+    ),
     # ------------------------------------------------------------------ report.py, _trace.py
     Mutant(
         "chain_accepts_a_changed_input", "ttconv/_trace.py",
