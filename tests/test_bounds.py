@@ -248,7 +248,7 @@ def test_gram_bound_streams_within_max_memory():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: fantastic_four_bound(torch.randn(3, 3, 3)), ValueError, "4-D"),
+        (lambda: fantastic_four_bound(torch.randn(3, 3)), ValueError, "3-D, 4-D or 5-D"),  # 3-D is a Conv1d kernel
         (lambda: gram_iteration_bound(torch.full((2, 2, 3, 3), float("nan")), 8), ValueError, "NaN or Inf"),
         (lambda: zero_padding_bound(torch.full((2, 2, 3, 3), float("inf"))), ValueError, "NaN or Inf"),
         (lambda: exact_spectral_norm(torch.randn(2, 2, 3, 3), 7, stride=2), ValueError, "not divisible by stride"),

@@ -1,10 +1,11 @@
 """Spectral norms of convolution layers: exact values, provable upper bounds, estimates.
 
-Every function takes a kernel ``(c_out, c_in/groups, kh, kw)`` (geometry as keywords), an
-``nn.Conv2d``, an ``SVDConv`` or a ``ConvSpec``, and returns a tensor. For a layer, its
-stride, dilation, groups, padding amount and padding mode are used; for an ``SVDConv`` the
-work is done on its small orthonormal core (``SVDConv.orthonormal_core``), which gives the
-same value as the dense kernel for every method here except the spatial Gram bound (a
+Every function takes a kernel ``(c_out, c_in/groups, *k)`` with 1, 2 or 3 spatial axes
+(geometry as keywords), a torch conv (``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d``),
+an SVD conv layer or a ``ConvSpec`` (``ttconv.geometry``), and returns a tensor. For a
+layer, its stride, dilation, groups, padding amount and padding mode are used; for an SVD
+layer the work is done on its small orthonormal core (``orthonormal_core``), which gives
+the same value as the dense kernel for every method here except the spatial Gram bound (a
 different, equally valid bound). Results are float64 for float64 parameters, float32
 otherwise; every method divides the kernel by ``max |w|`` first, so no scale overflows.
 
@@ -18,6 +19,12 @@ function                           operator described                           
 ``operator_norm_bound``            the layer's own operator on ``n``             upper bound
 ``power_iteration_estimate``       the layer's own operator on ``n``             lower estimate
 =================================  ===========================================  ======================
+
+``n`` has one entry per spatial axis (an int means the same along every axis). A
+transposed spec (``ConvTranspose``) is the adjoint of its conv (``ConvSpec.transposed``):
+its singular values are the conv's, the circular methods describe the adjoint of the
+circular conv on ``s n`` (the transposed layer's ``n`` inputs are that conv's outputs),
+and the operator methods the layer's own operator on ``n`` (``docs/math.md``).
 
 The circular methods accept an input smaller than the (dilated) kernel: the kernel then
 folds modulo ``n`` (``ttconv.spectra.fold_kernel``). A 1x1 conv is one matrix at every
@@ -35,19 +42,19 @@ says how each claim is tested.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._precision import full_precision
 from . import _conv_args as args
 from . import _functional
 from ._typing import IntOrPair
-from .layer import SVDConv
+from .geometry import ConvLike, ConvSpec, conv_spec, size_arg
 from .spectra import (
     DEFAULT_MAX_MEMORY,
     MemoryLimitError,
@@ -69,6 +76,7 @@ __all__ = [
     "exact_spectral_norm",
     "fantastic_four_bounds",
     "fantastic_four_bound",
+    "fantastic_four_reshapes",
     "gram_iteration_bound",
     "zero_padding_bound",
     "operator_norm_bound",
@@ -76,74 +84,16 @@ __all__ = [
     "power_iteration_estimate",
 ]
 
-ConvLike = Union[Tensor, nn.Conv2d, SVDConv, "ConvSpec"]
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """A kernel with the geometry that the bound methods need.
-
-    For an ``SVDConv`` the kernel is its orthonormal core, whose operator has the same
-    nonzero singular values as the layer for every padding mode.
-    """
-
-    kernel: Tensor
-    stride: Tuple[int, int] = (1, 1)
-    padding: Union[str, Tuple[int, int]] = (0, 0)
-    dilation: Tuple[int, int] = (1, 1)
-    groups: int = 1
-    padding_mode: str = "zeros"
-
-    @property
-    def reversed_padding(self) -> Tuple[int, int, int, int]:
-        return args.reversed_padding_repeated_twice(self.padding, tuple(self.kernel.shape[2:]), self.dilation)
-
-
-def _check_kernel(kernel: Tensor, groups: int, name: str = "weight") -> None:
-    if not isinstance(kernel, Tensor):
-        raise TypeError(f"{name} must be a Tensor, nn.Conv2d or SVDConv, got {type(kernel).__name__}")
-    args.check_kernel(kernel, groups, name)
-    if not kernel.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {kernel.dtype}")
-
-
-def conv_spec(
-    target: ConvLike,
-    *,
-    stride: IntOrPair = 1,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    padding: Union[str, IntOrPair] = 0,
-    padding_mode: str = "zeros",
-) -> ConvSpec:
-    """Normalise a kernel or layer into a ``ConvSpec`` (keyword geometry only for kernels).
-
-    A ``ConvSpec`` is validated and returned as it is.
-    """
-    if isinstance(target, ConvSpec):
-        spec = target
-    elif isinstance(target, SVDConv):
-        spec = ConvSpec(target.orthonormal_core(), target.stride, target.padding, target.dilation,
-                        target.groups, target.padding_mode)
-    elif isinstance(target, nn.Conv2d):
-        spec = ConvSpec(target.weight, target.stride, target.padding, target.dilation, target.groups,
-                        target.padding_mode)
-    else:
-        stride_pair = args.pair(stride, "stride")
-        spec = ConvSpec(
-            target, stride_pair, args.padding_arg(padding, stride_pair), args.pair(dilation, "dilation"),
-            args.positive_int(groups, "groups"), args.padding_mode_arg(padding_mode),
-        )
-    _check_kernel(spec.kernel, spec.groups)
-    return spec
+_CONV = (F.conv1d, F.conv2d, F.conv3d)
+_CONV_TRANSPOSE = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 def _grouped_kernel(spec: ConvSpec, *, dilated: bool = True) -> Tuple[Tensor, Tensor]:
-    """``(kernel / scale, scale)``: the kernel split by group, ``(groups, c_out/g, c_in/g, kh, kw)``,
+    """``(kernel / scale, scale)``: the kernel split by group, ``(groups, c_out/g, c_in/g, *k)``,
     in spectral dtype, normalised by ``max |w|`` (``kernel_scale``).
 
     ``dilated=False`` keeps the undilated taps: a conv with dilation ``d`` is a direct sum
-    of undilated convs on the ``d1 x d2`` interleaved sub-grids (zero padding: each is
+    of undilated convs on the ``prod d`` interleaved sub-grids (zero padding: each is
     zero padded; circular: each sub-grid is a cycle, a circular conv of its own), so every
     bound of the undilated conv that holds at every input size bounds the dilated one.
     """
@@ -155,12 +105,6 @@ def _grouped_kernel(spec: ConvSpec, *, dilated: bool = True) -> Tuple[Tensor, Te
     return kernel.reshape(spec.groups, -1, *kernel.shape[1:]), scale
 
 
-def _axis_padding(spec: ConvSpec) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """``((top, bottom), (left, right))`` padding of the layer, as ``nn.Conv2d`` applies it."""
-    left, right, top, bottom = spec.reversed_padding
-    return (top, bottom), (left, right)
-
-
 def _admissible_sizes(spec: ConvSpec, axis: int) -> range:
     """Input sizes along ``axis`` that matter for the worst case of the padding map.
 
@@ -168,8 +112,8 @@ def _admissible_sizes(spec: ConvSpec, axis: int) -> range:
     for circular, ``pad < n`` for reflect, and the padded input must hold the dilated
     kernel); beyond ``before + after + 2`` the copy pattern no longer changes.
     """
-    before, after = _axis_padding(spec)[axis]
-    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)[axis]
+    before, after = spec.axis_padding[axis]
+    extent = args.dilated_extent(spec.kernel_size, spec.dilation)[axis]
     smallest = max(1, extent - before - after)
     if spec.padding_mode == "circular":
         smallest = max(smallest, before, after)
@@ -204,24 +148,26 @@ def _circular_repeats(before: int, after: int, extent: int, stride: int, n: int,
     return -(-(stride * (outputs - 1) + 1) // n)  # positions 0, s, 2s, ... of the stride-1 rows
 
 
-def padding_factor(spec: ConvSpec, input_size: Optional[Tuple[int, int]] = None) -> float:
+def padding_factor(spec: ConvSpec, input_size: Optional[Sequence[int]] = None) -> float:
     """Factor by which a bound of the unpadded (full, zero-padded) convolution must grow to
     bound the layer with its own padding mode and amount.
 
-    * zeros: 1 (the layer is a crop of the full convolution);
+    * zeros: 1 (the layer is a crop of the full convolution; also every transposed spec,
+      the adjoint of such a crop);
     * circular: ``sqrt`` of the largest number of repeats of an output row (1 when the
       total padding per axis is at most the dilated extent minus one: the layer is then
       a row selection of the circular conv on ``n``);
     * reflect / replicate: ``sqrt`` of the largest number of copies of an input pixel
       (the norm of the padding map, which precedes a valid convolution).
 
-    Without ``input_size`` the worst case over every input size the layer accepts.
+    A product over the spatial axes. Without ``input_size`` (one size per axis) the worst
+    case over every input size the layer accepts.
     """
     factor = 1.0
     if spec.padding_mode == "zeros":
         return factor
-    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
-    for axis, (before, after) in enumerate(_axis_padding(spec)):
+    extent = args.dilated_extent(spec.kernel_size, spec.dilation)
+    for axis, (before, after) in enumerate(spec.axis_padding):
         sizes = _admissible_sizes(spec, axis) if input_size is None else (input_size[axis],)
         if spec.padding_mode == "circular":
             worst = max(_circular_repeats(before, after, extent[axis], spec.stride[axis], n, strided=False)
@@ -232,22 +178,55 @@ def padding_factor(spec: ConvSpec, input_size: Optional[Tuple[int, int]] = None)
     return math.sqrt(factor)
 
 
+def _circular_grid(spec: ConvSpec, input_size: IntOrPair) -> Tuple[int, ...]:
+    """The size the circular conv of ``spec`` acts on: ``n``, or ``s n`` for a transposed spec
+    (whose ``n`` inputs are the outputs of the strided circular conv on ``s n``)."""
+    if not spec.transposed:
+        return input_size  # type: ignore[return-value]  # validated by the spectral routines
+    n = size_arg(input_size, spec.dims)
+    return tuple(n_a * s for n_a, s in zip(n, spec.stride))
+
+
 # ----------------------------------------------------------------------------- exact
 @full_precision
 def exact_spectral_norm(target: ConvLike, input_size: IntOrPair, **geometry) -> Tensor:
-    """Exact spectral norm of the circular convolution on an ``n1 x n2`` input.
+    """Exact spectral norm of the circular convolution on an input of size ``n`` (per axis).
 
-    Sedghi et al. (ICLR 2019), polyphase for stride. Exact for circular padding; for zero
-    padding at size ``n`` use ``operator_norm_bound``. Differentiable. Cost
-    ``O(n1 n2 c_out c_in min(c_out, c_in))`` (``r^3`` for an ``SVDConv``); one matrix norm
-    (per group) when the polyphase kernel has a single tap, e.g. every 1x1 conv. An input
-    smaller than the kernel uses the kernel folded modulo ``n`` (``conv_spectral_norm``).
+    Sedghi et al. (ICLR 2019), polyphase for stride, a ``d``-D DFT for ``d`` spatial axes.
+    Exact for circular padding; for zero padding at size ``n`` use
+    ``operator_norm_bound``. For a transposed spec, the norm of the transposed circular
+    conv on ``n`` inputs: the adjoint of the circular conv on ``s n`` (the same value).
+    Differentiable. Cost ``O(prod(n) c_out c_in min(c_out, c_in))`` (``r^3`` for an SVD
+    layer); one matrix norm (per group) when the polyphase kernel has a single tap, e.g.
+    every 1x1 conv. An input smaller than the kernel uses the kernel folded modulo ``n``
+    (``conv_spectral_norm``).
     """
     spec = conv_spec(target, **geometry)
-    return conv_spectral_norm(spec.kernel, input_size, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+    return conv_spectral_norm(spec.kernel, _circular_grid(spec, input_size), stride=spec.stride,
+                              dilation=spec.dilation, groups=spec.groups)
 
 
 # ------------------------------------------------------------------ fantastic four
+def fantastic_four_reshapes(dims: int) -> Tuple[Tuple[int, ...], ...]:
+    """The ``2^dims`` reshapes of ``fantastic_four_bounds``, in its order: for each, the spatial
+    axes (0 = first) whose taps join the *rows* (with ``c_out``); the others join the columns.
+
+    2-D: ``((0,), (1,), (), (0, 1))``, Singla & Feizi's R, S, T, U. Otherwise every subset,
+    by size then lexicographically: 1-D ``((), (0,))``.
+    """
+    if dims == 2:
+        return ((0,), (1,), (), (0, 1))
+    return tuple(subset for size in range(dims + 1) for subset in itertools.combinations(range(dims), size))
+
+
+def _reshape(kernel: Tensor, rows: Tuple[int, ...]) -> Tensor:
+    """``(g, o, i, *k)`` -> ``(g, o * prod k[rows], i * prod k[others])``."""
+    g, o, i, *k = kernel.shape
+    others = tuple(a for a in range(len(k)) if a not in rows)
+    order = (0, 1, *(3 + a for a in rows), 2, *(3 + a for a in others))
+    return kernel.permute(order).reshape(g, o * math.prod(k[a] for a in rows), i * math.prod(k[a] for a in others))
+
+
 def _matrix_norm(matrix: Tensor, method: str, n_iter: int, state: Optional[Dict[str, Tensor]], key: str) -> Tensor:
     """Largest singular value of a batch of matrices ``(..., m, k)``, max over the batch."""
     if method == "exact":
@@ -268,6 +247,7 @@ def _matrix_norm(matrix: Tensor, method: str, n_iter: int, state: Optional[Dict[
     return (u.unsqueeze(-2) @ matrix @ v.unsqueeze(-1)).amax()
 
 
+
 @full_precision
 def fantastic_four_bounds(
     target: ConvLike,
@@ -278,20 +258,25 @@ def fantastic_four_bounds(
     per_group: bool = False,
     **geometry,
 ) -> Tensor:
-    """The four bounds of Singla & Feizi (ICLR 2021), ``sqrt(kh*kw) * ||M||_2`` per reshape.
+    """The reshape bounds of Singla & Feizi (ICLR 2021), ``sqrt(prod k) * ||M||_2`` per reshape,
+    generalised to ``d`` spatial axes: ``2^d`` of them (four in 2-D).
 
-    Reshapes (math.md section 3): ``R: (c_out*kh, c_in*kw)``, ``S: (c_out*kw, c_in*kh)``,
-    ``T: (c_out, c_in*kh*kw)``, ``U: (c_out*kh*kw, c_in)`` of the *undilated* kernel (a
-    dilated conv is a direct sum of undilated ones on interleaved sub-grids, so the
-    undilated bound holds and is ``(d(k-1)+1)/k`` tighter per axis than the zero-inserted
-    kernel's), each times ``padding_factor`` of the layer's padding.
+    Reshapes (math.md section 3, ``fantastic_four_reshapes`` gives the order): for each
+    subset ``A`` of the spatial axes, ``M_A`` has rows ``(c_out, k_a for a in A)`` and
+    columns ``(c_in, k_a for a not in A)``. In 2-D ``R: (c_out*kh, c_in*kw)``,
+    ``S: (c_out*kw, c_in*kh)``, ``T: (c_out, c_in*kh*kw)``, ``U: (c_out*kh*kw, c_in)``. They
+    are taken of the *undilated* kernel (a dilated conv is a direct sum of undilated ones
+    on interleaved sub-grids, so the undilated bound holds and is ``(d(k-1)+1)/k`` tighter
+    per axis than the zero-inserted kernel's), each times ``padding_factor`` of the
+    layer's padding.
 
     What each value bounds, with ``method='exact'``: the spectral norm of the layer's
-    operator at every input size and stride, for zero padding of any amount; for circular,
-    reflect and replicate padding the worst case over input sizes of the padding's effect
-    is included (factor 1 for circular padding of at most ``(extent - 1)`` per axis in
-    total, i.e. up to ``'same'``). For a kernel, pass ``padding``/``padding_mode`` (default:
-    zero padding).
+    operator at every input size and stride, for zero padding of any amount (and every
+    transposed conv, the adjoint of such an operator); for circular, reflect and
+    replicate padding the worst case over input sizes of the padding's effect is included
+    (factor 1 for circular padding of at most ``(extent - 1)`` per axis in total, i.e. up
+    to ``'same'``). For a kernel, pass ``padding``/``padding_mode`` (default: zero
+    padding).
 
     Parameters
     ----------
@@ -303,30 +288,28 @@ def fantastic_four_bounds(
     state : dict, optional
         Holds the persistent power-iteration vectors (pass the same dict every call).
     per_group : bool
-        Return ``(groups, 4)`` instead of the max over groups ``(4,)``.
+        Return ``(groups, 2^d)`` instead of the max over groups ``(2^d,)``.
 
     Returns
     -------
     Tensor
-        ``(4,)`` (or ``(groups, 4)``), differentiable.
+        ``(2^d,)`` (or ``(groups, 2^d)``), differentiable; ``(4,)`` for a 2-D conv.
     """
     if method not in ("exact", "power"):
         raise ValueError(f"method must be 'exact' or 'power', got {method!r}")
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
-    k, scale = _grouped_kernel(spec, dilated=False)  # (g, o, i, kh, kw)
-    g, o, i, kh, kw = k.shape
-    reshapes = {
-        "R": k.permute(0, 1, 3, 2, 4).reshape(g, o * kh, i * kw),
-        "S": k.permute(0, 1, 4, 2, 3).reshape(g, o * kw, i * kh),
-        "T": k.reshape(g, o, i * kh * kw),
-        "U": k.permute(0, 1, 3, 4, 2).reshape(g, o * kh * kw, i),
-    }
-    factor = math.sqrt(kh * kw) * padding_factor(spec) * scale
-    if (kh, kw) == (1, 1) and method == "exact":  # the four reshapes are all the (g, o, i) matrix
-        norms = torch.linalg.matrix_norm(reshapes["T"], ord=2)
+    k, scale = _grouped_kernel(spec, dilated=False)  # (g, o, i, *k)
+    g = k.shape[0]
+    taps = math.prod(spec.kernel_size)
+    subsets = fantastic_four_reshapes(spec.dims)
+    names = ("R", "S", "T", "U") if spec.dims == 2 else tuple(f"rows{subset}" for subset in subsets)
+    reshapes = {name: _reshape(k, subset) for name, subset in zip(names, subsets)}
+    factor = math.sqrt(taps) * padding_factor(spec) * scale
+    if taps == 1 and method == "exact":  # every reshape is the (g, o, i) matrix
+        norms = torch.linalg.matrix_norm(k.reshape(k.shape[:3]), ord=2)
         value = factor * (norms if per_group else norms.amax())
-        return torch.stack([value] * 4, dim=-1)
+        return torch.stack([value] * len(subsets), dim=-1)
     values = []
     for name, matrix in reshapes.items():
         if per_group:
@@ -338,7 +321,7 @@ def fantastic_four_bounds(
 
 
 def fantastic_four_bound(target: ConvLike, **options) -> Tensor:
-    """``max over groups of min of the four`` ``fantastic_four_bounds`` (0-D, differentiable).
+    """``max over groups of min over the reshapes`` of ``fantastic_four_bounds`` (0-D, differentiable).
 
     With ``method='exact'`` a provable upper bound on the layer's spectral norm at every
     input size and stride, for the padding described in ``fantastic_four_bounds``;
@@ -361,6 +344,7 @@ def _gram_iterate(matrices: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
     return matrices, log_scale
 
 
+
 @full_precision
 def gram_iteration_bound(
     target: ConvLike,
@@ -372,34 +356,36 @@ def gram_iteration_bound(
 ) -> Tensor:
     """Gram-iteration upper bound on the circular spectral norm (Delattre et al., ICML 2023).
 
-    Iterates ``G <- G^H G`` with Frobenius rescaling on the ``n1 (n2//2+1)`` frequency
-    matrices of the (polyphase, for stride) kernel, a batch of frequencies at a time
-    within ``max_memory`` bytes, and bounds each by its Frobenius norm:
-    ``sigma <= ||G_t||_F^(2^-t)``. Bounds the same operator as
-    ``exact_spectral_norm`` (the circular convolution on ``n``, divisible by the
-    stride); provable for every ``n_iter``, decreasing in ``n_iter`` and converging to
-    the exact value (measured worst ratio 1.0012 at t=3, ``bounds.md``). Only matmuls:
-    on this project's CPU it is slower than the exact SVDs (docs/performance.md); its
-    use is GPU matmul throughput and a smooth gradient. Differentiable.
+    Iterates ``G <- G^H G`` with Frobenius rescaling on the ``prod(m)`` (half of the last
+    axis) frequency matrices of the (polyphase, for stride) kernel on the grid
+    ``m = n / s``, a batch of frequencies at a time within ``max_memory`` bytes, and
+    bounds each by its Frobenius norm: ``sigma <= ||G_t||_F^(2^-t)``. Bounds the same
+    operator as ``exact_spectral_norm`` (the circular convolution on ``n``, divisible by
+    the stride; for a transposed spec the adjoint of the one on ``s n``); provable for
+    every ``n_iter``, decreasing in ``n_iter`` and converging to the exact value
+    (measured worst ratio 1.0012 at t=3, ``bounds.md``). Only matmuls: on this
+    project's CPU it is slower than the exact SVDs (docs/performance.md); its use is GPU
+    matmul throughput and a smooth gradient. Differentiable.
 
     Any ``n`` divisible by the stride: smaller than the kernel, the kernel folds modulo
     ``n`` (``conv_singular_values``). Fast path: when the folded polyphase kernel has a
     single tap (every 1x1 conv) all frequencies hold the same matrix, and the iteration
-    runs once on it (per group) instead of on ``n1 (n2//2+1)`` copies: the same value.
+    runs once on it (per group) instead of on every frequency's copy: the same value.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
-    n = check_spectral_input_size(input_size, tuple(spec.kernel.shape[2:]), spec.stride, spec.dilation, fold=True)
+    n = check_spectral_input_size(_circular_grid(spec, input_size), spec.kernel_size, spec.stride, spec.dilation,
+                                  fold=True)
     kernel, scale = _grouped_kernel(spec)
     g = spec.groups
-    grid = (n[0] // spec.stride[0], n[1] // spec.stride[1])
+    grid = tuple(n_a // s_a for n_a, s_a in zip(n, spec.stride))
     kernel = fold_kernel(polyphase_kernel(kernel.flatten(0, 1), spec.stride), grid)
     kernel = kernel.reshape(g, -1, *kernel.shape[1:])
     single = single_tap_matrices(kernel)
     if single is not None:  # every frequency holds this matrix: one batch of g
         batches = iter([single])
     else:
-        batches = (matrices for _, _, matrices in transfer_batches(kernel, grid, max_memory, per_frequency_factor=6))
+        batches = (batch[-1] for batch in transfer_batches(kernel, grid, max_memory, per_frequency_factor=6))
     best = None
     for matrices in batches:
         if matrices.shape[-1] > matrices.shape[-2]:
@@ -413,22 +399,23 @@ def gram_iteration_bound(
 
 
 def _self_correlation(kernel: Tensor, max_memory: int) -> Tensor:
-    """``conv2d(K, K, padding=k-1)``, the kernel of ``A A^T``, in row chunks within ``max_memory``."""
-    o, i, kh, kw = kernel.shape
-    out_taps = (2 * kh - 1) * (2 * kw - 1)
+    """``conv{d}d(K, K, padding=k-1)``, the kernel of ``A A^T``, in row chunks within ``max_memory``."""
+    o, i, *k = kernel.shape
+    out_taps = math.prod(2 * k_a - 1 for k_a in k)
     element = kernel.element_size()
     output_bytes = o * o * out_taps * element
     if output_bytes > max_memory:
         raise MemoryLimitError(
-            f"the spatial Gram kernel ({o} x {o} x {2 * kh - 1} x {2 * kw - 1}) needs "
+            f"the spatial Gram kernel ({' x '.join(str(x) for x in (o, o, *(2 * k_a - 1 for k_a in k)))}) needs "
             f"{format_bytes(output_bytes)}, more than max_memory={format_bytes(max_memory)}; "
             "lower n_iter or raise max_memory"
         )
-    # im2col of one row of the batch: i * kh * kw values per output tap.
-    per_row = (i * kh * kw * out_taps + o * out_taps) * element
+    # im2col of one row of the batch: i * prod(k) values per output tap.
+    per_row = (i * math.prod(k) * out_taps + o * out_taps) * element
     chunk = max(1, (max_memory - output_bytes) // max(1, per_row))
-    parts = [F.conv2d(kernel[start:start + chunk], kernel, padding=(kh - 1, kw - 1))
-             for start in range(0, o, chunk)]
+    conv = _CONV[len(k) - 1]
+    padding = tuple(k_a - 1 for k_a in k)
+    parts = [conv(kernel[start:start + chunk], kernel, padding=padding) for start in range(0, o, chunk)]
     return torch.cat(parts)
 
 
@@ -439,17 +426,17 @@ def zero_padding_bound(
     """Spatial Gram-iteration bound on the layer's norm at every input size.
 
     Delattre et al. (2024): iterate on the kernel itself, ``K <- K * K^T`` (the kernel of
-    ``A A^T``, support ``2k - 1``) with Frobenius rescaling, then bound the final Gram
-    operator by its largest absolute row sum. It bounds the full (infinite-grid)
-    convolution, hence every zero-padded crop of it at every size and stride and every
-    circular conv; for the layer's own padding it is multiplied by
-    ``padding_factor`` (worst case over input sizes), exactly like
+    ``A A^T``, support ``2k - 1`` per axis) with Frobenius rescaling, then bound the final
+    Gram operator by its largest absolute row sum. It bounds the full (infinite-grid)
+    convolution, hence every zero-padded crop of it at every size and stride, every
+    circular conv and every transposed conv (an adjoint); for the layer's own padding it is
+    multiplied by ``padding_factor`` (worst case over input sizes), exactly like
     ``fantastic_four_bounds``. Runs on the undilated kernel (a dilated conv is a
-    direct sum of undilated ones). Provable for every ``n_iter``.
+    direct sum of undilated ones). Provable for every ``n_iter``. 1-D, 2-D and 3-D.
 
     Cost and memory grow fast: the support doubles each step and one step costs
-    ``c^3 (2k-1)^2 k^2`` multiply-adds, so ``n_iter`` is capped at 6; 2-3 is practical
-    for 512 channels (on an ``SVDConv`` it runs on the core, ``r`` channels). Work is
+    ``c^3 prod((2k-1) k)`` multiply-adds, so ``n_iter`` is capped at 6; 2-3 is practical
+    for 512 channels (on an SVD layer it runs on the core, ``r`` channels). Work is
     chunked to ``max_memory`` bytes; ``MemoryLimitError`` when even
     the Gram kernel does not fit.
     """
@@ -459,7 +446,7 @@ def zero_padding_bound(
     spec = conv_spec(target, **geometry)
     kernels, scale = _grouped_kernel(spec, dilated=False)
     bounds = []
-    for kernel in kernels:  # (o, i, kh, kw)
+    for kernel in kernels:  # (o, i, *k)
         if kernel.shape[0] > kernel.shape[1]:
             kernel = kernel.transpose(0, 1)  # A^T A has the smaller channel count
         log_scale = kernel.new_zeros(())
@@ -468,17 +455,17 @@ def zero_padding_bound(
             kernel = kernel / norm
             log_scale = 2 * (log_scale + norm.log())
             kernel = _self_correlation(kernel, max_memory)
-        row_sum = kernel.abs().sum(dim=(1, 2, 3)).amax().clamp_min(torch.finfo(kernel.dtype).tiny)
+        row_sum = kernel.abs().flatten(1).sum(dim=1).amax().clamp_min(torch.finfo(kernel.dtype).tiny)
         exponent = 2.0**-n_iter
         bounds.append((row_sum.log() * exponent + log_scale * exponent).exp())
     return torch.stack(bounds).amax() * padding_factor(spec) * scale
 
 
 # ----------------------------------------------------------- the layer's operator
-def _check_operator_size(spec: ConvSpec, n: Tuple[int, int]) -> None:
+def _check_operator_size(spec: ConvSpec, n: Tuple[int, ...]) -> None:
     """Refuse input sizes the layer itself refuses (so no bound is given for no operator)."""
-    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
-    for axis, (before, after) in enumerate(_axis_padding(spec)):
+    extent = args.dilated_extent(spec.kernel_size, spec.dilation)
+    for axis, (before, after) in enumerate(spec.axis_padding):
         if n[axis] + before + after < extent[axis]:
             raise ValueError(
                 f"input_size {n} is too small for this layer: padded size {n[axis] + before + after} < kernel "
@@ -493,6 +480,17 @@ def _check_operator_size(spec: ConvSpec, n: Tuple[int, int]) -> None:
             )
 
 
+def _operator_size(spec: ConvSpec, input_size: IntOrPair) -> Tuple[ConvSpec, Tuple[int, ...]]:
+    """``(plain spec, size)`` whose operator bounds the layer's: the spec itself on ``n``, or for a
+    transposed spec the conv it is the adjoint of on ``N = conv_input_size(n)`` (the layer's
+    operator is the adjoint of that conv's first ``n`` output rows: same norm or smaller)."""
+    n = size_arg(input_size, spec.dims)
+    if not spec.transposed:
+        _check_operator_size(spec, n)
+        return spec, n
+    return spec.adjoint(), spec.conv_input_size(n)
+
+
 def _selected_copies(mode: str, before: int, after: int, n: int, stride: int) -> int:
     """Largest number of outputs of a strided 1x1 conv that read one input pixel along an axis.
 
@@ -505,10 +503,10 @@ def _selected_copies(mode: str, before: int, after: int, n: int, stride: int) ->
 
 
 def _is_one_by_one(spec: ConvSpec) -> bool:
-    return tuple(spec.kernel.shape[2:]) == (1, 1)
+    return all(k == 1 for k in spec.kernel_size)
 
 
-def _one_by_one_norm(spec: ConvSpec, n: Tuple[int, int]) -> Tensor:
+def _one_by_one_norm(spec: ConvSpec, n: Tuple[int, ...]) -> Tensor:
     """Exact norm of a 1x1 layer's own operator on ``n`` (any padding mode and amount, stride).
 
     Output pixel ``p`` is ``W x[pixel read by p]`` (or 0 on zero padding): the operator is
@@ -518,18 +516,18 @@ def _one_by_one_norm(spec: ConvSpec, n: Tuple[int, int]) -> Tensor:
     """
     kernel, scale = _grouped_kernel(spec, dilated=False)
     copies = math.prod(_selected_copies(spec.padding_mode, before, after, n_i, s)
-                       for (before, after), n_i, s in zip(_axis_padding(spec), n, spec.stride))
-    return torch.linalg.matrix_norm(kernel[..., 0, 0], ord=2).amax() * (math.sqrt(copies) * scale)
+                       for (before, after), n_i, s in zip(spec.axis_padding, n, spec.stride))
+    return torch.linalg.matrix_norm(kernel.reshape(kernel.shape[:3]), ord=2).amax() * (math.sqrt(copies) * scale)
 
 
 @full_precision
 def operator_norm_bound(
     target: ConvLike, input_size: IntOrPair, *, max_memory: int = DEFAULT_MAX_MEMORY, **geometry
 ) -> Tensor:
-    """Provable upper bound on the norm of the layer's *actual* operator on an ``n1 x n2`` input.
+    """Provable upper bound on the norm of the layer's *actual* operator on an input of size ``n``.
 
-    Uses the layer's own padding amount and mode, stride and dilation; the minimum of
-    these valid bounds:
+    Uses the layer's own padding amount and mode, stride and dilation (``n``: one size
+    per spatial axis); the minimum of these valid bounds:
 
     * every mode: the padding map (norm ``sqrt(max copies of a pixel)``, 1 for zeros)
       followed by a valid strided conv on the padded grid ``N = n + padding``, which is a
@@ -542,6 +540,9 @@ def operator_norm_bound(
       circular layer with ``n`` divisible by the stride;
     * ``fantastic_four_bound`` times ``padding_factor`` at this size.
 
+    A transposed spec: the layer on ``n`` is the adjoint of its zero-padded conv on
+    ``N = ConvSpec.conv_input_size(n)`` (first ``n`` outputs kept), bounded as above.
+
     An input smaller than the dilated kernel is fine wherever the layer accepts it: the
     circular candidate then uses the kernel folded modulo ``n``. A 1x1 kernel gets its
     exact norm from one matrix norm: the operator is ``W`` kron a 0/1 selection ``S``
@@ -550,13 +551,11 @@ def operator_norm_bound(
 
     Raises ``ValueError`` for sizes the layer refuses. Differentiable almost everywhere.
     """
-    spec = conv_spec(target, **geometry)
-    n = args.input_size_arg(input_size)
-    _check_operator_size(spec, n)
+    spec, n = _operator_size(conv_spec(target, **geometry), input_size)
     if _is_one_by_one(spec):
         return _one_by_one_norm(spec, n)  # exact: nothing can be smaller
-    extent = args.dilated_extent(tuple(spec.kernel.shape[2:]), spec.dilation)
-    axes = _axis_padding(spec)
+    extent = args.dilated_extent(spec.kernel_size, spec.dilation)
+    axes = spec.axis_padding
     geometry = dict(dilation=spec.dilation, groups=spec.groups, max_memory=max_memory)
     candidates = []
     if spec.padding_mode == "circular":
@@ -567,8 +566,8 @@ def operator_norm_bound(
             for (before, after), e, s, n_i, ok in zip(axes, extent, spec.stride, n, strided)
         ]
         circ = conv_spectral_norm(spec.kernel, n, stride=stride, **geometry)
-        candidates.append(math.sqrt(repeats[0] * repeats[1]) * circ)
-        if repeats == [1, 1] and stride == spec.stride:
+        candidates.append(math.sqrt(math.prod(repeats)) * circ)
+        if all(r == 1 for r in repeats) and stride == spec.stride:
             return candidates[0]  # exact or a crop of it: nothing below can be smaller
     pad_norm = math.sqrt(math.prod(_copies(spec.padding_mode, b, a, n_i) if spec.padding_mode != "zeros" else 1
                                    for (b, a), n_i in zip(axes, n)))
@@ -587,6 +586,7 @@ def _round_down(value: Tensor, dtype: torch.dtype) -> Tensor:
     return cast
 
 
+
 @full_precision
 def power_iteration_estimate(
     target: ConvLike,
@@ -599,28 +599,35 @@ def power_iteration_estimate(
     """Power iteration on the layer's actual operator: a *lower estimate*, never a bound.
 
     Iterates ``x <- A^T A x`` with ``A`` the layer's convolution (own stride, padding,
-    dilation, padding mode, no bias) and ``A^T`` its adjoint from autograd (for zero
-    padding, ``conv_transpose2d``); returns ``||A x||`` for the final unit ``x``, which
-    approaches the spectral norm from below as ``n_iter`` grows. Computed in float64 on
-    the kernel divided by ``max |w|`` (no overflow or underflow at any scale) and rounded
-    down to the kernel's spectral dtype, so it never exceeds the true norm beyond float64
-    round-off. Not differentiable.
+    dilation, padding mode, no bias; for a transposed spec torch's transposed conv with
+    its ``output_padding``) and ``A^T`` its adjoint from autograd; returns ``||A x||``
+    for the final unit ``x``, which approaches the spectral norm from below as ``n_iter``
+    grows. Computed in float64 on the kernel divided by ``max |w|`` (no overflow or
+    underflow at any scale) and rounded down to the kernel's spectral dtype, so it never
+    exceeds the true norm beyond float64 round-off. Not differentiable.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
-    n = args.input_size_arg(input_size)
-    _check_operator_size(spec, n)
+    n = size_arg(input_size, spec.dims)
+    if spec.transposed:
+        spec.conv_input_size(n)  # refuses sizes with an empty output
+    else:
+        _check_operator_size(spec, n)
     out_dtype = spectral_dtype(spec.kernel.dtype)
     kernel = spec.kernel.detach().to(torch.float64)
     scale = kernel_scale(kernel)
     kernel = kernel / scale
 
     def apply(x: Tensor) -> Tensor:
-        return _functional.conv2d(x, kernel, None, spec.stride, spec.padding, spec.dilation, spec.groups,
-                                  spec.padding_mode, spec.reversed_padding)
+        if spec.transposed:
+            return _CONV_TRANSPOSE[spec.dims - 1](x, kernel, None, spec.stride, spec.padding, spec.output_padding,
+                                                  spec.groups, spec.dilation)
+        return _functional.conv_nd(x, kernel, None, spec.stride, spec.padding, spec.dilation, spec.groups,
+                                   spec.padding_mode, spec.reversed_padding)
 
     generator = torch.Generator(device=kernel.device).manual_seed(seed)
-    c_in = kernel.shape[1] * spec.groups
+    # A transposed spec's input has the conv's output channels (the kernel's first axis).
+    c_in = kernel.shape[0] if spec.transposed else kernel.shape[1] * spec.groups
     x = torch.randn(1, c_in, *n, dtype=kernel.dtype, device=kernel.device, generator=generator)
     x = x / x.norm()
     for _ in range(n_iter):
