@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple, Union
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -65,26 +64,3 @@ def record_input_sizes(
         for handle in handles:
             handle.remove()
     return sizes
-
-
-ProgressFn = Callable[[int, int, str], None]
-
-
-def stream_progress(stream: TextIO) -> ProgressFn:
-    """A callback printing one progress line per item to ``stream``: ``[3/20] layer2.0.conv1``."""
-
-    def report(done: int, total: int, name: str) -> None:
-        print(f"[{done}/{total}] {name}", file=stream, flush=True)
-
-    return report
-
-
-def progress_callback(progress: Union[None, bool, ProgressFn]) -> Optional[ProgressFn]:
-    """``True``: progress lines on stderr; a callable is used as is; ``None``/``False``: silent."""
-    if progress is True:
-        return stream_progress(sys.stderr)
-    if progress is None or progress is False:
-        return None
-    if not callable(progress):
-        raise TypeError(f"progress must be a bool or a callable(done, total, name), got {progress!r}")
-    return progress

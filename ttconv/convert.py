@@ -33,7 +33,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._hooks import progress_callback, unwrap
+from ._hooks import unwrap
+from ._progress import progress_callback
 from .layer import (SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d,
                     _conv_arguments, _decode_extra_state, _SVDConvNd)
 from .tt import _truncation, factor_params, resolve_ranks
