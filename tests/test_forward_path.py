@@ -70,8 +70,9 @@ CASES = {  # name: (SVDConv kwargs, input shape)
     "full_rank": (dict(in_channels=16, out_channels=64, kernel_size=3, padding=1), (8, 16, 16, 16)),
     # Full rank, but a 2x2 image: composing the kernel costs more than three small convs.
     "tiny_image": (dict(in_channels=64, out_channels=64, kernel_size=3, padding=1), (1, 64, 2, 2)),
-    # Wide, on a 2x2 image: composing the 256x256x3x3 kernel is 100x the convolutions.
-    "tiny_image_wide": (dict(in_channels=256, out_channels=256, kernel_size=3, padding=1), (1, 256, 2, 2)),
+    # Wide, on an 8x8 image: one dense conv beats three, but composing the 256x256x3x3
+    # kernel costs 8x the convolutions.
+    "small_image_wide": (dict(in_channels=256, out_channels=256, kernel_size=3, padding=1), (1, 256, 8, 8)),
     "grouped": (dict(in_channels=16, out_channels=16, kernel_size=3, padding=1, groups=4), (8, 16, 16, 16)),
     # Stride 2: the first 1x1 conv of the factored path runs on 4x the output pixels.
     "strided": (dict(in_channels=32, out_channels=32, kernel_size=3, stride=2, padding=1, rank=(24, 32)),
@@ -102,7 +103,7 @@ def _measured_costs(name):
 
 
 EXPECTED = {  # the cheaper path, by the independent model above (checked with a margin below)
-    "low_rank": "factored", "full_rank": "dense", "tiny_image": "factored", "tiny_image_wide": "factored",
+    "low_rank": "factored", "full_rank": "dense", "tiny_image": "factored", "small_image_wide": "factored",
     "grouped": "dense",
     "strided": "dense", "strided_low_rank": "factored",
 }
@@ -264,3 +265,17 @@ def test_auto_follows_the_cost_model_measured_on_the_forced_paths():
 def _forced(layer, path):
     layer.path = path
     return layer
+
+
+def test_auto_remembers_its_choice_per_input_shape(monkeypatch):
+    layer, x = _layer("low_rank", "auto")
+    expected = layer.choose_path(tuple(x.shape))
+    layer(x)
+    calls = []
+    original = type(layer).path_costs
+    monkeypatch.setattr(type(layer), "path_costs", lambda self, shape: calls.append(shape) or original(self, shape))
+    _, recorder = _run(layer, x)  # same shape: the model is not evaluated again
+    assert calls == [] and len(recorder.calls) == (1 if expected == "dense" else 3)
+    layer(x[:1])  # another shape: evaluated once, then remembered
+    layer(x[:1])
+    assert calls == [tuple(x[:1].shape)]

@@ -43,11 +43,12 @@ torch.fx.wrap("orthonormal_basis")
 _PATHS = ("auto", "dense", "factored")
 
 # Cost model of the forward paths (``path_costs``), in multiply-adds: one tensor element read or
-# written, one operator call, and the operator calls of composing the dense kernel. Chosen on
+# written, one operator call (~10 us on one CPU thread), and composing the dense kernel, which
+# takes 60-120 us even for small kernels (einsum dispatch), i.e. ~6 calls. Chosen on
 # interleaved timings of both paths (benchmarks/bench_paths.py --dump, one CPU thread).
 _COST_PER_ELEMENT = 32
 _COST_PER_CALL = 300_000
-_COMPOSE_CALLS = 3
+_COMPOSE_CALLS = 6
 
 _CORES = ("general", "orthogonal")
 
@@ -476,6 +477,20 @@ class _SVDConvNd(nn.Module):
         factored = factored_macs + _COST_PER_ELEMENT * factored_elements + _COST_PER_CALL * factored_calls
         return dense, factored
 
+    def _auto_path(self, input_shape: Tuple[int, ...]) -> str:
+        # The choice depends only on the input shape and the geometry (evaluating the model
+        # takes ~30 us, a tenth of a small layer's forward), so it is remembered per shape.
+        key = (input_shape, self.stride, self.padding, self.dilation, self.ranks)
+        cache = self.__dict__.setdefault("_auto_paths", {})
+        path = cache.get(key)
+        if path is None:
+            if len(cache) >= 64:  # inputs of ever-changing shapes: keep it bounded
+                cache.clear()
+            dense_cost, factored_cost = self.path_costs(input_shape)
+            path = "dense" if dense_cost <= factored_cost else "factored"
+            cache[key] = path
+        return path
+
     def choose_path(self, input_shape: Tuple[int, ...]) -> str:
         """The path ``forward`` takes for this input shape with ``path='auto'`` (see ``path_costs``)."""
         dense_cost, factored_cost = self.path_costs(input_shape)
@@ -500,8 +515,7 @@ class _SVDConvNd(nn.Module):
         else:
             self._check_input(input)
             if path == "auto":
-                dense_cost, factored_cost = self.path_costs(tuple(input.shape))
-                path = "dense" if dense_cost <= factored_cost else "factored"
+                path = self._auto_path(tuple(input.shape))
         if path == "dense":
             if self._is_pointwise():
                 return self._pointwise_forward(input, self.dense_weight())
