@@ -343,3 +343,26 @@ def test_flop_costs_are_the_measured_multiply_adds(cls, rank):
     dense, factored = layer.flop_costs(tuple(x.shape))
     assert dense == compose + measured["dense"]
     assert factored == measured["factored"]
+
+
+@pytest.mark.parametrize("cls, config", _configs()[::7])
+def test_conv_spec_is_the_torch_layers_geometry_with_the_core(cls, config):
+    from ttconv.bounds import exact_spectral_norm
+    from ttconv.geometry import conv_spec
+
+    conv = _torch_layer(cls, config)
+    layer = cls.from_conv(conv, rank=2)
+    spec, dense = layer.conv_spec(), conv_spec(layer.to_conv())
+    for name in ("stride", "padding", "dilation", "groups", "padding_mode", "transposed", "output_padding"):
+        assert getattr(spec, name) == getattr(dense, name), name
+    assert torch.equal(spec.kernel, layer.orthonormal_core()) and not spec.singular_values_are_s
+    # The core has the dense layer's spectrum (computed by bounds on each, the dense side
+    # on the full kernel): a wrong core or geometry would change the norm.
+    n = tuple(s * 4 for s in layer.stride)
+    assert torch.allclose(exact_spectral_norm(layer, n), exact_spectral_norm(layer.to_conv(), n), rtol=1e-10)
+
+
+def test_conv_spec_of_an_orthogonal_core_carries_s():
+    layer = SVDConv(4, 4, 3, core="orthogonal", max_singular_value=2.0, dtype=torch.float64)
+    spec = layer.conv_spec()
+    assert spec.singular_values_are_s and torch.equal(spec.s, layer.effective_S())

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import _conv_args as args
 from . import _functional
 from ._precision import full_precision
+from .geometry import ConvSpec
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
 from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
 from .spectra import check_spectral_input_size, conv_singular_values, spectral_dtype
@@ -643,6 +644,21 @@ class _SVDConvNd(nn.Module):
         work = spectral_dtype(self.U.dtype)
         U, S, core, V = (p.to(work) for p in self.factors())
         return orthonormal_core(U, S, self._tt_core(core), V, self.groups).reshape(core.shape)
+
+    def conv_spec(self) -> ConvSpec:
+        """The layer as a ``ttconv.geometry.ConvSpec``: its orthonormal core with its geometry.
+
+        The core has the layer's nonzero singular values for every padding mode and size
+        (``orthonormal_core``), so bounds, spectra and control work on it (``r`` channels,
+        not ``c``). Transposed layers give ``transposed=True`` and their ``output_padding``;
+        ``core='orthogonal'`` sets ``singular_values_are_s`` with ``S``. Differentiable.
+        """
+        orthogonal = self.core_kind == "orthogonal"
+        return ConvSpec(
+            self.orthonormal_core(), self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
+            self._transposed, self.output_padding if self._transposed else 0,
+            orthogonal, self.effective_S() if orthogonal else None,
+        )
 
     def spectral_norm(self, input_size: IntOrPair) -> Tensor:
         """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D)."""
