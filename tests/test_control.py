@@ -157,13 +157,13 @@ def test_default_mode_is_the_guaranteed_clip_then_scale():
 
 
 def test_models_without_convs_and_bad_layers_are_refused():
-    with pytest.raises(ValueError, match="no nn.Conv2d or SVDConv layers"):
+    with pytest.raises(ValueError, match="has no conv layers to control"):
         SpectralControl(nn.Linear(3, 3), 1.0, example_input=torch.zeros(1, 3))
-    with pytest.raises(TypeError, match="layer must be an nn.Conv2d or SVDConv"):
+    with pytest.raises(TypeError, match="layer must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, SVDConv1d/2d/3d or SVDConvTranspose1d/2d/3d, got Linear"):
         clip_singular_values_(nn.Linear(3, 3), 1.0, 8)
     with pytest.raises(ValueError, match="max_value"):
         scale_to_spectral_norm_(nn.Conv2d(2, 2, 3), 0, 8)
-    with pytest.raises(TypeError, match="layer must be an nn.Conv2d or SVDConv"):
+    with pytest.raises(TypeError, match="layer must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, SVDConv1d/2d/3d or SVDConvTranspose1d/2d/3d, got Linear"):
         scale_to_spectral_norm_(nn.Linear(3, 3), 1.0, 8)
 
 

@@ -1,8 +1,9 @@
 """Keeping singular values in check during training.
 
-In-place operations for one layer (``SVDConv`` on its small core, ``nn.Conv2d`` with the
-dense FFT), all under ``torch.no_grad`` and keeping parameter identity so optimizer state
-stays attached:
+In-place operations for one layer of any kind: ``nn.Conv1d/2d/3d``,
+``nn.ConvTranspose1d/2d/3d`` (with the dense ``d``-D FFT) and ``SVDConv1d/2d/3d``,
+``SVDConvTranspose1d/2d/3d`` (on their small core), all under ``torch.no_grad`` and keeping
+parameter identity so optimizer state stays attached:
 
 * ``scale_to_spectral_norm_`` divides the kernel by ``sigma_max / max_value`` when it
   exceeds ``max_value``: exact.
@@ -12,7 +13,7 @@ stays attached:
   kernel's support: *approximate*, the projection can push the norm back above the
   target (measured: up to 1.52x with ``n_iter=1`` on the 200 random layers of
   ``benchmarks/bench_control.py``); the norm actually reached is returned.
-* ``SVDConv.canonicalize_()`` restores orthonormal ``U``, ``V`` (function unchanged).
+* ``canonicalize_()`` of an SVD layer restores orthonormal ``U``, ``V`` (function unchanged).
 
 ``SpectralControl`` applies them to a whole model every ``every`` optimizer steps and
 provides differentiable regularizers. Its default ``mode='clip_scale'`` clips, then scales
@@ -23,10 +24,18 @@ stride, the stride-1 norm is used instead, an upper bound of the strided operato
 (see ``spectral_norm``). An input smaller than the kernel is controlled at its own size:
 the operator is that of the kernel folded modulo the size (``ttconv.spectra.fold_kernel``).
 
+A transposed layer is the adjoint of the convolution with the same weight viewed as a
+conv kernel ``(in_channels, out_channels/groups, *k)`` (from the transposed layer's output
+channels to its input channels): its singular values are that conv's, on the transposed
+layer's *output* grid. So controlling a transposed layer is controlling that conv, and a
+clip rewrites the same weight tensor. The functions take the transposed layer's input size
+and use its output size ``(n - 1) s - 2 p + d (k - 1) + output_padding + 1``;
+``SpectralControl`` records the output size of the example pass itself.
+
 Cost: a pass computes each exact norm once (before, and after a clip) and passes it on.
 Those norms are certified rather than decomposed: per frequency one Gram product and one
 Cholesky factorisation, and an SVD only for the few frequencies the certificate cannot
-exclude. A clip decomposes the half plane of frequencies only. A 1x1 layer (any kernel
+exclude. A clip decomposes the half space of frequencies only (the last axis halved). A 1x1 layer (any kernel
 whose polyphase form folds to a single tap) has one matrix at every frequency: its norm is
 one matrix norm and its clip one SVD, exact.
 """
@@ -35,16 +44,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._precision import full_precision
 from . import _conv_args as args
-from ._hooks import find_conv_layers, record_input_sizes
+from ._hooks import unwrap
+from .geometry import check_kernel
 from .bounds import fantastic_four_bound
-from .layer import SVDConv
+from .layer import SVDConv, _SVDConvNd  # noqa: F401 (SVDConv: the doctest)
 from ._progress import ProgressArg, progress_for
 from .spectra import (DEFAULT_MAX_MEMORY, check_spectral_input_size, conv_spectral_norm, dilate_kernel, fold_kernel,
                       kernel_scale, polyphase_kernel, single_tap_matrices, spectral_dtype, transfer_batches)
@@ -52,13 +62,46 @@ from .tt import canonicalize, orthonormality_error
 
 __all__ = ["clip_singular_values_", "scale_to_spectral_norm_", "spectral_norm", "SpectralControl"]
 
-ConvLayer = Union[nn.Conv2d, SVDConv]
+ConvLayer = Union[nn.modules.conv._ConvNd, _SVDConvNd]
 MODES = ("clip_scale", "clip", "scale")
+_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_KINDS = "an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, SVDConv1d/2d/3d or SVDConvTranspose1d/2d/3d"
+
+
+def _is_controllable(module: Any) -> bool:
+    return isinstance(module, _TORCH_CONVS + (_SVDConvNd,))
 
 
 def _check_layer(layer: Any) -> None:
-    if not isinstance(layer, (nn.Conv2d, SVDConv)):
-        raise TypeError(f"layer must be an nn.Conv2d or SVDConv, got {type(layer).__name__}")
+    if not _is_controllable(layer):
+        raise TypeError(f"layer must be {_KINDS}, got {type(layer).__name__}")
+
+
+def _dims(layer: ConvLayer) -> int:
+    return len(layer.kernel_size)
+
+
+def _is_transposed(layer: ConvLayer) -> bool:
+    return bool(layer.transposed if isinstance(layer, nn.modules.conv._ConvNd) else layer._transposed)
+
+
+def _operator_grid(layer: ConvLayer, input_size: Any) -> Tuple[int, ...]:
+    """The grid of the circular conv whose norm is controlled, for a layer input of ``input_size``.
+
+    A plain conv acts on its input grid. A transposed layer is the adjoint of the conv with
+    its weight, which acts on the transposed layer's output grid:
+    ``N = (n - 1) s - 2 p + d (k - 1) + output_padding + 1`` per axis (as torch computes it).
+    """
+    d = _dims(layer)
+    n = args.input_size_arg(input_size) if d == 2 else args.ntuple(input_size, "input_size", d)
+    if not _is_transposed(layer):
+        return n
+    grid = tuple((n_a - 1) * s - 2 * p + dil * (k - 1) + op + 1 for n_a, s, p, dil, k, op in
+                 zip(n, layer.stride, layer.padding, layer.dilation, layer.kernel_size, layer.output_padding))
+    if min(grid) < 1:
+        raise ValueError(f"input_size {n} gives the transposed layer an empty output {grid}; "
+                         "use a larger input_size (torch refuses this input too)")
+    return grid
 
 
 def _check_max_value(max_value: Any) -> float:
@@ -67,30 +110,33 @@ def _check_max_value(max_value: Any) -> float:
 
 def _kernel(layer: ConvLayer) -> Tensor:
     """The kernel whose circular operator has the layer's nonzero singular values."""
-    return layer.orthonormal_core() if isinstance(layer, SVDConv) else layer.weight.to(spectral_dtype(layer.weight.dtype))
+    return layer.orthonormal_core() if isinstance(layer, _SVDConvNd) else layer.weight.to(spectral_dtype(layer.weight.dtype))
 
 
-def _effective_stride(layer: ConvLayer, n: Tuple[int, int]) -> Tuple[int, int]:
+def _effective_stride(layer: ConvLayer, n: Tuple[int, ...]) -> Tuple[int, ...]:
     # The strided operator needs n divisible by the stride; otherwise fall back to the
     # stride-1 operator, whose norm bounds the strided one.
-    return layer.stride if all(a % s == 0 for a, s in zip(n, layer.stride)) else (1, 1)
+    return tuple(layer.stride) if all(a % s == 0 for a, s in zip(n, layer.stride)) else (1,) * len(n)
 
 
 @full_precision
 def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
     """Exact circular spectral norm of a layer at ``input_size`` (differentiable, 0-D).
 
-    The norm of the circular convolution on an ``n1 x n2`` input with the layer's stride,
-    dilation and groups. For a strided layer whose ``input_size`` is not divisible by the
-    stride, the norm of the stride-1 circular convolution instead: an upper bound of the
-    strided operator's norm (circular convolution, then every ``s``-th output kept, which
-    is a coordinate projection of the stride-1 output), not its exact value.
+    The norm of the circular convolution on an ``n1 x n2`` input (``d`` sizes for a
+    ``d``-D layer) with the layer's stride, dilation and groups. For a strided layer whose
+    ``input_size`` is not divisible by the stride, the norm of the stride-1 circular
+    convolution instead: an upper bound of the strided operator's norm (circular
+    convolution, then every ``s``-th output kept, which is a coordinate projection of the
+    stride-1 output), not its exact value. For a transposed layer, the norm of the circular
+    conv it is the adjoint of (its weight as a conv kernel) on the layer's output size
+    ``(n - 1) s - 2 p + d (k - 1) + output_padding + 1`` (the same rule for the stride).
 
     Parameters
     ----------
-    layer : nn.Conv2d or SVDConv
-    input_size : int or (int, int)
-        Spatial input size ``(n1, n2)``.
+    layer : nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or an SVD conv layer of those kinds
+    input_size : int or tuple of d ints
+        Spatial input size of the layer ``(n1, n2)`` (``(n1,)``, ``(n1, n2, n3)`` in 1-D, 3-D).
 
     Returns
     -------
@@ -98,7 +144,11 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
         0-D, float64 for float64 parameters and float32 otherwise, differentiable.
     """
     _check_layer(layer)
-    n = args.input_size_arg(input_size)
+    return _grid_norm(layer, _operator_grid(layer, input_size))
+
+
+def _grid_norm(layer: ConvLayer, n: Tuple[int, ...]) -> Tensor:
+    """``spectral_norm`` on the operator grid ``n`` (differentiable)."""
     if _is_orthogonal(layer):  # exactly max |S| for every stride and size: O(r)
         return layer.effective_S().to(spectral_dtype(layer.S.dtype)).abs().max()
     return conv_spectral_norm(_kernel(layer), n, stride=_effective_stride(layer, n), dilation=layer.dilation,
@@ -113,8 +163,9 @@ _MARGIN = {torch.float32: 1e-3, torch.float64: 1e-9}
 _POWER_STEPS = 2
 
 
-def _stride1(kernel: Tensor, stride: Tuple[int, int], dilation: Tuple[int, int], groups: int) -> Tensor:
-    """Dilated kernel with its ``s1*s2`` phases as input channels, by group: ``(g, o, i s1 s2, t1, t2)``."""
+def _stride1(kernel: Tensor, stride: Tuple[int, ...], dilation: Tuple[int, ...], groups: int) -> Tensor:
+    """Dilated kernel with its ``s1*s2`` phases as input channels, by group: ``(g, o, i s1 s2, t1, t2)``
+    (``d`` tap axes and ``prod(s)`` phases for a ``d``-D kernel)."""
     stride1 = polyphase_kernel(dilate_kernel(kernel, dilation), stride)
     return stride1.reshape(groups, -1, *stride1.shape[1:])
 
@@ -177,19 +228,19 @@ def _batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def _exact_norm(kernel: Tensor, n: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int],
+def _exact_norm(kernel: Tensor, n: Tuple[int, ...], stride: Tuple[int, ...], dilation: Tuple[int, ...],
                 groups: int) -> float:
-    """Exact norm of the circular convolution with ``kernel`` (``n`` divisible by ``stride``).
+    """Exact norm of the circular convolution with ``kernel`` (``n`` divisible by ``stride``; ``d`` axes).
 
-    The same value as ``conv_spectral_norm`` (the largest ``svdvals`` over the half-plane
+    The same value as ``conv_spectral_norm`` (the largest ``svdvals`` over the half-space
     frequencies of the polyphase transfer function) up to rounding, at a fraction of its
     cost: the SVDs are replaced by one Gram product and one Cholesky factorisation per
     frequency (``_batch_max``). Not differentiable.
     """
-    args.check_kernel(kernel, groups, "kernel")
+    check_kernel(kernel, groups, "kernel")
     kernel = kernel.to(spectral_dtype(kernel.dtype))
     scale = kernel_scale(kernel)
-    m = (n[0] // stride[0], n[1] // stride[1])
+    m = tuple(n_a // s_a for n_a, s_a in zip(n, stride))
     # Folded modulo the grid (an input smaller than the kernel); a single tap (every 1x1 conv)
     # puts the same matrices at every frequency: one decomposition per group.
     grouped = fold_kernel(_stride1(kernel / scale, stride, dilation, groups), m)
@@ -197,16 +248,16 @@ def _exact_norm(kernel: Tensor, n: Tuple[int, int], stride: Tuple[int, int], dil
     if single is not None:
         return float(torch.linalg.matrix_norm(single, ord=2).amax() * scale)
     best = None
-    for _, _, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY):
+    for *_, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY):
         best = _batch_max(matrices.flatten(0, 1), best)
     return float(best * scale)
 
 
-def _norm(layer: ConvLayer, n: Tuple[int, int]) -> float:
-    """``float(spectral_norm(layer, n))`` up to rounding, computed by ``_exact_norm``."""
+def _norm(layer: ConvLayer, n: Tuple[int, ...]) -> float:
+    """``float(_grid_norm(layer, n))`` up to rounding (``n`` the operator grid), computed by ``_exact_norm``."""
     if _is_orthogonal(layer):
-        return float(spectral_norm(layer, n))
-    n = check_spectral_input_size(n, layer.kernel_size, (1, 1), layer.dilation, fold=True)
+        return float(_grid_norm(layer, n))
+    n = check_spectral_input_size(n, layer.kernel_size, (1,) * len(n), layer.dilation, fold=True)
     return _exact_norm(_kernel(layer).detach(), n, _effective_stride(layer, n), layer.dilation, layer.groups)
 
 
@@ -215,16 +266,18 @@ def _norm(layer: ConvLayer, n: Tuple[int, int]) -> float:
 def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any) -> float:
     """Divide the kernel by ``sigma_max / max_value`` if ``sigma_max > max_value`` (exact).
 
-    ``sigma_max`` is ``spectral_norm`` at ``input_size``. For an ``SVDConv`` only ``S``
+    ``sigma_max`` is ``spectral_norm`` at ``input_size``. For an SVD layer only ``S``
     is scaled (canonical form preserved). Parameters are updated in place; a layer within
-    the target is left untouched.
+    the target is left untouched. Every layer kind: for a transposed one the weight is
+    scaled by the norm of the conv it is the adjoint of (see ``spectral_norm``).
 
     Parameters
     ----------
-    layer : nn.Conv2d or SVDConv
+    layer : nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or an SVD conv layer of those kinds
     max_value : float
         Target norm, > 0.
-    input_size : int or (int, int)
+    input_size : int or tuple of d ints
+        The layer's spatial input size.
 
     Returns
     -------
@@ -233,7 +286,7 @@ def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any)
     """
     _check_layer(layer)
     max_value = _check_max_value(max_value)
-    return _scale_from(layer, _norm(layer, args.input_size_arg(input_size)), max_value)
+    return _scale_from(layer, _norm(layer, _operator_grid(layer, input_size)), max_value)
 
 
 def _scale_from(layer: ConvLayer, sigma: float, max_value: float) -> float:
@@ -244,79 +297,101 @@ def _scale_from(layer: ConvLayer, sigma: float, max_value: float) -> float:
     if _is_orthogonal(layer):
         layer.set_singular_values_(layer.effective_S() * factor)
     else:
-        (layer.S if isinstance(layer, SVDConv) else layer.weight).mul_(factor)
+        (layer.S if isinstance(layer, _SVDConvNd) else layer.weight).mul_(factor)
     return sigma * factor
 
 
 def _is_orthogonal(layer: ConvLayer) -> bool:
-    return isinstance(layer, SVDConv) and layer.core_kind == "orthogonal"
+    return isinstance(layer, _SVDConvNd) and layer.core_kind == "orthogonal"
 
 
 # ------------------------------------------------------------------ clipping
-def _inverse_phases(u: Tensor, v: Tensor, m: Tuple[int, int], taps: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+def _inverse_phases(frequencies: Sequence[Tensor], m: Tuple[int, ...], taps: Tuple[int, ...],
+                    dtype: torch.dtype) -> Tensor:
     """``w_v exp(+2 pi i (u a / m1 + v b / m2)) / (m1 m2)`` for taps ``(a, b)``: ``(B, t1 t2)``.
 
-    ``w_v`` is 2 for a half-plane column ``0 < v < m2 / 2`` (it stands for ``v`` and its
-    conjugate ``m2 - v``) and 1 for ``v = 0`` and ``v = m2 / 2``, whose conjugates are in
-    the half plane themselves: the real part of the sum is the inverse DFT of the full
-    Hermitian spectrum.
+    ``frequencies``: one index tensor per axis, ``(u, v)`` in 2-D (``d`` of them for ``d``
+    axes: the sum in the exponent runs over every axis, the taps are the product grid).
+    ``w_v`` is 2 for a half-space index ``0 < v < m2 / 2`` of the last axis (it stands for
+    the frequency and its conjugate, ``m2 - v`` on the last axis and ``-u`` on the others)
+    and 1 for ``v = 0`` and ``v = m2 / 2``, whose conjugates are in the half space
+    themselves: the real part of the sum is the inverse DFT of the full Hermitian spectrum.
     """
-    m1, m2 = m
-    a = torch.arange(taps[0], dtype=torch.float64, device=u.device)
-    b = torch.arange(taps[1], dtype=torch.float64, device=u.device)
-    angle = (2 * math.pi) * (u.to(torch.float64)[:, None, None] * a[None, :, None] / m1
-                             + v.to(torch.float64)[:, None, None] * b[None, None, :] / m2)
-    weight = torch.where((v == 0) | (2 * v == m2), 1.0, 2.0).to(torch.float64) / (m1 * m2)
-    return torch.polar(weight[:, None, None].expand_as(angle), angle).reshape(len(u), -1).to(dtype)
+    d = len(m)
+    angle = None
+    for axis, (f, m_a, t_a) in enumerate(zip(frequencies, m, taps)):
+        shape = [1] * d
+        shape[axis] = t_a
+        tap = torch.arange(t_a, dtype=torch.float64, device=f.device).reshape(1, *shape)
+        term = f.to(torch.float64).reshape(-1, *[1] * d) * tap / m_a
+        angle = term if angle is None else angle + term
+    angle = (2 * math.pi) * angle
+    v, m2 = frequencies[-1], m[-1]  # the halved axis
+    weight = torch.where((v == 0) | (2 * v == m2), 1.0, 2.0).to(torch.float64) / math.prod(m)
+    return torch.polar(weight.reshape(-1, *[1] * d).expand_as(angle), angle).reshape(len(v), -1).to(dtype)
 
 
-def _clip_kernel(kernel: Tensor, n: Tuple[int, int], max_value: float, stride: Tuple[int, int],
-                 dilation: Tuple[int, int], groups: int) -> Tensor:
+def _from_stride1(phases: Tensor, stride: Tuple[int, ...], dilation: Tuple[int, ...],
+                  kernel_size: Tuple[int, ...]) -> Tensor:
+    """Inverse of ``_stride1`` on the kernel's own taps: ``(c_out, c_in/g, *s, *t)`` phases and taps
+    -> the ``(c_out, c_in/g, *kernel_size)`` kernel (tap ``s t + q`` of the dilated kernel, read at
+    the dilated positions)."""
+    c_out, c_in = phases.shape[:2]
+    d = len(stride)
+    taps = phases.shape[2 + d:]
+    order = [axis for a in range(d) for axis in (2 + d + a, 2 + a)]  # (.., t1, s1, t2, s2, ..)
+    spatial = phases.permute(0, 1, *order).reshape(c_out, c_in, *(t * s for t, s in zip(taps, stride)))
+    support = spatial[(..., *(slice(None, dil * (k - 1) + 1, dil) for k, dil in zip(kernel_size, dilation)))]
+    return support
+
+
+def _clip_kernel(kernel: Tensor, n: Tuple[int, ...], max_value: float, stride: Tuple[int, ...],
+                 dilation: Tuple[int, ...], groups: int) -> Tensor:
     """Sedghi clip of the circular conv with ``stride`` on ``n``, projected back to the kernel's taps.
 
     The stride-``s`` operator is the stride-1 operator of the polyphase kernel on the
     ``n / s`` grid (the ``s1*s2`` phases as extra input channels): its per-frequency
     matrices are clipped, the clipped kernel (full ``n / s`` support per phase) is read
     back at the polyphase taps and reassembled into the (dilated) kernel, and the
-    kernel's own taps are kept. Only the half plane ``v <= m2 // 2`` is decomposed:
-    clipping commutes with complex conjugation, so the clipped spectrum stays Hermitian
-    and its inverse DFT real. The inverse DFT is evaluated at the taps only, a batch of
-    frequencies at a time (memory bounded by ``DEFAULT_MAX_MEMORY``).
+    kernel's own taps are kept. Only the half space (last axis ``v <= m_d // 2``) is
+    decomposed: clipping commutes with complex conjugation, so the clipped spectrum stays
+    Hermitian and its inverse DFT real. The inverse DFT is evaluated at the taps only, a
+    batch of frequencies at a time (memory bounded by ``DEFAULT_MAX_MEMORY``). Any number
+    ``d`` of spatial axes (``kernel`` ``(c_out, c_in/g, *k)``).
     """
-    kh, kw = kernel.shape[-2:]
     scale = kernel_scale(kernel)
     limit = max_value / float(scale)
     grouped = _stride1(kernel / scale, stride, dilation, groups)
-    g, o, i, t1, t2 = grouped.shape
-    m = (n[0] // stride[0], n[1] // stride[1])
-    if t1 > m[0] or t2 > m[1] or (t1, t2) == (1, 1):
+    g, o, i, *t = grouped.shape
+    m = tuple(n_a // s_a for n_a, s_a in zip(n, stride))
+    if any(t_a > m_a for t_a, m_a in zip(t, m)) or all(t_a == 1 for t_a in t):
         return _clip_folded(kernel, grouped, m, limit, stride, dilation) * scale
     taps = None
-    for u, v, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY, per_frequency_factor=8):
-        wide = o < i  # LAPACK is 10-20% faster on the tall orientation; clipping commutes with transposition
-        left, values, right = torch.linalg.svd(matrices.mT if wide else matrices, full_matrices=False)
-        clipped = (left * values.clamp(max=limit).to(left.dtype).unsqueeze(-2)) @ right
-        clipped = clipped.mT if wide else clipped
-        term = (_inverse_phases(u, v, m, (t1, t2), clipped.dtype).T @ clipped.reshape(len(u), -1)).real
+    for *frequencies, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY, per_frequency_factor=8):
+        clipped = _clip_matrices(matrices, limit)
+        term = (_inverse_phases(frequencies, m, tuple(t), clipped.dtype).T @ clipped.reshape(len(matrices), -1)).real
         taps = term if taps is None else taps + term
-    phases = taps.reshape(t1, t2, g * o, -1, stride[0], stride[1])  # (t1, t2, c_out, c_in/g, s1, s2)
-    spatial = phases.permute(2, 3, 0, 4, 1, 5).reshape(g * o, -1, t1 * stride[0], t2 * stride[1])
-    support = spatial[..., : dilation[0] * (kh - 1) + 1: dilation[0], : dilation[1] * (kw - 1) + 1: dilation[1]]
-    return support.reshape(kernel.shape) * scale
+    d = len(t)
+    phases = taps.reshape(*t, g * o, -1, *stride)  # (*t, c_out, c_in/g, *s)
+    phases = phases.permute(d, d + 1, *range(d + 2, 2 * d + 2), *range(d))  # (c_out, c_in/g, *s, *t)
+    return _from_stride1(phases, stride, dilation, tuple(kernel.shape[2:])).reshape(kernel.shape) * scale
 
 
 def _clip_matrices(matrices: Tensor, limit: float) -> Tensor:
-    """Each matrix of a batch with its singular values clamped at ``limit`` (tall orientation)."""
+    """Each matrix of a batch with its singular values clamped at ``limit``.
+
+    LAPACK is 10-20% faster on the tall orientation; clipping commutes with transposition.
+    """
     wide = matrices.shape[-2] < matrices.shape[-1]
     left, values, right = torch.linalg.svd(matrices.mT if wide else matrices, full_matrices=False)
     clipped = (left * values.clamp(max=limit).to(left.dtype).unsqueeze(-2)) @ right
     return clipped.mT if wide else clipped
 
 
-def _clip_folded(kernel: Tensor, grouped: Tensor, m: Tuple[int, int], limit: float, stride: Tuple[int, int],
-                 dilation: Tuple[int, int]) -> Tensor:
+def _clip_folded(kernel: Tensor, grouped: Tensor, m: Tuple[int, ...], limit: float, stride: Tuple[int, ...],
+                 dilation: Tuple[int, ...]) -> Tensor:
     """Clip of the circular operator of a kernel folded modulo the grid ``m`` (normalised kernel in,
-    normalised kernel out).
+    normalised kernel out; any number of axes).
 
     On ``m < t`` taps several taps act alike (``spectra.fold_kernel``): the operator is that of
     the folded kernel ``F``, whose spectrum is clipped into ``F_c`` (full support on the ``m``
@@ -326,63 +401,63 @@ def _clip_folded(kernel: Tensor, grouped: Tensor, m: Tuple[int, int], limit: flo
     tap (every 1x1 conv) the operator is ``kron(I, M)`` and the clip is exact: ``M``'s singular
     values are clamped. With no folding it is the usual projection onto the taps.
     """
-    g, o, i, t1, t2 = grouped.shape
+    g, o, i, *t = grouped.shape
+    d = len(t)
     folded = fold_kernel(grouped, m)
-    f1, f2 = folded.shape[-2:]
+    f = folded.shape[3:]
     single = single_tap_matrices(folded)
     if single is not None:
-        target = _clip_matrices(single, limit)[..., None, None]
+        target = _clip_matrices(single, limit).reshape(g, o, i, *[1] * d)
     else:
         taps = None
-        for u, v, matrices in transfer_batches(folded, m, DEFAULT_MAX_MEMORY, per_frequency_factor=8):
+        for *frequencies, matrices in transfer_batches(folded, m, DEFAULT_MAX_MEMORY, per_frequency_factor=8):
             clipped = _clip_matrices(matrices, limit)
-            term = (_inverse_phases(u, v, m, (f1, f2), clipped.dtype).T @ clipped.reshape(len(u), -1)).real
+            term = (_inverse_phases(frequencies, m, tuple(f), clipped.dtype).T
+                    @ clipped.reshape(len(matrices), -1)).real
             taps = term if taps is None else taps + term
-        target = taps.reshape(f1, f2, g, o, i).permute(2, 3, 4, 0, 1)
+        target = taps.reshape(*f, g, o, i).permute(d, d + 1, d + 2, *range(d))
     # Which taps of the stride-1 layout are the kernel's own (dilation and polyphase padding add zeros).
     support = _stride1(torch.ones_like(kernel), stride, dilation, grouped.shape[0]) != 0
     count = fold_kernel(support.to(grouped.dtype), m)
     step = torch.where(count > 0, (target - folded) / count.clamp_min(1), torch.zeros_like(folded))
-    rows = torch.arange(t1, device=grouped.device) % f1
-    cols = torch.arange(t2, device=grouped.device) % f2
-    updated = grouped + support * step[..., rows, :][..., cols]
-    s1, s2 = stride
-    spatial = (updated.reshape(g * o, -1, s1, s2, t1, t2).permute(0, 1, 4, 2, 5, 3)
-               .reshape(g * o, -1, t1 * s1, t2 * s2))
-    kh, kw = kernel.shape[-2:]
-    support_taps = spatial[..., : dilation[0] * (kh - 1) + 1: dilation[0], : dilation[1] * (kw - 1) + 1: dilation[1]]
-    return support_taps.reshape(kernel.shape)
+    for axis, (t_a, f_a) in enumerate(zip(t, f)):  # each tap reads the change at its residue
+        step = step.index_select(3 + axis, torch.arange(t_a, device=grouped.device) % f_a)
+    updated = grouped + support * step
+    phases = updated.reshape(g * o, -1, *stride, *t)  # (c_out, c_in/g, *s, *t)
+    return _from_stride1(phases, stride, dilation, tuple(kernel.shape[2:])).reshape(kernel.shape)
 
 
-def _bases_and_core(layer: SVDConv) -> Tuple[Tensor, Tensor, Tensor]:
+def _bases_and_core(layer: _SVDConvNd) -> Tuple[Tensor, Tensor, Tensor]:
     """``(Q_U, kernel, Q_V)``: orthonormal bases of ``span(U)``, ``span(V)`` and the core
     ``R_U diag(S) core R_V^T`` in them, so that the layer's kernel is ``Q_U kernel Q_V^T``."""
     work = spectral_dtype(layer.U.dtype)
     g, r_out, r_in = layer.groups, layer.U.shape[1], layer.V.shape[1]
     q_u, r_u = torch.linalg.qr(layer.U.detach().to(work).reshape(g, -1, r_out))
     q_v, r_v = torch.linalg.qr(layer.V.detach().to(work).reshape(g, -1, r_in))
-    core = layer.S.detach().to(work)[:, None, None, None] * layer.core.detach().to(work)
+    core = layer.core.detach().to(work)
+    core = layer.S.detach().to(work).reshape(-1, *[1] * (core.dim() - 1)) * core
     kernel = torch.einsum("gac,gcbk,gdb->gadk", r_u, core.reshape(g, r_out, r_in, -1), r_v).reshape(core.shape)
     return q_u.reshape(layer.U.shape), kernel, q_v.reshape(layer.V.shape)
 
 
-def _clip(layer: ConvLayer, max_value: float, n: Tuple[int, int], n_iter: int) -> float:
-    """Clip in place (validated arguments); returns the exact norm reached."""
+def _clip(layer: ConvLayer, max_value: float, n: Tuple[int, ...], n_iter: int) -> float:
+    """Clip in place (validated arguments, ``n`` the operator grid); returns the exact norm reached."""
     if _is_orthogonal(layer):
         # S are the singular values: clipping them is exact and O(r).
         values = layer.effective_S()
         layer.set_singular_values_(values.sign() * values.abs().clamp(max=max_value))
         return _norm(layer, n)
     stride = _effective_stride(layer, n)
-    if isinstance(layer, SVDConv):
+    if isinstance(layer, _SVDConvNd):
         q_u, kernel, q_v = _bases_and_core(layer)
     else:
         kernel = layer.weight.detach().to(spectral_dtype(layer.weight.dtype))
     for _ in range(n_iter):
         kernel = _clip_kernel(kernel, n, max_value, stride, layer.dilation, layer.groups)
-    if isinstance(layer, SVDConv):
+    if isinstance(layer, _SVDConvNd):
         ones = torch.ones_like(layer.S, dtype=kernel.dtype)
-        layer._copy_factors(canonicalize(q_u, ones, kernel, q_v, layer.groups))
+        flat = kernel if kernel.dim() == 4 else kernel.reshape(*kernel.shape[:2], -1, 1)  # ttconv.tt's layout
+        layer._copy_factors(canonicalize(q_u, ones, flat, q_v, layer.groups))
     else:
         layer.weight.copy_(kernel)
     return _norm(layer, n)
@@ -406,18 +481,24 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     0.9 times each layer's norm): up to 1.52x the target with ``n_iter=1``, up to 1.04x
     with ``n_iter=10``; a measurement, not a bound. Repeating clip and projection
     converges slowly towards the target; follow with ``scale_to_spectral_norm_`` (or use
-    ``SpectralControl``'s default ``mode='clip_scale'``) for a guarantee. An ``SVDConv``
+    ``SpectralControl``'s default ``mode='clip_scale'``) for a guarantee. An SVD layer
     is clipped on its ``r_out x r_in`` core expressed in orthonormal bases of ``span(U)``
     and ``span(V)``, and left in canonical form. With ``core='orthogonal'`` the clip is
     exact and costs ``O(r)``: ``S`` are clamped.
 
+    Every layer kind: 1-D and 3-D layers with the ``d``-D DFT (polyphase stride, dilation
+    and folding along each axis); a transposed layer is clipped as the conv it is the
+    adjoint of (its weight viewed as that conv's kernel, on the layer's output grid, see
+    ``spectral_norm``): the same weight tensor is rewritten.
+
     Parameters
     ----------
-    layer : nn.Conv2d or SVDConv
+    layer : nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or an SVD conv layer of those kinds
     max_value : float
         Target for every singular value, > 0.
-    input_size : int or (int, int)
-        Any size (not divisible by the stride: the stride-1 operator is clipped). Smaller
+    input_size : int or tuple of d ints
+        The layer's spatial input size (for a transposed layer the operator grid is its
+        output size). Any size (not divisible by the stride: the stride-1 operator is clipped). Smaller
         than the dilated kernel, the operator is that of the kernel folded modulo the size
         (``ttconv.spectra.fold_kernel``): its spectrum is clipped and each tap moves by its
         share of the change at its residue (the nearest kernel whose folded kernel is the
@@ -432,8 +513,9 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
 
     Notes
     -----
-    Cost: one SVD per frequency of the half plane ``(n1 / s1) x (n2 / s2 // 2 + 1)`` of
-    ``c_out/g x (c_in/g) s1 s2`` matrices (``r_out x r_in s1 s2`` for an ``SVDConv``)
+    Cost: one SVD per frequency of the half plane ``(n1 / s1) x (n2 / s2 // 2 + 1)`` (in
+    ``d``-D the last axis halved) of ``c_out/g x (c_in/g) s1 s2`` matrices
+    (``r_out x r_in s1 s2`` for an SVD layer)
     per round, and one exact norm afterwards, for which a Gram product and a Cholesky
     factorisation per frequency certify all but a few frequencies, which are decomposed.
     A 1x1 kernel (and any kernel whose polyphase form folds to one tap) has the same
@@ -443,17 +525,57 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     _check_layer(layer)
     max_value = _check_max_value(max_value)
     n_iter = args.positive_int(n_iter, "n_iter")
-    n = check_spectral_input_size(input_size, layer.kernel_size, (1, 1), layer.dilation, fold=True)
+    grid = _operator_grid(layer, input_size)
+    n = check_spectral_input_size(grid, layer.kernel_size, (1,) * len(grid), layer.dilation, fold=True)
     return _clip(layer, max_value, n, n_iter)
+
+
+def _record_operator_grids(model: nn.Module, layers: List[Tuple[str, ConvLayer]],
+                           example_input: Any) -> Dict[str, List[Tuple[int, ...]]]:
+    """The grids of each layer's controlled operator seen in one forward pass (eval mode, no grad):
+    the input's spatial size, or the output's for a transposed layer (whatever ``output_size``
+    the model passed). The training flag is restored; ``ValueError`` naming ``example_input``
+    when the forward pass fails."""
+    grids: Dict[str, List[Tuple[int, ...]]] = {name: [] for name, _ in layers}
+    handles = []
+    for name, module in layers:
+        def record(module: ConvLayer, inputs: Any, output: Tensor, name: str = name) -> None:
+            d = _dims(module)
+            seen = output if _is_transposed(module) else inputs[0]
+            grid = tuple(int(size) for size in seen.shape[-d:])
+            if grid not in grids[name]:
+                grids[name].append(grid)
+
+        handles.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    except Exception as error:
+        raise ValueError(
+            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
+            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W) (torch.zeros(1, C, L) for 1-D, "
+            "torch.zeros(1, C, D, H, W) for 3-D layers)"
+        ) from error
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return grids
 
 
 class SpectralControl:
     """Keep every conv's spectral norm at most ``max_value`` during training.
 
-    Call ``step`` after each ``optimizer.step()``; every ``every`` calls it runs
-    ``apply``: for each ``SVDConv`` whose ``U`` or ``V`` drifted from orthonormality by
-    more than ``orthonormality_tol`` it calls ``canonicalize_()``; then every layer whose
-    norm (``spectral_norm`` at its recorded input size) exceeds ``max_value`` is
+    Every conv of the model is controlled: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``
+    and the SVD layers of those kinds. Call ``step`` after each ``optimizer.step()``; every
+    ``every`` calls it runs ``apply``: for each SVD layer whose ``U`` or ``V`` drifted from
+    orthonormality by more than ``orthonormality_tol`` it calls ``canonicalize_()``; then
+    every layer whose norm (``spectral_norm`` at its recorded size) exceeds ``max_value`` is
 
     * ``mode='clip_scale'`` (default): clipped (``clip_singular_values_``, ``n_iter``
       rounds), then, if the norm reached is still above ``max_value``, scaled by the exact
@@ -478,12 +600,14 @@ class SpectralControl:
     float32 orthogonality of their core. It is a statement about circular padding at one
     input size: a layer seen at several sizes in the example pass is controlled at the
     first, and zero padding at size ``n`` is bounded by the circular norm at
-    ``n + padding`` (``docs/math.md``).
+    ``n + padding`` (``docs/math.md``). For a transposed layer the recorded size is its
+    *output* size in the example pass (``output_size=`` included): the grid of the conv it is
+    the adjoint of, which has the transposed layer's singular values.
 
     Parameters
     ----------
     model : nn.Module
-        Holds ``SVDConv`` and/or ``nn.Conv2d`` layers (DDP/DataParallel looked through).
+        Holds conv layers of any of the kinds above (DDP/DataParallel looked through).
     max_value : float
         Target spectral norm, > 0.
     every : int
@@ -503,6 +627,14 @@ class SpectralControl:
         layer. Off by default: a pass runs every ``every`` optimizer steps inside a training
         loop, where a line per layer and pass would flood the training log; turn it on to
         see where a slow pass spends its time.
+
+    Attributes
+    ----------
+    layers : list of (name, layer, size)
+        The controlled layers with the size of their controlled operator: the input size
+        recorded in the example pass (the output size for a transposed layer).
+    skipped : list of str
+        Conv layers the example pass did not reach (not controlled).
 
     Notes
     -----
@@ -550,13 +682,14 @@ class SpectralControl:
         progress_for(progress, 0)  # validate now, not at the first pass
         self.progress = progress
         self.orthonormality_tol = float(orthonormality_tol)
-        layers = find_conv_layers(model)
+        layers = [(name, m) for name, m in unwrap(model).named_modules() if _is_controllable(m)]
         if not layers:
-            raise ValueError(f"model ({type(model).__name__}) has no nn.Conv2d or SVDConv layers to control")
+            raise ValueError(f"model ({type(model).__name__}) has no conv layers to control (nn.Conv1d/2d/3d, "
+                             "nn.ConvTranspose1d/2d/3d or their SVD layers)")
         if example_input is None:
             raise ValueError("example_input is required: one forward pass learns each layer's input size")
-        sizes = record_input_sizes(model, layers, example_input)
-        self.layers: List[Tuple[str, ConvLayer, Tuple[int, int]]] = []
+        sizes = _record_operator_grids(model, layers, example_input)
+        self.layers: List[Tuple[str, ConvLayer, Tuple[int, ...]]] = []
         self.skipped: List[str] = []
         for name, layer in layers:
             if sizes[name]:
@@ -586,7 +719,7 @@ class SpectralControl:
         reached = {}
         reporter = progress_for(self.progress, len(self.layers))
         for name, layer, size in self.layers:
-            if isinstance(layer, SVDConv) and max(orthonormality_error(layer.U, layer.groups),
+            if isinstance(layer, _SVDConvNd) and max(orthonormality_error(layer.U, layer.groups),
                                                   orthonormality_error(layer.V, layer.groups)) > self.orthonormality_tol:
                 layer.canonicalize_()
             sigma = before = _norm(layer, size)  # exact; computed once, then passed on
@@ -611,7 +744,7 @@ class SpectralControl:
             ``'fantastic_four'``: each layer's Fantastic Four minimum
             (``ttconv.bounds.fantastic_four_bound``, a bound valid for any padding and
             size; cheap); ``'exact'``: each layer's ``spectral_norm`` at its recorded
-            input size (on an ``SVDConv``'s small core).
+            size (on an SVD layer's small core).
 
         Returns
         -------
@@ -621,7 +754,7 @@ class SpectralControl:
         if method == "fantastic_four":
             terms = [fantastic_four_bound(layer) for _, layer, _ in self.layers]
         elif method == "exact":
-            terms = [spectral_norm(layer, size) for _, layer, size in self.layers]
+            terms = [_grid_norm(layer, size) for _, layer, size in self.layers]
         else:
             raise ValueError(f"method must be 'fantastic_four' or 'exact', got {method!r}")
         return torch.stack([t.square() for t in terms]).sum()
