@@ -236,10 +236,49 @@ def test_conv1d_singular_values_equal_the_explicit_circular_operator(stride, dil
     assert torch.allclose(values, truth, rtol=0, atol=1e-12 * float(truth[0]))
 
 
-def test_nd_spectra_not_yet_refused_with_a_message():
-    for layer in (SVDConv3d(2, 2, 3), SVDConvTranspose2d(2, 2, 3)):
-        with pytest.raises(NotImplementedError, match="issue 12 item 3"):
-            layer.singular_values(8)
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2), ((2, 1, 1), (1, 2, 1))])
+def test_conv3d_singular_values_equal_the_explicit_circular_operator(stride, dilation):
+    torch.manual_seed(11)
+    layer = SVDConv3d(2, 4, (2, 3, 1), stride=stride, dilation=dilation, groups=2, rank=1, dtype=torch.float64)
+    weight = layer.dense_weight().detach()
+    n = (6, 6, 2)
+    st, dl = layer.stride, layer.dilation
+    pad = []
+    for axis in reversed(range(3)):
+        pad += [0, dl[axis] * (layer.kernel_size[axis] - 1)]
+
+    def circular(x):
+        return F.conv3d(F.pad(x, pad, mode="circular"), weight, None, st, 0, dl, 2)
+
+    truth = torch.linalg.svdvals(operator_matrix(circular, (2, *n)))
+    values = layer.singular_values(n)
+    assert values.shape == truth.shape
+    assert torch.allclose(values, truth, rtol=0, atol=1e-12 * float(truth[0]))
+
+
+@pytest.mark.parametrize("cls, stride", [(SVDConvTranspose1d, 2), (SVDConvTranspose2d, (2, 1)), (SVDConvTranspose3d, 1)])
+def test_transposed_singular_values_equal_its_explicit_circular_operator(cls, stride):
+    """The circular transposed conv on m inputs, built explicitly (the transpose of the
+    circular conv's matrix on m * stride), has the singular values ``singular_values(m)`` gives."""
+    torch_class, dims, _ = CLASSES[cls]
+    torch.manual_seed(12)
+    layer = cls(4, 2, 3, stride=stride, groups=2, rank=1, dtype=torch.float64)
+    weight = layer.dense_weight().detach()  # (in, out/g, *k): a conv from out to in channels
+    m = (3,) * dims
+    n = tuple(mi * si for mi, si in zip(m, layer.stride))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    pad = []
+    for axis in reversed(range(dims)):
+        pad += [0, layer.kernel_size[axis] - 1]
+
+    def circular(x):
+        return conv(F.pad(x, pad, mode="circular"), weight, None, layer.stride, 0, 1, 2)
+
+    transposed = operator_matrix(circular, (2, *n)).T  # the layer's circular operator
+    truth = torch.linalg.svdvals(transposed)
+    values = layer.singular_values(m)
+    assert values.shape == truth.shape
+    assert torch.allclose(values, truth, rtol=0, atol=1e-12 * float(truth[0]))
 
 
 @pytest.mark.parametrize("cls", list(CLASSES))

@@ -602,20 +602,8 @@ class _SVDConvNd(nn.Module):
             ``ttconv.conv_singular_values`` returns for the dense kernel. Float64 for
             float64 parameters, float32 otherwise. Differentiable.
         """
-        if self._transposed or self._dims == 3:
-            raise NotImplementedError(
-                f"{type(self).__name__}.singular_values is not available yet (N-d and transposed spectra are "
-                "issue 12 item 3); for now use the explicit operator or convert a 2-D SVDConv"
-            )
-        if self._dims == 1:
-            # A 1-D conv is a 2-D conv on an n x 1 image with a k x 1 kernel.
-            n = args.ntuple(input_size, "input_size", 1)[0]
-            check_spectral_input_size((n, 1), (self.kernel_size[0], 1), (self.stride[0], 1), (self.dilation[0], 1))
-            values = conv_singular_values(self.orthonormal_core()[..., None], (n, 1), stride=(self.stride[0], 1),
-                                          dilation=(self.dilation[0], 1), groups=self.groups)
-            per_group = min(self.out_channels, self.in_channels * self.stride[0]) // self.groups
-            total = self.groups * (n // self.stride[0]) * per_group
-            return F.pad(values, (0, total - values.numel()))
+        if self._transposed or self._dims != 2:
+            return self._nd_singular_values(input_size)
         n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
         s1, s2 = self.stride
         if self.core_kind == "orthogonal":
@@ -629,6 +617,26 @@ class _SVDConvNd(nn.Module):
             )
         per_group = min(self.out_channels, (self.in_channels * s1 * s2)) // self.groups
         total = self.groups * (n[0] // s1) * (n[1] // s2) * per_group
+        return F.pad(values, (0, total - values.numel()))
+
+    def _nd_singular_values(self, input_size: Any) -> Tensor:
+        """``singular_values`` for the 1-D, 3-D and transposed layers (d-D DFT of the core).
+
+        A transposed layer on an input of size ``m`` (circular) is the adjoint of the circular
+        conv with its weight on ``N = m * stride``, so it has that conv's singular values.
+        """
+        d, stride = self._dims, self.stride
+        if self._transposed:
+            m = args.ntuple(input_size, "input_size", d)
+            size = tuple(mi * si for mi, si in zip(m, stride))
+        else:
+            size = args.ntuple(input_size, "input_size", d)
+        n = check_spectral_input_size(size, self.kernel_size, stride, self.dilation)
+        values = conv_singular_values(self.orthonormal_core(), n, stride=stride, dilation=self.dilation,
+                                      groups=self.groups)
+        rows, cols = self._weight_channels()
+        per_group = min(rows, cols * math.prod(stride)) // self.groups
+        total = self.groups * math.prod(ni // si for ni, si in zip(n, stride)) * per_group
         return F.pad(values, (0, total - values.numel()))
 
     @full_precision
@@ -1015,7 +1023,7 @@ class SVDConv1d(_SVDConvNd):
     Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 1: ``rank``,
     ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv1d``), ``canonicalize_``, state
     dict and ``extra_repr``. The core is a 1-D kernel ``(groups * r_out, r_in, *kernel_size)``.
-    ``core='orthogonal'`` is 2-D only for now. ``singular_values(n)`` gives the exact circular spectrum (a 1-D conv is a 2-D one on an ``n x 1`` image).
+    ``core='orthogonal'`` is 2-D only for now. ``singular_values(n)`` gives the exact circular spectrum from the core.
     """
 
     _dims = 1
@@ -1029,7 +1037,7 @@ class SVDConv3d(_SVDConvNd):
     Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 3: ``rank``,
     ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv3d``), ``canonicalize_``, state
     dict and ``extra_repr``. The core is a 3-D kernel ``(groups * r_out, r_in, *kernel_size)``.
-    ``core='orthogonal'`` is 2-D only for now. Spectra of 3-D layers are not available yet.
+    ``core='orthogonal'`` is 2-D only for now. ``singular_values(n)`` gives the exact circular spectrum from the core (3-D DFT).
     """
 
     _dims = 3
@@ -1089,7 +1097,8 @@ class SVDConvTranspose1d(_SVDConvTransposeNd):
     ``(groups * r_1, r_2, *kernel_size)`` and ``rank=(r_1, r_2)`` counts in that order. This
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
-    ``core='orthogonal'`` and spectra are not available yet for transposed layers.
+    ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
+    convolution on ``m * stride``; ``core='orthogonal'`` is not available for transposed layers.
     """
 
     _dims = 1
@@ -1106,7 +1115,8 @@ class SVDConvTranspose2d(_SVDConvTransposeNd):
     ``(groups * r_1, r_2, *kernel_size)`` and ``rank=(r_1, r_2)`` counts in that order. This
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
-    ``core='orthogonal'`` and spectra are not available yet for transposed layers.
+    ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
+    convolution on ``m * stride``; ``core='orthogonal'`` is not available for transposed layers.
     """
 
     _dims = 2
@@ -1123,7 +1133,8 @@ class SVDConvTranspose3d(_SVDConvTransposeNd):
     ``(groups * r_1, r_2, *kernel_size)`` and ``rank=(r_1, r_2)`` counts in that order. This
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
-    ``core='orthogonal'`` and spectra are not available yet for transposed layers.
+    ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
+    convolution on ``m * stride``; ``core='orthogonal'`` is not available for transposed layers.
     """
 
     _dims = 3
