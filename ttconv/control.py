@@ -509,7 +509,8 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     Returns
     -------
     float
-        The exact spectral norm actually reached (as ``spectral_norm``).
+        The exact spectral norm actually reached (as ``spectral_norm``). A layer whose norm is
+        already at most ``max_value`` is left untouched (bit for bit) and its norm returned.
 
     Notes
     -----
@@ -527,6 +528,9 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     n_iter = args.positive_int(n_iter, "n_iter")
     grid = _operator_grid(layer, input_size)
     n = check_spectral_input_size(grid, layer.kernel_size, (1,) * len(grid), layer.dilation, fold=True)
+    sigma = _norm(layer, n)
+    if sigma <= max_value:  # nothing to clip: the layer is left bit-for-bit as it is
+        return sigma
     return _clip(layer, max_value, n, n_iter)
 
 
