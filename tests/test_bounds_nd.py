@@ -26,10 +26,11 @@ layer's own explicit operator. Tolerances as in the 2-D sweep: float64 1e-9, flo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import pytest
@@ -568,8 +569,25 @@ def test_the_spec_is_frozen_and_normalised():
     spec = geometry.conv_spec(torch.randn(2, 2, 3, 1, 2), stride=2, padding=1, dilation=(1, 1, 2))
     assert spec.stride == (2, 2, 2) and spec.padding == (1, 1, 1) and spec.dilation == (1, 1, 2)
     assert spec.output_padding == (0, 0, 0) and spec.kernel_size == (3, 1, 2)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.stride = (1, 1, 1)  # type: ignore[misc]
     adjoint = geometry.ConvSpec(torch.randn(2, 2, 3), stride=2, padding=1, transposed=True, output_padding=1)
     assert adjoint.conv_input_size(5) == ((5 - 1) * 2 - 2 + 2 + 1 + 1,)
     assert not adjoint.adjoint().transposed and adjoint.adjoint().stride == (2,)
+
+
+def test_an_orthogonal_core_sets_the_singular_values_flag_and_they_are_s():
+    from ttconv import SVDConv
+
+    torch.manual_seed(4)
+    layer = SVDConv(6, 6, 3, padding=1, padding_mode="circular", rank=4, core="orthogonal", dtype=torch.float64)
+    with torch.no_grad():
+        layer.S.copy_(torch.tensor([3.0, -2.0, 0.5, 1.0], dtype=torch.float64))
+    spec = geometry.conv_spec(layer)
+    assert spec.singular_values_are_s and spec.s is not None
+    truth = float(torch.linalg.matrix_norm(operator_matrix(layer_operator(layer), (6, 5, 5)), 2))
+    assert float(spec.s.detach().abs().max()) == pytest.approx(truth, rel=1e-9)
+    with torch.no_grad():
+        assert float(exact_spectral_norm(spec, 5)) == pytest.approx(truth, rel=1e-9)
+    general = geometry.conv_spec(SVDConv(6, 6, 3, rank=4, dtype=torch.float64))
+    assert not general.singular_values_are_s and general.s is None

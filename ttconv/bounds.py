@@ -53,11 +53,11 @@ from torch import Tensor
 from ._precision import full_precision
 from . import _conv_args as args
 from . import _functional
-from ._typing import IntOrPair
 from .geometry import ConvLike, ConvSpec, conv_spec, size_arg
 from .spectra import (
     DEFAULT_MAX_MEMORY,
     MemoryLimitError,
+    SizeArg,
     check_spectral_input_size,
     format_bytes,
     conv_spectral_norm,
@@ -178,18 +178,18 @@ def padding_factor(spec: ConvSpec, input_size: Optional[Sequence[int]] = None) -
     return math.sqrt(factor)
 
 
-def _circular_grid(spec: ConvSpec, input_size: IntOrPair) -> Tuple[int, ...]:
+def _circular_grid(spec: ConvSpec, input_size: SizeArg) -> SizeArg:
     """The size the circular conv of ``spec`` acts on: ``n``, or ``s n`` for a transposed spec
     (whose ``n`` inputs are the outputs of the strided circular conv on ``s n``)."""
     if not spec.transposed:
-        return input_size  # type: ignore[return-value]  # validated by the spectral routines
+        return input_size  # validated by the spectral routines
     n = size_arg(input_size, spec.dims)
     return tuple(n_a * s for n_a, s in zip(n, spec.stride))
 
 
 # ----------------------------------------------------------------------------- exact
 @full_precision
-def exact_spectral_norm(target: ConvLike, input_size: IntOrPair, **geometry) -> Tensor:
+def exact_spectral_norm(target: ConvLike, input_size: SizeArg, **geometry) -> Tensor:
     """Exact spectral norm of the circular convolution on an input of size ``n`` (per axis).
 
     Sedghi et al. (ICLR 2019), polyphase for stride, a ``d``-D DFT for ``d`` spatial axes.
@@ -348,7 +348,7 @@ def _gram_iterate(matrices: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
 @full_precision
 def gram_iteration_bound(
     target: ConvLike,
-    input_size: IntOrPair,
+    input_size: SizeArg,
     *,
     n_iter: int = 6,
     max_memory: int = DEFAULT_MAX_MEMORY,
@@ -395,6 +395,7 @@ def gram_iteration_bound(
         exponent = 2.0**-n_iter
         top = (frobenius.log() * exponent + log_scale * exponent).exp().amax()
         best = top if best is None else torch.maximum(best, top)
+    assert best is not None  # at least one batch
     return best * scale
 
 
@@ -480,7 +481,7 @@ def _check_operator_size(spec: ConvSpec, n: Tuple[int, ...]) -> None:
             )
 
 
-def _operator_size(spec: ConvSpec, input_size: IntOrPair) -> Tuple[ConvSpec, Tuple[int, ...]]:
+def _operator_size(spec: ConvSpec, input_size: SizeArg) -> Tuple[ConvSpec, Tuple[int, ...]]:
     """``(plain spec, size)`` whose operator bounds the layer's: the spec itself on ``n``, or for a
     transposed spec the conv it is the adjoint of on ``N = conv_input_size(n)`` (the layer's
     operator is the adjoint of that conv's first ``n`` output rows: same norm or smaller)."""
@@ -522,7 +523,7 @@ def _one_by_one_norm(spec: ConvSpec, n: Tuple[int, ...]) -> Tensor:
 
 @full_precision
 def operator_norm_bound(
-    target: ConvLike, input_size: IntOrPair, *, max_memory: int = DEFAULT_MAX_MEMORY, **geometry
+    target: ConvLike, input_size: SizeArg, *, max_memory: int = DEFAULT_MAX_MEMORY, **geometry
 ) -> Tensor:
     """Provable upper bound on the norm of the layer's *actual* operator on an input of size ``n``.
 
@@ -590,7 +591,7 @@ def _round_down(value: Tensor, dtype: torch.dtype) -> Tensor:
 @full_precision
 def power_iteration_estimate(
     target: ConvLike,
-    input_size: IntOrPair,
+    input_size: SizeArg,
     *,
     n_iter: int = 50,
     seed: int = 0,

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ._precision import full_precision
 from ._conv_args import check_kernel, dilated_extent, input_size_arg, pair
-from ._typing import IntOrPair
+
+SizeArg = Union[int, Sequence[int]]
+"""An int (the same along every spatial axis) or one int per axis (``d`` of them)."""
 
 __all__ = [
     "DEFAULT_MAX_MEMORY",
@@ -82,7 +84,7 @@ def _check_weight(weight: Any, groups: int) -> int:
 
 
 def check_spectral_input_size(
-    input_size: IntOrPair,
+    input_size: SizeArg,
     kernel_size: Sequence[int],
     stride: Sequence[int],
     dilation: Sequence[int],
@@ -100,7 +102,7 @@ def check_spectral_input_size(
     and ``conv_spectral_norm`` compute.
     """
     n = _axes_arg(input_size, len(kernel_size), "input_size")
-    for axis, (n_i, s_i, extent) in enumerate(zip(n, stride, dilated_extent(kernel_size, dilation))):
+    for axis, (n_i, s_i, extent) in enumerate(zip(n, stride, dilated_extent(tuple(kernel_size), tuple(dilation)))):
         if n_i % s_i:
             raise ValueError(
                 f"input_size {n} is not divisible by stride {stride} along axis {axis}: "
@@ -256,7 +258,7 @@ def transfer_batches(
     device = kernel.device
     for start in range(0, total, batch):
         index = torch.arange(start, min(start + batch, total), device=device)
-        frequencies = []
+        frequencies: List[Tensor] = []
         for size in reversed(half_shape):  # row-major: the last axis varies fastest
             frequencies.insert(0, index % size)
             index = index // size
@@ -264,6 +266,7 @@ def transfer_batches(
         for m_a, t_a, f_a in zip(m, taps, frequencies):
             axis = _phases(m_a, t_a, f_a, complex_dtype)
             phases = axis if phases is None else (phases[:, :, None] * axis[:, None, :]).reshape(len(f_a), -1)
+        assert phases is not None  # at least one spatial axis
         values = phases @ flat
         yield (*frequencies, values.reshape(-1, g, o, i))
 
@@ -273,7 +276,7 @@ DEFAULT_MAX_MEMORY = 1 << 30
 
 
 def _prepare(
-    weight: Tensor, input_size: IntOrPair, stride: IntOrPair, dilation: IntOrPair, groups: int, max_memory: Any
+    weight: Tensor, input_size: SizeArg, stride: SizeArg, dilation: SizeArg, groups: int, max_memory: Any
 ) -> Tuple[Tensor, Tensor, Tuple[int, ...], int]:
     """Validate; return the normalised stride-1 grouped kernel, its scale, the grid ``n/s``
     and the memory limit."""
@@ -292,10 +295,10 @@ def _prepare(
 @full_precision
 def conv_singular_values(
     weight: Tensor,
-    input_size: IntOrPair,
+    input_size: SizeArg,
     *,
-    stride: IntOrPair = 1,
-    dilation: IntOrPair = 1,
+    stride: SizeArg = 1,
+    dilation: SizeArg = 1,
     groups: int = 1,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Tensor:
@@ -380,10 +383,10 @@ def conv_singular_values(
 @full_precision
 def conv_spectral_norm(
     weight: Tensor,
-    input_size: IntOrPair,
+    input_size: SizeArg,
     *,
-    stride: IntOrPair = 1,
-    dilation: IntOrPair = 1,
+    stride: SizeArg = 1,
+    dilation: SizeArg = 1,
     groups: int = 1,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Tensor:
@@ -410,4 +413,5 @@ def conv_spectral_norm(
     for *_, matrices in transfer_batches(kernel, m, max_memory):
         top = torch.linalg.matrix_norm(matrices, ord=2).amax()
         best = top if best is None else torch.maximum(best, top)
+    assert best is not None  # at least one batch
     return best * scale
