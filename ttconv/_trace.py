@@ -30,34 +30,47 @@ from torch import Tensor, nn
 
 from ._hooks import unwrap
 from .activations import ChannelPad, MaxMin
-from .layer import SVDConv, SVDConvTranspose2d
+from .geometry import conv_spec
+from .layer import _SVDConvNd
 
 #: Module types with a spectral norm that the report analyses.
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)  # eval mode: a fixed per-channel scale
-ANALYSED = (nn.Conv2d, SVDConv, nn.ConvTranspose2d, SVDConvTranspose2d, nn.Linear) + BATCH_NORMS
-TRANSPOSED = (nn.ConvTranspose2d, SVDConvTranspose2d)
+#: Every convolution: torch's ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` and the SVD layers
+#: (each analysed through its ``ConvSpec``, which says its dimension and whether it is transposed).
+CONVS = (nn.modules.conv._ConvNd, _SVDConvNd)
+ANALYSED = CONVS + (nn.Linear,) + BATCH_NORMS
 #: Analysed layers whose norm does not depend on the input size.
 SIZE_FREE = (nn.Linear,) + BATCH_NORMS
 
 
-def _pairs(value: Any) -> Tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+def _dims(m: nn.Module) -> int:
+    """Spatial axes of a pooling/dropout module, from its class name (``MaxPool3d`` -> 3)."""
+    return int(type(m).__name__[-2])
+
+
+def _ntuple(value: Any, d: int) -> Tuple[Any, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
 
 
 def _non_overlapping_max_pool(m: nn.Module) -> bool:
-    kernel, stride, dilation = _pairs(m.kernel_size), _pairs(m.stride or m.kernel_size), _pairs(m.dilation)
+    d = _dims(m)
+    kernel, stride, dilation = _ntuple(m.kernel_size, d), _ntuple(m.stride or m.kernel_size, d), \
+        _ntuple(m.dilation, d)
     # Each input pixel in at most one window: |max a - max b| <= max |a - b| per window.
-    return all(k <= s for k, s in zip(kernel, stride)) and dilation == (1, 1)
+    return all(k <= s for k, s in zip(kernel, stride)) and all(x == 1 for x in dilation)
 
 
 def _average_pool(m: nn.Module) -> bool:
-    # Rows sum to 1, columns to at most (ceil(k/s)/k)^2 <= 1 (Schur test) with no padding,
+    # Rows sum to 1, columns to at most prod(ceil(k/s)/k) <= 1 (Schur test) with no padding,
     # or with zero padding counted in the divisor; partial (ceil_mode) windows divide by less.
-    return not m.ceil_mode and (_pairs(m.padding) == (0, 0) or m.count_include_pad) and m.divisor_override is None
+    # (AvgPool1d has no divisor_override.)
+    no_padding = all(p == 0 for p in _ntuple(m.padding, _dims(m)))
+    return not m.ceil_mode and (no_padding or m.count_include_pad) and getattr(m, "divisor_override", None) is None
 
 
 def _global(m: nn.Module) -> bool:
-    return all(size == 1 for size in _pairs(m.output_size))  # a mean (norm <= 1) or max over each map
+    # A mean (norm <= 1) or max over each map; None keeps an axis (the identity along it).
+    return all(size in (1, None) for size in _ntuple(m.output_size, _dims(m)))
 
 
 #: 1-Lipschitz maps (L2) that may sit between analysed layers of a plain chain, with the
@@ -68,10 +81,14 @@ ONE_LIPSCHITZ = {
     nn.LeakyReLU: lambda m: abs(m.negative_slope) <= 1, nn.ELU: lambda m: 0 <= m.alpha <= 1,
     nn.CELU: lambda m: True,  # slope exp(x / alpha) <= 1 for x < 0, any alpha > 0
     nn.Identity: lambda m: True, nn.Flatten: lambda m: True, nn.Unflatten: lambda m: True,
-    nn.Dropout: lambda m: True, nn.Dropout2d: lambda m: True,  # the identity in eval mode (the report's pass)
+    # The identity in eval mode (the report's pass).
+    nn.Dropout: lambda m: True, nn.Dropout1d: lambda m: True, nn.Dropout2d: lambda m: True,
+    nn.Dropout3d: lambda m: True,
     nn.PixelShuffle: lambda m: True, nn.PixelUnshuffle: lambda m: True,  # permutations
-    nn.MaxPool2d: _non_overlapping_max_pool, nn.AvgPool2d: _average_pool,
-    nn.AdaptiveAvgPool2d: _global, nn.AdaptiveMaxPool2d: _global,
+    **{pool: _non_overlapping_max_pool for pool in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)},
+    **{pool: _average_pool for pool in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)},
+    **{pool: _global for pool in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)},
     MaxMin: lambda m: True, ChannelPad: lambda m: True,
     nn.PReLU: lambda m: bool((m.weight.detach().abs() <= 1).all()),  # slopes in [-1, 1]
 }
@@ -92,9 +109,6 @@ def skip_reason(module: nn.Module) -> Optional[str]:
     without parameters of its own (activations, pooling, containers)."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "uninitialised lazy module (run a forward pass first)"
-    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)) or \
-            getattr(module, "_dims", 2) != 2:
-        return "1-D/3-D convolution: only 2-D convolutions are analysed (N-d support has not landed)"
     if type(module) in ONE_LIPSCHITZ:
         return None
     if isinstance(module, _NORMS):
@@ -111,7 +125,7 @@ def skip_reason(module: nn.Module) -> Optional[str]:
     own = [name for name, _ in module.named_parameters(recurse=False)]
     if own:
         return (f"{type(module).__name__} with parameters ({', '.join(own)}) of no supported layer type "
-                "(Conv2d, SVDConv, ConvTranspose2d, SVDConvTranspose2d, Linear): not analysed")
+                "(Conv1d/2d/3d, ConvTranspose1d/2d/3d, their SVD layers, Linear, BatchNorm): not analysed")
     return None
 
 
@@ -145,12 +159,13 @@ def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tup
 @dataclass
 class Trace:
     """What one forward pass learnt: per analysed layer its spatial sizes (the input's for a
-    conv, the *output's* for a transposed conv, the grid its adjoint conv acts on) and
-    input shapes; and whether the model is a verified plain chain (``chain_reason`` says
-    why not)."""
+    conv, the *output's* for a transposed conv, the grid its adjoint conv acts on; one entry
+    per spatial axis of the conv, 1, 2 or 3) and, for a transposed conv, the spatial size of
+    the input it received first; and whether the model is a verified plain chain
+    (``chain_reason`` says why not)."""
 
     sizes: Dict[str, List[Tuple[int, ...]]] = field(default_factory=dict)
-    transposed_inputs: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    transposed_inputs: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     chain: bool = False
     chain_reason: str = ""
 
@@ -171,6 +186,10 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
     root = unwrap(model)
     result = Trace(sizes={name: [] for name, _ in analysed})
     analysed_ids = {id(m): name for name, m in analysed}
+    # Spatial axes of each conv, and which convs are transposed, from their spec.
+    with torch.no_grad():
+        specs = {name: conv_spec(m) for name, m in analysed if isinstance(m, CONVS)}
+    transposed = {name for name, spec in specs.items() if spec.transposed}
     calls: List[Tuple[str, nn.Module, Any, Any]] = []  # name, module, (input, version) or None, (output, version)
     handles = []
     for name, module in _leaves(root, analysed):
@@ -178,13 +197,13 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
             single = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
             calls.append((name, module, (args[0], args[0]._version) if single else None, None))
             if name in result.sizes and args and isinstance(args[0], Tensor):
-                if not isinstance(module, TRANSPOSED + SIZE_FREE):
-                    size = tuple(int(s) for s in args[0].shape[-2:])
-                elif isinstance(module, SIZE_FREE):
+                if name in specs:
+                    size = tuple(int(s) for s in args[0].shape[-specs[name].dims:])
+                    if name in transposed:  # its output grid is recorded after the call
+                        result.transposed_inputs.setdefault(name, size)
+                        return
+                else:
                     size = tuple(int(s) for s in args[0].shape[1:-1])
-                else:  # a transposed conv: its output grid is recorded after the call
-                    result.transposed_inputs.setdefault(name, tuple(int(s) for s in args[0].shape[-2:]))
-                    return
                 if size not in result.sizes[name]:
                     result.sizes[name].append(size)
 
@@ -192,8 +211,8 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
             index = max(i for i, call in enumerate(calls) if call[1] is module and call[3] is None)
             single = isinstance(output, Tensor)
             calls[index] = calls[index][:3] + ((output, output._version) if single else False,)
-            if isinstance(module, TRANSPOSED) and single:
-                size = tuple(int(s) for s in output.shape[-2:])
+            if name in transposed and single:
+                size = tuple(int(s) for s in output.shape[-specs[name].dims:])
                 if size not in result.sizes[name]:
                     result.sizes[name].append(size)
 

@@ -21,6 +21,7 @@ budget. Whatever does not fit is left out with a note in its row instead of fail
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import io
 import json
@@ -37,8 +38,8 @@ from . import bounds, spectra
 from ._conv_args import dilated_extent
 from ._hooks import find_conv_layers
 from ._progress import ProgressArg, interactive, progress_for
-from ._trace import BATCH_NORMS, SIZE_FREE, TRANSPOSED, batch_norm_problem, find_layers, sequential_problem, trace
-from .layer import SVDConv, SVDConvTranspose2d
+from ._trace import BATCH_NORMS, SIZE_FREE, batch_norm_problem, find_layers, sequential_problem, trace
+from .geometry import ConvSpec, conv_spec
 from .spectra import MemoryLimitError, format_bytes, kernel_scale, spectral_dtype
 from .tt import orthonormal_core
 
@@ -110,8 +111,8 @@ class LayerSpectrum:
     name: str
     kind: str
     shape: Tuple[int, ...]
-    stride: Optional[Tuple[int, int]]
-    input_size: Optional[Tuple[int, int]]
+    stride: Optional[Tuple[int, ...]]
+    input_size: Optional[Tuple[int, ...]]
     exact: Optional[float]
     fantastic_four: float
     gram: Optional[float]
@@ -401,12 +402,13 @@ class SpectralReport:
         plt.close(figure)
 
 
-def _dense_shape(target: Any) -> Tuple[int, ...]:
-    if isinstance(target, SVDConvTranspose2d):
-        return (target.in_channels, target.out_channels // target.groups, *target.kernel_size)
-    if isinstance(target, SVDConv):
-        return (target.out_channels, target.in_channels // target.groups, *target.kernel_size)
-    return tuple((target.weight if isinstance(target, nn.Module) else target).shape)
+def _dense_shape(module: nn.Module, spec: ConvSpec) -> Tuple[int, ...]:
+    """The dense kernel's shape in the spec's layout ``(c_out, c_in/g, *k)`` of the conv it
+    describes: ``(in, out/g, *k)`` for a transposed layer (torch's ``ConvTranspose`` weight),
+    ``(out, in/g, *k)`` otherwise (an SVD layer's spec holds its small core instead)."""
+    rows, cols = (module.in_channels, module.out_channels) if spec.transposed else \
+        (module.out_channels, module.in_channels)
+    return (rows, cols // spec.groups, *spec.kernel_size)
 
 
 # ------------------------------------------------------------------ memory budget
@@ -430,21 +432,23 @@ def _itemsize(kernel: Tensor) -> int:
     return 8 if kernel.dtype == torch.float64 else 4
 
 
-def _transfer_bytes(shape: Tuple[int, ...], stride: Tuple[int, int], n: Tuple[int, int], itemsize: int,
-                    dilation: Tuple[int, int] = (1, 1)) -> int:
+def _transfer_bytes(shape: Tuple[int, ...], stride: Tuple[int, ...], n: Tuple[int, ...], itemsize: int,
+                    dilation: Optional[Tuple[int, ...]] = None) -> int:
     """Bytes of the complex transfer tensor (every frequency matrix) of the polyphase kernel.
 
-    When the polyphase kernel folded modulo the grid ``n / s`` has a single tap (every 1x1
-    kernel at any stride, a kernel equal to its stride, a 1-pixel grid) every frequency
-    holds the same ``c_out x c_in/g s1 s2`` matrices and ``ttconv.spectra`` decomposes
-    them once: only those matrices count.
+    ``shape`` is ``(c_out, c_in/g, *k)`` with ``d = 1, 2, 3`` spatial axes; ``stride``,
+    ``n`` and ``dilation`` (default 1) have ``d`` entries. The frequency grid is ``m = n / s``
+    per axis, halved along the last (real FFT). When the polyphase kernel folded modulo
+    ``m`` has a single tap (every 1x1 kernel at any stride, a kernel equal to its stride,
+    a 1-pixel grid) every frequency holds the same ``c_out x c_in/g prod(s)`` matrices and
+    ``ttconv.spectra`` decomposes them once: only those matrices count.
     """
     c_out, c_in_per_group = shape[0], shape[1]
-    m1, m2 = -(-n[0] // stride[0]), -(-n[1] // stride[1])
-    extent = dilated_extent(tuple(shape[2:]), dilation)
-    taps = [min(-(-e // s), m) for e, s, m in zip(extent, stride, (m1, m2))]
-    frequencies = 1 if taps == [1, 1] else m1 * (m2 // 2 + 1)
-    return c_out * c_in_per_group * stride[0] * stride[1] * frequencies * 2 * itemsize
+    m = [-(-n_i // s) for n_i, s in zip(n, stride)]
+    extent = dilated_extent(tuple(shape[2:]), dilation or (1,) * len(stride))
+    taps = [min(-(-e // s), m_i) for e, s, m_i in zip(extent, stride, m)]
+    frequencies = 1 if all(t == 1 for t in taps) else math.prod(m[:-1]) * (m[-1] // 2 + 1)
+    return c_out * c_in_per_group * math.prod(stride) * frequencies * 2 * itemsize
 
 
 # Peak working memory of each computation in units of its transfer tensor (or kernel, or
@@ -459,10 +463,11 @@ _POWER_FACTOR = 4     # power iteration (float64): input, output and their gradi
 _LIST_BYTES = 32      # a Python float in a list (kept spectra)
 
 
-def _spectrum_length(shape: Tuple[int, ...], stride: Tuple[int, int], groups: int, n: Tuple[int, int]) -> int:
+def _spectrum_length(shape: Tuple[int, ...], stride: Tuple[int, ...], groups: int, n: Tuple[int, ...]) -> int:
+    """Length of the dense kernel's full circular spectrum on ``n`` (zeros included)."""
     c_out, c_in_per_group = shape[0], shape[1]
-    per_group = min(c_out // groups, c_in_per_group * stride[0] * stride[1])
-    return groups * (n[0] // stride[0]) * (n[1] // stride[1]) * per_group
+    per_group = min(c_out // groups, c_in_per_group * math.prod(stride))
+    return groups * math.prod(n_i // s for n_i, s in zip(n, stride)) * per_group
 
 
 class _TooBig(Exception):
@@ -511,45 +516,53 @@ def _analyse(
     name: str,
     kind: str,
     shape: Tuple[int, ...],
-    target: Any,
-    input_size: Optional[Tuple[int, int]],
+    spec: ConvSpec,
+    input_size: Optional[Tuple[int, ...]],
     *,
     gram_iters: int,
     power_iters: int,
     spatial_iters: int,
+    layer_input: Optional[Tuple[int, ...]] = None,
     note: str = "",
     keep_spectra: bool = False,
     max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
     kept_bytes: int = 0,
-    power: bool = True,
 ) -> LayerSpectrum:
+    """One conv row, from its spec alone (any of 1-3 spatial axes, plain or transposed).
+
+    ``input_size`` is the grid of the conv the spec describes: the layer's input for a
+    plain spec, the transposed layer's *output* for a transposed one (the circular
+    columns are those of ``spec.adjoint()`` there). For a transposed spec,
+    ``layer_input`` is the layer's own input size: 'upper own' and 'power own' then
+    describe the layer's own operator on it (``bounds`` treat a transposed spec as the
+    adjoint of its conv on ``spec.conv_input_size(layer_input)``, which is ``input_size``).
+    """
     start = time.perf_counter()
-    spec = target if isinstance(target, bounds.ConvSpec) else bounds.conv_spec(target)
+    circ = spec.adjoint() if spec.transposed else spec  # the conv whose singular values the layer has
     kernel = spec.kernel
     itemsize = _itemsize(kernel)
     budget = _Budget(max_memory, kept_bytes)
     notes = [note] if note else []
-    geometry = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+    # Fantastic Four and the spatial bound of the full (zero-padded) convolution; the layer's
+    # own padding multiplies them by its padding factor (worst case over sizes here, at the
+    # recorded size in the fallback below; 1 for zero padding and every transposed layer).
+    full = dataclasses.replace(circ, padding=0, padding_mode="zeros")
     ff_estimate = _FF_FACTOR * kernel.numel() * itemsize
-    ff_value = budget.run("FF min", ff_estimate, bounds.fantastic_four_bound, kernel, **geometry)
+    ff_value = budget.run("FF min", ff_estimate, bounds.fantastic_four_bound, full)
     if ff_value is None:
         raise _TooBig(f"not analysed: even the size-independent bounds need about {format_bytes(ff_estimate)}, "
                       f"over max_memory {format_bytes(max_memory or 0)}")
-    # Fantastic Four and the spatial bound hold for the full (zero-padded) convolution;
-    # the layer's own padding multiplies them by its padding factor (worst case over sizes
-    # here, at the recorded size in the fallback below).
     ff_full = float(ff_value)
-    factor_any_size = bounds.padding_factor(spec)
+    factor_any_size = bounds.padding_factor(circ)
     ff = ff_full * factor_any_size
     exact = gram = estimate_own = None
     spectrum = None
 
     def spatial_bound() -> Optional[float]:
         o = min(kernel.shape[0] // spec.groups, kernel.shape[1])
-        support = [2**spatial_iters * (e - 1) + 1 for e in dilated_extent(tuple(kernel.shape[2:]), spec.dilation)]
-        estimate = _SPATIAL_FACTOR * spec.groups * o * o * support[0] * support[1] * itemsize
-        value = budget.run("spatial Gram bound", estimate, bounds.zero_padding_bound, kernel,
-                           dilation=spec.dilation, groups=spec.groups, n_iter=spatial_iters)
+        support = [2**spatial_iters * (e - 1) + 1 for e in dilated_extent(spec.kernel_size, spec.dilation)]
+        estimate = _SPATIAL_FACTOR * spec.groups * o * o * math.prod(support) * itemsize
+        value = budget.run("spatial Gram bound", estimate, bounds.zero_padding_bound, full, n_iter=spatial_iters)
         return None if value is None else float(value)
 
     if input_size is None:
@@ -559,52 +572,44 @@ def _analyse(
         transfer = _transfer_bytes(tuple(kernel.shape), spec.stride, input_size, itemsize, spec.dilation)
         try:
             # Any size divisible by the stride: below the kernel extent the kernel folds modulo n.
-            spectra.check_spectral_input_size(input_size, tuple(kernel.shape[2:]), spec.stride, spec.dilation,
-                                              fold=True)
+            spectra.check_spectral_input_size(input_size, spec.kernel_size, spec.stride, spec.dilation, fold=True)
             if keep_spectra:
                 count = _spectrum_length(shape, spec.stride, spec.groups, input_size)
                 estimate = count * (3 * itemsize + 8 + _LIST_BYTES)  # values, sort, Python list
-                label = "full spectrum (kept for the plot)"
-                if isinstance(target, SVDConv):  # its full spectrum, zeros of the low rank included
-                    try:
-                        values = budget.run(label, estimate, target.singular_values, input_size, gate=True)
-                    except ValueError as error:  # a size SVDConv.singular_values refuses: the norm below
-                        values = None
-                        notes.append(f"full spectrum not kept: {error}")
-                else:
-                    values = budget.run(label, estimate, spectra.conv_singular_values, kernel, input_size,
-                                        gate=True, **geometry)
+                values = budget.run("full spectrum (kept for the plot)", estimate, _full_spectrum, circ, input_size,
+                                    count, gate=True)
                 if values is not None:
                     spectrum = values.tolist()
                     exact = spectrum[0]
                     del values
             if exact is None:
-                value = budget.run("exact circ", _EXACT_FACTOR * transfer, spectra.conv_spectral_norm,
-                                   kernel, input_size, **geometry)
+                value = budget.run("exact circ", _EXACT_FACTOR * transfer, spectra.conv_spectral_norm, kernel,
+                                   input_size, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
                 exact = None if value is None else float(value)
-            value = budget.run("Gram circ", _GRAM_FACTOR * transfer, bounds.gram_iteration_bound, kernel,
-                               input_size, n_iter=gram_iters, **geometry)
+            value = budget.run("Gram circ", _GRAM_FACTOR * transfer, bounds.gram_iteration_bound, circ, input_size,
+                               n_iter=gram_iters)
             gram = None if value is None else float(value)
         except ValueError as error:  # size not divisible by stride
             notes.append(f"no circular spectrum: {error}")
-        left, right, top, bottom = spec.reversed_padding
-        grid = (input_size[0] + top + bottom, input_size[1] + left + right)
+        # The layer's own operator: a transposed layer on its own input (adjoint of the conv on
+        # input_size, first layer_input outputs), a plain one on input_size.
+        own_spec, own_size = (spec, layer_input) if spec.transposed and layer_input is not None else (circ, input_size)
+        grid = tuple(n + before + after for n, (before, after) in zip(input_size, circ.axis_padding))
         padded = tuple(s * -(-g // s) for g, s in zip(grid, spec.stride))
-        own = dict(geometry, padding=spec.padding, padding_mode=spec.padding_mode)
         value = budget.run("upper own (exact norm on the padded grid)",
                            _EXACT_FACTOR * _transfer_bytes(tuple(kernel.shape), spec.stride, padded, itemsize,
                                                            spec.dilation),
-                           bounds.operator_norm_bound, kernel, input_size, **own)
+                           bounds.operator_norm_bound, own_spec, own_size)
         if value is not None:
             upper = float(value)
         else:  # size-independent bounds of the full convolution, times the padding's factor
             spatial = spatial_bound()
-            upper = (ff_full if spatial is None else min(ff_full, spatial)) * bounds.padding_factor(spec, input_size)
+            upper = (ff_full if spatial is None else min(ff_full, spatial)) * bounds.padding_factor(circ, input_size)
             notes.append("upper own falls back to size-independent bounds")
-        c_in = kernel.shape[1] * spec.groups
-        activations = _POWER_FACTOR * (c_in + kernel.shape[0]) * grid[0] * grid[1] * 8
-        value = None if not power else budget.run("power own", activations, bounds.power_iteration_estimate,
-                                                  kernel, input_size, n_iter=power_iters, **own)
+        channels = kernel.shape[0] + kernel.shape[1] * spec.groups
+        activations = _POWER_FACTOR * channels * math.prod(grid) * 8
+        value = budget.run("power own", activations, bounds.power_iteration_estimate, own_spec, own_size,
+                           n_iter=power_iters)
         estimate_own = None if value is None else float(value)
     notes += budget.notes
     return LayerSpectrum(
@@ -613,6 +618,21 @@ def _analyse(
         seconds=time.perf_counter() - start, note="; ".join(notes), memory_estimate=budget.peak,
         singular_values=spectrum,
     )
+
+
+def _full_spectrum(spec: ConvSpec, n: Tuple[int, ...], count: int) -> Tensor:
+    """The dense layer's full circular spectrum on ``n`` (descending, ``count`` values, zeros
+    included): the spec kernel's (an SVD layer's core has the same nonzero singular values),
+    or ``|S|`` once per output position when the spec says its singular values are ``|S|``."""
+    if spec.singular_values_are_s:
+        assert spec.s is not None
+        positions = math.prod(n_i // s for n_i, s in zip(n, spec.stride))
+        values = spec.s.detach().to(spectral_dtype(spec.s.dtype)).abs().repeat_interleave(positions)
+        values = values.sort(descending=True).values
+    else:
+        values = spectra.conv_singular_values(spec.kernel, n, stride=spec.stride, dilation=spec.dilation,
+                                              groups=spec.groups)
+    return torch.nn.functional.pad(values, (0, count - values.numel()))
 
 
 def _check_max_memory(max_memory: Optional[int]) -> Optional[int]:
@@ -682,25 +702,17 @@ def _analyse_batch_norm(name: str, module: nn.Module, note: str = "") -> LayerSp
     )
 
 
-def _transposed_spec(module: Union[nn.ConvTranspose2d, SVDConvTranspose2d]) -> bounds.ConvSpec:
-    """The conv whose adjoint ``module`` is: ``nn.Conv2d(out_channels -> in_channels)`` with the same
-    weight, stride, padding, dilation and groups, zero padding (see ``spectral_report``)."""
-    weight = module.dense_weight() if isinstance(module, SVDConvTranspose2d) else module.weight
-    return bounds.ConvSpec(weight.detach(), tuple(module.stride), tuple(module.padding), tuple(module.dilation),
-                           module.groups, "zeros")
-
-
-def _transposed_note(module: Any, grid: Tuple[int, int], given: Optional[Tuple[int, int]]) -> str:
-    """Why 'power own' is left out for a transposed conv whose adjoint conv has extra output rows."""
-    if given is None:
-        return ""
-    kernel = module.kernel_size
-    extra = [g + 2 * p - d * (k - 1) - 1 - (n - 1) * s
-             for g, p, d, k, n, s in zip(grid, module.padding, module.dilation, kernel, given, module.stride)]
-    if all(e < s for e, s in zip(extra, module.stride)):
-        return ""
-    return ("output_padding >= stride: the adjoint conv on the output grid has extra output rows that the "
-            "transposed conv drops, so its norm only bounds this layer's")
+def _layer_spec(module: nn.Module, grid: Optional[Tuple[int, ...]],
+                layer_input: Optional[Tuple[int, ...]]) -> ConvSpec:
+    """The module's spec; for a transposed layer with recorded input and output sizes, with
+    the ``output_padding`` the call actually used (``forward(x, output_size=...)`` picks its
+    own, so the layer attribute need not be it)."""
+    spec = conv_spec(module)
+    if not spec.transposed or grid is None or layer_input is None:
+        return spec
+    base = dataclasses.replace(spec, output_padding=0).conv_input_size(layer_input)
+    used = tuple(g - b for g, b in zip(grid, base))
+    return spec if used == spec.output_padding else dataclasses.replace(spec, output_padding=used)
 
 
 def spectral_report(
@@ -830,24 +842,21 @@ def spectral_report(
             if reporter is not None:
                 reporter.step(name)
             continue
+        shape: Tuple[int, ...] = tuple(module.weight.shape) if isinstance(module, nn.Linear) else ()
         try:
             if isinstance(module, nn.Linear):
                 row = _analyse_linear(name, module.weight, note=note, keep_spectra=keep_spectra,
                                       max_memory=max_memory, kept_bytes=kept)
-            else:
-                target: Any = module
-                power = True
-                if isinstance(module, TRANSPOSED):
-                    target = _transposed_spec(module)
-                    extra = _transposed_note(module, seen[0], traced.transposed_inputs.get(name)) if seen else ""
-                    power = not extra
-                    note = "; ".join(filter(None, [note, extra]))
-                row = _analyse(name, type(module).__name__, _dense_shape(module), target,
-                               seen[0] if seen else None, gram_iters=gram_iters, power_iters=power_iters,
+            else:  # every conv kind, through its spec
+                layer_input = traced.transposed_inputs.get(name) if example_input is not None else None
+                spec = _layer_spec(module, seen[0] if seen else None, layer_input)
+                shape = _dense_shape(module, spec)
+                row = _analyse(name, type(module).__name__, shape, spec, seen[0] if seen else None,
+                               layer_input=layer_input, gram_iters=gram_iters, power_iters=power_iters,
                                spatial_iters=spatial_iters, note=note, keep_spectra=keep_spectra,
-                               max_memory=max_memory, kept_bytes=kept, power=power)
+                               max_memory=max_memory, kept_bytes=kept)
         except _TooBig as reason:
-            skipped.append(SkippedTensor(name, _dense_shape(module), str(reason)))
+            skipped.append(SkippedTensor(name, shape, str(reason)))
         else:
             kept += _LIST_BYTES * len(row.singular_values or ())
             rows.append(row)
