@@ -591,3 +591,29 @@ def test_an_orthogonal_core_sets_the_singular_values_flag_and_they_are_s():
         assert float(exact_spectral_norm(spec, 5)) == pytest.approx(truth, rel=1e-9)
     general = geometry.conv_spec(SVDConv(6, 6, 3, rank=4, dtype=torch.float64))
     assert not general.singular_values_are_s and general.s is None
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_bounds_of_a_transposed_spec_are_those_of_the_adjoint_conv(d):
+    """Size-independent bounds: equal to the conv's; on ``n``: the conv's on ``N`` (``conv_input_size``)."""
+    for config in TRANSPOSED[d][:40]:
+        torch.manual_seed(1)
+        layer = _TRANSPOSE_CLASS[d](**config["conv"], dtype=torch.float64)
+        spec = geometry.conv_spec(layer)
+        conv = spec.adjoint()
+        with torch.no_grad():
+            assert torch.equal(fantastic_four_bounds(spec), fantastic_four_bounds(conv))
+            assert torch.equal(zero_padding_bound(spec, n_iter=2), zero_padding_bound(conv, n_iter=2))
+            assert torch.equal(operator_norm_bound(spec, config["n"]), operator_norm_bound(conv, config["out"]))
+            grid = tuple(m * s for m, s in zip(config["n"], spec.stride))
+            assert torch.equal(exact_spectral_norm(spec, config["n"]), exact_spectral_norm(conv, grid))
+
+
+def test_padding_factor_is_a_product_over_the_axes():
+    """Replicate padding 2 copies an edge pixel 3 times per axis on n >= 2 (5 times on n = 1, the worst case)."""
+    for d in (1, 3):
+        spec = geometry.conv_spec(torch.randn(1, 1, *(3,) * d), padding=2, padding_mode="replicate")
+        assert bounds.padding_factor(spec, 4) == pytest.approx(math.sqrt(3 ** d))
+        assert bounds.padding_factor(spec) == pytest.approx(math.sqrt(5 ** d))
+    mixed = geometry.conv_spec(torch.randn(1, 1, 3, 3, 3), padding=(2, 0, 1), padding_mode="replicate")
+    assert bounds.padding_factor(mixed, (4, 4, 4)) == pytest.approx(math.sqrt(3 * 1 * 2))

@@ -148,7 +148,7 @@ def _circular_repeats(before: int, after: int, extent: int, stride: int, n: int,
     return -(-(stride * (outputs - 1) + 1) // n)  # positions 0, s, 2s, ... of the stride-1 rows
 
 
-def padding_factor(spec: ConvSpec, input_size: Optional[Sequence[int]] = None) -> float:
+def padding_factor(spec: ConvSpec, input_size: Optional[SizeArg] = None) -> float:
     """Factor by which a bound of the unpadded (full, zero-padded) convolution must grow to
     bound the layer with its own padding mode and amount.
 
@@ -167,8 +167,9 @@ def padding_factor(spec: ConvSpec, input_size: Optional[Sequence[int]] = None) -
     if spec.padding_mode == "zeros":
         return factor
     extent = args.dilated_extent(spec.kernel_size, spec.dilation)
+    n = None if input_size is None else size_arg(input_size, spec.dims)
     for axis, (before, after) in enumerate(spec.axis_padding):
-        sizes = _admissible_sizes(spec, axis) if input_size is None else (input_size[axis],)
+        sizes = _admissible_sizes(spec, axis) if n is None else (n[axis],)
         if spec.padding_mode == "circular":
             worst = max(_circular_repeats(before, after, extent[axis], spec.stride[axis], n, strided=False)
                         for n in sizes)
