@@ -2,8 +2,9 @@
 
 ``spectral_report`` runs one forward pass with hooks to learn each layer's input size
 (and whether the model is a plain chain, ``ttconv._trace``), then computes, per
-``nn.Conv2d`` / ``SVDConv`` (and transposed conv, through its adjoint), the exact circular
-spectral norm, the Fantastic Four minimum, the Gram-iteration bound, a power-iteration
+convolution of any kind (``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d`` through its
+adjoint, and the SVD layers ``SVDConv{1,2,3}d`` / ``SVDConvTranspose{1,2,3}d``: each
+through its ``ttconv.geometry.ConvSpec``), the exact circular spectral norm, the Fantastic Four minimum, the Gram-iteration bound, a power-iteration
 estimate and a certified bound of the layer's actual operator; per ``nn.Linear`` and
 eval-mode batch norm its exact norm. Modules it cannot analyse are listed with the reason. ``state_dict_report`` does what can
 be done from weights alone, and finds the model's kernels in the checkpoint layouts seen
@@ -60,7 +61,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 #: Default working-memory budget of one layer's analysis, in bytes (1 GiB, as in ``ttconv.spectra``).
 DEFAULT_MAX_MEMORY = spectra.DEFAULT_MAX_MEMORY
-#: A 4-D tensor with more elements than this is refused as a conv kernel (2**28: 1 GiB in
+#: A tensor with more elements than this is refused as a conv kernel (2**28: 1 GiB in
 #: float32, e.g. 8192 x 8192 x 2 x 2); real conv kernels are orders of magnitude smaller.
 MAX_KERNEL_ELEMENTS = 2**28
 
@@ -73,8 +74,9 @@ class UnsafeTensorError(ValueError):
 class LayerSpectrum:
     """One row of a ``SpectralReport`` (plain floats, no autograd history).
 
-    Columns mean the same for every conv row (``Conv2d``, ``SVDConv``, and transposed convs
-    through their adjoint conv on the output grid, see ``spectral_report``). For layers whose
+    Columns mean the same for every conv row, of any dimension (``Conv1d/2d/3d``, the SVD
+    layers, and transposed convs through their adjoint conv on the output grid, see
+    ``spectral_report``); ``stride`` and ``input_size`` have one entry per spatial axis. For layers whose
     norm does not depend on the input (``Linear``: the matrix 2-norm; eval-mode batch norms:
     the largest per-channel gain) ``exact``, ``fantastic_four`` and ``upper_bound`` all hold
     that exact norm, ``gram``, ``power_estimate``, ``stride`` and ``input_size`` are None.
@@ -126,7 +128,7 @@ class LayerSpectrum:
 
 @dataclass(frozen=True)
 class SkippedTensor:
-    """A 4-D tensor of a checkpoint that was not analysed, and why.
+    """A 3-D, 4-D or 5-D tensor of a checkpoint that was not analysed, and why.
 
     Attributes
     ----------
@@ -171,8 +173,9 @@ KIND_NOTES = {
     "Linear": "the matrix 2-norm (one SVD), exact at any input shape, in exact, fantastic_four and upper_bound",
     "BatchNorm": "eval mode: max |gamma| / sqrt(running_var + eps), exact at any input shape, in exact, "
                  "fantastic_four and upper_bound",
-    "ConvTranspose2d": "the adjoint conv (same weight and geometry, out -> in channels) on the transposed conv's "
-                       "output grid (input_size); same singular values",
+    "ConvTranspose": "ConvTranspose1d/2d/3d and SVDConvTranspose1d/2d/3d: 'exact circ' and 'Gram circ' describe the "
+                     "adjoint conv (same weight and geometry, out -> in channels) on the transposed conv's output grid "
+                     "(input_size), same singular values; 'power own' and 'upper own' the transposed layer itself",
 }
 
 _LEGEND = [
@@ -208,7 +211,7 @@ class SpectralReport:
     message : str
         What the report covers (and why it is empty, when it is).
     skipped : list of SkippedTensor
-        4-D tensors of a checkpoint that were not analysed, with the reason.
+        3-D, 4-D and 5-D tensors of a checkpoint that were not analysed, with the reason.
     """
 
     def __init__(self, layers: Sequence[LayerSpectrum], message: str = "",
@@ -341,9 +344,10 @@ class SpectralReport:
                          "and 'upper own'.")
         if any(kind.startswith("BatchNorm") or kind == "SyncBatchNorm" for kind in kinds):
             lines.append("  BatchNorm rows: eval mode, max |gamma| / sqrt(running_var + eps), exact at any input shape.")
-        if "ConvTranspose2d" in kinds:
-            lines.append("  ConvTranspose2d rows: its adjoint, the conv with the same weight on the transposed conv's "
-                         "output grid ('input'); same singular values.")
+        if any("ConvTranspose" in kind for kind in kinds):
+            lines.append("  ConvTranspose rows: 'circ' columns are its adjoint, the conv with the same weight, on the "
+                         "transposed conv's output grid ('input'); same singular values. 'own' columns: the layer "
+                         "itself.")
         if footnotes:
             lines += ["", "notes:"]
             for note, number in footnotes.items():
@@ -731,19 +735,22 @@ def spectral_report(
     Layers analysed (at any depth; a ``DataParallel``/``DistributedDataParallel`` wrapper
     is looked through):
 
-    * ``nn.Conv2d`` and ``SVDConv``: every column, at the input size of the example pass;
-    * ``nn.ConvTranspose2d`` and ``SVDConvTranspose2d`` (its dense weight): as the adjoint of
-      the conv with the same weight (a transposed
-      conv with weight ``(in, out/g, kh, kw)``, stride ``s``, padding ``p``, dilation ``d``
-      and groups ``g`` is the adjoint of ``nn.Conv2d(out -> in)`` with that weight, ``s``,
-      ``p``, ``d``, ``g`` and zero padding, acting on the transposed conv's *output* grid
-      ``H_out = (H_in - 1) s - 2p + d (kh - 1) + output_padding + 1``: that conv maps
-      ``H_out`` back to ``H_in + floor(output_padding / s)`` rows, exactly ``H_in`` as
-      ``output_padding < s``). A matrix and its adjoint have the same singular values, so
-      every column describes that conv on the output grid ('input' shows it), and 'upper own'
-      / 'power own' bound / estimate the transposed layer itself. When
-      ``output_padding >= s`` (allowed with dilation) the conv has extra rows and 'power own'
-      is left out;
+    * every convolution: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and the SVD
+      layers ``SVDConv1d/2d/3d`` (``SVDConv``), ``SVDConvTranspose1d/2d/3d``, each through
+      its ``ConvSpec`` (``ttconv.geometry.conv_spec``; an SVD layer's holds its small
+      orthonormal core, with the same nonzero singular values): every column, at the
+      input size of the example pass (``(L,)``, ``(H, W)`` or ``(D, H, W)``);
+    * a transposed conv (weight ``(in, out/g, *k)``, stride ``s``, padding ``p``, dilation
+      ``d``, groups ``g``) is the adjoint of the conv ``out -> in`` with that weight,
+      ``s``, ``p``, ``d``, ``g`` and zero padding, acting on the transposed conv's
+      *output* grid ``N = (n - 1) s - 2p + d (k - 1) + output_padding + 1`` per axis,
+      which maps ``N`` back to ``n + floor(output_padding / s)`` pixels (exactly ``n`` as
+      ``output_padding < s``); the transposed layer is the adjoint of its first ``n``.
+      'input' shows ``N``, 'exact circ' and 'Gram circ' describe that conv's circular
+      operator on ``N`` (the same singular values as the layer's adjoint), and 'upper
+      own' / 'power own' bound / estimate the transposed layer itself on its input ``n``
+      with the ``output_padding`` the call used (``forward(x, output_size=...)``
+      included);
     * ``nn.Linear``: its matrix 2-norm (one SVD), exact at any input shape; it fills
       'exact', 'FF min' and 'upper own', Gram and power are left empty;
     * batch norms (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``) as they run in eval mode: a
@@ -751,7 +758,7 @@ def spectral_report(
       sqrt(running_var + eps)`` fills the same three columns (without running statistics a
       batch norm is no fixed linear map and is skipped).
 
-    Every other module with parameters or a linear part (1-D/3-D convs, group/layer/instance
+    Every other module with parameters or a linear part (group/layer/instance
     norms, embeddings, attention, custom modules with their own parameters...) is listed
     in ``report.skipped`` with the reason.
 
@@ -777,7 +784,7 @@ def spectral_report(
         Keep every layer's full circular spectrum in ``LayerSpectrum.singular_values``
         (needed by ``SpectralReport.plot``; for a Linear layer the matrix's singular
         values). Off by default: the norm alone needs far less memory than all
-        ``n1 * n2 * min(c_out, c_in)`` singular values.
+        ``prod(n) * min(c_out, c_in)`` singular values.
     max_memory : int or None
         Working-memory budget of one layer's analysis in bytes (default 1 GiB; kept spectra
         count against it); ``None`` for no limit. Norms and bounds stream over frequencies
@@ -808,8 +815,8 @@ def spectral_report(
     layers, skipped_modules = find_layers(model)
     skipped: List[SkippedTensor] = [SkippedTensor(name, shape, reason) for name, shape, reason in skipped_modules]
     if not layers:
-        return SpectralReport([], f"no layer with a spectral norm (nn.Conv2d, SVDConv, nn.ConvTranspose2d, "
-                                  f"nn.Linear) found in {type(model).__name__}", skipped)
+        return SpectralReport([], f"no layer with a spectral norm (a conv of any kind, an SVD conv layer, "
+                                  f"nn.Linear, an eval-mode batch norm) found in {type(model).__name__}", skipped)
     reporter = progress_for(progress, len(layers), default=interactive())
     if example_input is not None:
         traced = trace(model, layers, example_input)
@@ -992,17 +999,27 @@ def _weight_normalised(g: Tensor, v: Tensor) -> Optional[Tensor]:
     if g.numel() != v.shape[0]:
         return None
     w = v.detach().to(torch.float64)
-    norm = w.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
-    return (g.detach().to(torch.float64).reshape(-1, 1, 1, 1) * w / norm).to(v.dtype)
+    ones = (1,) * (w.dim() - 1)
+    norm = w.flatten(1).norm(dim=1).reshape(-1, *ones)
+    return (g.detach().to(torch.float64).reshape(-1, *ones) * w / norm).to(v.dtype)
 
 
 _UNREBUILDABLE = ("a reparametrized weight (spectral_norm/weight_norm) whose effective kernel cannot be rebuilt: "
                   "its u, v or g tensors are missing or do not match")
 _Target = Tuple[str, str, Tuple[int, ...], Tensor, str]  # name, kind, shape, kernel, note
+#: Kernel ranks of conv kernels: 3-D (Conv1d), 4-D (Conv2d), 5-D (Conv3d).
+_KERNEL_DIMS = (3, 4, 5)
+
+
+def _conv_kind(kernel: Tensor) -> str:
+    """``Conv1d``/``Conv2d``/``Conv3d`` from a kernel's rank. A ``ConvTranspose`` weight has the
+    same layout as the kernel of the conv it is the adjoint of, so it is reported as that conv
+    (same singular values; see ``state_dict_report``)."""
+    return f"Conv{kernel.dim() - 2}d"
 
 
 def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[str, ...], _Target]], List[SkippedTensor]]:
-    """Kernels (by path) and skipped 4-D tensors among tensors of one region."""
+    """Kernels (by path) and skipped 3-D/4-D/5-D tensors among tensors of one region."""
     flat = {".".join(path): (path, t) for path, t in tensors.items()}
     used: set = set()
     targets: List[Tuple[Tuple[str, ...], _Target]] = []
@@ -1022,7 +1039,7 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
         name_path = flat[name_key][0] if name_key else path
         targets.append((name_path, (key, kind, tuple(kernel.shape), kernel.detach(), note)))
 
-    # weight_norm magnitudes (4-D, e.g. (c_out, 1, 1, 1)) come before their direction: reserve them.
+    # weight_norm magnitudes (e.g. (c_out, 1, 1, 1)) come before their direction: reserve them.
     reserved = {k[: -len("weight_v")] + "weight_g" for k in flat if k.rsplit(".", 1)[-1] == "weight_v"}
     reserved |= {k[:-1] + "0" for k in flat if k.endswith("parametrizations.weight.original1")}
     for key, (path, tensor) in flat.items():
@@ -1033,7 +1050,7 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
         if last == "core" and all(get(prefix + n) is not None for n in ("U", "S", "V")):
             U, S, core, V = (get(prefix + n) for n in ("U", "S", "core", "V"))
             parts = [prefix + n for n in ("U", "S", "core", "V")]
-            if core.dim() != 4 or any(_tensor_problem(f, part) for f, part in zip((U, S, core, V), parts)):
+            if core.dim() not in _KERNEL_DIMS or any(_tensor_problem(f, part) for f, part in zip((U, S, core, V), parts)):
                 used.update(parts)
                 skipped.append(SkippedTensor(key, tuple(core.shape), "SVDConv factors that are not analysable "
                                                                    "(not floating point, empty or not finite)"))
@@ -1045,41 +1062,46 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
                     "state dict; load the whole model instead"))
                 continue
             groups = S.numel() // U.shape[1]
-            # Stacked groups analysed as one ungrouped conv: an upper bound on their max.
-            kernel = orthonormal_core(*(f.detach().to(torch.float64) for f in (U, S, core, V)), groups)
+            # Stacked groups analysed as one ungrouped conv: an upper bound on their max. The
+            # taps of a 1-D/3-D core are flattened for ttconv.tt (as the layers do) and restored.
+            taps = core.reshape(core.shape[0], core.shape[1], -1, 1)
+            kernel = orthonormal_core(*(f.detach().to(torch.float64) for f in (U, S, taps, V)), groups)
+            kernel = kernel.reshape(core.shape)
             shape = (U.shape[0], V.shape[0] // groups, *core.shape[2:])
             used.update(parts)
-            targets.append((path, (key, "SVDConv", shape, kernel, "")))
+            kind = "SVDConv" if core.dim() == 4 else f"SVDConv{core.dim() - 2}d"
+            targets.append((path, (key, kind, shape, kernel, "")))
             continue
-        if last == "weight_orig" and tensor.dim() == 4:
+        if last == "weight_orig" and tensor.dim() in _KERNEL_DIMS:
             u, v = get(prefix + "weight_u"), get(prefix + "weight_v")
             weight = None if u is None or v is None else _spectral_normalised(tensor, u, v)
             if weight is not None:
-                add(key, "Conv2d", weight, [key, prefix + "weight_u", prefix + "weight_v"],
+                add(key, _conv_kind(tensor), weight, [key, prefix + "weight_u", prefix + "weight_v"],
                     "spectral_norm: weight_orig / sigma from the stored u, v (the eval-mode kernel)",
                     name_key=key)
                 continue
-        if key.endswith("parametrizations.weight.original") and tensor.dim() == 4:
+        if key.endswith("parametrizations.weight.original") and tensor.dim() in _KERNEL_DIMS:
             base = key[: -len("original")]
             u, v = get(base + "0._u"), get(base + "0._v")
             weight = None if u is None or v is None else _spectral_normalised(tensor, u, v)
             if weight is not None:
-                add(key, "Conv2d", weight, [key, base + "0._u", base + "0._v"],
+                add(key, _conv_kind(tensor), weight, [key, base + "0._u", base + "0._v"],
                     "spectral_norm parametrization: original / sigma from the stored _u, _v (the eval-mode kernel)")
                 continue
         weight_norm_parts = None
-        if last == "weight_v" and tensor.dim() == 4 and get(prefix + "weight_g") is not None:
+        if last == "weight_v" and tensor.dim() in _KERNEL_DIMS and get(prefix + "weight_g") is not None:
             weight_norm_parts = (prefix + "weight_g", key)
-        elif key.endswith("parametrizations.weight.original1") and tensor.dim() == 4 \
+        elif key.endswith("parametrizations.weight.original1") and tensor.dim() in _KERNEL_DIMS \
                 and get(key[:-1] + "0") is not None:
             weight_norm_parts = (key[:-1] + "0", key)
         if weight_norm_parts is not None:
             magnitude = get(weight_norm_parts[0])
             weight = _weight_normalised(magnitude, tensor)
             if weight is not None:
-                add(key, "Conv2d", weight, list(weight_norm_parts), "weight_norm: g * v / ||v|| (the effective kernel)")
+                add(key, _conv_kind(tensor), weight, list(weight_norm_parts),
+                    "weight_norm: g * v / ||v|| (the effective kernel)")
                 continue
-            if magnitude.dim() == 4:
+            if magnitude.dim() in _KERNEL_DIMS:
                 skipped.append(SkippedTensor(weight_norm_parts[0], tuple(magnitude.shape), _UNREBUILDABLE))
         if tensor.dim() == 2 and last == "weight":
             if "embed" in key.lower():
@@ -1093,18 +1115,16 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
                                                                   "weight_norm of a Linear): not rebuilt from a state "
                                                                   "dict; load the whole model instead"))
             continue
-        if tensor.dim() not in (3, 4, 5) or (tensor.dim() != 4 and not last.endswith("weight")):
+        if tensor.dim() not in _KERNEL_DIMS:
             continue
-        if tensor.dim() != 4:
-            skipped.append(SkippedTensor(key, tuple(tensor.shape), f"{tensor.dim()}-D weight (Conv{tensor.dim() - 2}d?): "
-                                                                  "only 2-D convolutions are analysed"))
-        elif last in ("weight_orig", "weight_v", "original", "original1"):
+        if last in ("weight_orig", "weight_v", "original", "original1"):
             skipped.append(SkippedTensor(key, tuple(tensor.shape), _UNREBUILDABLE))
         elif not last.endswith("weight"):
-            skipped.append(SkippedTensor(key, tuple(tensor.shape), "4-D but not a '...weight' key (not a conv kernel "
-                                                                  "by name: an image, buffer or statistic?)"))
+            skipped.append(SkippedTensor(key, tuple(tensor.shape), f"{tensor.dim()}-D but not a '...weight' key (not "
+                                                                  "a conv kernel by name: an image, buffer, embedding "
+                                                                  "or statistic?)"))
         else:
-            add(key, "Conv2d", tensor, [key])
+            add(key, _conv_kind(tensor), tensor, [key])
     return targets, skipped
 
 
@@ -1134,7 +1154,7 @@ def _layer_names(paths: List[Tuple[str, ...]], keys: List[str]) -> List[str]:
 
 def state_dict_report(
     state_dict: Mapping[str, Any],
-    input_size: Optional[Tuple[int, int]] = None,
+    input_size: Optional[Tuple[int, ...]] = None,
     *,
     in_channels: Optional[int] = None,
     gram_iters: int = 6,
@@ -1154,12 +1174,13 @@ def state_dict_report(
         ``ema``, ``model_ema``, ``ema_state_dict``, ``state_dict_ema``, ``shadow_params``...)
         and under ``callbacks``/``loops`` are not analysed; an EMA copy is analysed only
         when the checkpoint holds no other weights. In the model's weights, a kernel is a
-        4-D floating tensor whose key ends in ``weight`` (``conv1.weight``); ``spectral_norm``
+        3-D, 4-D or 5-D floating tensor whose key ends in ``weight`` (``conv1.weight``): a
+        ``Conv1d``, ``Conv2d`` or ``Conv3d`` kernel ``(c_out, c_in/g, *k)``; ``spectral_norm``
         (``weight_orig`` + ``weight_u``/``weight_v``, or ``parametrizations.weight.original``)
         and ``weight_norm`` (``weight_g``/``weight_v``, ``original0``/``original1``) kernels
         are rebuilt as the layer uses them in eval mode; ``U, S, core, V`` groups are
-        ``SVDConv`` layers (analysed on their core). Every other 4-D tensor (images,
-        moments, EMA copies, empty or non-finite kernels...) is listed in
+        SVD conv layers (analysed on their core, of any dimension). Every other 3-D/4-D/5-D
+        tensor (images, moments, EMA copies, empty or non-finite kernels...) is listed in
         ``report.skipped`` with the reason. Layer names drop wrapper keys such as
         ``state_dict``, ``model``, ``model_state_dict`` and ``module``.
 
@@ -1168,8 +1189,18 @@ def state_dict_report(
         kernel is analysed as a stride-1, undilated, ungrouped conv with zero padding up to
         ``k - 1``: the size-independent bounds are then valid for any stride and padding
         of zeros (for a grouped kernel they bound the max over groups), and with
-        ``input_size`` every kernel is analysed at that size (the state dict does not say
-        how deeper layers downsample).
+        ``input_size`` every kernel with that many spatial axes is analysed at that size
+        (the state dict does not say how deeper layers downsample); kernels of another
+        dimension get size-independent bounds, with a note.
+
+    Transposed convs
+        A ``ConvTranspose{d}d`` weight ``(in, out/g, *k)`` has exactly the layout of the
+        kernel of the conv it is the adjoint of, and nothing in a state dict tells the two
+        apart. It is reported as that conv (kind ``Conv{d}d``): same singular values, so
+        'FF min' and the size-independent 'upper own' bound the transposed layer too, and
+        'exact circ' at ``input_size`` is the circular spectrum on the transposed layer's
+        *output* grid of that size (``spectral_report``'s convention). Load the whole model
+        to have transposed layers named as such.
 
     Parameters
     ----------
@@ -1177,8 +1208,9 @@ def state_dict_report(
         A state dict or a checkpoint dict that holds one (``{'state_dict': ...}``,
         ``{'model': ...}``, ``{'model_state_dict': ..., 'optimizer_state_dict': ...}``,
         Lightning checkpoints...).
-    input_size : (int, int), optional
-        Spatial size ``(H, W)`` for exact circular values.
+    input_size : tuple of 1, 2 or 3 ints, optional
+        Spatial size for exact circular values: ``(L,)`` for Conv1d kernels, ``(H, W)``
+        for Conv2d, ``(D, H, W)`` for Conv3d.
     in_channels : int, optional
         The input's channel count (the ``C`` of ``--input-size C H W``), checked against
         the input channels (``shape[1]``) of the first kernel in the checkpoint, taken as
@@ -1196,6 +1228,12 @@ def state_dict_report(
     """
     _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
     max_memory = _check_max_memory(max_memory)
+    if input_size is not None:
+        if not isinstance(input_size, (tuple, list)) or not 1 <= len(input_size) <= 3 or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in input_size):
+            raise ValueError(f"input_size must be a tuple of 1, 2 or 3 positive ints (L), (H, W) or (D, H, W), one "
+                             f"per spatial axis of the kernels to analyse at that size, got {input_size!r}")
+        input_size = tuple(input_size)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of tensors, got {type(state_dict).__name__}")
     check_tensor_storage(state_dict)
@@ -1210,11 +1248,11 @@ def state_dict_report(
         messages.append("the checkpoint holds no weights besides an EMA/averaged copy: analysed that copy")
     else:
         for path, tensor in regions.get("ema", {}).items():
-            if tensor.dim() == 4:
+            if tensor.dim() in _KERNEL_DIMS:
                 skipped.append(SkippedTensor(".".join(path), tuple(tensor.shape), _REGION_REASONS["ema"]))
     for region in ("optimizer", "loop"):
         for path, tensor in regions.get(region, {}).items():
-            if tensor.dim() == 4:
+            if tensor.dim() in _KERNEL_DIMS:
                 skipped.append(SkippedTensor(".".join(path), tuple(tensor.shape), _REGION_REASONS[region]))
     names = _layer_names([path for path, _ in found], [target[0] for _, target in found])
     targets = [(name, kind, shape, kernel, note) for name, (_, (_, kind, shape, kernel, note)) in zip(names, found)]
@@ -1228,19 +1266,25 @@ def state_dict_report(
         )
     # Paddings are unknown: k - 1 per side covers every padding up to 'full' (crop argument).
     specs = [(n, k, shape, kernel if k == "Linear" else
-              bounds.ConvSpec(kernel, padding=(kernel.shape[2] - 1, kernel.shape[3] - 1)), note)
+              ConvSpec(kernel, padding=tuple(size - 1 for size in kernel.shape[2:])), note)
              for n, k, shape, kernel, note in targets]
     if not specs:
-        messages.insert(0, "no conv kernels found in the checkpoint (4-D floating tensors under keys ending in "
-                           "'weight', outside optimizer state)")
+        messages.insert(0, "no conv kernels found in the checkpoint (3-D, 4-D or 5-D floating tensors under keys "
+                           "ending in 'weight', outside optimizer state)")
         return SpectralReport([], " ".join(messages), skipped)
     messages.insert(0, "strides, paddings and groups are not stored in a state_dict: each kernel is analysed as a "
                        "stride-1 ungrouped conv; upper bounds hold for any stride and any zero padding up to k-1 per side")
+    messages.append("a ConvTranspose weight cannot be told from a conv kernel in a state dict: it is analysed as the "
+                    "conv it is the adjoint of (same singular values; its bounds hold for the transposed layer)")
     if input_size is None:
         messages.append("no input size: size-independent bounds for zero/circular padding only")
     else:
-        messages.append(f"every kernel is analysed at {input_size[0]}x{input_size[1]} (a state dict does not say how "
-                        "deeper layers downsample)")
+        input_size = tuple(input_size)
+        dims = {spec.dims for _, kind, _, spec, _ in specs if kind != "Linear"}
+        messages.append(f"every {len(input_size)}-D kernel is analysed at {'x'.join(map(str, input_size))} (a state "
+                        "dict does not say how deeper layers downsample)"
+                        + ("" if dims <= {len(input_size)} else
+                           "; kernels with another number of spatial axes get size-independent bounds only"))
     rows = []
     kept = 0
     reporter = progress_for(progress, len(specs), default=interactive())
@@ -1250,7 +1294,11 @@ def state_dict_report(
                 row = _analyse_linear(name, spec, note=note, keep_spectra=keep_spectra, max_memory=max_memory,
                                       kept_bytes=kept)
             else:
-                row = _analyse(name, kind, shape, spec, input_size, gram_iters=gram_iters, power_iters=power_iters,
+                size = input_size if input_size is not None and len(input_size) == spec.dims else None
+                if input_size is not None and size is None:
+                    note = "; ".join(filter(None, [note, f"a {spec.dims}-D kernel: input_size has {len(input_size)} "
+                                                         "axes, so size-independent bounds only"]))
+                row = _analyse(name, kind, shape, spec, size, gram_iters=gram_iters, power_iters=power_iters,
                                spatial_iters=spatial_iters, note=note, keep_spectra=keep_spectra,
                                max_memory=max_memory, kept_bytes=kept)
         except _TooBig as reason:
