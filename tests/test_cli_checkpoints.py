@@ -160,11 +160,14 @@ def test_only_keys_ending_in_weight_are_kernels():
     w = torch.randn(2, 2, 3, 3)
     report = state_dict_report({"conv.weight": w, "block.depthwise_weight": w, "conv.bias": torch.randn(2),
                                 "features": w, "running_images": w.clone(), "conv1d.weight": torch.randn(2, 2, 3),
+                                "clips": torch.randn(1, 2, 4, 4, 4), "tokens": torch.randn(1, 5, 2),
                                 "ints.weight": torch.ones(2, 2, 3, 3, dtype=torch.int64)})
-    assert [row.name for row in report.layers] == ["conv", "block.depthwise_weight"]
+    assert [row.name for row in report.layers] == ["conv", "block.depthwise_weight", "conv1d"]
+    assert [row.kind for row in report.layers] == ["Conv2d", "Conv2d", "Conv1d"]
     reasons = {s.key: s.reason for s in report.skipped}
-    assert set(reasons) == {"features", "running_images", "conv1d.weight", "ints.weight"}
-    assert "not a '...weight' key" in reasons["features"] and "Conv1d" in reasons["conv1d.weight"]
+    assert set(reasons) == {"features", "running_images", "clips", "tokens", "ints.weight"}
+    assert "not a '...weight' key" in reasons["features"] and "5-D but not a '...weight' key" in reasons["clips"]
+    assert "3-D but not a '...weight' key" in reasons["tokens"]
     assert "not floating point" in reasons["ints.weight"]
 
 
