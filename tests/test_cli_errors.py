@@ -180,7 +180,9 @@ def test_json_is_strict_when_bounds_overflow(tmp_path):
     (["--gram-iters", "0"], ["argument --gram-iters", "positive integer", "'0'"]),
     (["--power-iters", "-2"], ["argument --power-iters", "positive integer"]),
     (["--input-size", "3", "0", "8"], ["argument --input-size", "positive integer"]),
-    (["--input-size", "3", "8"], ["argument --input-size"]),
+    (["--input-size", "3"], ["--input-size", "1, 2 or 3 spatial sizes"]),
+    (["--input-size", "3", "8", "8", "8", "8"], ["--input-size", "1, 2 or 3 spatial sizes", "C D H W"]),
+    (["--input-size", "3", "8"], ["input_size has 1 spatial axis", "2-D", "C H W"]),  # a 2-D checkpoint
     (["--max-memory", "12XB"], ["argument --max-memory", "512MB"]),
     (["--max-memory", "0"], ["argument --max-memory", "positive"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),

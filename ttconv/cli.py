@@ -1,7 +1,8 @@
 """Command line: ``python -m ttconv {demo,check}`` (also installed as ``ttconv``).
 
-``ttconv check CHECKPOINT [--input-size C H W] [--json] [--plot PNG] [--max-memory SIZE]``
-prints the spectral table of every conv kernel in a state dict or training checkpoint (or,
+``ttconv check CHECKPOINT [--input-size C [D] H W | C L] [--json] [--plot PNG] [--max-memory SIZE]``
+prints the spectral table of every conv kernel (1-D, 2-D and 3-D) in a state dict or
+training checkpoint (or,
 with ``--unsafe-load``, a whole saved model). Every user error is one line
 ``ttconv: error: ...`` on stderr with exit status 2, never a traceback.
 """
@@ -202,8 +203,16 @@ def _timed_lines(stream: TextIO) -> Callable[[int, int, str], None]:
     return report
 
 
+def _input_size(values: Optional[List[int]]) -> Optional[List[int]]:
+    """``--input-size``: the channel count and 1, 2 or 3 spatial sizes."""
+    if values is not None and not 2 <= len(values) <= 4:
+        raise _UsageError(f"--input-size takes C and 1, 2 or 3 spatial sizes (C L for Conv1d models, C H W for "
+                          f"Conv2d, C D H W for Conv3d), got {len(values)} value(s): {' '.join(map(str, values))}")
+    return values
+
+
 def _check(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    size = options.input_size
+    size = _input_size(options.input_size)
     if options.plot:
         _check_plot_path(options.plot, size)
     obj = load_checkpoint(options.checkpoint, unsafe=options.unsafe_load)
@@ -245,9 +254,10 @@ def _build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="spectral norms and bounds of every conv in a checkpoint")
     check.add_argument("checkpoint", help="file written by torch.save: a state_dict, a training checkpoint, or a "
                                           "whole model (--unsafe-load)")
-    check.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
-                       help="input shape; adds exact values (a whole model: per-layer sizes from one forward pass; "
-                            "a state dict: every kernel at H x W, C checked against the first layer)")
+    check.add_argument("--input-size", type=_positive_int, nargs="+", metavar="C [D] H W",
+                       help="input shape without the batch: C L (1-D), C H W (2-D) or C D H W (3-D); adds exact "
+                            "values (a whole model: per-layer sizes from one forward pass; a state dict: every kernel "
+                            "with that many spatial axes at that size, C checked against the first layer)")
     check.add_argument("--json", action="store_true", help="print strict JSON instead of a table")
     check.add_argument("--unsafe-load", action="store_true",
                        help="allow arbitrary unpickling (can execute code from the file): trusted files only")

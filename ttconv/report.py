@@ -1224,7 +1224,9 @@ def state_dict_report(
         A tensor stores far less data than its shape claims (expanded, stride-0), or a
         would-be kernel has more than ``MAX_KERNEL_ELEMENTS`` elements.
     ValueError
-        ``in_channels`` differs from the first kernel's input channels, or a bad argument.
+        ``in_channels`` differs from the first kernel's input channels, ``input_size`` has
+        a number of spatial axes that no conv kernel of the checkpoint has, or a bad
+        argument.
     """
     _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
     max_memory = _check_max_memory(max_memory)
@@ -1272,6 +1274,14 @@ def state_dict_report(
         messages.insert(0, "no conv kernels found in the checkpoint (3-D, 4-D or 5-D floating tensors under keys "
                            "ending in 'weight', outside optimizer state)")
         return SpectralReport([], " ".join(messages), skipped)
+    conv_dims = sorted({spec.dims for _, kind, _, spec, _ in specs if kind != "Linear"})
+    if input_size is not None and conv_dims and len(input_size) not in conv_dims:
+        spelled = {1: "C L", 2: "C H W", 3: "C D H W"}
+        raise ValueError(
+            f"input_size has {len(input_size)} spatial axis{'es' if len(input_size) > 1 else ''} "
+            f"{'x'.join(map(str, input_size))}, but the checkpoint's conv kernels are "
+            f"{'/'.join(f'{d}-D' for d in conv_dims)}: give one size per spatial axis "
+            f"(--input-size {spelled[conv_dims[0]]})")
     messages.insert(0, "strides, paddings and groups are not stored in a state_dict: each kernel is analysed as a "
                        "stride-1 ungrouped conv; upper bounds hold for any stride and any zero padding up to k-1 per side")
     messages.append("a ConvTranspose weight cannot be told from a conv kernel in a state dict: it is analysed as the "
