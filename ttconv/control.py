@@ -29,7 +29,7 @@ conv kernel ``(in_channels, out_channels/groups, *k)`` (from the transposed laye
 channels to its input channels): its singular values are that conv's, on the transposed
 layer's *output* grid. So controlling a transposed layer is controlling that conv, and a
 clip rewrites the same weight tensor. The functions take the transposed layer's input size
-and use its output size ``(n - 1) s - 2 p + d (k - 1) + output_padding + 1``;
+and use its output size ``(n - 1) s - 2 p + dilation (k - 1) + output_padding + 1``;
 ``SpectralControl`` records the output size of the example pass itself.
 
 Cost: a pass computes each exact norm once (before, and after a clip) and passes it on.
@@ -90,7 +90,7 @@ def _operator_grid(layer: ConvLayer, input_size: Any) -> Tuple[int, ...]:
 
     A plain conv acts on its input grid. A transposed layer is the adjoint of the conv with
     its weight, which acts on the transposed layer's output grid:
-    ``N = (n - 1) s - 2 p + d (k - 1) + output_padding + 1`` per axis (as torch computes it).
+    ``N = (n - 1) s - 2 p + dilation (k - 1) + output_padding + 1`` per axis (as torch computes it).
     """
     d = _dims(layer)
     n = args.input_size_arg(input_size) if d == 2 else args.ntuple(input_size, "input_size", d)
@@ -130,7 +130,7 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
     convolution, then every ``s``-th output kept, which is a coordinate projection of the
     stride-1 output), not its exact value. For a transposed layer, the norm of the circular
     conv it is the adjoint of (its weight as a conv kernel) on the layer's output size
-    ``(n - 1) s - 2 p + d (k - 1) + output_padding + 1`` (the same rule for the stride).
+    ``(n - 1) s - 2 p + dilation (k - 1) + output_padding + 1`` (the same rule for the stride).
 
     Parameters
     ----------
