@@ -61,8 +61,8 @@ MUTANTS: List[Mutant] = [
     # ------------------------------------------------------------------ bounds.py
     Mutant(
         "ff_scale", "ttconv/bounds.py",
-        "math.sqrt(kh * kw) * padding_factor(spec)",
-        "kh * kw * padding_factor(spec)",
+        "math.sqrt(taps) * padding_factor(spec)",
+        "taps * padding_factor(spec)",
         ("tests/test_bounds_values.py::test_fantastic_four_bounds_equal_independent_reshape_norms",),
         "looser Fantastic Four bound: factor `sqrt(kh*kw)` -> `kh*kw`",
     ),
@@ -89,7 +89,7 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "gram_grid_ignores_stride", "ttconv/bounds.py",
-        "grid = (n[0] // spec.stride[0], n[1] // spec.stride[1])",
+        "grid = tuple(n_a // s_a for n_a, s_a in zip(n, spec.stride))",
         "grid = n",
         ("tests/test_bounds_values.py::test_gram_iteration_bound_is_the_schatten_norm_of_the_frequency_matrices",),
         "Gram bound: polyphase kernel on the n grid, not n/stride (still a bound, looser)",
@@ -251,6 +251,34 @@ MUTANTS: List[Mutant] = [
         "pending[where] = False",
         ("tests/test_control_guarantee.py::test_certified_norm_finds_a_maximum_the_power_iteration_misses",),
         "the exact norm skips the Cholesky certificate and keeps the power iteration's best frequency",
+    ),
+    Mutant(
+        "nd_ff_trivial_reshapes", "ttconv/bounds.py",
+        "return tuple(subset for size in range(dims + 1) for subset in itertools.combinations(range(dims), size))",
+        "return ((), tuple(range(dims)))",
+        ("tests/test_bounds_nd.py::test_nd_fantastic_four_equals_the_reshape_norms_of_the_undilated_kernel",),
+        "d-dimensional Fantastic Four uses only the two all-taps-on-one-side reshapes (looser)",
+    ),
+    Mutant(
+        "transposed_circular_grid_not_scaled", "ttconv/bounds.py",
+        "return tuple(n_a * s for n_a, s in zip(n, spec.stride))",
+        "return n",
+        ("tests/test_bounds_nd.py::test_every_bound_holds_for_transposed_convs",),
+        "a transposed conv's circular spectrum taken on its input grid instead of stride x it",
+    ),
+    Mutant(
+        "transposed_operator_on_n", "ttconv/bounds.py",
+        "return spec.adjoint(), spec.conv_input_size(n)",
+        "return spec.adjoint(), n",
+        ("tests/test_bounds_nd.py::test_every_bound_holds_for_transposed_convs",),
+        "a transposed conv's own-operator bound computed on the wrong grid",
+    ),
+    Mutant(
+        "conv_input_size_drops_output_padding", "ttconv/geometry.py",
+        "dil * (k - 1) + op + 1 for",
+        "dil * (k - 1) + 1 for",
+        ("tests/test_bounds_nd.py::test_a_transposed_conv_is_the_adjoint_of_the_cropped_zero_padded_conv",),
+        "the transposed conv's output size forgets output_padding",
     ),
     # ------------------------------------------------------------------ tt.py / convert.py (compression)
     Mutant(
