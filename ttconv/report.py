@@ -1278,7 +1278,7 @@ def state_dict_report(
     if input_size is not None and conv_dims and len(input_size) not in conv_dims:
         spelled = {1: "C L", 2: "C H W", 3: "C D H W"}
         raise ValueError(
-            f"input_size has {len(input_size)} spatial axis{'es' if len(input_size) > 1 else ''} "
+            f"input_size has {len(input_size)} spatial {'axes' if len(input_size) > 1 else 'axis'} "
             f"{'x'.join(map(str, input_size))}, but the checkpoint's conv kernels are "
             f"{'/'.join(f'{d}-D' for d in conv_dims)}: give one size per spatial axis "
             f"(--input-size {spelled[conv_dims[0]]})")
