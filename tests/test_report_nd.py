@@ -25,8 +25,7 @@ from torch import nn
 from circular_oracle import circular_singular_values_any_size
 from oracle import operator_matrix
 from ttconv.cli import main
-from ttconv.layer import (SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d,
-                          SVDConvTranspose3d)
+from ttconv.layer import SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d
 from ttconv.report import _spectrum_length, _transfer_bytes, spectral_report, state_dict_report
 
 REL = 1e-10  # float64 throughout
@@ -245,8 +244,9 @@ def test_conv1d_audio_chain_gets_a_verified_lipschitz_product():
     # Each conv factor is its own certified operator bound (checked above per kind): the product of
     # the true layer norms is at most the bound and not far below it.
     truths = []
-    for row, (name, module) in zip(report.layers, [(n, m) for n, m in model.named_children()
-                                                   if n in {r.name for r in report.layers}]):
+    modules = dict(model.named_children())
+    for row in report.layers:
+        module = modules[row.name]
         if row.input_size is None:
             truths.append(row.upper_bound)
             continue

@@ -30,7 +30,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
