@@ -8,9 +8,10 @@ Every reference is an explicit float64 operator matrix built without ttconv
   projected back onto the kernel's taps by least squares (the minimum-norm kernel change
   whose operator is nearest to the clipped one, ``torch.linalg.lstsq``), which is what
   Sedghi et al.'s per-frequency clip followed by the projection to the taps computes;
-* a transposed layer's operator grid is its output size in an actual forward pass, and
-  the first test checks, with ``F.conv_transpose{d}d``, that the circular transposed conv
-  is the adjoint of the circular conv on that grid (so it has that conv's singular values).
+* a transposed layer's operator grid is ``s n`` for ``n`` inputs (the layer's output size for
+  size-multiplying layers), and the first test checks, with ``F.conv_transpose{d}d``, that the
+  circular transposed conv is the adjoint of the circular conv on that grid (so it has that
+  conv's singular values).
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ def _weight(layer):
 
 
 def _grid(layer, n):
-    """The operator grid, independently: the input size, or a transposed layer's output size."""
+    """The operator grid, independently: the input size, or for a transposed layer ``s n`` (the
+    circular transposed conv on ``n`` inputs is the adjoint of the strided circular conv on ``s n``)."""
     if not (getattr(layer, "transposed", False) or getattr(layer, "_transposed", False)):
         return tuple(n)
-    with torch.no_grad():
-        y = layer(torch.zeros(1, layer.in_channels, *n, dtype=torch.float64))
-    return tuple(y.shape[2:])
+    with torch.no_grad():  # torch accepts the input (non-empty output)
+        layer(torch.zeros(1, layer.in_channels, *n, dtype=torch.float64))
+    return tuple(n_a * s for n_a, s in zip(n, layer.stride))
 
 
 def _stride(layer, grid):
@@ -267,7 +269,8 @@ def _recorded_grids(model, example):
             def record(module, inputs, output, name=name):
                 transposed = getattr(module, "transposed", False) or getattr(module, "_transposed", False)
                 d = len(module.kernel_size)
-                grids[name] = tuple((output if transposed else inputs[0]).shape[-d:])
+                seen = tuple(inputs[0].shape[-d:])
+                grids[name] = tuple(n * s for n, s in zip(seen, module.stride)) if transposed else seen
             hooks.append(module.register_forward_hook(record))
     with torch.no_grad():
         model(example)

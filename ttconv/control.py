@@ -26,11 +26,14 @@ the operator is that of the kernel folded modulo the size (``ttconv.spectra.fold
 
 A transposed layer is the adjoint of the convolution with the same weight viewed as a
 conv kernel ``(in_channels, out_channels/groups, *k)`` (from the transposed layer's output
-channels to its input channels): its singular values are that conv's, on the transposed
-layer's *output* grid. So controlling a transposed layer is controlling that conv, and a
-clip rewrites the same weight tensor. The functions take the transposed layer's input size
-and use its output size ``(n - 1) s - 2 p + dilation (k - 1) + output_padding + 1``;
-``SpectralControl`` records the output size of the example pass itself.
+channels to its input channels). On ``n`` inputs, the circular transposed conv is the
+adjoint of the strided circular conv on ``s n`` (the meaning ``SVDConvTranspose*d.singular_values``
+and ``ttconv.bounds.exact_spectral_norm`` use too), so its singular values are that conv's,
+and a clip rewrites the same weight tensor. ``s n`` is the layer's output size whenever
+``dilation (k - 1) + output_padding + 1 - 2 p = s`` (every size-multiplying decoder layer:
+k=4/s=2/p=1, k=3/s=2/p=1/output_padding=1, k=2/s=2/p=0, k=3/s=1/p=1); for other layers it is
+still the circular analogue, and ``ttconv.bounds.operator_norm_bound`` bounds the layer's own
+(zero-padded) operator.
 
 Cost: a pass computes each exact norm once (before, and after a clip) and passes it on.
 Those norms are certified rather than decomposed: per frequency one Gram product and one
@@ -88,20 +91,20 @@ def _is_transposed(layer: ConvLayer) -> bool:
 def _operator_grid(layer: ConvLayer, input_size: Any) -> Tuple[int, ...]:
     """The grid of the circular conv whose norm is controlled, for a layer input of ``input_size``.
 
-    A plain conv acts on its input grid. A transposed layer is the adjoint of the conv with
-    its weight, which acts on the transposed layer's output grid:
-    ``N = (n - 1) s - 2 p + dilation (k - 1) + output_padding + 1`` per axis (as torch computes it).
+    A plain conv acts on its input grid. A transposed layer on ``n`` inputs is the adjoint of
+    the strided circular conv with its weight on ``s n`` (the module docstring says when that
+    is the layer's output size).
     """
     d = _dims(layer)
     n = args.input_size_arg(input_size) if d == 2 else args.ntuple(input_size, "input_size", d)
     if not _is_transposed(layer):
         return n
-    grid = tuple((n_a - 1) * s - 2 * p + dil * (k - 1) + op + 1 for n_a, s, p, dil, k, op in
-                 zip(n, layer.stride, layer.padding, layer.dilation, layer.kernel_size, layer.output_padding))
-    if min(grid) < 1:
-        raise ValueError(f"input_size {n} gives the transposed layer an empty output {grid}; "
+    output = tuple((n_a - 1) * s - 2 * p + dil * (k - 1) + op + 1 for n_a, s, p, dil, k, op in
+                   zip(n, layer.stride, layer.padding, layer.dilation, layer.kernel_size, layer.output_padding))
+    if min(output) < 1:
+        raise ValueError(f"input_size {n} gives the transposed layer an empty output {output}; "
                          "use a larger input_size (torch refuses this input too)")
-    return grid
+    return tuple(n_a * s for n_a, s in zip(n, layer.stride))
 
 
 def _check_max_value(max_value: Any) -> float:
@@ -129,8 +132,8 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
     convolution instead: an upper bound of the strided operator's norm (circular
     convolution, then every ``s``-th output kept, which is a coordinate projection of the
     stride-1 output), not its exact value. For a transposed layer, the norm of the circular
-    conv it is the adjoint of (its weight as a conv kernel) on the layer's output size
-    ``(n - 1) s - 2 p + dilation (k - 1) + output_padding + 1`` (the same rule for the stride).
+    conv it is the adjoint of (its weight as a conv kernel) on ``s n`` (the circular transposed
+    conv on ``n`` inputs; see the module docstring).
 
     Parameters
     ----------
@@ -488,7 +491,7 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
 
     Every layer kind: 1-D and 3-D layers with the ``d``-D DFT (polyphase stride, dilation
     and folding along each axis); a transposed layer is clipped as the conv it is the
-    adjoint of (its weight viewed as that conv's kernel, on the layer's output grid, see
+    adjoint of (its weight viewed as that conv's kernel, on ``s n``, see
     ``spectral_norm``): the same weight tensor is rewritten.
 
     Parameters
@@ -497,8 +500,8 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     max_value : float
         Target for every singular value, > 0.
     input_size : int or tuple of d ints
-        The layer's spatial input size (for a transposed layer the operator grid is its
-        output size). Any size (not divisible by the stride: the stride-1 operator is clipped). Smaller
+        The layer's spatial input size (for a transposed layer the operator grid is
+        ``s n``). Any size (not divisible by the stride: the stride-1 operator is clipped). Smaller
         than the dilated kernel, the operator is that of the kernel folded modulo the size
         (``ttconv.spectra.fold_kernel``): its spectrum is clipped and each tap moves by its
         share of the change at its residue (the nearest kernel whose folded kernel is the
@@ -537,16 +540,16 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
 def _record_operator_grids(model: nn.Module, layers: List[Tuple[str, ConvLayer]],
                            example_input: Any) -> Dict[str, List[Tuple[int, ...]]]:
     """The grids of each layer's controlled operator seen in one forward pass (eval mode, no grad):
-    the input's spatial size, or the output's for a transposed layer (whatever ``output_size``
-    the model passed). The training flag is restored; ``ValueError`` naming ``example_input``
+    the input's spatial size, times the stride for a transposed layer. The training flag is restored; ``ValueError`` naming ``example_input``
     when the forward pass fails."""
     grids: Dict[str, List[Tuple[int, ...]]] = {name: [] for name, _ in layers}
     handles = []
     for name, module in layers:
         def record(module: ConvLayer, inputs: Any, output: Tensor, name: str = name) -> None:
             d = _dims(module)
-            seen = output if _is_transposed(module) else inputs[0]
-            grid = tuple(int(size) for size in seen.shape[-d:])
+            grid = tuple(int(size) for size in inputs[0].shape[-d:])
+            if _is_transposed(module):  # the adjoint of the strided circular conv on s n
+                grid = tuple(n_a * s for n_a, s in zip(grid, module.stride))
             if grid not in grids[name]:
                 grids[name].append(grid)
 
@@ -636,7 +639,7 @@ class SpectralControl:
     ----------
     layers : list of (name, layer, size)
         The controlled layers with the size of their controlled operator: the input size
-        recorded in the example pass (the output size for a transposed layer).
+        recorded in the example pass (times the stride for a transposed layer).
     skipped : list of str
         Conv layers the example pass did not reach (not controlled).
 
