@@ -219,8 +219,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "dilated_clip_wrong_taps", "ttconv/control.py",
-        "support = spatial[..., : dilation[0] * (kh - 1) + 1: dilation[0], : dilation[1] * (kw - 1) + 1: dilation[1]]",
-        "support = spatial[..., :kh, :kw]",
+        "support = spatial[(..., *(slice(None, dil * (k - 1) + 1, dil) for k, dil in zip(kernel_size, dilation)))]",
+        "support = spatial[(..., *(slice(None, k) for k in kernel_size))]",
         ("tests/test_control_guarantee.py::test_dilated_clip_matches_an_independent_reference",),
         "a dilated clip is projected onto the undilated (wrong) taps",
     ),
@@ -233,8 +233,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "strided_clip_on_stride1", "ttconv/control.py",
-        "    stride = _effective_stride(layer, n)\n    if isinstance(layer, SVDConv):\n        q_u, kernel, q_v",
-        "    stride = (1, 1)\n    if isinstance(layer, SVDConv):\n        q_u, kernel, q_v",
+        "    stride = _effective_stride(layer, n)\n    if isinstance(layer, _SVDConvNd):\n        q_u, kernel, q_v",
+        "    stride = (1,) * len(n)\n    if isinstance(layer, _SVDConvNd):\n        q_u, kernel, q_v",
         ("tests/test_control_guarantee.py::test_strided_clip_clips_the_polyphase_spectrum_like_an_independent_reference",),
         "a strided layer is clipped on its stride-1 operator (over-constrained) instead of its own spectrum",
     ),
@@ -279,6 +279,13 @@ MUTANTS: List[Mutant] = [
         "dil * (k - 1) + 1 for",
         ("tests/test_bounds_nd.py::test_a_transposed_conv_is_the_adjoint_of_the_cropped_zero_padded_conv",),
         "the transposed conv's output size forgets output_padding",
+    ),
+    Mutant(
+        "half_space_weight_on_the_first_axis", "ttconv/control.py",
+        "    v, m2 = frequencies[-1], m[-1]  # the halved axis",
+        "    v, m2 = frequencies[0], m[0]  # the halved axis",
+        ("tests/test_control_nd.py::test_every_kind_scale_clip_and_guarantee_against_the_explicit_operator",),
+        "the d-axis half-space clip weights the self-conjugate frequencies of the wrong axis",
     ),
     # ------------------------------------------------------------------ tt.py / convert.py (compression)
     Mutant(
