@@ -246,7 +246,7 @@ MUTANTS: List[Mutant] = [
         "the half-plane inverse DFT counts the self-conjugate Nyquist column twice",
     ),
     Mutant(
-        "certified_norm_trusts_the_power_iteration", "ttconv/control.py",
+        "certified_norm_trusts_the_power_iteration", "ttconv/spectra.py",
         "pending[where] = torch.linalg.cholesky_ex(shifted).info != 0",
         "pending[where] = False",
         ("tests/test_control_guarantee.py::test_certified_norm_finds_a_maximum_the_power_iteration_misses",),

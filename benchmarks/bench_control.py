@@ -55,6 +55,12 @@ MODES = ("scale", "clip", "clip_scale")
 PAPER_REPO = "/work/.mirror/WhiteTeaDragon+practical_svd_conv/repo"
 
 
+
+@torch.no_grad()
+def _exact_norm(kernel, n, stride, dilation, groups) -> float:
+    """ttconv's exact norm as a control pass computes it (certified route, no gradients)."""
+    return float(ttconv.conv_spectral_norm(kernel, n, stride=stride, dilation=dilation, groups=groups))
+
 def resnet_like(widths):
     layers, c_in = [], 3
     for index, width in enumerate(widths):
@@ -274,15 +280,15 @@ def strided_table(cases):
         for label, layer, n in cases:
             kernel = control._kernel(layer).detach()
             stride, dil, groups = layer.stride, layer.dilation, layer.groups
-            strided = control._exact_norm(kernel, n, stride, dil, groups)
+            strided = _exact_norm(kernel, n, stride, dil, groups)
             target = 0.5 * strided
-            cells = [label, f"{n[0]}x{n[1]}", f"{strided / control._exact_norm(kernel, n, (1, 1), dil, groups):.2f}"]
+            cells = [label, f"{n[0]}x{n[1]}", f"{strided / _exact_norm(kernel, n, (1, 1), dil, groups):.2f}"]
             for clip_stride in (stride, (1, 1)):  # the strided operator; the stride-1 over-constraint
                 clipped = control._clip_kernel(kernel, n, target, clip_stride, dil, groups)
-                controlled = control._exact_norm(clipped, n, clip_stride, dil, groups)
+                controlled = _exact_norm(clipped, n, clip_stride, dil, groups)
                 scaled = clipped * min(1.0, target / controlled)  # clip_scale
                 change = lambda k: float((k - kernel).norm() / kernel.norm())  # noqa: E731
-                reached = lambda k: control._exact_norm(k, n, stride, dil, groups) / target  # noqa: E731
+                reached = lambda k: _exact_norm(k, n, stride, dil, groups) / target  # noqa: E731
                 cells += [f"{100 * change(clipped):.1f}%", f"{reached(clipped):.2f}",
                           f"{100 * change(scaled):.1f}%", f"{reached(scaled):.2f}"]
             rows.append(cells)

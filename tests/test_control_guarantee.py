@@ -13,7 +13,13 @@ from torch import nn
 
 from configs import config_id, random_conv_configs
 from oracle import circular_singular_values
-from ttconv import SpectralControl, SVDConv, clip_singular_values_, control
+from ttconv import SpectralControl, SVDConv, clip_singular_values_, control, spectra
+
+
+@torch.no_grad()
+def _certified_norm(weight, n, stride, dilation, groups):
+    """The exact norm without gradients: conv_spectral_norm's certified route (certified_batch_max)."""
+    return float(spectra.conv_spectral_norm(weight, n, stride=stride, dilation=dilation, groups=groups))
 
 TOL = 1e-6  # relative slack of the guarantee in float64
 
@@ -332,9 +338,9 @@ def test_certified_norm_finds_a_maximum_the_power_iteration_misses():
     tricky = (torch.outer(top, top) + 0.5 ** 0.5 * torch.outer(second, second)).to(torch.complex128)
     plain = torch.diag(torch.tensor([0.7 ** 0.5, 0.1, 0.1, 0.1], dtype=torch.float64)).to(torch.complex128)
     for batch in (torch.stack([tricky, plain]), torch.stack([plain, tricky])):
-        assert float(control._batch_max(batch, None)) == pytest.approx(1.0, rel=1e-14)
+        assert float(spectra.certified_batch_max(batch, None)) == pytest.approx(1.0, rel=1e-14)
         known = torch.tensor(0.8 ** 0.5, dtype=torch.float64)  # a best value from an earlier batch
-        assert float(control._batch_max(batch, known)) == pytest.approx(1.0, rel=1e-14)
+        assert float(spectra.certified_batch_max(batch, known)) == pytest.approx(1.0, rel=1e-14)
 
 
 @pytest.mark.parametrize("dtype, rel", [(torch.complex128, 1e-13), (torch.complex64, 1e-6)])
@@ -350,15 +356,15 @@ def test_certified_norm_with_near_ties_and_zero_matrices(dtype, rel):
         matrices = (left[:, :, :min(o, i)] * values[:, None, :].to(left.dtype)) @ right[:, :, :min(o, i)].mH
         matrices[5:9] = 0
         matrices = matrices.to(dtype)
-        assert float(control._batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=rel)
+        assert float(spectra.certified_batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=rel)
     zero = torch.zeros(3, 2, 2, dtype=dtype)
-    assert float(control._batch_max(zero, None)) == 0.0
+    assert float(spectra.certified_batch_max(zero, None)) == 0.0
 
 
 def test_certified_norm_on_a_batch_large_enough_for_batched_matvecs():
     generator = torch.Generator().manual_seed(2)
     matrices = torch.randn(4200, 16, 16, dtype=torch.complex128, generator=generator)  # > 2^20 Gram entries
-    assert float(control._batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=1e-13)
+    assert float(spectra.certified_batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=1e-13)
 
 
 @pytest.mark.parametrize("index, config", list(enumerate(random_conv_configs(24, seed=21, max_in_numel=400))))
@@ -371,8 +377,8 @@ def test_certified_norm_equals_the_oracle_in_one_or_many_frequency_batches(index
     conv, n = config["conv"], config["n"]
     stride, dilation, groups = conv["stride"], conv["dilation"], conv["groups"]
     expected = float(circular_singular_values(weight, n, stride, dilation, groups)[0])
-    assert control._exact_norm(weight, n, stride, dilation, groups) == pytest.approx(expected, rel=1e-12)
-    original = control.transfer_batches
+    assert _certified_norm(weight, n, stride, dilation, groups) == pytest.approx(expected, rel=1e-12)
+    original = spectra.transfer_batches
 
     def one_frequency_per_batch(kernel, m, max_memory, per_frequency_factor=4):
         g, o, i, t1, t2 = kernel.shape
@@ -380,8 +386,8 @@ def test_certified_norm_equals_the_oracle_in_one_or_many_frequency_batches(index
         return original(kernel, m, (per_frequency_factor * g * o * i + t1 * t2) * element,
                         per_frequency_factor=per_frequency_factor)
 
-    monkeypatch.setattr(control, "transfer_batches", one_frequency_per_batch)
-    assert control._exact_norm(weight, n, stride, dilation, groups) == pytest.approx(expected, rel=1e-12)
+    monkeypatch.setattr(spectra, "transfer_batches", one_frequency_per_batch)
+    assert _certified_norm(weight, n, stride, dilation, groups) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e19, 1e-18])
@@ -389,7 +395,7 @@ def test_certified_norm_in_float32_over_the_whole_range(scale):
     torch.manual_seed(1)
     weight = torch.randn(16, 8, 3, 3, dtype=torch.float64)
     expected = float(circular_singular_values(weight, (12, 12), (2, 2), (1, 1), 2)[0])
-    value = control._exact_norm((weight * scale).float(), (12, 12), (2, 2), (1, 1), 2)
+    value = _certified_norm((weight * scale).float(), (12, 12), (2, 2), (1, 1), 2)
     assert value == pytest.approx(expected * scale, rel=2e-6)
 
 

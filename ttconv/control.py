@@ -159,13 +159,6 @@ def _grid_norm(layer: ConvLayer, n: Tuple[int, ...]) -> Tensor:
 
 
 # ------------------------------------------------------------------ exact norm, certified
-# Relative margin on sigma^2 below which a frequency counts as certified under the best
-# value found: far above the rounding of a Gram matrix and its Cholesky factorisation
-# (~sqrt(size) * eps in practice), far below any gap that matters.
-_MARGIN = {torch.float32: 1e-3, torch.float64: 1e-9}
-_POWER_STEPS = 2
-
-
 def _stride1(kernel: Tensor, stride: Tuple[int, ...], dilation: Tuple[int, ...], groups: int) -> Tensor:
     """Dilated kernel with its ``s1*s2`` phases as input channels, by group: ``(g, o, i s1 s2, t1, t2)``
     (``d`` tap axes and ``prod(s)`` phases for a ``d``-D kernel)."""
@@ -173,95 +166,16 @@ def _stride1(kernel: Tensor, stride: Tuple[int, ...], dilation: Tuple[int, ...],
     return stride1.reshape(groups, -1, *stride1.shape[1:])
 
 
-def _batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
-    """``max(best, largest singular value of any matrix in the batch)``, evaluated exactly.
-
-    ``matrices``: ``(B, o, i)``. Every value returned is ``torch.linalg.svdvals`` of one
-    of the matrices (or ``best``), and no matrix left out can exceed it. Rounds: the
-    pending matrices a short power iteration on the smaller Gram ``G`` ranks highest
-    (``B // 32`` of them, at least one) are decomposed, then every other pending matrix
-    whose ``best^2 (1 - margin) I - G`` has a Cholesky factorisation is dropped: the
-    factorisation certifies ``sigma_max^2 <= best^2 (1 - margin)`` up to rounding, far
-    inside the margin. When a round does not raise ``best`` the rest are decomposed. A
-    spread spectrum takes one round; a flat one (every frequency within a few percent of
-    the top, as after a clip), where the power iteration ranks poorly, a few.
-    """
-    o, i = matrices.shape[-2:]
-    gram = matrices @ matrices.mH if o <= i else matrices.mH @ matrices
-    count, size = gram.shape[0], gram.shape[-1]
-    # Power iteration from the column of the largest diagonal entry (nonzero for a nonzero matrix).
-    diagonal = gram.diagonal(dim1=-2, dim2=-1).real
-    x = torch.gather(gram, -1, diagonal.argmax(-1)[:, None, None].expand(-1, size, 1))
-    tiny = torch.finfo(diagonal.dtype).tiny
-    small = count * size * size <= 1 << 20  # a batched matvec's per-matrix overhead dominates: multiply-add
-    for _ in range(_POWER_STEPS):
-        x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(tiny)
-        y = (gram * x.mT).sum(-1, keepdim=True) if small else gram @ x
-        rayleigh = (x.conj() * y).real.sum((-2, -1))  # x^H G x <= sigma_max^2 (x a unit vector or 0)
-        x = y
-    chunk = max(1, count // 32)
-    pending = torch.ones(count, dtype=torch.bool, device=gram.device)
-    if best is not None:
-        pending &= diagonal.amax(-1) > 0  # all-zero matrices cannot exceed best >= 0
-    certified = False
-    while bool(pending.any()):
-        ranked = torch.where(pending, rayleigh, rayleigh.new_tensor(-1.0))
-        if best is not None and not certified:  # before a certificate: only those that beat best for sure
-            ranked = torch.where(rayleigh > best * best, ranked, rayleigh.new_tensor(-1.0))
-        chosen = ranked.argsort(descending=True)[:chunk]
-        chosen = chosen[ranked[chosen] >= 0]
-        improved = best is None or not certified
-        if len(chosen):
-            value = torch.linalg.svdvals(matrices[chosen])[..., 0].max()
-            pending[chosen] = False
-            improved = improved or bool(value > best)
-            best = value if best is None else torch.maximum(best, value)
-        if not bool(pending.any()):
-            break
-        if not improved or not bool(best > 0):  # the same certificate again would drop nothing
-            best = torch.maximum(best, torch.linalg.svdvals(matrices[pending])[..., 0].max())
-            break
-        shift = best * best * (1 - _MARGIN[diagonal.dtype])
-        where = pending.nonzero().flatten()
-        shifted = gram[where].neg_()
-        shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
-        pending[where] = torch.linalg.cholesky_ex(shifted).info != 0
-        certified = True
-    return best
-
-
-@torch.no_grad()
-def _exact_norm(kernel: Tensor, n: Tuple[int, ...], stride: Tuple[int, ...], dilation: Tuple[int, ...],
-                groups: int) -> float:
-    """Exact norm of the circular convolution with ``kernel`` (``n`` divisible by ``stride``; ``d`` axes).
-
-    The same value as ``conv_spectral_norm`` (the largest ``svdvals`` over the half-space
-    frequencies of the polyphase transfer function) up to rounding, at a fraction of its
-    cost: the SVDs are replaced by one Gram product and one Cholesky factorisation per
-    frequency (``_batch_max``). Not differentiable.
-    """
-    check_kernel(kernel, groups, "kernel")
-    kernel = kernel.to(spectral_dtype(kernel.dtype))
-    scale = kernel_scale(kernel)
-    m = tuple(n_a // s_a for n_a, s_a in zip(n, stride))
-    # Folded modulo the grid (an input smaller than the kernel); a single tap (every 1x1 conv)
-    # puts the same matrices at every frequency: one decomposition per group.
-    grouped = fold_kernel(_stride1(kernel / scale, stride, dilation, groups), m)
-    single = single_tap_matrices(grouped)
-    if single is not None:
-        return float(torch.linalg.matrix_norm(single, ord=2).amax() * scale)
-    best = None
-    for *_, matrices in transfer_batches(grouped, m, DEFAULT_MAX_MEMORY):
-        best = _batch_max(matrices.flatten(0, 1), best)
-    return float(best * scale)
-
-
 def _norm(layer: ConvLayer, n: Tuple[int, ...]) -> float:
-    """``float(_grid_norm(layer, n))`` up to rounding (``n`` the operator grid), computed by ``_exact_norm``."""
+    """``float(_grid_norm(layer, n))`` (``n`` the operator grid), without gradients."""
     if _is_orthogonal(layer):
         return float(_grid_norm(layer, n))
     n = check_spectral_input_size(n, layer.kernel_size, (1,) * len(n), layer.dilation, fold=True)
-    return _exact_norm(_kernel(layer).detach(), n, _effective_stride(layer, n), layer.dilation, layer.groups)
+    # Without gradients, conv_spectral_norm certifies most frequencies by one Gram product and
+    # one Cholesky factorisation instead of an SVD each (spectra.certified_batch_max).
+    with torch.no_grad():
+        return float(conv_spectral_norm(_kernel(layer).detach(), n, stride=_effective_stride(layer, n),
+                                        dilation=layer.dilation, groups=layer.groups))
 
 
 @torch.no_grad()
