@@ -8,7 +8,6 @@ size (``ru_maxrss``) after building the model and after the report, as JSON.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -16,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn

@@ -22,8 +22,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from ttconv import (SVDConv, SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d,
-                    SVDConvTranspose3d, convert, densify, load_converted)
+from ttconv import (
+    SVDConv,
+    SVDConv1d,
+    SVDConv2d,
+    SVDConv3d,
+    SVDConvTranspose1d,
+    SVDConvTranspose2d,
+    SVDConvTranspose3d,
+    convert,
+    densify,
+    load_converted,
+)
 from ttconv.convert import SVD_CLASSES
 
 TORCH_TO_SVD = {  # written out here, not read from SVD_CLASSES: the table is under test

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import ttconv
+from oracle import layer_operator, operator_matrix
 from ttconv import evaluate as ev
 from ttconv.activations import ChannelPad, MaxMin
-
-from oracle import layer_operator, operator_matrix
 
 
 # ----------------------------------------------------------------- helpers

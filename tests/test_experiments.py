@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "experiments")
 sys.path.insert(0, os.path.abspath(EXPERIMENTS))

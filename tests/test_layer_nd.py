@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oracle import operator_matrix
-from ttconv import (SVDConv, SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d,
-                    SVDConvTranspose3d)
+from ttconv import SVDConv, SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d
 
 CLASSES = {  # SVD class: (torch class, dims, transposed)
     SVDConv1d: (nn.Conv1d, 1, False),

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from ttconv import tt
-from ttconv.tt import (canonicalize, compose, decompose, orthonormal_core, orthonormality_error, random_factors,
-                       resolve_ranks)
+from ttconv.tt import (
+    canonicalize,
+    compose,
+    decompose,
+    orthonormal_core,
+    orthonormality_error,
+    random_factors,
+    resolve_ranks,
+)
 
 SHAPES = [  # (c_out, c_in_per_group, kh, kw, groups)
     (8, 5, 3, 3, 1), (5, 8, 3, 3, 1), (6, 2, 1, 1, 3), (4, 4, 5, 2, 2), (16, 1, 3, 3, 16), (1, 7, 2, 3, 1),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Tuple, Union
+from typing import Any, List, Tuple, Union
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _PADDING_STRINGS = ("same", "valid")
@@ -97,13 +97,15 @@ def reversed_padding_repeated_twice(
     """
     if padding == "valid":
         return (0,) * (2 * len(kernel_size))
-    out = []
+    out: List[int] = []
     for axis in reversed(range(len(kernel_size))):
         if padding == "same":
             total = dilation[axis] * (kernel_size[axis] - 1)
             out += [total // 2, total - total // 2]
+        elif isinstance(padding, str):
+            raise ValueError(f"padding must be 'same', 'valid' or {len(kernel_size)} ints, got {padding!r}")
         else:
-            out += [padding[axis], padding[axis]]  # type: ignore[index]
+            out += [padding[axis], padding[axis]]
     return tuple(out)
 
 
@@ -128,7 +130,7 @@ def positive_finite(value: Any, name: str) -> float:
 
 def dilated_extent(kernel_size: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tuple[int, ...]:
     """Pixels spanned by a dilated kernel along each axis: ``d (k - 1) + 1``."""
-    return tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))  # type: ignore[return-value]
+    return tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))
 
 
 def check_kernel(weight: Any, groups: int, name: str = "weight") -> int:

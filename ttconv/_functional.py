@@ -3,9 +3,8 @@ the per-group channel mixing (a 1x1 convolution) of the factored forward path.""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
-
 import math
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +15,14 @@ def conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    stride: Tuple[int, int],
-    padding: Union[str, Tuple[int, int]],
-    dilation: Tuple[int, int],
+    stride: Tuple[int, ...],
+    padding: Union[str, Tuple[int, ...]],
+    dilation: Tuple[int, ...],
     groups: int,
     padding_mode: str,
     reversed_padding: Sequence[int],
 ) -> Tensor:
-    """``nn.Conv2d``'s forward for any padding mode (``reversed_padding`` feeds ``F.pad``)."""
+    """``nn.Conv2d``'s forward for any padding mode (``reversed_padding`` feeds ``F.pad``); pairs of ints."""
     if padding_mode != "zeros":
         x = F.pad(x, tuple(reversed_padding), mode=padding_mode)
         return F.conv2d(x, weight, bias, stride, 0, dilation, groups)

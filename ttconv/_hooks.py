@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ def unwrap(model: Any) -> nn.Module:
     return model
 
 
-def find_conv_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+def find_conv_layers(model: nn.Module) -> List[Tuple[str, Union[nn.Conv2d, SVDConv]]]:
     """``(qualified name, module)`` of every ``nn.Conv2d`` and ``SVDConv`` in ``model``.
 
     Looks through ``DataParallel`` / ``DistributedDataParallel`` wrappers; names are
@@ -30,7 +30,7 @@ def find_conv_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def record_input_sizes(
-    model: nn.Module, layers: List[Tuple[str, nn.Module]], example_input: Any
+    model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_input: Any
 ) -> Dict[str, List[Tuple[int, int]]]:
     """Spatial input sizes seen by each layer in one forward pass (eval mode, no grad).
 
@@ -41,7 +41,8 @@ def record_input_sizes(
     handles = []
     for name, module in layers:
         def record(module, inputs, name=name):
-            size = tuple(int(s) for s in inputs[0].shape[-2:])
+            height, width = inputs[0].shape[-2:]
+            size = (int(height), int(width))
             if size not in sizes[name]:
                 sizes[name].append(size)
 

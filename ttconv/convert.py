@@ -22,7 +22,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +35,17 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ._hooks import unwrap
 from ._progress import progress_callback
-from .layer import (SVDConv1d, SVDConv2d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d,
-                    _conv_arguments, _decode_extra_state, _SVDConvNd)
+from .layer import (
+    SVDConv1d,
+    SVDConv2d,
+    SVDConv3d,
+    SVDConvTranspose1d,
+    SVDConvTranspose2d,
+    SVDConvTranspose3d,
+    _conv_arguments,
+    _decode_extra_state,
+    _SVDConvNd,
+)
 from .tt import _truncation, factor_params, resolve_ranks
 
 __all__ = ["convert", "densify", "load_converted", "ConversionReport", "LayerConversion", "KeptDense",
@@ -312,27 +321,30 @@ def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
             raise _Unconvertible(f"{type(hook).__name__} reparametrizes {name!r} in a way convert does not fold")
         with torch.no_grad():
             value, sources, state, note = _fold_hook(conv, hook, name)
-        values[name] = (value.detach(), not any(conv._parameters[s].requires_grad for s in sources))
+        values[name] = (value.detach(), not any(conv.get_parameter(s).requires_grad for s in sources))
         accounted.update(sources, state)
         folded.append(note)
     if parametrized:
-        names = list(conv.parametrizations.keys())
+        # What torch.nn.utils.parametrize registers (nn.Module.__getattr__ is typed Tensor | Module).
+        parametrizations = cast(nn.ModuleDict, conv.parametrizations)
+        names = list(parametrizations.keys())
         if any(name not in ("weight", "bias") for name in names):
             raise _Unconvertible(f"parametrized tensors {names}; only weight and bias can be folded")
         # Eval mode, as for hook-based spectral_norm: no power-iteration step, no update
         # of the parametrization's buffers.
-        modes = [(module, module.training) for module in conv.parametrizations.modules()]
-        conv.parametrizations.eval()
+        modes = [(module, module.training) for module in parametrizations.modules()]
+        parametrizations.eval()
         try:
             with torch.no_grad():
                 for name in names:
-                    trainable = any(p.requires_grad for p in conv.parametrizations[name].parameters())
+                    trainable = any(p.requires_grad for p in parametrizations[name].parameters())
                     values[name] = (getattr(conv, name).detach(), not trainable)
         finally:
             for module, mode in modes:
                 module.training = mode
         for name in names:
-            kinds = " + ".join(type(p).__name__.lstrip("_") for p in conv.parametrizations[name])
+            chain = cast(parametrize.ParametrizationList, parametrizations[name])
+            kinds = " + ".join(type(p).__name__.lstrip("_") for p in chain)
             folded.append(f"parametrization {kinds} on {name} folded: its eval-mode value; no longer enforced")
     if strict:
         extra = (set(conv._parameters) | set(conv._buffers)) - accounted
@@ -345,6 +357,7 @@ def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
     else:
         weight = conv.weight
         weight_frozen = not weight.requires_grad
+    bias: Optional[Tensor]
     if "bias" in values:
         bias, bias_frozen = values["bias"]
     else:
@@ -375,7 +388,7 @@ def _tied_elsewhere(conv: nn.Module, owners: Dict[int, List[Tuple[str, int]]]) -
 
 
 # ----------------------------------------------------------------- carrying over
-def _kernel_parameters(module: nn.Module) -> List[nn.Parameter]:
+def _kernel_parameters(module: Union[_SVDConvNd, _ConvNd]) -> List[Tensor]:
     if isinstance(module, _SVDConvNd):
         return [module.U, module.S, module.core, module.V]
     return [module.weight]
@@ -385,7 +398,7 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("s" if count != 1 else "")
 
 
-def _carry_over(source: nn.Module, target: nn.Module, weight_frozen: bool, bias_frozen: bool,
+def _carry_over(source: nn.Module, target: Union[_SVDConvNd, _ConvNd], weight_frozen: bool, bias_frozen: bool,
                 fold_hooks: Sequence[int] = ()) -> Tuple[List[str], List[str]]:
     """Give ``target`` the training flag, ``requires_grad`` flags and hooks of ``source``.
 
@@ -436,7 +449,7 @@ def _tt_kernel_size(conv: _ConvNd) -> Tuple[int, int]:
     """The kernel size as ``ttconv.tt`` sees it (as the SVD layers do): 2-D kernels as they
     are, the taps of others flattened into ``(taps, 1)``."""
     kernel_size = tuple(conv.kernel_size)
-    return kernel_size if len(kernel_size) == 2 else (math.prod(kernel_size), 1)  # type: ignore[return-value]
+    return kernel_size if len(kernel_size) == 2 else (math.prod(kernel_size), 1)
 
 
 def _tt_weight(conv: _ConvNd, weight: Tensor) -> Tensor:
@@ -942,6 +955,7 @@ def convert(
             raise ValueError(f"{error} (param_budget={param_budget!r} is {budget} parameters)"
                              if fraction else str(error)) from None
     elif output_tolerance is not None and candidates:
+        assert reference is not None  # _check_arguments: output_tolerance needs example_input
         chosen_energy, _ = _tolerance_energy(model, candidates, example_input, reference,
                                              float(output_tolerance), refine, progress, probed)
     layer_energy = chosen_energy if searched else energy
@@ -976,6 +990,7 @@ def convert(
         notes, lost = _carry_over(conv, layer, kernel.weight_frozen, kernel.bias_frozen, kernel.fold_hooks)
         losses += [f"{name!r}: {line}" for line in lost]
         mapping[id(conv)] = layer
+        assert layer.approximation_error is not None  # _build sets it
         rows.append(LayerConversion(name, tuple(kernel.weight.shape), conv.groups, layer.ranks, _params(conv),
                                     _params(layer), float(layer.approximation_error), tuple(kernel.folded + notes)))
     if id(model) in mapping:
@@ -1050,7 +1065,8 @@ def _stored_configs(state_dict: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
         prefix = key[: -len("core")]
         name = prefix[:-1]
         U, S, V = (state_dict.get(prefix + part) for part in ("U", "S", "V"))
-        if not all(isinstance(t, Tensor) for t in (U, S, V, value)):
+        if not (isinstance(U, Tensor) and isinstance(S, Tensor) and isinstance(V, Tensor)
+                and isinstance(value, Tensor)):
             continue
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:

@@ -8,6 +8,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from ._typing import RankSpec
 from .layer import SVDConv
 from .spectra import conv_singular_values
 
@@ -22,9 +23,9 @@ def _timed(fn):
 DEMO_MAX_MEMORY = 2 * 2**30
 
 
-def _demo_ranks(channels: int) -> Tuple[List[object], int]:
+def _demo_ranks(channels: int) -> Tuple[List[RankSpec], int]:
     """Ranks compared (full, c/2, c/4, c/8; duplicates dropped) and the rank whose spectrum is shown."""
-    ranks: List[object] = [None]
+    ranks: List[RankSpec] = [None]
     for divisor in (2, 4, 8):
         rank = max(1, channels // divisor)
         if rank < channels and rank not in ranks:

@@ -80,9 +80,10 @@ def _check_eval(model: Any) -> None:
 def _check_eps(eps: Any, name: str = "eps") -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{name} must be a real number >= 0 (a perturbation radius), got {eps!r}")
-    if not 0 <= eps < math.inf:
+    radius = float(eps)
+    if not 0 <= radius < math.inf:
         raise ValueError(f"{name} must be a finite radius >= 0, got {eps!r}")
-    return float(eps)
+    return radius
 
 
 def _check_norm(norm: Any) -> str:
@@ -102,7 +103,7 @@ def _check_n_bins(n_bins: Any) -> int:
 
 
 def _check_lipschitz(lipschitz: Any) -> float:
-    if isinstance(lipschitz, bool) or not isinstance(lipschitz, numbers.Real) or not 0 < lipschitz < math.inf:
+    if isinstance(lipschitz, bool) or not isinstance(lipschitz, numbers.Real) or not 0 < float(lipschitz) < math.inf:
         raise ValueError(
             f"lipschitz must be a finite number > 0 (an upper bound of the model's L2 Lipschitz constant, "
             f"e.g. from ttconv.evaluate.lipschitz_bound), got {lipschitz!r}"
@@ -127,8 +128,8 @@ def _check_logits(logits: Any, labels: Any) -> Tuple[Tensor, Tensor]:
 def _device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -543,7 +544,7 @@ _ONE_LIPSCHITZ = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Flatten, nn.Unflat
 
 
 def _pair(value: Any) -> Tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _module_bound(name: str, module: nn.Module, row_bounds: Dict[str, float]) -> float:
@@ -898,7 +899,7 @@ class SpectrumHistogram:
     largest: float
 
 
-def _layer_spectrum(layer: nn.Module, size: Tuple[int, int]) -> Tensor:
+def _layer_spectrum(layer: Union[nn.Conv2d, SVDConv], size: Tuple[int, int]) -> Tensor:
     if isinstance(layer, SVDConv):
         return layer.singular_values(size).detach()
     return conv_singular_values(layer.weight.detach(), size, stride=layer.stride, dilation=layer.dilation,

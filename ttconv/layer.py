@@ -17,17 +17,18 @@ from __future__ import annotations
 import math
 import struct
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from . import _conv_args as args
 from . import _functional
 from ._precision import full_precision
-from .geometry import ConvSpec
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
+from .geometry import ConvSpec
 from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
 from .spectra import check_spectral_input_size, conv_singular_values, spectral_dtype
 from .tt import TTFactors, canonicalize, compose, decompose, orthonormal_core, random_factors, resolve_ranks
@@ -58,6 +59,10 @@ _CORES = ("general", "orthogonal")
 # keeps working) and it loads with ``torch.load(weights_only=True)``.
 _STATE_FIELDS = ("format", "r_out", "r_in", "core", "bounded", "max_singular_value_bits", "path")
 _STATE_FORMAT = 2
+
+
+# The class a method is called on: ``SVDConv1d.from_conv(...)`` is an ``SVDConv1d``.
+_Layer = TypeVar("_Layer", bound="_SVDConvNd")
 
 
 def _conv_arguments(module: nn.Module) -> dict:
@@ -93,7 +98,7 @@ class _SVDConvNd(nn.Module):
 
     _dims = 2
     _transposed = False
-    _torch_class: type = nn.Conv2d
+    _torch_class: Type[_ConvNd] = nn.Conv2d
 
     # 1: U, S, core, V, bias. 2: plus ``_extra_state`` (configuration, see Notes).
     _version = 2
@@ -168,11 +173,11 @@ class _SVDConvNd(nn.Module):
         if core == "orthogonal":
             self.ranks = _orthogonal_ranks(rank, self.ranks, out_g, in_g)
         r_out, r_in = self.ranks
-        factory = {"device": device, "dtype": dtype}
+        factory: Dict[str, Any] = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(rows, r_out, **factory))
         self.S = nn.Parameter(torch.empty(groups * r_out, **factory))
         if core == "orthogonal":  # BCOP generators, see ttconv.orthogonal
-            core_shape = (groups, bcop_parameter_count(self.kernel_size), r_out, r_out)
+            core_shape: Tuple[int, ...] = (groups, bcop_parameter_count(self._tt_kernel_size()), r_out, r_out)
         else:
             core_shape = (groups * r_out, r_in, *self.kernel_size)
         self.core = nn.Parameter(torch.empty(core_shape, **factory))
@@ -193,7 +198,8 @@ class _SVDConvNd(nn.Module):
     def _tt_kernel_size(self) -> Tuple[int, int]:
         """The kernel size as ``ttconv.tt`` sees it: 2-D kernels as they are, others as (taps, 1)."""
         if self._dims == 2:
-            return self.kernel_size  # type: ignore[return-value]
+            kh, kw = self.kernel_size
+            return kh, kw
         return (math.prod(self.kernel_size), 1)
 
     def _tt_core(self, core: Tensor) -> Tensor:
@@ -264,7 +270,7 @@ class _SVDConvNd(nn.Module):
         U = orthonormal_basis(self.U.reshape(g, -1, self.U.shape[1])).reshape(self.U.shape)
         V = orthonormal_basis(self.V.reshape(g, -1, self.V.shape[1])).reshape(self.V.shape)
         S = self.effective_S()
-        core = bcop_kernel(self.core, self.kernel_size)
+        core = bcop_kernel(self.core, self._tt_kernel_size())  # orthogonal cores are 2-D: the kernel size
         r = self.ranks[0]
         return TTFactors(U, S, core.reshape(g * r, r, *self.kernel_size), V)
 
@@ -273,7 +279,7 @@ class _SVDConvNd(nn.Module):
         return self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
 
     @torch.no_grad()
-    def set_singular_values_(self, values: Tensor) -> "SVDConv":
+    def set_singular_values_(self: _Layer, values: Tensor) -> _Layer:
         """Set the layer's singular values ``S`` in place (``core='orthogonal'`` only).
 
         ``values``: ``(groups * r,)``, each ``|value|`` becomes a singular value of the layer
@@ -330,12 +336,13 @@ class _SVDConvNd(nn.Module):
         # nn.Module.__setattr__ routes ``layer.weight = Parameter(...)`` here, not to the
         # property setter (e.g. torch.nn.utils.fusion.fuse_conv_bn_eval does this).
         if name == "weight":
-            self.set_dense_weight_(param)
+            # torch's signature allows None here; set_dense_weight_ refuses it (TypeError naming weight).
+            self.set_dense_weight_(cast(Tensor, param))
             return
         super().register_parameter(name, param)
 
     @torch.no_grad()
-    def set_dense_weight_(self, weight: Tensor) -> "SVDConv":
+    def set_dense_weight_(self: _Layer, weight: Tensor) -> _Layer:
         """Set the layer's kernel to a dense tensor, in place and exactly (``core='general'``).
 
         The kernel is decomposed at the layer's ranks and copied into ``U, S, core, V``
@@ -389,6 +396,8 @@ class _SVDConvNd(nn.Module):
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor],
               output_padding: Optional[Tuple[int, ...]] = None) -> Tensor:
         if self._transposed:
+            # __init__ refuses string padding for these layers and _forward passes their output_padding.
+            assert not isinstance(self.padding, str) and output_padding is not None
             transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._dims - 1]
             return transpose(x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
         if self._dims != 2:
@@ -478,7 +487,7 @@ class _SVDConvNd(nn.Module):
         factored = factored_macs + _COST_PER_ELEMENT * factored_elements + _COST_PER_CALL * factored_calls
         return dense, factored
 
-    def _auto_path(self, input_shape: Tuple[int, ...]) -> str:
+    def _auto_path(self, input_shape: Tuple[int, ...]) -> ForwardPath:
         # The choice depends only on the input shape and the geometry (evaluating the model
         # takes ~30 us, a tenth of a small layer's forward), so it is remembered per shape.
         key = (input_shape, self.stride, self.padding, self.dilation, self.ranks)
@@ -675,14 +684,14 @@ class _SVDConvNd(nn.Module):
     # ----------------------------------------------------------- conversion
     @classmethod
     def from_conv(
-        cls,
+        cls: Type[_Layer],
         conv: nn.Module,
         rank: RankSpec = None,
         energy: Optional[float] = None,
         *,
         path: ForwardPath = "auto",
         refine: int = 0,
-    ) -> Any:
+    ) -> _Layer:
         """Convert the dense torch layer of this class's kind (exact at full rank).
 
         ``SVDConv1d.from_conv(nn.Conv1d)``, ``SVDConv3d.from_conv(nn.Conv3d)``,
@@ -693,9 +702,9 @@ class _SVDConvNd(nn.Module):
         return cls._from_conv(conv, rank, energy, path, refine, f"{cls.__name__}.from_conv")
 
     @classmethod
-    def _from_conv(cls, conv: nn.Module, rank: RankSpec, energy: Optional[float], path: ForwardPath,
-                   refine: int, caller: str) -> Any:
-        if type(conv) is not cls._torch_class and not isinstance(conv, cls._torch_class):
+    def _from_conv(cls: Type[_Layer], conv: nn.Module, rank: RankSpec, energy: Optional[float], path: ForwardPath,
+                   refine: int, caller: str) -> _Layer:
+        if not isinstance(conv, cls._torch_class):
             raise TypeError(f"conv must be a torch.nn.{cls._torch_class.__name__} for {cls.__name__}, "
                             f"got {type(conv).__name__}")
         # convert.py imports this module; the kernel resolution lives there with the rest
@@ -710,14 +719,14 @@ class _SVDConvNd(nn.Module):
 
     @classmethod
     def from_conv2d(
-        cls,
+        cls: Type[_Layer],
         conv: nn.Conv2d,
         rank: RankSpec = None,
         energy: Optional[float] = None,
         *,
         path: ForwardPath = "auto",
         refine: int = 0,
-    ) -> "SVDConv":
+    ) -> _Layer:
         """Convert a dense ``nn.Conv2d`` (exact at full rank).
 
         Parameters
@@ -761,7 +770,7 @@ class _SVDConvNd(nn.Module):
 
     @classmethod
     def _from_kernel(
-        cls,
+        cls: Type[_Layer],
         weight: Tensor,
         bias: Optional[Tensor],
         arguments: Dict[str, Any],
@@ -769,7 +778,7 @@ class _SVDConvNd(nn.Module):
         energy: Optional[float] = None,
         path: ForwardPath = "auto",
         refine: int = 0,
-    ) -> "SVDConv":
+    ) -> _Layer:
         """An ``SVDConv`` with ``nn.Conv2d`` constructor ``arguments`` holding ``weight``."""
         flat = weight if cls._dims == 2 else weight.reshape(*weight.shape[:2], -1, 1)  # taps as (taps, 1)
         result = decompose(flat, arguments["groups"], rank=rank, energy=energy, refine=refine)
@@ -784,7 +793,7 @@ class _SVDConvNd(nn.Module):
         layer.approximation_error = result.relative_error
         return layer
 
-    def to_conv(self) -> nn.Module:
+    def to_conv(self) -> _ConvNd:
         """The plain torch layer of this kind (``nn.Conv1d``, ..., ``nn.ConvTranspose3d``) computing
         the same function (same dtype and device)."""
         conv = torch.nn.utils.skip_init(self._torch_class, **_conv_arguments(self), device=self.U.device,
@@ -808,7 +817,7 @@ class _SVDConvNd(nn.Module):
 
     # ------------------------------------------------------- maintenance
     @torch.no_grad()
-    def canonicalize_(self) -> "SVDConv":
+    def canonicalize_(self: _Layer) -> _Layer:
         """Restore the exact canonical form in place without changing the layer's function.
 
         Afterwards ``U``, ``V`` have orthonormal columns, the core's unfolding orthonormal
@@ -1081,7 +1090,10 @@ class _SVDConvTransposeNd(_SVDConvNd):
         if isinstance(input, torch.fx.Proxy) or output_size is None:
             return self._forward(input, self.output_padding)
         self._check_input(input)
-        output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
+        # Borrowed from torch: given output_size it reads nothing from self, and it takes any int
+        # sequences (its list[int] hints are narrower; torch's own forward ignores them too).
+        borrowed = cast(Callable[..., List[int]], nn.modules.conv._ConvTransposeNd._output_padding)
+        output_padding = borrowed(
             self, input, output_size, self.stride, self.padding, self.kernel_size, self._dims, self.dilation
         )
         return self._forward(input, tuple(output_padding))

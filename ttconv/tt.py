@@ -29,8 +29,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._precision import full_precision
 from ._conv_args import check_kernel, positive_int
+from ._precision import full_precision
 from ._typing import RankSpec
 
 __all__ = [
@@ -556,7 +556,7 @@ class _Truncation:
         # the smallest feasible one (which ``spread`` need not hold).
         spread = {round(1 + k * (full_in - 1) / (_RANK_CANDIDATES - 1)) for k in range(_RANK_CANDIDATES)}
         candidates = sorted({r for r in spread if r >= low} | ({low} if shrink else set()))
-        best = min(((self.params((self._min_r_out(r_in, allowed), r_in)), r_in) for r_in in candidates))
+        best = min((self.params((self._min_r_out(r_in, allowed), r_in)), r_in) for r_in in candidates)
         r_in = best[1]
         r_out = self._min_r_out(r_in, allowed)
         if not shrink:
@@ -616,12 +616,12 @@ class _Truncation:
             U, core = U @ P, Qh.reshape(groups, r_out, r_in, kh * kw)
             relative_error = math.sqrt(error_sq / norm_sq)
 
-        out = dict(dtype=self.weight.dtype, device=self.weight.device)
+        like = self.weight  # the factors take its dtype and device
         factors = TTFactors(
-            U=U.reshape(c_out, r_out).to(**out),
-            S=S.reshape(groups * r_out).to(**out),
-            core=core.reshape(groups * r_out, r_in, kh, kw).to(**out),
-            V=V.reshape(groups * i, r_in).to(**out),
+            U=U.reshape(c_out, r_out).to(like),
+            S=S.reshape(groups * r_out).to(like),
+            core=core.reshape(groups * r_out, r_in, kh, kw).to(like),
+            V=V.reshape(groups * i, r_in).to(like),
         )
         return Decomposition(factors, (r_out, r_in), relative_error)
 
@@ -821,7 +821,8 @@ def canonicalize(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int = 1)
     is unchanged up to round-off. Returns new tensors in the inputs' dtype.
     """
     dtype = U.dtype
-    q_u, q_v, absorbed = _qr_absorb(*(t.detach().to(_WORK_DTYPE) for t in (U, S, core, V)), groups)
+    u, s, c, v = (t.detach().to(_WORK_DTYPE) for t in (U, S, core, V))
+    q_u, q_v, absorbed = _qr_absorb(u, s, c, v, groups)
     P, sv, Qh = torch.linalg.svd(absorbed.reshape(groups, absorbed.shape[1], -1), full_matrices=False)
     return TTFactors(
         U=(q_u @ P).reshape(U.shape).to(dtype),
