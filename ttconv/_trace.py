@@ -23,7 +23,7 @@ the side of "not verified", never the other way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,8 @@ def _average_pool(m: nn.Module) -> bool:
     # or with zero padding counted in the divisor; partial (ceil_mode) windows divide by less.
     # (AvgPool1d has no divisor_override.)
     no_padding = all(p == 0 for p in _ntuple(m.padding, _dims(m)))
-    return not m.ceil_mode and (no_padding or m.count_include_pad) and getattr(m, "divisor_override", None) is None
+    return bool(not m.ceil_mode and (no_padding or m.count_include_pad)
+                and getattr(m, "divisor_override", None) is None)
 
 
 def _global(m: nn.Module) -> bool:
@@ -75,7 +76,7 @@ def _global(m: nn.Module) -> bool:
 
 #: 1-Lipschitz maps (L2) that may sit between analysed layers of a plain chain, with the
 #: condition on their arguments under which they are.
-ONE_LIPSCHITZ = {
+ONE_LIPSCHITZ: Dict[type, Callable[[Any], bool]] = {
     nn.ReLU: lambda m: True, nn.ReLU6: lambda m: True, nn.Tanh: lambda m: True, nn.Sigmoid: lambda m: True,
     nn.Hardtanh: lambda m: True, nn.Hardsigmoid: lambda m: True, nn.Softsign: lambda m: True,
     nn.LeakyReLU: lambda m: abs(m.negative_slope) <= 1, nn.ELU: lambda m: 0 <= m.alpha <= 1,

@@ -394,7 +394,7 @@ class SpectralReport:
                              "keep_spectra=True")
         figure, axes = plt.subplots(figsize=(7, 4))
         for layer in with_spectra:
-            values = layer.singular_values
+            values = layer.singular_values or []
             count = len(values)
             picks = sorted({round(i * (count - 1) / max(1, max_points - 1)) for i in range(min(count, max_points))})
             axes.plot([i / max(1, count - 1) for i in picks], [values[i] for i in picks], label=layer.name)
@@ -406,7 +406,7 @@ class SpectralReport:
         plt.close(figure)
 
 
-def _dense_shape(module: nn.Module, spec: ConvSpec) -> Tuple[int, ...]:
+def _dense_shape(module: Any, spec: ConvSpec) -> Tuple[int, ...]:
     """The dense kernel's shape in the spec's layout ``(c_out, c_in/g, *k)`` of the conv it
     describes: ``(in, out/g, *k)`` for a transposed layer (torch's ``ConvTranspose`` weight),
     ``(out, in/g, *k)`` otherwise (an SVD layer's spec holds its small core instead)."""
@@ -488,6 +488,7 @@ class _Budget:
         self.peak = 0
 
     def _refuse(self, label: str, why: str) -> None:
+        assert self.max_memory is not None and self.limit is not None  # only called under a limit
         used = "" if self.limit == self.max_memory else \
             f" ({format_bytes(self.max_memory - self.limit)} of it hold the spectra kept for the plot)"
         self.notes.append(f"{label} not computed: {why}, over max_memory {format_bytes(self.max_memory)}{used}; "
@@ -502,7 +503,8 @@ class _Budget:
         that cannot stream, e.g. a spectrum kept as a list), run only if ``estimate`` fits.
         """
         streams = self.limit is not None and _accepts_max_memory(fn)
-        self.peak = max(self.peak, int(min(estimate, self.limit) if streams and not gate else estimate))
+        streamed = self.limit is not None and streams and not gate
+        self.peak = max(self.peak, int(min(estimate, self.limit) if streamed and self.limit is not None else estimate))
         if self.limit is not None and (gate or not streams) and estimate > self.limit:
             self._refuse(label, f"it needs about {format_bytes(estimate)}")
             return None
@@ -673,7 +675,7 @@ def _analyse_linear(name: str, weight: Tensor, *, note: str = "", keep_spectra: 
     spectrum = None
     if values is not None:
         exact: Optional[float] = float(values[0] * scale) if values.numel() else 0.0
-        upper = exact
+        upper = float(values[0] * scale) if values.numel() else 0.0
         if keep_spectra:
             spectrum = (values * scale).tolist()
     else:  # the Frobenius norm bounds the 2-norm at O(numel) cost
@@ -690,7 +692,7 @@ def _analyse_linear(name: str, weight: Tensor, *, note: str = "", keep_spectra: 
 
 
 @torch.no_grad()
-def _analyse_batch_norm(name: str, module: nn.Module, note: str = "") -> LayerSpectrum:
+def _analyse_batch_norm(name: str, module: Any, note: str = "") -> LayerSpectrum:
     """An eval-mode batch norm: ``x -> gamma (x - mean) / sqrt(var + eps) + beta`` per channel, a
     diagonal linear part with norm ``max |gamma| / sqrt(var + eps)``, exact at any input shape."""
     start = time.perf_counter()
@@ -1047,8 +1049,9 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
             continue
         last = key.rsplit(".", 1)[-1]
         prefix = key[: len(key) - len(last)]
-        if last == "core" and all(get(prefix + n) is not None for n in ("U", "S", "V")):
-            U, S, core, V = (get(prefix + n) for n in ("U", "S", "core", "V"))
+        factors = [get(prefix + n) for n in ("U", "S", "core", "V")]
+        if last == "core" and all(f is not None for f in factors):
+            U, S, core, V = (f for f in factors if f is not None)
             parts = [prefix + n for n in ("U", "S", "core", "V")]
             if core.dim() not in _KERNEL_DIMS or any(_tensor_problem(f, part) for f, part in zip((U, S, core, V), parts)):
                 used.update(parts)
@@ -1065,7 +1068,8 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
             # Stacked groups analysed as one ungrouped conv: an upper bound on their max. The
             # taps of a 1-D/3-D core are flattened for ttconv.tt (as the layers do) and restored.
             taps = core.reshape(core.shape[0], core.shape[1], -1, 1)
-            kernel = orthonormal_core(*(f.detach().to(torch.float64) for f in (U, S, taps, V)), groups)
+            U, S, taps, V = (f.detach().to(torch.float64) for f in (U, S, taps, V))
+            kernel = orthonormal_core(U, S, taps, V, groups)
             kernel = kernel.reshape(core.shape)
             shape = (U.shape[0], V.shape[0] // groups, *core.shape[2:])
             used.update(parts)
@@ -1094,8 +1098,8 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
         elif key.endswith("parametrizations.weight.original1") and tensor.dim() in _KERNEL_DIMS \
                 and get(key[:-1] + "0") is not None:
             weight_norm_parts = (key[:-1] + "0", key)
-        if weight_norm_parts is not None:
-            magnitude = get(weight_norm_parts[0])
+        magnitude = None if weight_norm_parts is None else get(weight_norm_parts[0])
+        if weight_norm_parts is not None and magnitude is not None:
             weight = _weight_normalised(magnitude, tensor)
             if weight is not None:
                 add(key, _conv_kind(tensor), weight, list(weight_norm_parts),
@@ -1131,8 +1135,8 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
 def _layer_names(paths: List[Tuple[str, ...]], keys: List[str]) -> List[str]:
     """Display names: wrapper mapping keys dropped from the front, '.weight'-like tails removed."""
     names = []
-    for path in paths:
-        path = list(path)
+    for full_path in paths:
+        path = list(full_path)
         while len(path) > 1 and path[0].lower() in _WRAPPER_KEYS:
             path.pop(0)
         name = ".".join(path)
@@ -1267,14 +1271,15 @@ def state_dict_report(
             "input layer)"
         )
     # Paddings are unknown: k - 1 per side covers every padding up to 'full' (crop argument).
-    specs = [(n, k, shape, kernel if k == "Linear" else
-              ConvSpec(kernel, padding=tuple(size - 1 for size in kernel.shape[2:])), note)
-             for n, k, shape, kernel, note in targets]
+    specs: List[Tuple[str, str, Tuple[int, ...], Tensor, Optional[ConvSpec], str]] = [
+        (n, k, shape, kernel, None if k == "Linear" else
+         ConvSpec(kernel, padding=tuple(size - 1 for size in kernel.shape[2:])), note)
+        for n, k, shape, kernel, note in targets]
     if not specs:
         messages.insert(0, "no conv kernels found in the checkpoint (3-D, 4-D or 5-D floating tensors under keys "
                            "ending in 'weight', outside optimizer state)")
         return SpectralReport([], " ".join(messages), skipped)
-    conv_dims = sorted({spec.dims for _, kind, _, spec, _ in specs if kind != "Linear"})
+    conv_dims = sorted({spec.dims for *_, spec, _ in specs if spec is not None})
     if input_size is not None and conv_dims and len(input_size) not in conv_dims:
         spelled = {1: "C L", 2: "C H W", 3: "C D H W"}
         raise ValueError(
@@ -1289,19 +1294,17 @@ def state_dict_report(
     if input_size is None:
         messages.append("no input size: size-independent bounds for zero/circular padding only")
     else:
-        input_size = tuple(input_size)
-        dims = {spec.dims for _, kind, _, spec, _ in specs if kind != "Linear"}
         messages.append(f"every {len(input_size)}-D kernel is analysed at {'x'.join(map(str, input_size))} (a state "
                         "dict does not say how deeper layers downsample)"
-                        + ("" if dims <= {len(input_size)} else
+                        + ("" if set(conv_dims) <= {len(input_size)} else
                            "; kernels with another number of spatial axes get size-independent bounds only"))
     rows = []
     kept = 0
     reporter = progress_for(progress, len(specs), default=interactive())
-    for name, kind, shape, spec, note in specs:
+    for name, kind, shape, kernel, spec, note in specs:
         try:
-            if kind == "Linear":
-                row = _analyse_linear(name, spec, note=note, keep_spectra=keep_spectra, max_memory=max_memory,
+            if spec is None:
+                row = _analyse_linear(name, kernel, note=note, keep_spectra=keep_spectra, max_memory=max_memory,
                                       kept_bytes=kept)
             else:
                 size = input_size if input_size is not None and len(input_size) == spec.dims else None
