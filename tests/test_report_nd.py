@@ -256,7 +256,7 @@ def test_conv1d_audio_chain_gets_a_verified_lipschitz_product():
             continue
         c = module.in_channels
         truths.append(_top(operator_matrix(_linear_part(module), (c, *row.input_size))))
-    assert math.prod(truths) <= bound * (1 + 1e-9) and bound <= 2 * math.prod(truths)
+    assert math.prod(truths) <= bound * (1 + 1e-9) and bound <= 1.25 * math.prod(truths)  # measured 1.05x
 
 
 @pytest.mark.parametrize("pool, verified", [
