@@ -20,7 +20,7 @@ from torch import nn
 
 from oracle import circular_singular_values
 from ttconv import report as report_module
-from ttconv.cli import load_checkpoint, main, parse_memory_size, CheckpointError
+from ttconv.cli import CheckpointError, load_checkpoint, main, parse_memory_size
 from ttconv.report import UnsafeTensorError, state_dict_report
 
 # Peak memory of the CLI in a subprocess, printed on the last line of stdout.

@@ -6,7 +6,8 @@ against explicit float64 operators, independent of ttconv's spectral code:
 
 * 'exact circ' against the dense circular operator (``tests/circular_oracle.py``: the input
   tiled, a valid torch conv, the matrix from basis inputs) on the recorded size (for a
-  transposed layer: its weight as a conv kernel on the layer's output grid);
+  transposed layer on ``n`` inputs: its weight as a strided conv kernel on ``s n``, whose
+  adjoint is the circular transposed conv);
 * 'upper own' >= the norm of the layer's own operator (the torch / SVD layer applied to
   basis inputs) and within a stated factor of it; 'power own' <= it and close to it;
 * 'FF min' >= it, and equal to an independent recomputation of the ``2^d`` reshape bounds;
@@ -65,7 +66,7 @@ CASES = {
     "Conv1d": (lambda: nn.Conv1d(3, 4, 5, stride=2, padding=2, dtype=D), (12,)),
     "Conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1, dilation=(1, 2), dtype=D), (6, 8)),
     "Conv3d": (lambda: nn.Conv3d(2, 4, 3, stride=2, padding=1, groups=2, dtype=D), (4, 4, 6)),
-    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(4, 3, 4, stride=2, padding=1, dtype=D), (6,)),
+    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(4, 3, 3, stride=2, padding=1, dtype=D), (6,)),  # 2n - 1 out
     "ConvTranspose2d": (lambda: nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1, groups=2,
                                                    dtype=D), (3, 4)),
     "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, (2, 3, 3), stride=(2, 1, 1), padding=(0, 1, 1), dtype=D),
@@ -108,7 +109,10 @@ def test_every_conv_kind_is_certified_against_explicit_operators(kind):
     kernel = _dense_kernel(layer)
     out_grid = tuple(layer(x).shape[2:])
     assert row.kind == type(layer).__name__ and row.shape == tuple(kernel.shape)
-    assert row.input_size == (out_grid if transposed else n) and row.stride == tuple(layer.stride)
+    circ_grid = tuple(a * b for a, b in zip(n, layer.stride)) if transposed else n
+    assert row.input_size == circ_grid and row.stride == tuple(layer.stride)
+    if kind == "ConvTranspose1d":  # output 2n - 1 is not divisible by the stride; s n always is
+        assert out_grid == (2 * n[0] - 1,)
     # The layer's own operator, from the layer itself.
     truth = _top(operator_matrix(_linear_part(layer), (c_in, *n)))
     assert truth > 0
@@ -172,7 +176,7 @@ def test_transposed_call_with_output_size_uses_the_output_padding_of_the_call(le
         def forward(self, x):
             return self.up(x, output_size=[2 * x.shape[-1]])  # output_padding 1 for this call
 
-    n, grid = (length,), (2 * length,)
+    n, grid = (length,), (2 * length,)  # the call's output size, and s n
     report = spectral_report(Up(), torch.zeros(1, 3, *n, dtype=D), power_iters=200)
     row = report.layers[0]
     assert row.input_size == grid

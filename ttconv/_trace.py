@@ -159,14 +159,16 @@ def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tup
 
 @dataclass
 class Trace:
-    """What one forward pass learnt: per analysed layer its spatial sizes (the input's for a
-    conv, the *output's* for a transposed conv, the grid its adjoint conv acts on; one entry
-    per spatial axis of the conv, 1, 2 or 3) and, for a transposed conv, the spatial size of
-    the input it received first; and whether the model is a verified plain chain
-    (``chain_reason`` says why not)."""
+    """What one forward pass learnt: per analysed layer the spatial sizes of its operator grid
+    (one entry per spatial axis of the conv, 1, 2 or 3): a conv's input size ``n``; for a
+    transposed conv ``s n``, the grid of the strided circular conv its circular operator on
+    ``n`` inputs is the adjoint of (``bounds``, ``control`` and ``singular_values`` mean the
+    same); for a transposed conv also the spatial sizes of the input and output of its first
+    call; and whether the model is a verified plain chain (``chain_reason`` says why not)."""
 
     sizes: Dict[str, List[Tuple[int, ...]]] = field(default_factory=dict)
     transposed_inputs: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    transposed_outputs: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     chain: bool = False
     chain_reason: str = ""
 
@@ -200,9 +202,9 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
             if name in result.sizes and args and isinstance(args[0], Tensor):
                 if name in specs:
                     size = tuple(int(s) for s in args[0].shape[-specs[name].dims:])
-                    if name in transposed:  # its output grid is recorded after the call
+                    if name in transposed:
                         result.transposed_inputs.setdefault(name, size)
-                        return
+                        size = tuple(n * s for n, s in zip(size, specs[name].stride))
                 else:
                     size = tuple(int(s) for s in args[0].shape[1:-1])
                 if size not in result.sizes[name]:
@@ -213,9 +215,7 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
             single = isinstance(output, Tensor)
             calls[index] = calls[index][:3] + ((output, output._version) if single else False,)
             if name in transposed and single:
-                size = tuple(int(s) for s in output.shape[-specs[name].dims:])
-                if size not in result.sizes[name]:
-                    result.sizes[name].append(size)
+                result.transposed_outputs.setdefault(name, tuple(int(s) for s in output.shape[-specs[name].dims:]))
 
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after))

@@ -75,7 +75,7 @@ class LayerSpectrum:
     """One row of a ``SpectralReport`` (plain floats, no autograd history).
 
     Columns mean the same for every conv row, of any dimension (``Conv1d/2d/3d``, the SVD
-    layers, and transposed convs through their adjoint conv on the output grid, see
+    layers, and transposed convs through the conv they are the adjoint of, on ``s n``, see
     ``spectral_report``); ``stride`` and ``input_size`` have one entry per spatial axis. For layers whose
     norm does not depend on the input (``Linear``: the matrix 2-norm; eval-mode batch norms:
     the largest per-channel gain) ``exact``, ``fantastic_four`` and ``upper_bound`` all hold
@@ -173,9 +173,10 @@ KIND_NOTES = {
     "Linear": "the matrix 2-norm (one SVD), exact at any input shape, in exact, fantastic_four and upper_bound",
     "BatchNorm": "eval mode: max |gamma| / sqrt(running_var + eps), exact at any input shape, in exact, "
                  "fantastic_four and upper_bound",
-    "ConvTranspose": "ConvTranspose1d/2d/3d and SVDConvTranspose1d/2d/3d: 'exact circ' and 'Gram circ' describe the "
-                     "adjoint conv (same weight and geometry, out -> in channels) on the transposed conv's output grid "
-                     "(input_size), same singular values; 'power own' and 'upper own' the transposed layer itself",
+    "ConvTranspose": "ConvTranspose1d/2d/3d and SVDConvTranspose1d/2d/3d on n inputs: 'exact circ' and 'Gram circ' "
+                     "describe the strided circular conv with the same weight (out -> in channels) on s n (input_size), "
+                     "whose adjoint is the circular transposed conv on n (same singular values); 'power own' and "
+                     "'upper own' the transposed layer itself on n",
 }
 
 _LEGEND = [
@@ -345,9 +346,9 @@ class SpectralReport:
         if any(kind.startswith("BatchNorm") or kind == "SyncBatchNorm" for kind in kinds):
             lines.append("  BatchNorm rows: eval mode, max |gamma| / sqrt(running_var + eps), exact at any input shape.")
         if any("ConvTranspose" in kind for kind in kinds):
-            lines.append("  ConvTranspose rows: 'circ' columns are its adjoint, the conv with the same weight, on the "
-                         "transposed conv's output grid ('input'); same singular values. 'own' columns: the layer "
-                         "itself.")
+            lines.append("  ConvTranspose rows (n inputs, stride s): 'circ' columns are the strided conv with the same "
+                         "weight on s n ('input'), whose adjoint is the circular transposed conv; same singular values. "
+                         "'own' columns: the layer itself on n.")
         if footnotes:
             lines += ["", "notes:"]
             for note, number in footnotes.items():
@@ -537,11 +538,11 @@ def _analyse(
     """One conv row, from its spec alone (any of 1-3 spatial axes, plain or transposed).
 
     ``input_size`` is the grid of the conv the spec describes: the layer's input for a
-    plain spec, the transposed layer's *output* for a transposed one (the circular
-    columns are those of ``spec.adjoint()`` there). For a transposed spec,
-    ``layer_input`` is the layer's own input size: 'upper own' and 'power own' then
-    describe the layer's own operator on it (``bounds`` treat a transposed spec as the
-    adjoint of its conv on ``spec.conv_input_size(layer_input)``, which is ``input_size``).
+    plain spec, ``s n`` for a transposed one on ``n`` inputs (the circular columns are
+    those of ``spec.adjoint()`` there, as ``bounds.exact_spectral_norm(spec, n)``). For a
+    transposed spec, ``layer_input`` is ``n``: 'upper own' and 'power own' then describe
+    the layer's own operator on it (``bounds`` treat a transposed spec as the adjoint of
+    its conv on ``spec.conv_input_size(n)``).
     """
     start = time.perf_counter()
     circ = spec.adjoint() if spec.transposed else spec  # the conv whose singular values the layer has
@@ -708,16 +709,16 @@ def _analyse_batch_norm(name: str, module: Any, note: str = "") -> LayerSpectrum
     )
 
 
-def _layer_spec(module: nn.Module, grid: Optional[Tuple[int, ...]],
+def _layer_spec(module: nn.Module, output: Optional[Tuple[int, ...]],
                 layer_input: Optional[Tuple[int, ...]]) -> ConvSpec:
     """The module's spec; for a transposed layer with recorded input and output sizes, with
     the ``output_padding`` the call actually used (``forward(x, output_size=...)`` picks its
     own, so the layer attribute need not be it)."""
     spec = conv_spec(module)
-    if not spec.transposed or grid is None or layer_input is None:
+    if not spec.transposed or output is None or layer_input is None:
         return spec
     base = dataclasses.replace(spec, output_padding=0).conv_input_size(layer_input)
-    used = tuple(g - b for g, b in zip(grid, base))
+    used = tuple(o - b for o, b in zip(output, base))
     return spec if used == spec.output_padding else dataclasses.replace(spec, output_padding=used)
 
 
@@ -743,16 +744,16 @@ def spectral_report(
       orthonormal core, with the same nonzero singular values): every column, at the
       input size of the example pass (``(L,)``, ``(H, W)`` or ``(D, H, W)``);
     * a transposed conv (weight ``(in, out/g, *k)``, stride ``s``, padding ``p``, dilation
-      ``d``, groups ``g``) is the adjoint of the conv ``out -> in`` with that weight,
-      ``s``, ``p``, ``d``, ``g`` and zero padding, acting on the transposed conv's
-      *output* grid ``N = (n - 1) s - 2p + d (k - 1) + output_padding + 1`` per axis,
-      which maps ``N`` back to ``n + floor(output_padding / s)`` pixels (exactly ``n`` as
-      ``output_padding < s``); the transposed layer is the adjoint of its first ``n``.
-      'input' shows ``N``, 'exact circ' and 'Gram circ' describe that conv's circular
-      operator on ``N`` (the same singular values as the layer's adjoint), and 'upper
-      own' / 'power own' bound / estimate the transposed layer itself on its input ``n``
-      with the ``output_padding`` the call used (``forward(x, output_size=...)``
-      included);
+      ``d``, groups ``g``) on ``n`` inputs is the adjoint of the conv ``out -> in`` with
+      that weight, ``s``, ``p``, ``d``, ``g`` and zero padding on its output size
+      ``N = (n - 1) s - 2p + d (k - 1) + output_padding + 1`` per axis (first ``n``
+      outputs). Its circular version is the adjoint of the strided circular conv on
+      ``s n`` (the meaning ``bounds``, ``SpectralControl`` and ``singular_values`` give
+      it; ``s n`` is always divisible by the stride, ``N`` need not be): 'input' shows
+      ``s n``, 'exact circ' and 'Gram circ' describe that conv (the same singular values
+      as its adjoint), and 'upper own' / 'power own' bound / estimate the transposed layer
+      itself on ``n`` with the ``output_padding`` the call used
+      (``forward(x, output_size=...)`` included);
     * ``nn.Linear``: its matrix 2-norm (one SVD), exact at any input shape; it fills
       'exact', 'FF min' and 'upper own', Gram and power are left empty;
     * batch norms (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``) as they run in eval mode: a
@@ -858,7 +859,8 @@ def spectral_report(
                                       max_memory=max_memory, kept_bytes=kept)
             else:  # every conv kind, through its spec
                 layer_input = traced.transposed_inputs.get(name) if example_input is not None else None
-                spec = _layer_spec(module, seen[0] if seen else None, layer_input)
+                output = traced.transposed_outputs.get(name) if example_input is not None else None
+                spec = _layer_spec(module, output, layer_input)
                 shape = _dense_shape(module, spec)
                 row = _analyse(name, type(module).__name__, shape, spec, seen[0] if seen else None,
                                layer_input=layer_input, gram_iters=gram_iters, power_iters=power_iters,
@@ -1202,9 +1204,9 @@ def state_dict_report(
         kernel of the conv it is the adjoint of, and nothing in a state dict tells the two
         apart. It is reported as that conv (kind ``Conv{d}d``): same singular values, so
         'FF min' and the size-independent 'upper own' bound the transposed layer too, and
-        'exact circ' at ``input_size`` is the circular spectrum on the transposed layer's
-        *output* grid of that size (``spectral_report``'s convention). Load the whole model
-        to have transposed layers named as such.
+        'exact circ' at ``input_size`` is that conv's circular spectrum there, i.e. the
+        transposed layer's on ``input_size / s`` inputs (``spectral_report``'s convention).
+        Load the whole model to have transposed layers named as such.
 
     Parameters
     ----------
