@@ -8,11 +8,11 @@ from configs import config_id, random_conv_configs
 from oracle import circular_singular_values, layer_operator, operator_matrix
 from ttconv import SVDConv
 from ttconv.bounds import (
+    conv_spec,
     exact_spectral_norm,
     fantastic_four_bound,
     fantastic_four_bounds,
     gram_iteration_bound,
-    conv_spec,
     operator_norm_bound,
     padding_factor,
     power_iteration_estimate,

@@ -30,8 +30,8 @@ import pytest
 import torch
 from torch import nn
 
-from configs import PADDING_MODES
 from circular_oracle import circular_singular_values_any_size as _tiled_singular_values
+from configs import PADDING_MODES
 from oracle import circular_singular_values, layer_operator, operator_matrix
 from ttconv import SVDConv, spectral_report, state_dict_report
 from ttconv.bounds import (

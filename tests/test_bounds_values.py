@@ -279,7 +279,7 @@ CEILING = {name: 1.05 * value for name, value in MEASURED.items()}
 CEILING.update({"gram_3": 1.005, "gram_6": 1.001})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid_kernel_and_norm(index):
     (c_out, c_in, kh, kw, groups), seed, positive = GRID[index]
     kernel = _kernel((c_out, c_in, kh, kw), seed=100 + seed * 31 + c_out * 7 + c_in, positive=positive)

@@ -13,7 +13,7 @@ from torch import nn
 
 from configs import config_id, random_conv_configs
 from oracle import circular_singular_values
-from ttconv import SpectralControl, SVDConv, clip_singular_values_, control, spectra
+from ttconv import SpectralControl, SVDConv, clip_singular_values_, spectra
 
 
 @torch.no_grad()

@@ -20,8 +20,7 @@ from torch import nn
 from circular_oracle import circular_singular_values_any_size
 from configs import PADDING_MODES
 from oracle import circular_singular_values, layer_operator, operator_matrix
-from ttconv import SVDConv, conv_singular_values, conv_spectral_norm, spectra
-from ttconv import bounds
+from ttconv import SVDConv, bounds, conv_singular_values, conv_spectral_norm, spectra
 from ttconv.bounds import (
     exact_spectral_norm,
     fantastic_four_bound,

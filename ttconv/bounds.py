@@ -44,25 +44,25 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._precision import full_precision
 from . import _conv_args as args
 from . import _functional
+from ._precision import full_precision
 from .geometry import ConvLike, ConvSpec, conv_spec, size_arg
 from .spectra import (
     DEFAULT_MAX_MEMORY,
     MemoryLimitError,
     SizeArg,
     check_spectral_input_size,
-    format_bytes,
     conv_spectral_norm,
     dilate_kernel,
     fold_kernel,
+    format_bytes,
     kernel_scale,
     polyphase_kernel,
     single_tap_matrices,

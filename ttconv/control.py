@@ -47,21 +47,33 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._precision import full_precision
 from . import _conv_args as args
 from ._hooks import unwrap
-from .geometry import check_kernel
+from ._precision import full_precision
+from ._progress import ProgressArg, progress_for
 from .bounds import fantastic_four_bound
 from .layer import SVDConv, _SVDConvNd  # noqa: F401 (SVDConv: the doctest)
-from ._progress import ProgressArg, progress_for
-from .spectra import (DEFAULT_MAX_MEMORY, check_spectral_input_size, conv_spectral_norm, dilate_kernel, fold_kernel,
-                      kernel_scale, polyphase_kernel, single_tap_matrices, spectral_dtype, transfer_batches)
+from .spectra import (
+    DEFAULT_MAX_MEMORY,
+    check_spectral_input_size,
+    conv_spectral_norm,
+    dilate_kernel,
+    fold_kernel,
+    kernel_scale,
+    polyphase_kernel,
+    single_tap_matrices,
+    spectral_dtype,
+    transfer_batches,
+)
 from .tt import canonicalize, orthonormality_error
+
+if TYPE_CHECKING:  # Python 3.10+; only read by the type checker (annotations are strings here)
+    from typing import TypeGuard
 
 __all__ = ["clip_singular_values_", "scale_to_spectral_norm_", "spectral_norm", "SpectralControl"]
 
@@ -218,7 +230,7 @@ def _scale_from(layer: ConvLayer, sigma: float, max_value: float) -> float:
     return sigma * factor
 
 
-def _is_orthogonal(layer: ConvLayer) -> bool:
+def _is_orthogonal(layer: ConvLayer) -> TypeGuard[_SVDConvNd]:
     return isinstance(layer, _SVDConvNd) and layer.core_kind == "orthogonal"
 
 
@@ -242,6 +254,7 @@ def _inverse_phases(frequencies: Sequence[Tensor], m: Tuple[int, ...], taps: Tup
         tap = torch.arange(t_a, dtype=torch.float64, device=f.device).reshape(1, *shape)
         term = f.to(torch.float64).reshape(-1, *[1] * d) * tap / m_a
         angle = term if angle is None else angle + term
+    assert angle is not None  # at least one axis
     angle = (2 * math.pi) * angle
     v, m2 = frequencies[-1], m[-1]  # the halved axis
     weight = torch.where((v == 0) | (2 * v == m2), 1.0, 2.0).to(torch.float64) / math.prod(m)
@@ -258,7 +271,7 @@ def _from_stride1(phases: Tensor, stride: Tuple[int, ...], dilation: Tuple[int, 
     taps = phases.shape[2 + d:]
     order = [axis for a in range(d) for axis in (2 + d + a, 2 + a)]  # (.., t1, s1, t2, s2, ..)
     spatial = phases.permute(0, 1, *order).reshape(c_out, c_in, *(t * s for t, s in zip(taps, stride)))
-    support = spatial[(..., *(slice(None, dil * (k - 1) + 1, dil) for k, dil in zip(kernel_size, dilation)))]
+    support = spatial[(...,) + tuple(slice(None, dil * (k - 1) + 1, dil) for k, dil in zip(kernel_size, dilation))]
     return support
 
 
@@ -288,6 +301,7 @@ def _clip_kernel(kernel: Tensor, n: Tuple[int, ...], max_value: float, stride: T
         clipped = _clip_matrices(matrices, limit)
         term = (_inverse_phases(frequencies, m, tuple(t), clipped.dtype).T @ clipped.reshape(len(matrices), -1)).real
         taps = term if taps is None else taps + term
+    assert taps is not None  # at least one batch of frequencies
     d = len(t)
     phases = taps.reshape(*t, g * o, -1, *stride)  # (*t, c_out, c_in/g, *s)
     phases = phases.permute(d, d + 1, *range(d + 2, 2 * d + 2), *range(d))  # (c_out, c_in/g, *s, *t)
@@ -332,6 +346,7 @@ def _clip_folded(kernel: Tensor, grouped: Tensor, m: Tuple[int, ...], limit: flo
             term = (_inverse_phases(frequencies, m, tuple(f), clipped.dtype).T
                     @ clipped.reshape(len(matrices), -1)).real
             taps = term if taps is None else taps + term
+        assert taps is not None  # at least one batch of frequencies
         target = taps.reshape(*f, g, o, i).permute(d, d + 1, d + 2, *range(d))
     # Which taps of the stride-1 layout are the kernel's own (dilation and polyphase padding add zeros).
     support = _stride1(torch.ones_like(kernel), stride, dilation, grouped.shape[0]) != 0
@@ -599,10 +614,12 @@ class SpectralControl:
         if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 1:
             raise ValueError(f"n_iter must be an int >= 1 (clip-and-project rounds per clip, e.g. the default 1), "
                              f"got {n_iter!r}")
-        self.every, self.mode, self.n_iter = every, mode, int(n_iter)
+        self.every: int = every
+        self.mode: str = mode
+        self.n_iter: int = int(n_iter)
         progress_for(progress, 0)  # validate now, not at the first pass
-        self.progress = progress
-        self.orthonormality_tol = float(orthonormality_tol)
+        self.progress: ProgressArg = progress
+        self.orthonormality_tol: float = float(orthonormality_tol)
         layers = [(name, m) for name, m in unwrap(model).named_modules() if _is_controllable(m)]
         if not layers:
             raise ValueError(f"model ({type(model).__name__}) has no conv layers to control (nn.Conv1d/2d/3d, "
@@ -619,7 +636,7 @@ class SpectralControl:
                 self.layers.append((name, layer, sizes[name][0]))
             else:
                 self.skipped.append(name)  # not reached by the example forward pass
-        self.steps = 0
+        self.steps: int = 0
 
     def step(self) -> Optional[Dict[str, float]]:
         """Count one optimizer step; every ``every`` steps run ``apply`` and return its result."""

@@ -18,7 +18,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from . import _conv_args as args
@@ -171,7 +170,7 @@ class ConvSpec:
                              "use a larger input or less padding (torch refuses this input too)")
         return out
 
-    def adjoint(self) -> "ConvSpec":
+    def adjoint(self) -> ConvSpec:
         """For a transposed spec: the plain spec of the conv it is the adjoint of (zero padding,
         no output_padding). Its operator on ``conv_input_size(n)`` has the layer's singular
         values (after dropping its outputs beyond ``n``, when ``output_padding >= stride``)."""

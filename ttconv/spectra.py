@@ -30,8 +30,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._precision import full_precision
 from ._conv_args import check_kernel, dilated_extent, input_size_arg, pair
+from ._precision import full_precision
 
 SizeArg = Union[int, Sequence[int]]
 """An int (the same along every spatial axis) or one int per axis (``d`` of them)."""
@@ -123,7 +123,7 @@ def dilate_kernel(weight: Tensor, dilation: Sequence[int]) -> Tensor:
         return weight
     extent = dilated_extent(tuple(weight.shape[2:]), tuple(dilation))
     out = weight.new_zeros(*weight.shape[:2], *extent)
-    out[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))] = weight
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)] = weight
     return out
 
 
@@ -433,6 +433,9 @@ def certified_batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
             best = value if best is None else torch.maximum(best, value)
         if not bool(pending.any()):
             break
+        if best is None:  # no Rayleigh quotient ranked (all rounded below 0): decompose the rest
+            best = torch.linalg.svdvals(matrices[pending])[..., 0].max()
+            break
         if not improved or not bool(best > 0):  # the same certificate again would drop nothing
             best = torch.maximum(best, torch.linalg.svdvals(matrices[pending])[..., 0].max())
             break
@@ -442,6 +445,9 @@ def certified_batch_max(matrices: Tensor, best: Optional[Tensor]) -> Tensor:
         shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
         pending[where] = torch.linalg.cholesky_ex(shifted).info != 0
         certified = True
+    if best is None:
+        raise ValueError("certified_batch_max: matrices is an empty batch (B = 0) and best is None; "
+                         "pass at least one matrix or a best value")
     return best
 
 

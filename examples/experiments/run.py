@@ -54,8 +54,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))  # the repository, for ttconv from a checkout
 
-import offline_data as datasets  # noqa: E402
 import architectures as models  # noqa: E402
+import offline_data as datasets  # noqa: E402
 
 import ttconv  # noqa: E402
 from ttconv import evaluate as ev  # noqa: E402
