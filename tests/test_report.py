@@ -37,7 +37,7 @@ def test_report_rows_sizes_and_values():
     head = float(torch.linalg.matrix_norm(net.head.weight.detach(), 2))
     assert rows[3]["exact"] == pytest.approx(head, rel=1e-12) == rows[3]["upper_bound"] == rows[3]["fantastic_four"]
     assert rows[1]["stride"] == (2, 2) and rows[1]["shape"] == (12, 8, 3, 3)
-    for (name, module), row in zip(find_conv_layers(net), rows):
+    for (_name, module), row in zip(find_conv_layers(net), rows):
         weight = module.dense_weight() if isinstance(module, SVDConv) else module.weight
         exact = float(circular_singular_values(weight.detach(), row["input_size"], module.stride, module.dilation)[0])
         real = float(torch.linalg.svdvals(operator_matrix(layer_operator(module), (weight.shape[1], *row["input_size"])))[0])
@@ -159,7 +159,7 @@ def test_full_spectra_are_kept_only_when_asked():
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     lean, full = spectral_report(net, x), spectral_report(net, x, keep_spectra=True)
     assert all(row.singular_values is None for row in lean.layers)
-    for (name, module), a, b in zip(find_conv_layers(net), lean.layers, full.layers):
+    for (_name, module), a, b in zip(find_conv_layers(net), lean.layers, full.layers):
         weight = module.dense_weight() if isinstance(module, SVDConv) else module.weight
         oracle = circular_singular_values(weight.detach(), a.input_size, module.stride, module.dilation)
         assert a.exact == pytest.approx(float(oracle[0]), rel=1e-9) and b.exact == pytest.approx(a.exact, rel=1e-12)
