@@ -46,6 +46,12 @@ SECTIONS = [  # (heading, script, blurb)
      "Small CNN on scikit-learn's bundled digits: plain, SVDConv + clip, + clip_scale, + scale."),
     ("Example: a 1-Lipschitz CNN on digits", "examples/lipschitz_digits.py",
      "Certified robust accuracy at L2 radii: orthogonal core vs general SVDConv + scale."),
+    ("Example: a 1-D pitch CNN with spectral control", "examples/pitch_1d.py",
+     "Raw-waveform pitch classification on synthetic harmonic tones: plain Conv1d, torch spectral_norm, "
+     "SVDConv1d + clip_scale / scale at two targets (docs/tutorials/audio-and-generators.md)."),
+    ("Example: a conv-transpose decoder with spectral control", "examples/generator_digits.py",
+     "Digits autoencoder whose decoder is three ConvTranspose2d layers: plain, torch spectral_norm, "
+     "SVDConvTranspose2d + clip_scale / scale (docs/tutorials/audio-and-generators.md)."),
 ]
 
 

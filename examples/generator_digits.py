@@ -1,7 +1,7 @@
 """A conv-transpose decoder (generator) trained with spectral control, on the offline digits.
 
 An autoencoder on scikit-learn's bundled digits (16x16, no download): a plain conv encoder
-maps an image to a 8 x 4 x 4 code, and a decoder of three ``ConvTranspose2d`` layers
+maps an image to a 2 x 4 x 4 code (32 numbers), and a decoder of three ``ConvTranspose2d`` layers
 (4x4 -> 8x8 -> 16x16, stride 2) with ReLUs between them maps the code back to the image.
 The decoder's Lipschitz constant is what spectral normalisation controls in GAN generators
 and decoders. It is trained four ways, the encoder always plain:
@@ -50,9 +50,13 @@ TRANSPOSED = (nn.ConvTranspose2d, ttconv.SVDConvTranspose2d)
 
 
 class AutoEncoder(nn.Module):
-    """Conv encoder 1x16x16 -> 8x4x4 code; decoder: three transposed convs back to 1x16x16."""
+    """Conv encoder 1x16x16 -> 2x4x4 code; decoder: three transposed convs back to 1x16x16.
 
-    def __init__(self, width: int = 32, code_channels: int = 8) -> None:
+    The 32-number code is a real bottleneck: the 16x16 images are upsampled 8x8 digits (64
+    numbers).
+    """
+
+    def __init__(self, width: int = 32, code_channels: int = 2) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(1, width, 3, stride=2, padding=1), nn.ReLU(),                   # 16 -> 8
@@ -159,7 +163,7 @@ def main(argv=None) -> Dict[str, Dict[str, object]]:
         options.epochs, options.lipschitz_samples = 1, 32
     x_train, _, x_test, _ = load_digits()
     results = {label: run(label, x_train, x_test, options) for label in MODELS}
-    print(f"digits 16x16 autoencoder, code 8x4x4, decoder 3 transposed convs, {options.epochs} epochs, "
+    print(f"digits 16x16 autoencoder, code 2x4x4, decoder 3 transposed convs, {options.epochs} epochs, "
           f"target spectral norm {options.max_value}, control every {options.every} steps\n")
     print("| decoder | test MSE | layer sigmas (exact, circular) | product of certified bounds "
           "| empirical Lipschitz | s/epoch |")

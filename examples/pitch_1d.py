@@ -15,11 +15,14 @@ four ways:
 3. the same CNN converted to ``SVDConv1d`` (``ttconv.convert``) with
    ``SpectralControl(mode='clip_scale')`` every ``--every`` steps, for each target of
    ``--max-value``;
-4. the same with ``mode='scale'``.
+4. the same with ``mode='scale'``;
+5. plain ``nn.Conv1d`` whose weight is parametrized as ``W * min(1, target / sigma(W))``
+   with ``sigma`` the exact circular norm (``ttconv.conv_spectral_norm``, differentiable):
+   spectral normalisation as torch does it, but with the conv's operator norm.
 
 Printed per model: test accuracy; accuracy when white noise of RMS ``--noise`` (relative to
-the unit-RMS signal) is added to the test waveforms; the largest conv spectral norm (exact,
-circular, at each layer's input length: the quantity the control keeps at most the target);
+the unit-RMS signal) is added to the test waveforms; each conv's spectral norm (exact,
+circular, at the layer's input length: the quantity the control keeps at most the target);
 the empirical Lipschitz constant of the logits (the largest Jacobian norm over test
 waveforms, a lower bound of the true constant); and the training time per epoch.
 
@@ -88,8 +91,25 @@ def pitch_cnn(classes: int = 12, width: int = 32) -> nn.Sequential:
     )
 
 
-def conv_norms(model: nn.Module, example: Tensor) -> Dict[str, float]:
-    """Exact circular spectral norm of every conv at the input length it sees on ``example``."""
+class ExactNormCap(nn.Module):
+    """Parametrization ``W -> W * min(1, target / sigma(W))``, ``sigma`` the conv's exact circular norm.
+
+    ttconv has no such parametrization (``SpectralControl`` projects after optimizer steps);
+    this one recomputes the norm from the dense kernel at every forward, differentiably.
+    """
+
+    def __init__(self, target: float, length: Tuple[int, ...], stride: Tuple[int, ...],
+                 dilation: Tuple[int, ...]) -> None:
+        super().__init__()
+        self.target, self.length, self.stride, self.dilation = target, length, stride, dilation
+
+    def forward(self, weight: Tensor) -> Tensor:
+        sigma = ttconv.conv_spectral_norm(weight, self.length, stride=self.stride, dilation=self.dilation)
+        return weight * (self.target / sigma).clamp(max=1.0)
+
+
+def input_lengths(model: nn.Module, example: Tensor) -> Dict[nn.Module, Tuple[int, ...]]:
+    """The input length every conv of ``model`` sees on ``example``."""
     lengths: Dict[nn.Module, Tuple[int, ...]] = {}
 
     def record(module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
@@ -100,6 +120,12 @@ def conv_norms(model: nn.Module, example: Tensor) -> Dict[str, float]:
         model(example)
     for hook in hooks:
         hook.remove()
+    return lengths
+
+
+def conv_norms(model: nn.Module, example: Tensor) -> Dict[str, float]:
+    """Exact circular spectral norm of every conv at the input length it sees on ``example``."""
+    lengths = input_lengths(model, example)
     with torch.no_grad():
         return {name: float(ttconv.spectral_norm(m, lengths[m])) for name, m in model.named_modules() if m in lengths}
 
@@ -129,7 +155,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, after_step=None, ba
 
 
 def run(kind: str, data, options, max_value: Optional[float] = None) -> Dict[str, Any]:
-    """Build, train and measure one model (``kind``: 'plain', 'torch_sn' or a control mode).
+    """Build, train and measure one model (``kind``: 'plain', 'torch_sn', 'exact_cap' or a control mode).
 
     Returns the table's numbers, the per-layer norms and the trained model.
     """
@@ -142,6 +168,10 @@ def run(kind: str, data, options, max_value: Optional[float] = None) -> Dict[str
         for module in model:
             if isinstance(module, nn.Conv1d):
                 nn.utils.parametrizations.spectral_norm(module)
+    elif kind == "exact_cap":
+        for module, length in input_lengths(model, example).items():
+            cap = ExactNormCap(max_value, length, module.stride, module.dilation)
+            nn.utils.parametrize.register_parametrization(module, "weight", cap)
     elif kind != "plain":
         model = ttconv.convert(model)
         control = ttconv.SpectralControl(model, max_value, every=options.every, mode=kind, example_input=example)
@@ -191,14 +221,16 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
     for target in options.max_value:
         for mode in ("clip_scale", "scale"):
             results[f"SVDConv1d + {mode} {target:g}"] = run(mode, data, options, target)
+        results[f"Conv1d + exact norm cap {target:g}"] = run("exact_cap", data, options, target)
     print(f"synthetic pitch, {options.classes} bins over 100-800 Hz, 512 samples at 8 kHz, {options.train} train / "
           f"{options.test} test waveforms, width {options.width}, {options.epochs} epochs, "
           f"target spectral norms {', '.join(f'{t:g}' for t in options.max_value)}, "
           f"control every {options.every} steps, test noise RMS {options.noise}\n")
-    print("| model | test acc | acc + noise | max conv sigma | empirical Lipschitz | s/epoch |")
+    print("| model | test acc | acc + noise | conv sigmas (exact, circular) | empirical Lipschitz | s/epoch |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, r in results.items():
-        print(f"| {label} | {r['accuracy']:.3f} | {r['noisy']:.3f} | {r['max_sigma']:.3f} | {r['lipschitz']:.2f} "
+        sigmas = " / ".join(f"{s:.2f}" for s in r["norms"].values())
+        print(f"| {label} | {r['accuracy']:.3f} | {r['noisy']:.3f} | {sigmas} | {r['lipschitz']:.2f} "
               f"| {r['seconds']:.2f} |")
     return results
 
