@@ -246,7 +246,12 @@ def test_exact_spectral_norm_equals_the_oracle(shape, stride, dilation, groups, 
     oracle = circular_singular_values(kernel, n, stride, dilation, groups)
     assert oracle[0] > 1.5 * oracle[-1]  # the top singular value is not also the smallest
     got = float(exact_spectral_norm(kernel, n, stride=stride, dilation=dilation, groups=groups))
-    assert got == pytest.approx(float(oracle[0]), rel=RTOL)
+    assert got == pytest.approx(float(oracle[0]), rel=RTOL)  # no gradient: the certified batch maximum
+    # With a gradient to carry: an SVD per frequency, the route a training loss takes.
+    differentiable = exact_spectral_norm(kernel.clone().requires_grad_(), n, stride=stride, dilation=dilation,
+                                         groups=groups)
+    assert differentiable.requires_grad
+    assert differentiable.item() == pytest.approx(float(oracle[0]), rel=RTOL)
 
 
 def test_exact_spectral_norm_of_a_grouped_strided_svdconv_equals_the_oracle():
