@@ -517,6 +517,12 @@ def test_histogram_of_an_orthogonal_layer_is_a_spike_at_its_singular_values():
     histograms = ev.singular_value_histograms(nn.Sequential(layer), torch.zeros(1, 4, 5, 5), bins=4, range=(0, 1.2))
     assert histograms[0].counts.tolist() == [0, 50, 0, 50]
     tiny = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(4), nn.Conv2d(4, 4, 3, padding=1))
-    assert [h.name for h in ev.singular_value_histograms(tiny, torch.zeros(1, 4, 8, 8))] == ["0"]  # '2' sees 2x2
+    # '2' sees 2x2, below its kernel: the kernel folds modulo the size (as in spectral_report).
+    histograms = ev.singular_value_histograms(tiny, torch.zeros(1, 4, 8, 8))
+    assert [h.name for h in histograms] == ["0", "2"]
+    from circular_oracle import circular_conv_any_size
+    from oracle import operator_matrix
+    folded = operator_matrix(circular_conv_any_size(tiny[2].weight.detach().double(), (1, 1), (1, 1), 1), (4, 2, 2))
+    assert histograms[1].largest == pytest.approx(float(torch.linalg.matrix_norm(folded, ord=2)), rel=1e-5)
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         ev.singular_value_histograms(nn.Sequential(nn.ReLU()), torch.zeros(1, 4, 5, 5))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from configs import config_id, random_conv_configs
 from oracle import circular_singular_values, layer_operator, operator_matrix
-from ttconv import SVDConv, conv_singular_values, conv_spectral_norm
+from ttconv import SVDConv1d, SVDConv3d, SVDConvTranspose2d, SVDConv, conv_singular_values, conv_spectral_norm
 
 CONFIGS = random_conv_configs(240, seed=1)
 TOL = 1e-10  # float64, relative to the largest singular value
@@ -127,8 +127,21 @@ def test_layer_bad_input_sizes_raise():
     layer = SVDConv(2, 2, 3, stride=2)
     with pytest.raises(ValueError, match="not divisible by stride"):
         layer.singular_values((7, 8))
-    with pytest.raises(ValueError, match="smaller than the"):
-        layer.singular_values(2)
+
+
+@pytest.mark.parametrize("cls, kernel, size", [(SVDConv, 5, (2, 3)), (SVDConv1d, 5, (3,)), (SVDConv3d, 3, (2, 1, 2)),
+                                               (SVDConvTranspose2d, 4, (1, 2))])
+def test_layer_spectrum_below_the_kernel_size_is_the_folded_dense_spectrum(cls, kernel, size):
+    """Below the kernel extent the circular operator folds the kernel modulo the size, for the
+    SVD layers as for dense kernels (the same values as conv_singular_values of the composed
+    kernel; the folding itself is oracle-tested in test_spectra_fast_paths.py)."""
+    torch.manual_seed(0)
+    layer = cls(3, 4, kernel, rank=2, dtype=torch.float64)
+    stride = tuple(layer.stride)
+    grid = tuple(n * s for n, s in zip(size, stride)) if cls is SVDConvTranspose2d else size
+    expected = conv_singular_values(layer.weight.detach(), grid, stride=stride, dilation=layer.dilation,
+                                    groups=layer.groups)
+    torch.testing.assert_close(layer.singular_values(size), expected, rtol=0, atol=1e-12)
 
 
 def test_bad_weights_raise():

@@ -930,8 +930,8 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
     -------
     list of SpectrumHistogram
         In module order. Left out: layers not reached by the forward pass, and layers
-        whose input size has no circular operator (smaller than the dilated kernel, or
-        not divisible by the stride).
+        whose input size is not divisible by the stride (no strided circular operator).
+        Below the kernel size the kernel folds modulo the size, as in ``spectral_report``.
     """
     from ._hooks import find_conv_layers
 
@@ -945,8 +945,8 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
         if not sizes[name]:
             continue
         try:
-            check_spectral_input_size(sizes[name][0], layer.kernel_size, layer.stride, layer.dilation)
-        except ValueError:  # smaller than the kernel or not divisible by the stride: no circular operator
+            check_spectral_input_size(sizes[name][0], layer.kernel_size, layer.stride, layer.dilation, fold=True)
+        except ValueError:  # not divisible by the stride: no strided circular operator
             continue
         spectra.append((name, sizes[name][0], _layer_spectrum(layer, sizes[name][0]).double()))
     if not spectra:

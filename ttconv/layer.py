@@ -601,7 +601,8 @@ class _SVDConvNd(nn.Module):
         Parameters
         ----------
         input_size : int or (int, int)
-            Divisible by the stride and at least the dilated kernel extent.
+            Divisible by the stride. Below the dilated kernel extent the circular operator
+            is that of the kernel folded modulo the size (``ttconv.spectra.fold_kernel``).
 
         Returns
         -------
@@ -613,7 +614,7 @@ class _SVDConvNd(nn.Module):
         """
         if self._transposed or self._dims != 2:
             return self._nd_singular_values(input_size)
-        n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation)
+        n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation, fold=True)
         s1, s2 = self.stride
         if self.core_kind == "orthogonal":
             # Exactly |S|, once per output position (docs/orthogonal.md): O(r), no FFT.
@@ -640,7 +641,7 @@ class _SVDConvNd(nn.Module):
             size = tuple(mi * si for mi, si in zip(m, stride))
         else:
             size = args.ntuple(input_size, "input_size", d)
-        n = check_spectral_input_size(size, self.kernel_size, stride, self.dilation)
+        n = check_spectral_input_size(size, self.kernel_size, stride, self.dilation, fold=True)
         values = conv_singular_values(self.orthonormal_core(), n, stride=stride, dilation=self.dilation,
                                       groups=self.groups)
         rows, cols = self._weight_channels()
