@@ -112,7 +112,7 @@ MUTANTS: List[Mutant] = [
         "power_estimate_rounds_to_nearest", "ttconv/bounds.py",
         "cast = torch.nextafter(cast, torch.zeros_like(cast))",
         "cast = cast",
-        ("tests/test_bounds_values.py::test_power_estimate_of_a_float32_layer_is_the_float64_value_rounded_down",),
+        ("tests/test_bounds_values.py::test_power_estimate_of_a_float32_layer_is_rounded_down",),
         "the float64 power estimate is cast to float32 to nearest, not down (can exceed the norm)",
     ),
     # ----------------------------------------------------------------- spectra.py

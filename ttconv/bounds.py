@@ -604,9 +604,10 @@ def power_iteration_estimate(
     dilation, padding mode, no bias; for a transposed spec torch's transposed conv with
     its ``output_padding``) and ``A^T`` its adjoint from autograd; returns ``||A x||``
     for the final unit ``x``, which approaches the spectral norm from below as ``n_iter``
-    grows. Computed in float64 on the kernel divided by ``max |w|`` (no overflow or
-    underflow at any scale) and rounded down to the kernel's spectral dtype, so it never
-    exceeds the true norm beyond float64 round-off. Not differentiable.
+    grows. Runs on the kernel divided by ``max |w|`` (no overflow or underflow at any
+    scale); the iterations at the kernel's precision (float32 or float64), the returned
+    ``||A x||`` in float64, rounded down to the kernel's spectral dtype, so it never exceeds
+    the true norm beyond float64 round-off. Not differentiable.
     """
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
@@ -619,23 +620,27 @@ def power_iteration_estimate(
     kernel = spec.kernel.detach().to(torch.float64)
     scale = kernel_scale(kernel)
     kernel = kernel / scale
+    # The iterations run at the kernel's own precision (a float32 conv is several times faster
+    # than a float64 one on CPU); only the final ||A x|| is evaluated in float64. Whatever x the
+    # iterations reach, ||A x|| / ||x|| is at most the norm, so the estimate stays below it.
+    work = kernel.to(torch.float32 if out_dtype == torch.float32 else torch.float64)
 
-    def apply(x: Tensor) -> Tensor:
+    def apply(x: Tensor, weight: Tensor = kernel) -> Tensor:
         if spec.transposed:
-            return _CONV_TRANSPOSE[spec.dims - 1](x, kernel, None, spec.stride, spec.padding, spec.output_padding,
+            return _CONV_TRANSPOSE[spec.dims - 1](x, weight, None, spec.stride, spec.padding, spec.output_padding,
                                                   spec.groups, spec.dilation)
-        return _functional.conv_nd(x, kernel, None, spec.stride, spec.padding, spec.dilation, spec.groups,
+        return _functional.conv_nd(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups,
                                    spec.padding_mode, spec.reversed_padding)
 
     generator = torch.Generator(device=kernel.device).manual_seed(seed)
     # A transposed spec's input has the conv's output channels (the kernel's first axis).
     c_in = kernel.shape[0] if spec.transposed else kernel.shape[1] * spec.groups
-    x = torch.randn(1, c_in, *n, dtype=kernel.dtype, device=kernel.device, generator=generator)
+    x = torch.randn(1, c_in, *n, dtype=torch.float64, device=kernel.device, generator=generator).to(work.dtype)
     x = x / x.norm()
     for _ in range(n_iter):
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            y = apply(x)
+            y = apply(x, work)
             # A^T (A x) as the vector-Jacobian product of the linear map at y = A x.
             (x,) = torch.autograd.grad(y, x, y.detach())
         norm = x.norm()
@@ -643,4 +648,6 @@ def power_iteration_estimate(
             break
         x = x / norm
     with torch.no_grad():
+        x = x.to(torch.float64)
+        x = x / x.norm().clamp_min(torch.finfo(torch.float64).tiny)  # a unit vector (or 0) in float64
         return _round_down(apply(x.detach()).norm() * scale, out_dtype)
