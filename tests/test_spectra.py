@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from configs import config_id, random_conv_configs
 from oracle import circular_singular_values, layer_operator, operator_matrix
-from ttconv import SVDConv1d, SVDConv3d, SVDConvTranspose2d, SVDConv, conv_singular_values, conv_spectral_norm
+from ttconv import SVDConv, SVDConv1d, SVDConv3d, SVDConvTranspose2d, conv_singular_values, conv_spectral_norm
 
 CONFIGS = random_conv_configs(240, seed=1)
 TOL = 1e-10  # float64, relative to the largest singular value
