@@ -11,7 +11,11 @@ and decoders. It is trained four ways, the encoder always plain:
    by the norm of the weight reshaped to a matrix: not the layer's operator norm);
 3. the decoder converted to ``SVDConvTranspose2d`` (``ttconv.convert``) with
    ``SpectralControl(mode='clip_scale')`` every ``--every`` steps;
-4. the same with ``mode='scale'``.
+4. the same with ``mode='scale'``;
+5. plain ``nn.ConvTranspose2d`` whose weight is parametrized as
+   ``W * min(1, target / sigma(W))`` with ``sigma`` the exact circular norm
+   (``ttconv.conv_spectral_norm``, differentiable): spectral normalisation as torch does
+   it, but with the layer's operator norm.
 
 Printed per model: the test reconstruction error (mean squared error per pixel on
 standardised images); each decoder layer's exact circular spectral norm (the quantity the
@@ -39,13 +43,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _digits import load_digits  # noqa: E402
-from _lipschitz import empirical_lipschitz  # noqa: E402
+from _lipschitz import ExactNormCap, empirical_lipschitz  # noqa: E402
 
 import ttconv  # noqa: E402
 from ttconv.bounds import operator_norm_bound  # noqa: E402
 
 MODELS = ("ConvTranspose2d", "ConvTranspose2d + torch spectral_norm",
-          "SVDConvTranspose2d + clip_scale", "SVDConvTranspose2d + scale")
+          "SVDConvTranspose2d + clip_scale", "SVDConvTranspose2d + scale", "ConvTranspose2d + exact norm cap")
 TRANSPOSED = (nn.ConvTranspose2d, ttconv.SVDConvTranspose2d)
 
 
@@ -125,6 +129,13 @@ def run(label: str, x_train: Tensor, x_test: Tensor, options) -> Dict[str, objec
         for module in model.decoder:
             if isinstance(module, nn.ConvTranspose2d):
                 nn.utils.parametrizations.spectral_norm(module)
+    elif label == "ConvTranspose2d + exact norm cap":
+        with torch.no_grad():
+            grids = [(layer, tuple(m * s for m, s in zip(size, layer.stride)))  # k = 2 p + s: output m * s
+                     for _, layer, size in decoder_layers(model.decoder, code_example)]
+        for layer, grid in grids:
+            cap = ExactNormCap(options.max_value, grid, layer.stride, layer.dilation)
+            nn.utils.parametrize.register_parametrization(layer, "weight", cap)
     elif label.startswith("SVDConvTranspose2d"):
         model.decoder = ttconv.convert(model.decoder)
         control = ttconv.SpectralControl(model.decoder, options.max_value, every=options.every,
@@ -146,7 +157,7 @@ def run(label: str, x_train: Tensor, x_test: Tensor, options) -> Dict[str, objec
         "seconds": seconds,
         "model": model,
         "code_example": code_example,
-        "max_value": options.max_value if control is not None else None,
+        "max_value": options.max_value if control is not None or "cap" in label else None,
     }
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _lipschitz import empirical_lipschitz  # noqa: E402
+from _lipschitz import ExactNormCap, empirical_lipschitz  # noqa: E402
 
 import ttconv  # noqa: E402
 
@@ -89,23 +89,6 @@ def pitch_cnn(classes: int = 12, width: int = 32) -> nn.Sequential:
         nn.Conv1d(width, width, 5, dilation=4, padding=8), nn.ReLU(),
         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, classes),
     )
-
-
-class ExactNormCap(nn.Module):
-    """Parametrization ``W -> W * min(1, target / sigma(W))``, ``sigma`` the conv's exact circular norm.
-
-    ttconv has no such parametrization (``SpectralControl`` projects after optimizer steps);
-    this one recomputes the norm from the dense kernel at every forward, differentiably.
-    """
-
-    def __init__(self, target: float, length: Tuple[int, ...], stride: Tuple[int, ...],
-                 dilation: Tuple[int, ...]) -> None:
-        super().__init__()
-        self.target, self.length, self.stride, self.dilation = target, length, stride, dilation
-
-    def forward(self, weight: Tensor) -> Tensor:
-        sigma = ttconv.conv_spectral_norm(weight, self.length, stride=self.stride, dilation=self.dilation)
-        return weight * (self.target / sigma).clamp(max=1.0)
 
 
 def input_lengths(model: nn.Module, example: Tensor) -> Dict[nn.Module, Tuple[int, ...]]:
