@@ -1,10 +1,11 @@
 """A conv-transpose decoder (generator) trained with spectral control, on the offline digits.
 
 An autoencoder on scikit-learn's bundled digits (16x16, no download): a plain conv encoder
-maps an image to a 2 x 4 x 4 code (32 numbers), and a decoder of three ``ConvTranspose2d`` layers
-(4x4 -> 8x8 -> 16x16, stride 2) with ReLUs between them maps the code back to the image.
+maps an image to a 2 x 4 x 4 code (32 numbers), and a decoder of three ``ConvTranspose2d``
+layers (3x3 stride 1, then two 4x4 stride 2: 4x4 -> 8x8 -> 16x16) with ReLUs between them maps
+the code back to the image.
 The decoder's Lipschitz constant is what spectral normalisation controls in GAN generators
-and decoders. It is trained four ways, the encoder always plain:
+and decoders. It is trained five ways, the encoder always plain:
 
 1. plain ``nn.ConvTranspose2d`` decoder;
 2. ``nn.ConvTranspose2d`` under ``torch.nn.utils.parametrizations.spectral_norm`` (divides
@@ -25,7 +26,7 @@ Lipschitz constant because the decoder is a plain chain with 1-Lipschitz ReLUs b
 layers; the empirical Lipschitz constant (the largest Jacobian norm of the decoder over test
 codes, a lower bound); and the training time per epoch.
 
-Run: ``python examples/generator_digits.py`` (about a minute on one CPU thread; needs
+Run: ``python examples/generator_digits.py`` (about two minutes on one CPU thread; needs
 scikit-learn: ``pip install -e ".[examples]"``).
 """
 
