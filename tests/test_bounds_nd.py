@@ -617,3 +617,40 @@ def test_padding_factor_is_a_product_over_the_axes():
         assert bounds.padding_factor(spec) == pytest.approx(math.sqrt(5 ** d))
     mixed = geometry.conv_spec(torch.randn(1, 1, 3, 3, 3), padding=(2, 0, 1), padding_mode="replicate")
     assert bounds.padding_factor(mixed, (4, 4, 4)) == pytest.approx(math.sqrt(3 * 1 * 2))
+
+
+def test_geometry_keywords_with_a_layer_are_refused_not_ignored():
+    """A layer (or spec) carries its geometry: ``stride=`` given with it used to be dropped silently."""
+    conv = nn.Conv2d(2, 3, 3)
+    with pytest.raises(TypeError, match="stride given with a Conv2d"):
+        bounds.exact_spectral_norm(conv, 8, stride=2)
+    with pytest.raises(TypeError, match="padding, padding_mode given with a ConvSpec"):
+        bounds.operator_norm_bound(geometry.conv_spec(conv), 8, padding=1, padding_mode="circular")
+    strided = nn.Conv2d(2, 3, 3, stride=2)
+    with torch.no_grad():
+        strided.weight.copy_(conv.weight)
+    from_kernel = float(bounds.exact_spectral_norm(conv.weight.detach(), 8, stride=2))  # keywords with a kernel
+    assert from_kernel == pytest.approx(float(bounds.exact_spectral_norm(strided, 8).detach()), rel=1e-6)
+    assert from_kernel != pytest.approx(float(bounds.exact_spectral_norm(conv, 8).detach()), rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"])
+def test_one_exact_norm_with_one_meaning(kind):
+    """The layer's spectral_norm, ttconv.spectral_norm, bounds.exact_spectral_norm and the first singular
+    value agree on every kind (a transposed layer on m inputs: the adjoint conv on m * stride), and
+    all of them refuse a size the stride does not divide."""
+    import ttconv
+
+    d = int(kind[-2])
+    torch.manual_seed(d)
+    svd_class = getattr(ttconv, f"SVD{kind}" if kind != "Conv2d" else "SVDConv")
+    layer = svd_class(4, 6, 3, stride=2, padding=1, rank=3, dtype=torch.float64)
+    size = (4,) * d
+    values = [float(layer.spectral_norm(size)), float(ttconv.spectral_norm(layer, size)),
+              float(bounds.exact_spectral_norm(layer, size)), float(layer.singular_values(size)[0])]
+    assert max(values) - min(values) <= 1e-12 * max(values)
+    if not layer._transposed:  # (a transposed layer's grid m * stride is always divisible)
+        for norm in (layer.spectral_norm, lambda n: ttconv.spectral_norm(layer, n),
+                     lambda n: bounds.exact_spectral_norm(layer, n)):
+            with pytest.raises(ValueError, match="not divisible by stride"):
+                norm((5,) * d)

@@ -139,11 +139,13 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
     """Exact circular spectral norm of a layer at ``input_size`` (differentiable, 0-D).
 
     The norm of the circular convolution on an ``n1 x n2`` input (``d`` sizes for a
-    ``d``-D layer) with the layer's stride, dilation and groups. For a strided layer whose
-    ``input_size`` is not divisible by the stride, the norm of the stride-1 circular
-    convolution instead: an upper bound of the strided operator's norm (circular
-    convolution, then every ``s``-th output kept, which is a coordinate projection of the
-    stride-1 output), not its exact value. For a transposed layer, the norm of the circular
+    ``d``-D layer) with the layer's stride, dilation and groups: the same value as
+    ``layer.spectral_norm`` (SVD layers), ``ttconv.bounds.exact_spectral_norm`` and
+    ``ttconv.conv_spectral_norm``. A size not divisible by the stride has no strided
+    circular operator and is refused (``ValueError``), as everywhere in ttconv; the control
+    functions and ``SpectralControl`` control such a layer through the norm of its
+    stride-1 circular convolution, an upper bound (every ``s``-th output of it is kept: a
+    coordinate projection). For a transposed layer, the norm of the circular
     conv it is the adjoint of (its weight as a conv kernel) on ``s n`` (the circular transposed
     conv on ``n`` inputs; see the module docstring).
 
@@ -159,7 +161,9 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
         0-D, float64 for float64 parameters and float32 otherwise, differentiable.
     """
     _check_layer(layer)
-    return _grid_norm(layer, _operator_grid(layer, input_size))
+    n = _operator_grid(layer, input_size)
+    check_spectral_input_size(n, layer.kernel_size, layer.stride, layer.dilation, fold=True)  # stride divides n
+    return _grid_norm(layer, n)
 
 
 def _grid_norm(layer: ConvLayer, n: Tuple[int, ...]) -> Tensor:

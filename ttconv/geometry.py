@@ -208,11 +208,21 @@ def conv_spec(
     * an object with ``orthonormal_core()`` and conv attributes (an SVD layer without
       ``conv_spec()``): its orthonormal core and geometry;
     * a kernel tensor ``(c_out, c_in/groups, *k)``: the geometry keywords (an int or one
-      value per spatial axis). Keywords are only for kernels.
+      value per spatial axis). Keywords are only for kernels: given with a layer or a spec,
+      which carry their own geometry, they are refused (a ``TypeError`` naming them)
+      rather than silently ignored.
     """
     if isinstance(target, Tensor):
         check_kernel(target, groups)
         return ConvSpec(target, stride, padding, dilation, groups, padding_mode, transposed, output_padding)
+    given = [name for name, value, default in (
+        ("stride", stride, 1), ("dilation", dilation, 1), ("groups", groups, 1), ("padding", padding, 0),
+        ("padding_mode", padding_mode, "zeros"), ("transposed", transposed, False),
+        ("output_padding", output_padding, 0)) if value is not default]
+    if given:
+        raise TypeError(f"{', '.join(given)} given with a {type(target).__name__}, which carries its own geometry: "
+                        "geometry keywords are only for kernel tensors; drop them, or pass the kernel "
+                        "(e.g. layer.weight) with the geometry you mean")
     if isinstance(target, ConvSpec):
         return target
     method = getattr(target, "conv_spec", None)

@@ -30,7 +30,7 @@ from ._precision import full_precision
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
 from .geometry import ConvSpec
 from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
-from .spectra import check_spectral_input_size, conv_singular_values, spectral_dtype
+from .spectra import check_spectral_input_size, conv_singular_values, conv_spectral_norm, spectral_dtype
 from .tt import TTFactors, canonicalize, compose, decompose, orthonormal_core, random_factors, resolve_ranks
 
 __all__ = ["SVDConv", "SVDConv1d", "SVDConv2d", "SVDConv3d", "SVDConvTranspose1d", "SVDConvTranspose2d",
@@ -679,8 +679,22 @@ class _SVDConvNd(nn.Module):
         )
 
     def spectral_norm(self, input_size: IntOrPair) -> Tensor:
-        """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D)."""
-        return self.singular_values(input_size)[0]
+        """Largest singular value of the layer on an ``n1 x n2`` input, circular padding (0-D).
+
+        ``singular_values(input_size)[0]`` without the full spectrum: the norm of the core's
+        circular operator (``ttconv.conv_spectral_norm``; a transposed layer on ``m`` inputs:
+        on ``m * stride``), ``max |S|`` for the orthogonal core. The same value as
+        ``ttconv.spectral_norm(layer, input_size)`` and ``ttconv.bounds.exact_spectral_norm``;
+        sizes not divisible by the stride are refused. Differentiable.
+        """
+        size = args.ntuple(input_size, "input_size", self._dims)
+        if self._transposed:
+            size = tuple(m * s for m, s in zip(size, self.stride))
+        n = check_spectral_input_size(size, self.kernel_size, self.stride, self.dilation, fold=True)
+        if self.core_kind == "orthogonal":  # exactly |S| at every position (docs/orthogonal.md)
+            return self.effective_S().to(spectral_dtype(self.S.dtype)).abs().max()
+        return conv_spectral_norm(self.orthonormal_core(), n, stride=self.stride, dilation=self.dilation,
+                                  groups=self.groups)
 
     # ----------------------------------------------------------- conversion
     @classmethod
