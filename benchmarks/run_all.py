@@ -22,6 +22,10 @@ SECTIONS = [  # (heading, script, blurb)
     ("SVDConv vs nn.Conv2d, and exact spectra", "benchmarks/bench_layer.py",
      "Forward and forward+backward at batch 32 (ResNet-like 3x3 convs), then the exact spectrum "
      "from the TT core vs the dense FFT method (rank c/4)."),
+    ("Forward path choice: dense vs factored vs auto", "benchmarks/bench_paths.py",
+     "MTCNN-, MobileNet-v3- and OCR-like layer shapes at ranks full/0.5/0.25, batch 1 and 16, eval forward and "
+     "forward+backward: both fixed paths and 'auto' timed interleaved (fastest of rounds); choice / best is the "
+     "time of the path auto chose over the faster one."),
     ("Orthonormality: drift and cost", "benchmarks/bench_orthonormality.py",
      "Why U and V are kept orthonormal by a retraction outside forward (design.md)."),
     ("Bounds: time and tightness on ResNet-18-shaped layers", "benchmarks/bench_bounds.py",
