@@ -278,3 +278,24 @@ def test_size_independent_upper_bound_is_the_smaller_of_ff_and_the_spatial_bound
     assert spatial < 0.9 * ff
     for report in (spectral_report(nn.Sequential(conv)), state_dict_report({"conv.weight": conv.weight})):
         assert report.layers[0].upper_bound == pytest.approx(spatial, rel=1e-12)
+
+
+@pytest.mark.parametrize("run", ["report", "control", "histograms", "convert"])
+def test_the_example_pass_restores_every_modules_own_training_flag(run):
+    """A submodule frozen in eval mode inside a model in training mode stays frozen (one shared
+    example pass, _hooks.run_example; ``model.train(was)`` would flip it back to training)."""
+    import ttconv
+    from ttconv import evaluate
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3)).train()
+    model[1].eval()
+    x = torch.randn(1, 3, 8, 8)
+    if run == "report":
+        ttconv.spectral_report(model, x, progress=False)
+    elif run == "control":
+        ttconv.SpectralControl(model, 1.0, example_input=x)
+    elif run == "histograms":
+        evaluate.singular_value_histograms(model, x)
+    else:
+        ttconv.convert(model, example_input=x, inplace=True)
+    assert model.training and model[0].training and not model[1].training and model[2].training

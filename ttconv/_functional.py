@@ -1,4 +1,4 @@
-"""The one place that applies a conv kernel with ``nn.Conv2d``'s padding semantics, and
+"""The one place that applies a conv kernel with torch's padding semantics (``nn.Conv1d/2d/3d``), and
 the per-group channel mixing (a 1x1 convolution) of the factored forward path."""
 
 from __future__ import annotations
@@ -9,24 +9,6 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-def conv2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    stride: Tuple[int, ...],
-    padding: Union[str, Tuple[int, ...]],
-    dilation: Tuple[int, ...],
-    groups: int,
-    padding_mode: str,
-    reversed_padding: Sequence[int],
-) -> Tensor:
-    """``nn.Conv2d``'s forward for any padding mode (``reversed_padding`` feeds ``F.pad``); pairs of ints."""
-    if padding_mode != "zeros":
-        x = F.pad(x, tuple(reversed_padding), mode=padding_mode)
-        return F.conv2d(x, weight, bias, stride, 0, dilation, groups)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def conv_nd(

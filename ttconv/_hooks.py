@@ -47,21 +47,30 @@ def record_input_sizes(
                 sizes[name].append(size)
 
         handles.append(module.register_forward_pre_hook(record))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
-    except Exception as error:
-        raise ValueError(
-            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
-            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W)"
-        ) from error
+        run_example(model, example_input)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return sizes
+
+
+def run_example(model: nn.Module, example_input: Any) -> Any:
+    """The model's output on ``example_input`` (a tensor, or a tuple of positional arguments)
+    in eval mode without grad. Every module's training flag is restored as it was (so
+    batch-norm statistics and dropout are not touched, and a submodule frozen in eval mode
+    stays so). Raises ``ValueError`` naming ``example_input`` when the forward pass fails."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
+    except Exception as error:
+        raise ValueError(
+            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
+            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W) (torch.zeros(1, C, L) for 1-D, "
+            "torch.zeros(1, C, D, H, W) for 3-D layers), or a tuple of positional arguments"
+        ) from error
+    finally:
+        for module, mode in modes:
+            module.training = mode

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._hooks import unwrap
+from ._hooks import run_example, unwrap
 from .activations import ChannelPad, MaxMin
 from .geometry import conv_spec
 from .layer import _SVDConvNd
@@ -219,18 +219,9 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
 
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            output = model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
-    except Exception as error:
-        raise ValueError(
-            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
-            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W)"
-        ) from error
+        output = run_example(model, example_input)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     result.chain_reason = _chain_problem(calls, analysed_ids, example_input, output) or ""

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _conv_args as args
-from ._hooks import unwrap
+from ._hooks import run_example, unwrap
 from ._precision import full_precision
 from ._progress import ProgressArg, progress_for
 from .bounds import fantastic_four_bound
@@ -473,8 +473,8 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
 def _record_operator_grids(model: nn.Module, layers: List[Tuple[str, ConvLayer]],
                            example_input: Any) -> Dict[str, List[Tuple[int, ...]]]:
     """The grids of each layer's controlled operator seen in one forward pass (eval mode, no grad):
-    the input's spatial size, times the stride for a transposed layer. The training flag is restored; ``ValueError`` naming ``example_input``
-    when the forward pass fails."""
+    the input's spatial size, times the stride for a transposed layer. Run by ``_hooks.run_example``
+    (training flags restored; ``ValueError`` naming ``example_input`` when the forward pass fails)."""
     grids: Dict[str, List[Tuple[int, ...]]] = {name: [] for name, _ in layers}
     handles = []
     for name, module in layers:
@@ -487,22 +487,9 @@ def _record_operator_grids(model: nn.Module, layers: List[Tuple[str, ConvLayer]]
                 grids[name].append(grid)
 
         handles.append(module.register_forward_hook(record))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
-    except Exception as error:
-        raise ValueError(
-            f"example_input could not be run through the model ({type(error).__name__}: {error}); "
-            "pass an input the model accepts, e.g. torch.zeros(1, C, H, W) (torch.zeros(1, C, L) for 1-D, "
-            "torch.zeros(1, C, D, H, W) for 3-D layers)"
-        ) from error
+        run_example(model, example_input)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return grids

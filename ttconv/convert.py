@@ -33,7 +33,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._hooks import unwrap
+from ._hooks import run_example, unwrap
 from ._progress import progress_callback
 from .layer import (
     SVDConv1d,
@@ -657,18 +657,7 @@ def _outputs(value: Any) -> List[Tensor]:
 def _run(model: nn.Module, example_input: Any) -> List[Tensor]:
     """The model's outputs on ``example_input`` in eval mode without grad; every module's
     training flag is restored (so batch-norm statistics and dropout are not touched)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
-    except Exception as error:
-        raise ValueError(f"example_input could not be run through the model ({type(error).__name__}: {error}); "
-                         "pass an input the model accepts (a tensor, or a tuple of positional arguments)") from error
-    finally:
-        for module, mode in modes:
-            module.training = mode
-    tensors = _outputs(output)
+    tensors = _outputs(run_example(model, example_input))
     if not tensors:
         raise ValueError("the model's output on example_input holds no floating-point tensor to compare")
     return tensors

@@ -400,12 +400,7 @@ class _SVDConvNd(nn.Module):
             assert not isinstance(self.padding, str) and output_padding is not None
             transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._dims - 1]
             return transpose(x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
-        if self._dims != 2:
-            return _functional.conv_nd(
-                x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                self.padding_mode, self._reversed_padding_repeated_twice,
-            )
-        return _functional.conv2d(
+        return _functional.conv_nd(
             x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
             self.padding_mode, self._reversed_padding_repeated_twice,
         )
