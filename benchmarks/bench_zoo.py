@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
-from _timing import markdown_table  # noqa: E402
-from _zoo import gib, interleaved, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
+from _timing import interleaved, markdown_table  # noqa: E402
+from _zoo import gib, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
 
 import ttconv  # noqa: E402
 
