@@ -43,7 +43,7 @@ METHODS = [  # (column, function(conv, n), kind)
     ("FF min", lambda conv, n: bounds.fantastic_four_bound(conv)),
     ("FF power(10)", lambda conv, n: bounds.fantastic_four_bound(conv, method="power", n_iter=10)),
     ("Gram t=6", lambda conv, n: bounds.gram_iteration_bound(conv, n, n_iter=6)),
-    ("spatial Gram t=2", lambda conv, n: bounds.zero_padding_bound(conv, n_iter=2)),
+    ("spatial Gram t=2", lambda conv, n: bounds.spatial_gram_bound(conv, n_iter=2)),
     ("operator bound", lambda conv, n: bounds.operator_norm_bound(conv, n)),
     ("power est(20)", lambda conv, n: bounds.power_iteration_estimate(conv, n, n_iter=20)),
 ]

@@ -216,7 +216,7 @@ def load_paper_clip(repo):
     return quiet_clip
 
 
-def reimplemented_clip(core, n, max_value, stride):
+def reimplemented_clip(core, n, max_singular_value, stride):
     """RE-IMPLEMENTATION (not the paper's code) of the paper's FFT clip of a core, as described:
 
     the core zero-padded to ``n x n``, its ``s*s`` polyphase components on the ``n/s`` grid,
@@ -229,7 +229,7 @@ def reimplemented_clip(core, n, max_value, stride):
     phases = torch.stack([padded[..., a::stride, b::stride] for a in range(stride) for b in range(stride)], 2)
     transfer = torch.fft.fft2(phases.reshape(c_out, -1, n // stride, n // stride)).permute(2, 3, 0, 1)
     left, values, right = torch.linalg.svd(transfer, full_matrices=False)
-    clipped = (left * values.clamp(max=max_value).to(left.dtype).unsqueeze(-2)) @ right
+    clipped = (left * values.clamp(max=max_singular_value).to(left.dtype).unsqueeze(-2)) @ right
     spatial = torch.fft.ifft2(clipped.permute(2, 3, 0, 1)).real.reshape(c_out, c_in, stride * stride, n // stride, -1)
     for index, (a, b) in enumerate((a, b) for a in range(stride) for b in range(stride)):
         padded[..., a::stride, b::stride] = spatial[:, :, index]

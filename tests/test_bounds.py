@@ -11,12 +11,12 @@ from ttconv.bounds import (
     conv_spec,
     exact_spectral_norm,
     fantastic_four_bound,
-    fantastic_four_bounds,
+    fantastic_four_reshape_bounds,
     gram_iteration_bound,
     operator_norm_bound,
     padding_factor,
     power_iteration_estimate,
-    zero_padding_bound,
+    spatial_gram_bound,
 )
 from ttconv.spectra import MemoryLimitError
 
@@ -58,7 +58,7 @@ def test_bounds_against_oracle(index, config):
     assert grams[-1] <= circular * (1 + 1e-3) + 1e-12
 
     ff = float(fantastic_four_bound(layer))
-    zero_bound = float(zero_padding_bound(layer, n_iter=2))
+    zero_bound = float(spatial_gram_bound(layer, n_iter=2))
     for bound in (ff, zero_bound):
         assert bound >= circular * SAFE
         if c["padding_mode"] == "zeros":
@@ -76,7 +76,7 @@ def test_svdconv_core_gives_the_dense_value(config):
     n = config["n"]
     for method in (exact_spectral_norm, gram_iteration_bound):
         assert abs(float(method(layer, n)) - float(method(dense, n))) <= 1e-10 * max(1.0, float(method(dense, n)))
-    assert torch.allclose(fantastic_four_bounds(layer), fantastic_four_bounds(dense), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(fantastic_four_reshape_bounds(layer), fantastic_four_reshape_bounds(dense), rtol=1e-10, atol=1e-12)
 
 
 @torch.no_grad()
@@ -97,11 +97,11 @@ def test_operator_norm_bound_is_exact_for_size_preserving_circular_conv():
 @torch.no_grad()
 def test_fantastic_four_power_method_approaches_exact_values_with_persistent_state():
     weight = torch.randn(8, 6, 3, 3, dtype=torch.float64)
-    exact = fantastic_four_bounds(weight)
+    exact = fantastic_four_reshape_bounds(weight)
     state = {}
-    first = fantastic_four_bounds(weight, method="power", n_iter=1, state=state)
+    first = fantastic_four_reshape_bounds(weight, method="power", n_iter=1, state=state)
     for _ in range(100):
-        later = fantastic_four_bounds(weight, method="power", n_iter=1, state=state)
+        later = fantastic_four_reshape_bounds(weight, method="power", n_iter=1, state=state)
     assert torch.all(first <= exact * (1 + 1e-12))
     assert torch.allclose(later, exact, rtol=1e-6)
     assert set(state) == {"R", "S", "T", "U"}
@@ -174,7 +174,7 @@ def test_circular_padding_beyond_half_the_kernel_repeats_rows():
     # so sqrt(2 * 2) times the circular norm 9.
     assert float(operator_norm_bound(conv, 5)) == pytest.approx(18.0, rel=1e-12)
     # Size independent: the worst case over sizes the layer accepts (n >= 2 per axis).
-    for bound in (fantastic_four_bound(conv), zero_padding_bound(conv)):
+    for bound in (fantastic_four_bound(conv), spatial_gram_bound(conv)):
         assert float(bound) >= max(_real_norm(conv, (n, n)) for n in range(2, 9))
     # Worst size n = 2: 4 outputs per axis from 2 circular rows, 2 repeats per axis.
     assert float(fantastic_four_bound(conv)) == pytest.approx(9.0 * 2.0, rel=1e-12)
@@ -214,7 +214,7 @@ def test_extreme_scales_give_finite_values_on_the_right_side(scale, dtype):
     for bound in (exact_spectral_norm(conv, 8), operator_norm_bound(conv, 8), gram_iteration_bound(conv, 8)):
         assert float(bound) == pytest.approx(real, rel=2e-3)
         assert float(bound) >= real * (1 - tol)
-    for bound in (fantastic_four_bound(conv), zero_padding_bound(conv)):
+    for bound in (fantastic_four_bound(conv), spatial_gram_bound(conv)):
         assert real * (1 - tol) <= float(bound) <= 3 * real
 
 
@@ -222,20 +222,20 @@ def test_extreme_scales_give_finite_values_on_the_right_side(scale, dtype):
 def test_dilated_bounds_use_the_undilated_kernel():
     # A dilated conv is a direct sum of undilated ones on interleaved sub-grids.
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
-    for bound in (fantastic_four_bound, zero_padding_bound):
+    for bound in (fantastic_four_bound, spatial_gram_bound):
         assert float(bound(weight, dilation=2)) == pytest.approx(float(bound(weight)), rel=1e-12)
     conv = nn.Conv2d(2, 3, 3, dilation=2, padding=2, bias=False, dtype=torch.float64)
     assert float(fantastic_four_bound(conv)) >= _real_norm(conv, (9, 9))
 
 
 @torch.no_grad()
-def test_zero_padding_bound_chunks_within_max_memory():
+def test_spatial_gram_bound_chunks_within_max_memory():
     weight = torch.randn(16, 16, 3, 3, dtype=torch.float64)
     # One step's Gram kernel is 16 x 16 x 5 x 5 (51 KB); its im2col is computed row by row.
-    chunked = zero_padding_bound(weight, n_iter=1, max_memory=60_000)
-    assert float(chunked) == pytest.approx(float(zero_padding_bound(weight, n_iter=1)), rel=1e-12)
+    chunked = spatial_gram_bound(weight, n_iter=1, max_memory=60_000)
+    assert float(chunked) == pytest.approx(float(spatial_gram_bound(weight, n_iter=1)), rel=1e-12)
     with pytest.raises(MemoryLimitError, match="16 x 16 x 9 x 9.*max_memory"):
-        zero_padding_bound(weight, n_iter=2, max_memory=60_000)
+        spatial_gram_bound(weight, n_iter=2, max_memory=60_000)
 
 
 @torch.no_grad()
@@ -250,10 +250,10 @@ def test_gram_bound_streams_within_max_memory():
     [
         (lambda: fantastic_four_bound(torch.randn(3, 3)), ValueError, "3-D, 4-D or 5-D"),  # 3-D is a Conv1d kernel
         (lambda: gram_iteration_bound(torch.full((2, 2, 3, 3), float("nan")), 8), ValueError, "NaN or Inf"),
-        (lambda: zero_padding_bound(torch.full((2, 2, 3, 3), float("inf"))), ValueError, "NaN or Inf"),
+        (lambda: spatial_gram_bound(torch.full((2, 2, 3, 3), float("inf"))), ValueError, "NaN or Inf"),
         (lambda: exact_spectral_norm(torch.randn(2, 2, 3, 3), 7, stride=2), ValueError, "not divisible by stride"),
         (lambda: gram_iteration_bound(nn.Conv2d(2, 2, 3, stride=2), (8, 7)), ValueError, "not divisible by stride"),
-        (lambda: zero_padding_bound(torch.randn(2, 2, 3, 3), n_iter=7), ValueError, "n_iter must be <= 6"),
+        (lambda: spatial_gram_bound(torch.randn(2, 2, 3, 3), n_iter=7), ValueError, "n_iter must be <= 6"),
         (lambda: fantastic_four_bound(torch.randn(2, 2, 3, 3), method="svd"), ValueError, "method must be"),
         (lambda: fantastic_four_bound("conv"), TypeError, "weight must be a Tensor"),
         (lambda: operator_norm_bound(nn.Conv2d(2, 2, 5), 3), ValueError, "too small"),

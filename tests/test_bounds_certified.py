@@ -6,8 +6,8 @@ groups, rectangular kernels, n from the smallest size the layer accepts to 12, k
 scaled 1e-20..1e20, float64 and float32, dense convs and SVDConvs) the explicit float64
 matrix of the layer's real operator (``tests/oracle.py``) is the truth, and:
 
-* every function called a bound is >= the truth (``fantastic_four_bounds`` each of the
-  four, ``fantastic_four_bound``, ``zero_padding_bound``, ``operator_norm_bound``), and
+* every function called a bound is >= the truth (``fantastic_four_reshape_bounds`` each of the
+  four, ``fantastic_four_bound``, ``spatial_gram_bound``, ``operator_norm_bound``), and
   ``gram_iteration_bound`` >= the exact circular norm it bounds;
 * ``exact_spectral_norm`` equals the circular oracle (on inputs smaller than the kernel,
   the oracle of the tiled input, ``circular_oracle.py``: the kernel folds modulo n);
@@ -37,11 +37,11 @@ from ttconv import SVDConv, spectral_report, state_dict_report
 from ttconv.bounds import (
     exact_spectral_norm,
     fantastic_four_bound,
-    fantastic_four_bounds,
+    fantastic_four_reshape_bounds,
     gram_iteration_bound,
     operator_norm_bound,
     power_iteration_estimate,
-    zero_padding_bound,
+    spatial_gram_bound,
 )
 
 COUNT = 2100
@@ -149,9 +149,9 @@ CONFIGS_1X1 = layer_configs(300, seed=11, kernel_size=(1, 1))
 # size-independent bounds are loosest at tiny inputs (n = 1..3), where the operator sees
 # few taps; a bound made 10x looser fails here.
 CEILINGS = {
-    "fantastic_four_bounds": 27.7,   # measured 25.18
+    "fantastic_four_reshape_bounds": 27.7,   # measured 25.18
     "fantastic_four_bound": 22.1,    # measured 20.05
-    "zero_padding_bound": 16.5,      # measured 14.96 (n_iter=2)
+    "spatial_gram_bound": 16.5,      # measured 14.96 (n_iter=2)
     "operator_norm_bound": 7.2,      # measured 6.52 (reflect, n=2, stride 2)
 }
 CHUNKS = 7  # a few parametrized cases, each sweeping its share (one test id per layer is slow)
@@ -179,10 +179,10 @@ def _check(config: Dict[str, Any], worst: Dict[str, float]) -> List[str]:
             worst[name] = max(worst.get(name, 0.0), value / truth)
 
     with torch.no_grad():
-        for index, value in enumerate(fantastic_four_bounds(target)):
-            upper(f"fantastic_four_bounds[{index}]", value, real)
+        for index, value in enumerate(fantastic_four_reshape_bounds(target)):
+            upper(f"fantastic_four_reshape_bounds[{index}]", value, real)
         upper("fantastic_four_bound", fantastic_four_bound(target), real)
-        upper("zero_padding_bound", zero_padding_bound(target, n_iter=2), real)
+        upper("spatial_gram_bound", spatial_gram_bound(target, n_iter=2), real)
         upper("operator_norm_bound", operator_norm_bound(target, n), real)
         if circular is not None:
             # After t steps the bound is the Schatten 2^(t+1) norm of the worst frequency

@@ -9,7 +9,7 @@ conv (``F.pad`` with the padding mode, then ``F.conv1d``/``F.conv3d``; no nn mod
 ttconv), and
 
 * every function called a bound is >= the truth: each of the ``2^d`` reshape bounds of
-  ``fantastic_four_bounds``, ``fantastic_four_bound``, ``zero_padding_bound``,
+  ``fantastic_four_reshape_bounds``, ``fantastic_four_bound``, ``spatial_gram_bound``,
   ``operator_norm_bound``; ``gram_iteration_bound`` >= the exact circular norm;
 * ``exact_spectral_norm`` equals the circular oracle (``circular_oracle.py``, the input
   tiled, so inputs smaller than the kernel are included);
@@ -45,12 +45,12 @@ from ttconv import bounds, geometry
 from ttconv.bounds import (
     exact_spectral_norm,
     fantastic_four_bound,
-    fantastic_four_bounds,
+    fantastic_four_reshape_bounds,
     fantastic_four_reshapes,
     gram_iteration_bound,
     operator_norm_bound,
     power_iteration_estimate,
-    zero_padding_bound,
+    spatial_gram_bound,
 )
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -181,19 +181,19 @@ CONFIGS = {1: layer_configs(1, COUNT, seed=21), 3: layer_configs(3, COUNT, seed=
 # each chunk is capped too (measured max over chunks, plus 10%), so a bound uniformly 1.5x
 # looser fails even though it stays under the worst-case ceiling.
 CEILINGS = {
-    1: {"fantastic_four_bounds": 36.1,   # measured 32.77
+    1: {"fantastic_four_reshape_bounds": 36.1,   # measured 32.77
         "fantastic_four_bound": 36.1,    # measured 32.77
-        "zero_padding_bound": 28.7,      # measured 26.05 (n_iter=2)
+        "spatial_gram_bound": 28.7,      # measured 26.05 (n_iter=2)
         "operator_norm_bound": 24.8},    # measured 22.54 (the degenerate layer; next 3.19)
-    3: {"fantastic_four_bounds": 66.0,   # measured 60.00
+    3: {"fantastic_four_reshape_bounds": 66.0,   # measured 60.00
         "fantastic_four_bound": 39.6,    # measured 35.99
-        "zero_padding_bound": 30.3,      # measured 27.54
+        "spatial_gram_bound": 30.3,      # measured 27.54
         "operator_norm_bound": 10.9},    # measured 9.88
 }
 MEDIAN_CEILINGS = {
-    1: {"fantastic_four_bounds": 1.89, "fantastic_four_bound": 1.81, "zero_padding_bound": 1.56,
+    1: {"fantastic_four_reshape_bounds": 1.89, "fantastic_four_bound": 1.81, "spatial_gram_bound": 1.56,
         "operator_norm_bound": 1.23},    # measured 1.712, 1.638, 1.414, 1.110
-    3: {"fantastic_four_bounds": 3.10, "fantastic_four_bound": 2.82, "zero_padding_bound": 2.39,
+    3: {"fantastic_four_reshape_bounds": 3.10, "fantastic_four_bound": 2.82, "spatial_gram_bound": 2.39,
         "operator_norm_bound": 1.52},    # measured 2.812, 2.558, 2.168, 1.375
 }
 CHUNKS = 4
@@ -220,14 +220,14 @@ def _check(config: Dict[str, Any], d: int, worst: Dict[str, List[float]]) -> Lis
     ceilings = CEILINGS[d]
     failures: List[str] = []
     with torch.no_grad():
-        values = fantastic_four_bounds(target)
+        values = fantastic_four_reshape_bounds(target)
         if values.shape != (2 ** d,):
-            failures.append(f"fantastic_four_bounds has shape {tuple(values.shape)}, not ({2 ** d},)")
+            failures.append(f"fantastic_four_reshape_bounds has shape {tuple(values.shape)}, not ({2 ** d},)")
         for index, value in enumerate(values):
-            _upper(failures, worst, f"fantastic_four_bounds[{index}]", value, real, tol,
-                   ceilings["fantastic_four_bounds"])
+            _upper(failures, worst, f"fantastic_four_reshape_bounds[{index}]", value, real, tol,
+                   ceilings["fantastic_four_reshape_bounds"])
         for name, value in (("fantastic_four_bound", fantastic_four_bound(target)),
-                            ("zero_padding_bound", zero_padding_bound(target, n_iter=2)),
+                            ("spatial_gram_bound", spatial_gram_bound(target, n_iter=2)),
                             ("operator_norm_bound", operator_norm_bound(target, n))):
             _upper(failures, worst, name, value, real, tol, ceilings[name])
         if circular is not None:
@@ -323,17 +323,17 @@ TRANSPOSED = {d: transposed_configs(d, 200, seed=30 + d) for d in (1, 2, 3)}
 TRANSPOSED_RATIOS: Dict[int, Dict[str, List[float]]] = {}  # filled by the sweep (for measuring)
 # Worst (median) ratio to the torch layer's operator norm, measured on these sweeps, plus 10%.
 TRANSPOSED_CEILINGS = {
-    1: {"fantastic_four_bounds": 5.2, "fantastic_four_bound": 4.8, "zero_padding_bound": 3.8,
+    1: {"fantastic_four_reshape_bounds": 5.2, "fantastic_four_bound": 4.8, "spatial_gram_bound": 3.8,
         "operator_norm_bound": 3.3},    # measured 4.65, 4.36, 3.44, 2.96
-    2: {"fantastic_four_bounds": 8.4, "fantastic_four_bound": 8.4, "zero_padding_bound": 7.5,
+    2: {"fantastic_four_reshape_bounds": 8.4, "fantastic_four_bound": 8.4, "spatial_gram_bound": 7.5,
         "operator_norm_bound": 5.3},    # measured 7.62, 7.62, 6.74, 4.74
-    3: {"fantastic_four_bounds": 12.5, "fantastic_four_bound": 10.6, "zero_padding_bound": 8.3,
+    3: {"fantastic_four_reshape_bounds": 12.5, "fantastic_four_bound": 10.6, "spatial_gram_bound": 8.3,
         "operator_norm_bound": 6.0},    # measured 11.36, 9.60, 7.49, 5.43
 }
 TRANSPOSED_MEDIAN_CEILINGS = {
-    1: {"fantastic_four_bound": 1.56, "zero_padding_bound": 1.35, "operator_norm_bound": 1.12},  # 1.41 1.22 1.01
-    2: {"fantastic_four_bound": 1.74, "zero_padding_bound": 1.60, "operator_norm_bound": 1.22},  # 1.58 1.45 1.11
-    3: {"fantastic_four_bound": 2.49, "zero_padding_bound": 2.20, "operator_norm_bound": 1.52},  # 2.26 1.99 1.38
+    1: {"fantastic_four_bound": 1.56, "spatial_gram_bound": 1.35, "operator_norm_bound": 1.12},  # 1.41 1.22 1.01
+    2: {"fantastic_four_bound": 1.74, "spatial_gram_bound": 1.60, "operator_norm_bound": 1.22},  # 1.58 1.45 1.11
+    3: {"fantastic_four_bound": 2.49, "spatial_gram_bound": 2.20, "operator_norm_bound": 1.52},  # 2.26 1.99 1.38
 }
 
 
@@ -393,12 +393,12 @@ def test_every_bound_holds_for_transposed_convs(d):
         local: List[str] = []
         with torch.no_grad():
             for name, value in (("fantastic_four_bound", fantastic_four_bound(target)),
-                                ("zero_padding_bound", zero_padding_bound(target, n_iter=2)),
+                                ("spatial_gram_bound", spatial_gram_bound(target, n_iter=2)),
                                 ("operator_norm_bound", operator_norm_bound(target, n))):
                 _upper(local, worst, name, value, real, tol, TRANSPOSED_CEILINGS[d][name])
-            for value in fantastic_four_bounds(target):
-                _upper(local, worst, "fantastic_four_bounds", value, real, tol,
-                       TRANSPOSED_CEILINGS[d]["fantastic_four_bounds"])
+            for value in fantastic_four_reshape_bounds(target):
+                _upper(local, worst, "fantastic_four_reshape_bounds", value, real, tol,
+                       TRANSPOSED_CEILINGS[d]["fantastic_four_reshape_bounds"])
             estimate = float(power_iteration_estimate(target, n, n_iter=8))
             if not math.isfinite(estimate) or estimate > real * (1 + (tol if dtype == torch.float32 else 1e-12)):
                 local.append(f"power_iteration_estimate {estimate:.9g} > truth {real:.9g}")
@@ -453,7 +453,7 @@ def test_nd_fantastic_four_equals_the_reshape_norms_of_the_undilated_kernel(shap
     per = shape[0] // groups
     expected = np.array([[math.sqrt(taps) * np.linalg.norm(_reshape_loops(weight[g * per:(g + 1) * per].numpy(), s), 2)
                           for s in subsets] for g in range(groups)])
-    got = fantastic_four_bounds(weight, groups=groups, dilation=dilation, per_group=True).numpy()
+    got = fantastic_four_reshape_bounds(weight, groups=groups, dilation=dilation, per_group=True).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     assert float(fantastic_four_bound(weight, groups=groups, dilation=dilation)) == pytest.approx(
         expected.min(axis=1).max(), rel=1e-10)
@@ -470,9 +470,9 @@ def test_nd_fantastic_four_power_method_approaches_the_exact_values():
     torch.manual_seed(5)
     weight = torch.randn(4, 3, 2, 3, 2, dtype=torch.float64)
     state: Dict[str, torch.Tensor] = {}
-    exact = fantastic_four_bounds(weight)
+    exact = fantastic_four_reshape_bounds(weight)
     for _ in range(30):
-        power = fantastic_four_bounds(weight, method="power", n_iter=5, state=state)
+        power = fantastic_four_reshape_bounds(weight, method="power", n_iter=5, state=state)
     assert torch.all(power <= exact * (1 + 1e-12))
     torch.testing.assert_close(power, exact, rtol=1e-6, atol=0)
 
@@ -597,8 +597,8 @@ def test_bounds_of_a_transposed_spec_are_those_of_the_adjoint_conv(d):
         spec = geometry.conv_spec(layer)
         conv = spec.adjoint()
         with torch.no_grad():
-            assert torch.equal(fantastic_four_bounds(spec), fantastic_four_bounds(conv))
-            assert torch.equal(zero_padding_bound(spec, n_iter=2), zero_padding_bound(conv, n_iter=2))
+            assert torch.equal(fantastic_four_reshape_bounds(spec), fantastic_four_reshape_bounds(conv))
+            assert torch.equal(spatial_gram_bound(spec, n_iter=2), spatial_gram_bound(conv, n_iter=2))
             assert torch.equal(operator_norm_bound(spec, config["n"]), operator_norm_bound(conv, config["out"]))
             grid = tuple(m * s for m, s in zip(config["n"], spec.stride))
             assert torch.equal(exact_spectral_norm(spec, config["n"]), exact_spectral_norm(conv, grid))

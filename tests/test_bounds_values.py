@@ -36,11 +36,11 @@ from ttconv import SVDConv
 from ttconv.bounds import (
     exact_spectral_norm,
     fantastic_four_bound,
-    fantastic_four_bounds,
+    fantastic_four_reshape_bounds,
     gram_iteration_bound,
     operator_norm_bound,
     power_iteration_estimate,
-    zero_padding_bound,
+    spatial_gram_bound,
 )
 
 RTOL = 1e-10
@@ -100,10 +100,10 @@ def test_fantastic_four_bounds_equal_independent_reshape_norms(case):
     c_out, c_in, kh, kw, groups = case
     kernel = _kernel((c_out, c_in, kh, kw), seed=sum(case))
     expected = _ff_independent(kernel, groups)
-    per_group = fantastic_four_bounds(kernel, groups=groups, per_group=True).detach().numpy()
+    per_group = fantastic_four_reshape_bounds(kernel, groups=groups, per_group=True).detach().numpy()
     np.testing.assert_allclose(per_group, expected, rtol=RTOL, atol=0)
     # Default: each of the four is the max over groups.
-    np.testing.assert_allclose(fantastic_four_bounds(kernel, groups=groups).detach().numpy(),
+    np.testing.assert_allclose(fantastic_four_reshape_bounds(kernel, groups=groups).detach().numpy(),
                                expected.max(axis=0), rtol=RTOL, atol=0)
     # The bound: min of the four per group, max over groups.
     bound = float(fantastic_four_bound(kernel, groups=groups))
@@ -129,7 +129,7 @@ def test_fantastic_four_of_an_svdconv_is_that_of_its_dense_kernel():
         layer.U.add_(0.3 * torch.randn_like(layer.U))
         layer.V.add_(0.3 * torch.randn_like(layer.V))
     expected = _ff_independent(layer.dense_weight().detach(), groups=2)
-    np.testing.assert_allclose(fantastic_four_bounds(layer, per_group=True).detach().numpy(), expected,
+    np.testing.assert_allclose(fantastic_four_reshape_bounds(layer, per_group=True).detach().numpy(), expected,
                                rtol=1e-9, atol=1e-12)
     assert fantastic_four_bound(layer).item() == pytest.approx(expected.min(axis=1).max(), rel=1e-9)
 
@@ -229,7 +229,7 @@ SPATIAL_CASES = [  # (shape, groups, n_iter)
 def test_zero_padding_bound_equals_independent_spatial_gram(shape, groups, n_iter):
     kernel = _kernel(shape, seed=11 + shape[1])
     expected = _spatial_independent(kernel, groups, n_iter)
-    assert float(zero_padding_bound(kernel, groups=groups, n_iter=n_iter)) == pytest.approx(expected, rel=RTOL)
+    assert float(spatial_gram_bound(kernel, groups=groups, n_iter=n_iter)) == pytest.approx(expected, rel=RTOL)
 
 
 # ----------------------------------------------------------------- exact norm
@@ -301,9 +301,9 @@ def _ratios(bound_fn):
 
 BOUNDS = {
     "fantastic_four": lambda k, g: fantastic_four_bound(k, groups=g),
-    "spatial_1": lambda k, g: zero_padding_bound(k, groups=g, n_iter=1),
-    "spatial_2": lambda k, g: zero_padding_bound(k, groups=g, n_iter=2),
-    "spatial_3": lambda k, g: zero_padding_bound(k, groups=g, n_iter=3),
+    "spatial_1": lambda k, g: spatial_gram_bound(k, groups=g, n_iter=1),
+    "spatial_2": lambda k, g: spatial_gram_bound(k, groups=g, n_iter=2),
+    "spatial_3": lambda k, g: spatial_gram_bound(k, groups=g, n_iter=3),
     "gram_1": lambda k, g: gram_iteration_bound(k, GRID_N, groups=g, n_iter=1),
     "gram_3": lambda k, g: gram_iteration_bound(k, GRID_N, groups=g, n_iter=3),
     "gram_6": lambda k, g: gram_iteration_bound(k, GRID_N, groups=g, n_iter=6),

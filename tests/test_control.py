@@ -124,9 +124,9 @@ def test_looks_inside_data_parallel_and_records_sizes():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(max_value=0.0), ValueError, "max_value must be a positive"),
-        (dict(max_value=-1), ValueError, "max_value must be a positive"),
-        (dict(max_value=float("inf")), ValueError, "max_value must be a positive finite"),
+        (dict(max_singular_value=0.0), ValueError, "max_singular_value must be a positive"),
+        (dict(max_singular_value=-1), ValueError, "max_singular_value must be a positive"),
+        (dict(max_singular_value=float("inf")), ValueError, "max_singular_value must be a positive finite"),
         (dict(every=0), ValueError, "every must be an int >= 1"),
         (dict(every=2.5), ValueError, "every must be an int >= 1"),
         (dict(mode="project"), ValueError, "mode must be one of 'clip_scale' .* got 'project'"),
@@ -142,11 +142,11 @@ def test_looks_inside_data_parallel_and_records_sizes():
     ],
 )
 def test_bad_arguments(kwargs, error, match):
-    options = dict(max_value=1.0, example_input=torch.zeros(1, 3, 8, 8))
+    options = dict(max_singular_value=1.0, example_input=torch.zeros(1, 3, 8, 8))
     options.update(kwargs)
-    max_value = options.pop("max_value")
+    max_singular_value = options.pop("max_singular_value")
     with pytest.raises(error, match=match):
-        SpectralControl(SmallResNet(width=4), max_value, **options)
+        SpectralControl(SmallResNet(width=4), max_singular_value, **options)
 
 
 def test_default_mode_is_the_guaranteed_clip_then_scale():
@@ -161,7 +161,7 @@ def test_models_without_convs_and_bad_layers_are_refused():
         SpectralControl(nn.Linear(3, 3), 1.0, example_input=torch.zeros(1, 3))
     with pytest.raises(TypeError, match="layer must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, SVDConv1d/2d/3d or SVDConvTranspose1d/2d/3d, got Linear"):
         clip_singular_values_(nn.Linear(3, 3), 1.0, 8)
-    with pytest.raises(ValueError, match="max_value"):
+    with pytest.raises(ValueError, match="max_singular_value"):
         scale_to_spectral_norm_(nn.Conv2d(2, 2, 3), 0, 8)
     with pytest.raises(TypeError, match="layer must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, SVDConv1d/2d/3d or SVDConvTranspose1d/2d/3d, got Linear"):
         scale_to_spectral_norm_(nn.Linear(3, 3), 1.0, 8)

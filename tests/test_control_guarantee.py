@@ -24,7 +24,7 @@ def _certified_norm(weight, n, stride, dilation, groups):
 TOL = 1e-6  # relative slack of the guarantee in float64
 
 
-def _clip_each_frequency(transfer, groups, max_value):
+def _clip_each_frequency(transfer, groups, max_singular_value):
     """In place: clip the singular values of every group's matrix at every frequency of
     ``transfer: (c_out, c_in_g, m1, m2)`` (numpy, one SVD per matrix)."""
     o = transfer.shape[0] // groups
@@ -32,7 +32,7 @@ def _clip_each_frequency(transfer, groups, max_value):
         for a in range(transfer.shape[2]):
             for b in range(transfer.shape[3]):
                 u, s, vh = np.linalg.svd(transfer[g * o:(g + 1) * o, :, a, b], full_matrices=False)
-                transfer[g * o:(g + 1) * o, :, a, b] = (u * np.minimum(s, max_value)) @ vh
+                transfer[g * o:(g + 1) * o, :, a, b] = (u * np.minimum(s, max_singular_value)) @ vh
 
 
 def _dense(layer):
@@ -145,7 +145,7 @@ def test_plain_clip_overshoots_where_clip_scale_does_not():
 
 
 # ----------------------------------------------------------------- clip vs an independent reference
-def _reference_clip(weight, n, max_value, dilation, groups):
+def _reference_clip(weight, n, max_singular_value, dilation, groups):
     """Per-frequency clip of the stride-1 circular conv (numpy), read back at the dilated taps.
 
     Also returns the full ``n1 x n2`` clipped kernel before projection.
@@ -157,7 +157,7 @@ def _reference_clip(weight, n, max_value, dilation, groups):
     full = np.zeros((c_out, c_in_g, n1, n2))
     full[:, :, 0:e1:d1, 0:e2:d2] = w  # the dilated kernel on the n1 x n2 grid
     transfer = np.fft.fft2(full, axes=(2, 3))
-    _clip_each_frequency(transfer, groups, max_value)
+    _clip_each_frequency(transfer, groups, max_singular_value)
     clipped_full = np.fft.ifft2(transfer, axes=(2, 3)).real
     return clipped_full[:, :, 0:e1:d1, 0:e2:d2].copy(), clipped_full
 
@@ -206,7 +206,7 @@ def test_dilated_clip_iterated_approaches_the_target(kind):
 
 
 # ----------------------------------------------------------------- strided clip vs an independent reference
-def _reference_strided_clip(weight, n, max_value, stride, dilation, groups):
+def _reference_strided_clip(weight, n, max_singular_value, stride, dilation, groups):
     """The paper's polyphase clip in numpy: the dilated kernel on the ``n1 x n2`` grid, its
     ``s1*s2`` phases ``full[..., q1::s1, q2::s2]`` (each on the ``n / s`` grid) as extra
     columns of every frequency's matrix, SVD, clip, inverse FFT, phases put back, taps kept.
@@ -223,7 +223,7 @@ def _reference_strided_clip(weight, n, max_value, stride, dilation, groups):
     phases = [(q1, q2) for q1 in range(s1) for q2 in range(s2)]
     stacked = np.stack([full[:, :, q1::s1, q2::s2] for q1, q2 in phases], axis=2)  # (c_out, i, s1 s2, m1, m2)
     transfer = np.fft.fft2(stacked, axes=(3, 4)).reshape(c_out, c_in_g * s1 * s2, m1, m2)
-    _clip_each_frequency(transfer, groups, max_value)
+    _clip_each_frequency(transfer, groups, max_singular_value)
     spatial = np.fft.ifft2(transfer, axes=(2, 3)).real.reshape(c_out, c_in_g, s1 * s2, m1, m2)
     clipped_full = np.zeros_like(full)
     for index, (q1, q2) in enumerate(phases):

@@ -269,12 +269,12 @@ def test_state_dict_in_channels_is_checked_against_the_first_kernel():
 
 
 def test_size_independent_upper_bound_is_the_smaller_of_ff_and_the_spatial_bound():
-    from ttconv.bounds import fantastic_four_bound, zero_padding_bound
+    from ttconv.bounds import fantastic_four_bound, spatial_gram_bound
 
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False, dtype=torch.float64)
     ff = float(fantastic_four_bound(conv.weight))
-    spatial = float(zero_padding_bound(conv.weight, n_iter=2))  # the report's default spatial_iters
+    spatial = float(spatial_gram_bound(conv.weight, n_iter=2))  # the report's default spatial_iters
     assert spatial < 0.9 * ff
     for report in (spectral_report(nn.Sequential(conv)), state_dict_report({"conv.weight": conv.weight})):
         assert report.layers[0].upper_bound == pytest.approx(spatial, rel=1e-12)

@@ -24,10 +24,10 @@ from ttconv import SVDConv, bounds, conv_singular_values, conv_spectral_norm, sp
 from ttconv.bounds import (
     exact_spectral_norm,
     fantastic_four_bound,
-    fantastic_four_bounds,
+    fantastic_four_reshape_bounds,
     gram_iteration_bound,
     operator_norm_bound,
-    zero_padding_bound,
+    spatial_gram_bound,
 )
 from ttconv.spectra import check_spectral_input_size, fold_kernel
 
@@ -195,7 +195,7 @@ def test_one_by_one_operator_norm_is_exact_for_every_padding(chunk):
         if abs(got - truth) > TOL * max(truth, 1e-300):
             failures.append(f"{conv} n={n}: {got} != {truth}")
         # The size-independent bounds stay bounds.
-        for name, value in [("ff", fantastic_four_bound(layer)), ("zero_padding", zero_padding_bound(layer))]:
+        for name, value in [("ff", fantastic_four_bound(layer)), ("spatial_gram", spatial_gram_bound(layer))]:
             if float(value) < truth * (1 - TOL):
                 failures.append(f"{conv} n={n}: {name} {float(value)} < {truth}")
     assert not failures, "\n".join(failures[:10])
@@ -211,12 +211,12 @@ def test_one_by_one_layer_whose_outputs_all_read_padding_has_norm_zero():
 def test_one_by_one_fantastic_four_is_the_matrix_norm_times_padding_factor():
     weight = torch.randn(6, 2, 1, 1, dtype=torch.float64)
     norms = torch.linalg.matrix_norm(weight[:, :, 0, 0].reshape(3, 2, 2), 2)
-    _close(fantastic_four_bounds(weight, groups=3, per_group=True), norms[:, None].repeat(1, 4))
-    _close(fantastic_four_bounds(weight, groups=3), norms.amax().repeat(4))
-    replicate = fantastic_four_bounds(weight, groups=3, padding=1, padding_mode="replicate")
+    _close(fantastic_four_reshape_bounds(weight, groups=3, per_group=True), norms[:, None].repeat(1, 4))
+    _close(fantastic_four_reshape_bounds(weight, groups=3), norms.amax().repeat(4))
+    replicate = fantastic_four_reshape_bounds(weight, groups=3, padding=1, padding_mode="replicate")
     _close(replicate, bounds.padding_factor(bounds.conv_spec(weight, padding=1, padding_mode="replicate"))
            * norms.amax().repeat(4))
-    power = fantastic_four_bounds(weight, groups=3, method="power", n_iter=50, state={})
+    power = fantastic_four_reshape_bounds(weight, groups=3, method="power", n_iter=50, state={})
     _close(power, norms.amax().repeat(4))
 
 

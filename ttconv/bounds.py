@@ -15,7 +15,7 @@ function                           operator described                           
 ``exact_spectral_norm``            circular conv on ``n`` (divisible by stride)  exact
 ``fantastic_four_bound``           the layer's own operator, every ``n``         upper bound
 ``gram_iteration_bound``           circular conv on ``n`` (divisible by stride)  upper bound -> exact
-``zero_padding_bound``             the layer's own operator, every ``n``         upper bound
+``spatial_gram_bound``             the layer's own operator, every ``n``         upper bound
 ``operator_norm_bound``            the layer's own operator on ``n``             upper bound
 ``power_iteration_estimate``       the layer's own operator on ``n``             lower estimate
 =================================  ===========================================  ======================
@@ -74,11 +74,11 @@ __all__ = [
     "ConvSpec",
     "conv_spec",
     "exact_spectral_norm",
-    "fantastic_four_bounds",
+    "fantastic_four_reshape_bounds",
     "fantastic_four_bound",
     "fantastic_four_reshapes",
     "gram_iteration_bound",
-    "zero_padding_bound",
+    "spatial_gram_bound",
     "operator_norm_bound",
     "padding_factor",
     "power_iteration_estimate",
@@ -209,7 +209,7 @@ def exact_spectral_norm(target: ConvLike, input_size: SizeArg, **geometry) -> Te
 
 # ------------------------------------------------------------------ fantastic four
 def fantastic_four_reshapes(dims: int) -> Tuple[Tuple[int, ...], ...]:
-    """The ``2^dims`` reshapes of ``fantastic_four_bounds``, in its order: for each, the spatial
+    """The ``2^dims`` reshapes of ``fantastic_four_reshape_bounds``, in its order: for each, the spatial
     axes (0 = first) whose taps join the *rows* (with ``c_out``); the others join the columns.
 
     2-D: ``((0,), (1,), (), (0, 1))``, Singla & Feizi's R, S, T, U. Otherwise every subset,
@@ -250,7 +250,7 @@ def _matrix_norm(matrix: Tensor, method: str, n_iter: int, state: Optional[Dict[
 
 
 @full_precision
-def fantastic_four_bounds(
+def fantastic_four_reshape_bounds(
     target: ConvLike,
     *,
     method: str = "exact",
@@ -322,15 +322,15 @@ def fantastic_four_bounds(
 
 
 def fantastic_four_bound(target: ConvLike, **options) -> Tensor:
-    """``max over groups of min over the reshapes`` of ``fantastic_four_bounds`` (0-D, differentiable).
+    """``max over groups of min over the reshapes`` of ``fantastic_four_reshape_bounds`` (0-D, differentiable).
 
     With ``method='exact'`` a provable upper bound on the layer's spectral norm at every
-    input size and stride, for the padding described in ``fantastic_four_bounds``;
+    input size and stride, for the padding described in ``fantastic_four_reshape_bounds``;
     the natural training regularizer. Typically 1.6-1.8x the exact value on random 3x3
     kernels (``bounds.md``).
     """
     options["per_group"] = True
-    return fantastic_four_bounds(target, **options).amin(-1).amax()
+    return fantastic_four_reshape_bounds(target, **options).amin(-1).amax()
 
 
 # ------------------------------------------------------------------ Gram iteration
@@ -422,7 +422,7 @@ def _self_correlation(kernel: Tensor, max_memory: int) -> Tensor:
 
 
 @full_precision
-def zero_padding_bound(
+def spatial_gram_bound(
     target: ConvLike, *, n_iter: int = 3, max_memory: int = DEFAULT_MAX_MEMORY, **geometry
 ) -> Tensor:
     """Spatial Gram-iteration bound on the layer's norm at every input size.
@@ -433,7 +433,7 @@ def zero_padding_bound(
     convolution, hence every zero-padded crop of it at every size and stride, every
     circular conv and every transposed conv (an adjoint); for the layer's own padding it is
     multiplied by ``padding_factor`` (worst case over input sizes), exactly like
-    ``fantastic_four_bounds``. Runs on the undilated kernel (a dilated conv is a
+    ``fantastic_four_reshape_bounds``. Runs on the undilated kernel (a dilated conv is a
     direct sum of undilated ones). Provable for every ``n_iter``. 1-D, 2-D and 3-D.
 
     Cost and memory grow fast: the support doubles each step and one step costs

@@ -5,8 +5,8 @@ In-place operations for one layer of any kind: ``nn.Conv1d/2d/3d``,
 ``SVDConvTranspose1d/2d/3d`` (on their small core), all under ``torch.no_grad`` and keeping
 parameter identity so optimizer state stays attached:
 
-* ``scale_to_spectral_norm_`` divides the kernel by ``sigma_max / max_value`` when it
-  exceeds ``max_value``: exact.
+* ``scale_to_spectral_norm_`` divides the kernel by ``sigma_max / max_singular_value`` when it
+  exceeds ``max_singular_value``: exact.
 * ``clip_singular_values_`` clips every per-frequency singular value of the layer's
   circular operator (Sedghi et al. 2019; for a strided layer the strided operator's own
   polyphase spectrum, as in Senderovich et al. 2022) and projects the result back to the
@@ -119,8 +119,8 @@ def _operator_grid(layer: ConvLayer, input_size: Any) -> Tuple[int, ...]:
     return tuple(n_a * s for n_a, s in zip(n, layer.stride))
 
 
-def _check_max_value(max_value: Any) -> float:
-    return args.positive_finite(max_value, "max_value")
+def _check_max_singular_value(max_singular_value: Any) -> float:
+    return args.positive_finite(max_singular_value, "max_singular_value")
 
 
 def _kernel(layer: ConvLayer) -> Tensor:
@@ -196,8 +196,8 @@ def _norm(layer: ConvLayer, n: Tuple[int, ...]) -> float:
 
 @torch.no_grad()
 @full_precision
-def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any) -> float:
-    """Divide the kernel by ``sigma_max / max_value`` if ``sigma_max > max_value`` (exact).
+def scale_to_spectral_norm_(layer: ConvLayer, max_singular_value: float, input_size: Any) -> float:
+    """Divide the kernel by ``sigma_max / max_singular_value`` if ``sigma_max > max_singular_value`` (exact).
 
     ``sigma_max`` is ``spectral_norm`` at ``input_size``. For an SVD layer only ``S``
     is scaled (canonical form preserved). Parameters are updated in place; a layer within
@@ -207,7 +207,7 @@ def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any)
     Parameters
     ----------
     layer : nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or an SVD conv layer of those kinds
-    max_value : float
+    max_singular_value : float
         Target norm, > 0.
     input_size : int or tuple of d ints
         The layer's spatial input size.
@@ -215,18 +215,18 @@ def scale_to_spectral_norm_(layer: ConvLayer, max_value: float, input_size: Any)
     Returns
     -------
     float
-        The spectral norm afterwards, ``min(sigma_max, max_value)`` up to rounding.
+        The spectral norm afterwards, ``min(sigma_max, max_singular_value)`` up to rounding.
     """
     _check_layer(layer)
-    max_value = _check_max_value(max_value)
-    return _scale_from(layer, _norm(layer, _operator_grid(layer, input_size)), max_value)
+    max_singular_value = _check_max_singular_value(max_singular_value)
+    return _scale_from(layer, _norm(layer, _operator_grid(layer, input_size)), max_singular_value)
 
 
-def _scale_from(layer: ConvLayer, sigma: float, max_value: float) -> float:
-    """Scale a layer whose exact norm is ``sigma`` down to ``max_value`` (no-op within it)."""
-    if sigma <= max_value:
+def _scale_from(layer: ConvLayer, sigma: float, max_singular_value: float) -> float:
+    """Scale a layer whose exact norm is ``sigma`` down to ``max_singular_value`` (no-op within it)."""
+    if sigma <= max_singular_value:
         return sigma
-    factor = max_value / sigma
+    factor = max_singular_value / sigma
     if _is_orthogonal(layer):
         layer.set_singular_values_(layer.effective_S() * factor)
     else:
@@ -279,7 +279,7 @@ def _from_stride1(phases: Tensor, stride: Tuple[int, ...], dilation: Tuple[int, 
     return support
 
 
-def _clip_kernel(kernel: Tensor, n: Tuple[int, ...], max_value: float, stride: Tuple[int, ...],
+def _clip_kernel(kernel: Tensor, n: Tuple[int, ...], max_singular_value: float, stride: Tuple[int, ...],
                  dilation: Tuple[int, ...], groups: int) -> Tensor:
     """Sedghi clip of the circular conv with ``stride`` on ``n``, projected back to the kernel's taps.
 
@@ -294,7 +294,7 @@ def _clip_kernel(kernel: Tensor, n: Tuple[int, ...], max_value: float, stride: T
     ``d`` of spatial axes (``kernel`` ``(c_out, c_in/g, *k)``).
     """
     scale = kernel_scale(kernel)
-    limit = max_value / float(scale)
+    limit = max_singular_value / float(scale)
     grouped = _stride1(kernel / scale, stride, dilation, groups)
     g, o, i, *t = grouped.shape
     m = tuple(n_a // s_a for n_a, s_a in zip(n, stride))
@@ -376,12 +376,12 @@ def _bases_and_core(layer: _SVDConvNd) -> Tuple[Tensor, Tensor, Tensor]:
     return q_u.reshape(layer.U.shape), kernel, q_v.reshape(layer.V.shape)
 
 
-def _clip(layer: ConvLayer, max_value: float, n: Tuple[int, ...], n_iter: int) -> float:
+def _clip(layer: ConvLayer, max_singular_value: float, n: Tuple[int, ...], n_iter: int) -> float:
     """Clip in place (validated arguments, ``n`` the operator grid); returns the exact norm reached."""
     if _is_orthogonal(layer):
         # S are the singular values: clipping them is exact and O(r).
         values = layer.effective_S()
-        layer.set_singular_values_(values.sign() * values.abs().clamp(max=max_value))
+        layer.set_singular_values_(values.sign() * values.abs().clamp(max=max_singular_value))
         return _norm(layer, n)
     stride = _effective_stride(layer, n)
     if isinstance(layer, _SVDConvNd):
@@ -389,7 +389,7 @@ def _clip(layer: ConvLayer, max_value: float, n: Tuple[int, ...], n_iter: int) -
     else:
         kernel = layer.weight.detach().to(spectral_dtype(layer.weight.dtype))
     for _ in range(n_iter):
-        kernel = _clip_kernel(kernel, n, max_value, stride, layer.dilation, layer.groups)
+        kernel = _clip_kernel(kernel, n, max_singular_value, stride, layer.dilation, layer.groups)
     if isinstance(layer, _SVDConvNd):
         ones = torch.ones_like(layer.S, dtype=kernel.dtype)
         flat = kernel if kernel.dim() == 4 else kernel.reshape(*kernel.shape[:2], -1, 1)  # ttconv.tt's layout
@@ -401,18 +401,18 @@ def _clip(layer: ConvLayer, max_value: float, n: Tuple[int, ...], n_iter: int) -
 
 @torch.no_grad()
 @full_precision
-def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *, n_iter: int = 1) -> float:
-    """Clip the layer's singular values at ``max_value`` (Sedghi et al. 2019); approximate.
+def clip_singular_values_(layer: ConvLayer, max_singular_value: float, input_size: Any, *, n_iter: int = 1) -> float:
+    """Clip the layer's singular values at ``max_singular_value`` (Sedghi et al. 2019); approximate.
 
     Per frequency of the layer's circular operator on ``input_size``, singular values
-    above ``max_value`` are clipped; the kernel with full support that results is read
+    above ``max_singular_value`` are clipped; the kernel with full support that results is read
     back at the layer's ``kh x kw`` taps (at the dilated positions for a dilated layer).
     For a strided layer the operator clipped is the strided one itself, through its
     polyphase decomposition (the ``s1*s2`` phases of the kernel as input channels of a
     stride-1 convolution on the ``n / s`` grid), as in Senderovich et al. (2022); when
     ``input_size`` is not divisible by the stride, the stride-1 operator is clipped
     instead (its norm bounds the strided one; this over-constrains the kernel). The
-    projection back to the taps is *not* exact: the norm can end above ``max_value``.
+    projection back to the taps is *not* exact: the norm can end above ``max_singular_value``.
     Measured on the 200 random layers of ``benchmarks/bench_control.py`` (targets 0.1 to
     0.9 times each layer's norm): up to 1.52x the target with ``n_iter=1``, up to 1.04x
     with ``n_iter=10``; a measurement, not a bound. Repeating clip and projection
@@ -430,7 +430,7 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     Parameters
     ----------
     layer : nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or an SVD conv layer of those kinds
-    max_value : float
+    max_singular_value : float
         Target for every singular value, > 0.
     input_size : int or tuple of d ints
         The layer's spatial input size (for a transposed layer the operator grid is
@@ -446,7 +446,7 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     -------
     float
         The exact spectral norm actually reached (as ``spectral_norm``). A layer whose norm is
-        already at most ``max_value`` is left untouched (bit for bit) and its norm returned.
+        already at most ``max_singular_value`` is left untouched (bit for bit) and its norm returned.
 
     Notes
     -----
@@ -460,14 +460,14 @@ def clip_singular_values_(layer: ConvLayer, max_value: float, input_size: Any, *
     clamped), whatever the size.
     """
     _check_layer(layer)
-    max_value = _check_max_value(max_value)
+    max_singular_value = _check_max_singular_value(max_singular_value)
     n_iter = args.positive_int(n_iter, "n_iter")
     grid = _operator_grid(layer, input_size)
     n = check_spectral_input_size(grid, layer.kernel_size, (1,) * len(grid), layer.dilation, fold=True)
     sigma = _norm(layer, n)
-    if sigma <= max_value:  # nothing to clip: the layer is left bit-for-bit as it is
+    if sigma <= max_singular_value:  # nothing to clip: the layer is left bit-for-bit as it is
         return sigma
-    return _clip(layer, max_value, n, n_iter)
+    return _clip(layer, max_singular_value, n, n_iter)
 
 
 def _record_operator_grids(model: nn.Module, layers: List[Tuple[str, ConvLayer]],
@@ -496,19 +496,19 @@ def _record_operator_grids(model: nn.Module, layers: List[Tuple[str, ConvLayer]]
 
 
 class SpectralControl:
-    """Keep every conv's spectral norm at most ``max_value`` during training.
+    """Keep every conv's spectral norm at most ``max_singular_value`` during training.
 
     Every conv of the model is controlled: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``
     and the SVD layers of those kinds. Call ``step`` after each ``optimizer.step()``; every
     ``every`` calls it runs ``apply``: for each SVD layer whose ``U`` or ``V`` drifted from
     orthonormality by more than ``orthonormality_tol`` it calls ``canonicalize_()``; then
-    every layer whose norm (``spectral_norm`` at its recorded size) exceeds ``max_value`` is
+    every layer whose norm (``spectral_norm`` at its recorded size) exceeds ``max_singular_value`` is
 
     * ``mode='clip_scale'`` (default): clipped (``clip_singular_values_``, ``n_iter``
-      rounds), then, if the norm reached is still above ``max_value``, scaled by the exact
+      rounds), then, if the norm reached is still above ``max_singular_value``, scaled by the exact
       norm reached (``scale_to_spectral_norm_``): guaranteed;
     * ``mode='clip'``: clipped only, as in Sedghi et al. (2019): approximate, the norm
-      can stay above ``max_value`` (measured up to 1.52x with ``n_iter=1``, see
+      can stay above ``max_singular_value`` (measured up to 1.52x with ``n_iter=1``, see
       ``clip_singular_values_``);
     * ``mode='scale'``: scaled only (every singular value divided by the same factor):
       guaranteed.
@@ -517,9 +517,9 @@ class SpectralControl:
 
     **Guarantee** (modes ``'clip_scale'`` and ``'scale'``): after every ``apply``, every
     controlled layer's ``spectral_norm`` at its recorded size is at most
-    ``max_value``, up to floating-point rounding. That is the exact norm of the circular
+    ``max_singular_value``, up to floating-point rounding. That is the exact norm of the circular
     convolution with the layer's stride on the recorded size when the size is divisible
-    by the stride; otherwise the stride-1 norm is kept below ``max_value``, which bounds
+    by the stride; otherwise the stride-1 norm is kept below ``max_singular_value``, which bounds
     the strided operator's norm (circular convolution, then every ``s``-th output kept)
     from above. Tested against explicit operator matrices on random layers: relative
     ``1e-6`` for float64 layers and for float32 ones in the general form; ``1e-4`` for
@@ -535,7 +535,7 @@ class SpectralControl:
     ----------
     model : nn.Module
         Holds conv layers of any of the kinds above (DDP/DataParallel looked through).
-    max_value : float
+    max_singular_value : float
         Target spectral norm, > 0.
     every : int
         Control period in optimizer steps, >= 1.
@@ -581,7 +581,7 @@ class SpectralControl:
     def __init__(
         self,
         model: nn.Module,
-        max_value: float,
+        max_singular_value: float,
         *,
         every: int = 100,
         mode: str = "clip_scale",
@@ -590,12 +590,12 @@ class SpectralControl:
         n_iter: int = 1,
         progress: ProgressArg = False,
     ) -> None:
-        self.max_value = _check_max_value(max_value)
+        self.max_singular_value = _check_max_singular_value(max_singular_value)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1 (control period in optimizer steps), got {every!r}")
         if mode not in MODES:
             raise ValueError(
-                f"mode must be one of 'clip_scale' (clip, then scale: norm guaranteed <= max_value; the "
+                f"mode must be one of 'clip_scale' (clip, then scale: norm guaranteed <= max_singular_value; the "
                 f"default), 'clip' (Sedghi clip only, approximate) or 'scale' (exact), got {mode!r}"
             )
         if (isinstance(orthonormality_tol, bool) or not isinstance(orthonormality_tol, numbers.Real)
@@ -652,13 +652,13 @@ class SpectralControl:
                                                   orthonormality_error(layer.V, layer.groups)) > self.orthonormality_tol:
                 layer.canonicalize_()
             sigma = before = _norm(layer, size)  # exact; computed once, then passed on
-            if sigma > self.max_value:
+            if sigma > self.max_singular_value:
                 if self.mode == "scale":
-                    sigma = _scale_from(layer, sigma, self.max_value)
+                    sigma = _scale_from(layer, sigma, self.max_singular_value)
                 else:
-                    sigma = _clip(layer, self.max_value, size, self.n_iter)  # the exact norm reached
+                    sigma = _clip(layer, self.max_singular_value, size, self.n_iter)  # the exact norm reached
                     if self.mode == "clip_scale":
-                        sigma = _scale_from(layer, sigma, self.max_value)
+                        sigma = _scale_from(layer, sigma, self.max_singular_value)
             if reporter is not None:
                 reporter.step(name, f"{before:.4g} -> {sigma:.4g}" if sigma != before else f"{sigma:.4g}")
             reached[name] = sigma

@@ -421,7 +421,7 @@ def _accepts_max_memory(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` takes a ``max_memory`` keyword, i.e. bounds its own working memory.
 
     ``conv_singular_values``, ``conv_spectral_norm``, ``gram_iteration_bound``,
-    ``zero_padding_bound`` and ``operator_norm_bound`` stream over frequencies (or rows)
+    ``spatial_gram_bound`` and ``operator_norm_bound`` stream over frequencies (or rows)
     within ``max_memory`` and raise ``MemoryLimitError`` when even one
     batch does not fit. Functions without the keyword (``fantastic_four_bound``,
     ``power_iteration_estimate``, ``SVDConv.singular_values``) are run only when the
@@ -463,7 +463,7 @@ def _transfer_bytes(shape: Tuple[int, ...], stride: Tuple[int, ...], n: Tuple[in
 _EXACT_FACTOR = 2.5   # all frequencies: transfer tensor, a contiguous copy, SVD workspace
 _GRAM_FACTOR = 4.5    # Gram iteration: the extra Gram products
 _FF_FACTOR = 10       # fantastic_four_bound: four reshaped copies and their SVDs
-_SPATIAL_FACTOR = 4   # zero_padding_bound: the final Gram kernel
+_SPATIAL_FACTOR = 4   # spatial_gram_bound: the final Gram kernel
 _POWER_FACTOR = 4     # power iteration (float64): input, output and their gradients
 _LIST_BYTES = 32      # a Python float in a list (kept spectra)
 
@@ -569,7 +569,7 @@ def _analyse(
         o = min(kernel.shape[0] // spec.groups, kernel.shape[1])
         support = [2**spatial_iters * (e - 1) + 1 for e in dilated_extent(spec.kernel_size, spec.dilation)]
         estimate = _SPATIAL_FACTOR * spec.groups * o * o * math.prod(support) * itemsize
-        value = budget.run("spatial Gram bound", estimate, bounds.zero_padding_bound, full, n_iter=spatial_iters)
+        value = budget.run("spatial Gram bound", estimate, bounds.spatial_gram_bound, full, n_iter=spatial_iters)
         return None if value is None else float(value)
 
     if input_size is None:
