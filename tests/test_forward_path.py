@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ttconv import SVDConv
+from ttconv import SVDConv, _forward_paths
 
 _CONV_NAMES = {"conv2d", "conv1d", "conv3d", "convolution", "_convolution", "conv_transpose2d"}
 
@@ -208,17 +208,15 @@ def test_choose_path_is_the_cost_model_and_forward_follows_it(name):
 def _model_cost(layer, x, path):
     """The cost model of ``path_costs``, with every count measured on the forced path: conv
     multiply-adds, elements read and written, and calls (the dense path adds composing the
-    kernel: its multiply-adds and ``_COMPOSE_CALLS`` calls)."""
-    from ttconv import layer as layer_module
-
+    kernel: its multiply-adds and ``COMPOSE_CALLS`` calls)."""
     layer.path = path
     _, recorder = _run(layer, x)
     calls = len(recorder.calls)
     macs = recorder.macs
     if path == "dense":
         macs += _compose_macs(layer)
-        calls += layer_module._COMPOSE_CALLS
-    return macs + layer_module._COST_PER_ELEMENT * recorder.elements + layer_module._COST_PER_CALL * calls, macs
+        calls += _forward_paths.COMPOSE_CALLS
+    return macs + _forward_paths.COST_PER_ELEMENT * recorder.elements + _forward_paths.COST_PER_CALL * calls, macs
 
 
 GRID = [  # (in, out, kernel, stride, rank, input shape); all below MATMUL_MIN_POSITIONS
@@ -272,8 +270,8 @@ def test_auto_remembers_its_choice_per_input_shape(monkeypatch):
     expected = layer.choose_path(tuple(x.shape))
     layer(x)
     calls = []
-    original = type(layer).path_costs
-    monkeypatch.setattr(type(layer), "path_costs", lambda self, shape: calls.append(shape) or original(self, shape))
+    original = _forward_paths.path_costs
+    monkeypatch.setattr(_forward_paths, "path_costs", lambda layer, shape: calls.append(shape) or original(layer, shape))
     _, recorder = _run(layer, x)  # same shape: the model is not evaluated again
     assert calls == [] and len(recorder.calls) == (1 if expected == "dense" else 3)
     layer(x[:1])  # another shape: evaluated once, then remembered

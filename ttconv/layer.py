@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import _conv_args as args
-from . import _functional
+from . import _forward_paths, _functional
 from ._precision import full_precision
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
 from .geometry import ConvSpec
@@ -43,14 +43,6 @@ torch.fx.wrap("bcop_kernel")
 torch.fx.wrap("orthonormal_basis")
 
 _PATHS = ("auto", "dense", "factored")
-
-# Cost model of the forward paths (``path_costs``), in multiply-adds: one tensor element read or
-# written, one operator call (~10 us on one CPU thread), and composing the dense kernel, which
-# takes 60-120 us even for small kernels (einsum dispatch), i.e. ~6 calls. Chosen on
-# interleaved timings of both paths (benchmarks/bench_paths.py --dump, one CPU thread).
-_COST_PER_ELEMENT = 32
-_COST_PER_CALL = 300_000
-_COMPOSE_CALLS = 6
 
 _CORES = ("general", "orthogonal")
 
@@ -418,94 +410,34 @@ class _SVDConvNd(nn.Module):
                 out.append((n + before + after - extent[axis]) // self.stride[axis] + 1)
         return tuple(out)
 
-    def _pixel_costs(self) -> Tuple[int, int, int, int]:
-        """Multiply-adds: ``(compose the kernel, dense per output pixel, factored per input
-        pixel, factored per output pixel)``."""
-        r_out, r_in = self.ranks
-        g, taps = self.groups, math.prod(self.kernel_size)
-        rows, cols = self._weight_channels()
-        in_g = cols // g
-        compose_cost = g * r_out * r_in * taps * in_g + rows * r_out * in_g * taps
-        dense = rows * in_g * taps
-        if self._is_pointwise():  # the factored path folds the core into U: two channel mixings
-            return compose_cost, dense, cols * r_in, rows * r_in
-        return compose_cost, dense, cols * r_in, g * r_out * r_in * taps + rows * r_out
-
     def flop_costs(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
         """Multiply-adds of the ``(dense, factored)`` forward paths for an input shape.
 
         ``dense`` counts composing the kernel plus one convolution; ``factored`` counts
         the three convolutions (``V`` 1x1 at input resolution, the core, ``U`` 1x1).
         """
-        batch = input_shape[0] if len(input_shape) == self._dims + 2 else 1
-        size = tuple(input_shape[-self._dims:])
-        in_pixels, out_pixels = batch * math.prod(size), batch * math.prod(self._output_size(size))
-        compose_cost, dense, factored_in, factored_out = self._pixel_costs()
-        if self._transposed:
-            # The adjoint of a conv from out_channels to in_channels: the kernel taps and the
-            # core run at input resolution, U^T on the input, V on the output.
-            in_pixels, out_pixels = out_pixels, in_pixels
-        return (compose_cost + out_pixels * dense,
-                in_pixels * factored_in + out_pixels * factored_out)
+        return _forward_paths.flop_costs(self, input_shape)
 
     def path_elements(self, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
         """Tensor elements the ``(dense, factored)`` forward paths read and write: the input,
         the output and, for the factored path, each hidden map twice (written, then read)."""
-        batch = input_shape[0] if len(input_shape) == self._dims + 2 else 1
-        size = tuple(input_shape[-self._dims:])
-        in_pixels, out_pixels = batch * math.prod(size), batch * math.prod(self._output_size(size))
-        r_out, r_in = self.ranks
-        g = self.groups
-        dense = in_pixels * self.in_channels + out_pixels * self.out_channels
-        # Hidden maps: after the first mixing (input resolution) and after the core (output
-        # resolution); the rank on each side is r_in / r_out for a conv, r_out / r_in transposed.
-        first, second = (r_out, r_in) if self._transposed else (r_in, r_out)
-        if self._is_pointwise():
-            return dense, dense + 2 * in_pixels * g * first
-        return dense, dense + 2 * in_pixels * g * first + 2 * out_pixels * g * second
+        return _forward_paths.path_elements(self, input_shape)
 
     def path_costs(self, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
         """Estimated cost of the ``(dense, factored)`` forward paths, in multiply-add units.
 
         ``flop_costs`` (the dense path composes its kernel on every call) plus what makes
-        small and thin layers slow on CPU: ``_COST_PER_ELEMENT`` per tensor element read or
-        written (``path_elements``; maps with few channels are memory-bound) and
-        ``_COST_PER_CALL`` per operator call (the dense path makes ``1 + _COMPOSE_CALLS``,
-        the factored path 3, or 2 for a 1x1 layer). The constants come from timings of both
-        paths on MTCNN-, MobileNet- and OCR-like shapes on one CPU thread
-        (``benchmarks/bench_paths.py --dump``). Deterministic: nothing is timed at run time.
+        small and thin layers slow on CPU: a cost per tensor element read or written
+        (``path_elements``; maps with few channels are memory-bound) and per operator call.
+        The constants are fitted on timings of both paths on every conv of MTCNN-,
+        MobileNet- and OCR-like models (``ttconv._forward_paths``). Deterministic: nothing
+        is timed at run time.
         """
-        dense_macs, factored_macs = self.flop_costs(input_shape)
-        dense_elements, factored_elements = self.path_elements(input_shape)
-        factored_calls = 2 if self._is_pointwise() else 3
-        dense = dense_macs + _COST_PER_ELEMENT * dense_elements + _COST_PER_CALL * (1 + _COMPOSE_CALLS)
-        factored = factored_macs + _COST_PER_ELEMENT * factored_elements + _COST_PER_CALL * factored_calls
-        return dense, factored
-
-    def _auto_path(self, input_shape: Tuple[int, ...]) -> ForwardPath:
-        # The choice depends only on the input shape and the geometry (evaluating the model
-        # takes ~30 us, a tenth of a small layer's forward), so it is remembered per shape.
-        key = (input_shape, self.stride, self.padding, self.dilation, self.ranks)
-        cache = self.__dict__.setdefault("_auto_paths", {})
-        path = cache.get(key)
-        if path is None:
-            if len(cache) >= 64:  # inputs of ever-changing shapes: keep it bounded
-                cache.clear()
-            dense_cost, factored_cost = self.path_costs(input_shape)
-            path = "dense" if dense_cost <= factored_cost else "factored"
-            cache[key] = path
-        return path
+        return _forward_paths.path_costs(self, input_shape)
 
     def choose_path(self, input_shape: Tuple[int, ...]) -> str:
         """The path ``forward`` takes for this input shape with ``path='auto'`` (see ``path_costs``)."""
-        dense_cost, factored_cost = self.path_costs(input_shape)
-        return "dense" if dense_cost <= factored_cost else "factored"
-
-    def _dense_is_cheaper_per_pixel(self) -> bool:
-        # Per output pixel, leaving out composing the kernel (the input has s1*s2 pixels each).
-        _, dense, factored_in, factored_out = self._pixel_costs()
-        # (Transposed: per input pixel, which has prod(stride) output pixels.)
-        return dense <= math.prod(self.stride) * factored_in + factored_out
+        return _forward_paths.cheaper_path(self, input_shape)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input, None)
@@ -516,11 +448,11 @@ class _SVDConvNd(nn.Module):
             # torch.fx.symbolic_trace: shapes are symbolic, so no input checks; 'auto'
             # compares per-output-pixel costs, leaving out composing the kernel.
             if path == "auto":
-                path = "dense" if self._dense_is_cheaper_per_pixel() else "factored"
+                path = "dense" if _forward_paths.dense_is_cheaper_per_pixel(self) else "factored"
         else:
             self._check_input(input)
             if path == "auto":
-                path = self._auto_path(tuple(input.shape))
+                path = _forward_paths.remembered_path(self, tuple(input.shape))
         if path == "dense":
             if self._is_pointwise():
                 return self._pointwise_forward(input, self.dense_weight())

@@ -1,0 +1,117 @@
+"""The cost model behind ``path='auto'``: which forward path of an SVD conv is cheaper.
+
+An SVD conv can run ``'dense'`` (compose ``W = U diag(S) core V^T``, then one conv) or
+``'factored'`` (three convs: ``V`` 1x1, the core, ``U`` 1x1; two channel mixings for a 1x1
+layer). Both compute the same function; which is faster depends on the ranks, the kernel
+and the input shape. The model adds, in multiply-add units: the multiply-adds of each path
+(``flop_costs``), ``COST_PER_ELEMENT`` per tensor element read or written
+(``path_elements``: maps with few channels are memory-bound) and ``COST_PER_CALL`` per
+operator call (composing the kernel counts as ``COMPOSE_CALLS`` calls: einsum dispatch
+dominates it for small kernels). The constants are fitted on per-layer timings of both
+paths on every conv of the real-shape models (``benchmarks/bench_path_calibration.py``,
+one CPU thread), which ``tests/test_forward_path.py`` keeps the model to. Deterministic:
+nothing is timed at run time.
+
+Works on any object with the layer's geometry (``ranks``, ``groups``, ``kernel_size``,
+``stride``, ``_dims``, ``_transposed``, ``_weight_channels()``, ``_output_size()``,
+``_is_pointwise()``): the SVD conv layers of ``ttconv.layer``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Tuple
+
+from ._typing import ForwardPath
+
+COST_PER_ELEMENT = 32
+COST_PER_CALL = 300_000
+COMPOSE_CALLS = 6
+
+_CACHE_SIZE = 64
+
+
+def pixel_costs(layer: Any) -> Tuple[int, int, int, int]:
+    """Multiply-adds ``(compose the kernel, dense per output pixel, factored per input
+    pixel, factored per output pixel)``."""
+    r_out, r_in = layer.ranks
+    g, taps = layer.groups, math.prod(layer.kernel_size)
+    rows, cols = layer._weight_channels()
+    in_g = cols // g
+    compose_cost = g * r_out * r_in * taps * in_g + rows * r_out * in_g * taps
+    dense = rows * in_g * taps
+    if layer._is_pointwise():  # the factored path folds the core into U: two channel mixings
+        return compose_cost, dense, cols * r_in, rows * r_in
+    return compose_cost, dense, cols * r_in, g * r_out * r_in * taps + rows * r_out
+
+
+def _pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """Input and output positions of a (batched or unbatched) input, batch included."""
+    d = layer._dims
+    batch = input_shape[0] if len(input_shape) == d + 2 else 1
+    size = tuple(input_shape[-d:])
+    return batch * math.prod(size), batch * math.prod(layer._output_size(size))
+
+
+def flop_costs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """Multiply-adds of the ``(dense, factored)`` paths (see ``SVDConv.flop_costs``)."""
+    in_pixels, out_pixels = _pixels(layer, input_shape)
+    compose_cost, dense, factored_in, factored_out = pixel_costs(layer)
+    if layer._transposed:
+        # The adjoint of a conv from out_channels to in_channels: the kernel taps and the
+        # core run at input resolution, U^T on the input, V on the output.
+        in_pixels, out_pixels = out_pixels, in_pixels
+    return (compose_cost + out_pixels * dense,
+            in_pixels * factored_in + out_pixels * factored_out)
+
+
+def path_elements(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """Tensor elements the ``(dense, factored)`` paths read and write: the input, the
+    output and, for the factored path, each hidden map twice (written, then read)."""
+    in_pixels, out_pixels = _pixels(layer, input_shape)
+    r_out, r_in = layer.ranks
+    g = layer.groups
+    dense = in_pixels * layer.in_channels + out_pixels * layer.out_channels
+    # Hidden maps: after the first mixing (input resolution) and after the core (output
+    # resolution); the rank on each side is r_in / r_out for a conv, r_out / r_in transposed.
+    first, second = (r_out, r_in) if layer._transposed else (r_in, r_out)
+    if layer._is_pointwise():
+        return dense, dense + 2 * in_pixels * g * first
+    return dense, dense + 2 * in_pixels * g * first + 2 * out_pixels * g * second
+
+
+def path_costs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
+    """Modelled cost of the ``(dense, factored)`` paths, in multiply-add units."""
+    dense_macs, factored_macs = flop_costs(layer, input_shape)
+    dense_elements, factored_elements = path_elements(layer, input_shape)
+    factored_calls = 2 if layer._is_pointwise() else 3
+    dense = dense_macs + COST_PER_ELEMENT * dense_elements + COST_PER_CALL * (1 + COMPOSE_CALLS)
+    factored = factored_macs + COST_PER_ELEMENT * factored_elements + COST_PER_CALL * factored_calls
+    return dense, factored
+
+
+def cheaper_path(layer: Any, input_shape: Tuple[int, ...]) -> ForwardPath:
+    """``'dense'`` or ``'factored'``, whichever ``path_costs`` models as cheaper."""
+    dense_cost, factored_cost = path_costs(layer, input_shape)
+    return "dense" if dense_cost <= factored_cost else "factored"
+
+
+def remembered_path(layer: Any, input_shape: Tuple[int, ...]) -> ForwardPath:
+    """``cheaper_path``, remembered per input shape and geometry on the layer (evaluating
+    the model takes ~30 us, a tenth of a small layer's forward)."""
+    key = (input_shape, layer.stride, layer.padding, layer.dilation, layer.ranks)
+    cache: Dict[Any, ForwardPath] = layer.__dict__.setdefault("_auto_paths", {})
+    path = cache.get(key)
+    if path is None:
+        if len(cache) >= _CACHE_SIZE:  # inputs of ever-changing shapes: keep it bounded
+            cache.clear()
+        path = cache[key] = cheaper_path(layer, input_shape)
+    return path
+
+
+def dense_is_cheaper_per_pixel(layer: Any) -> bool:
+    """For a ``torch.fx`` trace (symbolic shapes): per output pixel, leaving out composing
+    the kernel (the input has ``prod(stride)`` pixels per output pixel; transposed: per
+    input pixel, which has ``prod(stride)`` output pixels)."""
+    _, dense, factored_in, factored_out = pixel_costs(layer)
+    return dense <= math.prod(layer.stride) * factored_in + factored_out
