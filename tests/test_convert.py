@@ -136,7 +136,7 @@ def test_training_mode_is_carried():
     "kwargs, match",
     [
         (dict(rank=2, energy=0.9), "at most one of"),
-        (dict(rank=1.5), "fraction of channels"),
+        (dict(rank=1.5), "a float rank is a fraction of the channels"),
         (dict(param_budget=10), "below the smallest possible size"),
         (dict(param_budget=-3), "param_budget must be a positive int"),
         (dict(exclude="stem"), "single str"),

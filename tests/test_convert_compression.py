@@ -257,7 +257,7 @@ def test_output_tolerance_needs_an_example_input_and_a_reachable_value():
     model = mobilenet_like()
     with pytest.raises(ValueError, match="output_tolerance needs example_input"):
         convert(model, output_tolerance=0.1)
-    with pytest.raises(ValueError, match="output_tolerance must be a positive float"):
+    with pytest.raises(ValueError, match=r"output_tolerance must be a positive finite number \(a relative output error\), got 0\.0$"):
         convert(model, output_tolerance=0.0, example_input=torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="below the output error at energy 1 - 1e-12"):
         convert(_compressible(model), output_tolerance=1e-300, example_input=torch.randn(1, 3, 16, 16),
@@ -272,13 +272,15 @@ def test_output_tolerance_needs_an_example_input_and_a_reachable_value():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rank=0), r"^rank must be a positive int, got 0$"),
     (dict(rank=(2, 0)), r"^rank must be a positive int"),
-    (dict(rank=1.5), r"rank=1\.5"),
-    (dict(energy=1.5), r"^energy must be a float in \(0, 1\].*energy=1\.5$"),
-    (dict(energy=0), r"energy=0$"),
-    (dict(param_budget=1.5), r"param_budget=1\.5$"),
-    (dict(param_budget=True), r"param_budget=True$"),
-    (dict(param_budget=0), r"param_budget=0$"),
-    (dict(refine=-1), r"refine=-1"),
+    (dict(rank=1.5), r"^rank must be a number in \(0, 1\] \(a float rank is a fraction .*got 1\.5$"),
+    (dict(energy=1.5), r"^energy must be a number in \(0, 1\] \(.*squared norm to keep\), got 1\.5$"),
+    (dict(energy=0), r"^energy must be a number in \(0, 1\].*got 0$"),
+    (dict(energy="0.9"), r"^energy must be a number in \(0, 1\].*got '0\.9' of type str$"),
+    (dict(param_budget=1.5), r"^param_budget must be a number in \(0, 1\].*got 1\.5$"),
+    (dict(param_budget=True), r"^param_budget must be a positive int.*got True of type bool$"),
+    (dict(param_budget=0), r"^param_budget must be a positive int.*got 0$"),
+    (dict(refine=-1), r"^refine must be an int >= 0.*got -1$"),
+    (dict(refine=1.0), r"^refine must be an int >= 0.*got 1\.0 of type float$"),
     (dict(rank=2, output_tolerance=0.1), "at most one of"),
 ])
 def test_global_arguments_are_checked_up_front_and_named(kwargs, match):

@@ -1,14 +1,23 @@
-"""Validation and normalisation of ``nn.Conv{1,2,3}d``-style arguments (tuples of length d).
+"""Validation and normalisation of arguments: one vocabulary for every public entry point.
 
-Every public entry point funnels its convolution arguments through here, so the
-error messages (which name the argument and the fix) are the same everywhere.
+Every check names the argument and says what it must be, and raises one exception type
+per kind of mistake: ``TypeError`` when the value has the wrong type (a str for a
+number, a bool for a count, ...), ``ValueError`` when the type is right but the value is
+not (a count of 0, a fraction above 1, an unknown choice). ``what`` (optional) is a short
+hint appended in parentheses, e.g. ``"clip-and-project rounds per clip"``.
+
+* scalars: ``choice``, ``positive_int``, ``non_negative_int``, ``positive_finite``,
+  ``non_negative_finite``, ``fraction``, ``boolean``;
+* ``nn.Conv{1,2,3}d``-style arguments (tuples of length ``d``): ``ntuple``, ``pair``,
+  ``padding_arg``, ``padding_mode_arg``, ``channels_and_groups``, ``output_padding_arg``,
+  ``check_kernel``, ``input_size_arg``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, List, Tuple, Union
+from typing import Any, Iterable, List, Optional, Tuple, Union
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _PADDING_STRINGS = ("same", "valid")
@@ -18,13 +27,87 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def positive_int(value: Any, name: str) -> int:
-    """Return ``value`` as an ``int`` if it is a positive integer, else raise."""
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _hint(what: str) -> str:
+    return f" ({what})" if what else ""
+
+
+def _wrong_type(name: str, expected: str, value: Any, what: str) -> TypeError:
+    return TypeError(f"{name} must be {expected}{_hint(what)}, got {value!r} of type {type(value).__name__}")
+
+
+def _wrong_value(name: str, expected: str, value: Any, what: str) -> ValueError:
+    return ValueError(f"{name} must be {expected}{_hint(what)}, got {value!r}")
+
+
+def choice(value: Any, name: str, options: Iterable[str], what: str = "") -> str:
+    """Return ``value`` if it is one of ``options`` (a sequence, or a dispatch table's keys).
+
+    ``TypeError`` for a non-str, ``ValueError`` for an unknown str; both list the options.
+    """
+    names = tuple(options)
+    listed = ", ".join(repr(option) for option in names)
+    if not isinstance(value, str):
+        raise _wrong_type(name, f"one of {listed}", value, what)
+    if value not in names:
+        raise _wrong_value(name, f"one of {listed}", value, what)
+    return value
+
+
+def positive_int(value: Any, name: str, what: str = "", *, maximum: Optional[int] = None) -> int:
+    """Return ``value`` as an ``int`` if it is an integer >= 1 (and <= ``maximum``); bools are refused."""
+    expected = "a positive int" if maximum is None else f"an int in [1, {maximum}]"
     if not _is_int(value):
-        raise TypeError(f"{name} must be a positive int, got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
+        raise _wrong_type(name, expected, value, what)
+    if value < 1 or (maximum is not None and value > maximum):
+        raise _wrong_value(name, expected, value, what)
     return int(value)
+
+
+def non_negative_int(value: Any, name: str, what: str = "") -> int:
+    """Return ``value`` as an ``int`` if it is an integer >= 0; bools are refused."""
+    if not _is_int(value):
+        raise _wrong_type(name, "an int >= 0", value, what)
+    if value < 0:
+        raise _wrong_value(name, "an int >= 0", value, what)
+    return int(value)
+
+
+def positive_finite(value: Any, name: str, what: str = "") -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number > 0; bools are refused."""
+    if not _is_real(value):
+        raise _wrong_type(name, "a positive finite number", value, what)
+    if not (math.isfinite(value) and value > 0):
+        raise _wrong_value(name, "a positive finite number", value, what)
+    return float(value)
+
+
+def non_negative_finite(value: Any, name: str, what: str = "") -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number >= 0; bools are refused."""
+    if not _is_real(value):
+        raise _wrong_type(name, "a finite number >= 0", value, what)
+    if not (math.isfinite(value) and value >= 0):
+        raise _wrong_value(name, "a finite number >= 0", value, what)
+    return float(value)
+
+
+def fraction(value: Any, name: str, what: str = "") -> float:
+    """Return ``value`` as a ``float`` if it is a real number in ``(0, 1]``; bools are refused."""
+    if not _is_real(value):
+        raise _wrong_type(name, "a number in (0, 1]", value, what)
+    if not 0 < value <= 1:  # NaN fails too
+        raise _wrong_value(name, "a number in (0, 1]", value, what)
+    return float(value)
+
+
+def boolean(value: Any, name: str, what: str = "") -> bool:
+    """Return ``value`` if it is a ``bool`` (1, 0 or ``None`` are refused: they usually mean a slip)."""
+    if not isinstance(value, bool):
+        raise _wrong_type(name, "True or False", value, what)
+    return value
 
 
 def ntuple(value: Any, name: str, dims: int, *, minimum: int = 1) -> Tuple[int, ...]:
@@ -66,9 +149,7 @@ def padding_arg(value: Any, stride: Tuple[int, ...]) -> Union[str, Tuple[int, ..
 
 
 def padding_mode_arg(value: Any) -> str:
-    if value not in _PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {value!r}")
-    return value
+    return choice(value, "padding_mode", _PADDING_MODES)
 
 
 def channels_and_groups(in_channels: Any, out_channels: Any, groups: Any) -> Tuple[int, int, int]:
@@ -119,13 +200,6 @@ def output_padding_arg(value: Any, stride: Tuple[int, ...], dilation: Tuple[int,
                 "in each dimension (as in torch.nn.ConvTranspose); lower it"
             )
     return items
-
-
-def positive_finite(value: Any, name: str) -> float:
-    """Return ``value`` as a ``float`` if it is a positive finite real number, else raise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def dilated_extent(kernel_size: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tuple[int, ...]:

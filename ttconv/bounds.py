@@ -296,8 +296,7 @@ def fantastic_four_reshape_bounds(
     Tensor
         ``(2^d,)`` (or ``(groups, 2^d)``), differentiable; ``(4,)`` for a 2-D conv.
     """
-    if method not in ("exact", "power"):
-        raise ValueError(f"method must be 'exact' or 'power', got {method!r}")
+    method = args.choice(method, "method", ("exact", "power"))
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
     k, scale = _grouped_kernel(spec, dilated=False)  # (g, o, i, *k)
@@ -442,9 +441,7 @@ def spatial_gram_bound(
     chunked to ``max_memory`` bytes; ``MemoryLimitError`` when even
     the Gram kernel does not fit.
     """
-    n_iter = args.positive_int(n_iter, "n_iter")
-    if n_iter > 6:
-        raise ValueError(f"n_iter must be <= 6 for the spatial Gram bound (support doubles each step), got {n_iter}")
+    n_iter = args.positive_int(n_iter, "n_iter", "the spatial Gram kernel's support doubles each step", maximum=6)
     spec = conv_spec(target, **geometry)
     kernels, scale = _grouped_kernel(spec, dilated=False)
     bounds = []

@@ -46,7 +46,6 @@ one matrix norm and its clip one SVD, exact.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -591,20 +590,11 @@ class SpectralControl:
         progress: ProgressArg = False,
     ) -> None:
         self.max_singular_value = _check_max_singular_value(max_singular_value)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1 (control period in optimizer steps), got {every!r}")
-        if mode not in MODES:
-            raise ValueError(
-                f"mode must be one of 'clip_scale' (clip, then scale: norm guaranteed <= max_singular_value; the "
-                f"default), 'clip' (Sedghi clip only, approximate) or 'scale' (exact), got {mode!r}"
-            )
-        if (isinstance(orthonormality_tol, bool) or not isinstance(orthonormality_tol, numbers.Real)
-                or not 0 <= orthonormality_tol < math.inf):
-            raise ValueError(f"orthonormality_tol must be a finite number >= 0 (e.g. the default 1e-6), "
-                             f"got {orthonormality_tol!r}")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 1:
-            raise ValueError(f"n_iter must be an int >= 1 (clip-and-project rounds per clip, e.g. the default 1), "
-                             f"got {n_iter!r}")
+        every = args.positive_int(every, "every", "control period in optimizer steps")
+        mode = args.choice(mode, "mode", MODES, "'clip_scale', the default: clip, then scale, guaranteed; "
+                           "'clip': Sedghi clip only, approximate; 'scale': guaranteed")
+        orthonormality_tol = args.non_negative_finite(orthonormality_tol, "orthonormality_tol", "e.g. the default 1e-6")
+        n_iter = args.positive_int(n_iter, "n_iter", "clip-and-project rounds per clip, e.g. the default 1")
         self.every: int = every
         self.mode: str = mode
         self.n_iter: int = int(n_iter)

@@ -33,6 +33,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
 from torch.nn.utils.weight_norm import WeightNorm
 
+from . import _conv_args as args
 from ._hooks import run_example, unwrap
 from ._progress import progress_callback
 from .layer import (
@@ -616,31 +617,23 @@ def _check_arguments(rank: Any, energy: Any, param_budget: Any, output_tolerance
     if len(given) > 1:
         raise ValueError(f"pass at most one of rank, energy, param_budget and output_tolerance, got {', '.join(given)}")
     if isinstance(rank, float):
-        if not 0.0 < rank <= 1.0:
-            raise ValueError(f"a float rank is a fraction of channels and must be in (0, 1], got rank={rank}")
+        args.fraction(rank, "rank", "a float rank is a fraction of the channels")
     elif rank is not None:
         resolve_ranks(rank, 1, 1, (1, 1))  # raises naming ``rank`` (e.g. rank=0)
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
-                               or not 0.0 < float(energy) <= 1.0):
-        raise ValueError(f"energy must be a float in (0, 1] (the fraction of each kernel's squared norm to keep), "
-                         f"got energy={energy!r}")
+    if energy is not None:
+        args.fraction(energy, "energy", "the fraction of each kernel's squared norm to keep")
     if param_budget is not None:
-        integral = isinstance(param_budget, numbers.Integral) and not isinstance(param_budget, bool)
-        valid = (integral and param_budget >= 1) or (
-            not integral and not isinstance(param_budget, bool) and isinstance(param_budget, numbers.Real)
-            and 0.0 < float(param_budget) <= 1.0)
-        if not valid:
-            raise ValueError("param_budget must be a positive int (a number of parameters) or a float in (0, 1] "
-                             f"(a fraction of the considered convs' parameters), got param_budget={param_budget!r}")
+        if isinstance(param_budget, float):
+            args.fraction(param_budget, "param_budget", "a float budget is a fraction of the considered convs' "
+                          "parameters; an int, a number of parameters")
+        else:
+            args.positive_int(param_budget, "param_budget", "a number of parameters; a float in (0, 1], a fraction "
+                              "of the considered convs' parameters")
     if output_tolerance is not None:
-        if isinstance(output_tolerance, bool) or not isinstance(output_tolerance, (int, float)) \
-                or not 0.0 < float(output_tolerance) < math.inf:
-            raise ValueError(f"output_tolerance must be a positive float (a relative output error), "
-                             f"got output_tolerance={output_tolerance!r}")
+        args.positive_finite(output_tolerance, "output_tolerance", "a relative output error")
         if example_input is None:
             raise ValueError("output_tolerance needs example_input: the output error is measured on it")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine must be a non-negative int (iterations), got refine={refine!r}")
+    args.non_negative_int(refine, "refine", "refinement iterations")
 
 
 def _outputs(value: Any) -> List[Tensor]:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _conv_args as args
 from ._hooks import record_input_sizes
 from .layer import SVDConv
 from .spectra import check_spectral_input_size, conv_singular_values
@@ -78,36 +79,22 @@ def _check_eval(model: Any) -> None:
 
 
 def _check_eps(eps: Any, name: str = "eps") -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{name} must be a real number >= 0 (a perturbation radius), got {eps!r}")
-    radius = float(eps)
-    if not 0 <= radius < math.inf:
-        raise ValueError(f"{name} must be a finite radius >= 0, got {eps!r}")
-    return radius
+    return args.non_negative_finite(eps, name, "a perturbation radius")
 
 
 def _check_norm(norm: Any) -> str:
-    if isinstance(norm, str) and norm.lower() in NORMS:
-        return norm.lower()
-    raise ValueError(f"norm must be 'linf' (max-abs ball) or 'l2' (Euclidean ball), got {norm!r}")
-
-
-def _check_positive_int(value: Any, name: str, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 ({what}), got {value!r}")
-    return int(value)
+    """``'linf'`` or ``'l2'``, in any letter case."""
+    return args.choice(norm.lower() if isinstance(norm, str) else norm, "norm", NORMS,
+                       "'linf': max-abs ball, 'l2': Euclidean ball")
 
 
 def _check_n_bins(n_bins: Any) -> int:
-    return _check_positive_int(n_bins, "n_bins", "number of equal-width confidence bins, e.g. 15")
+    return args.positive_int(n_bins, "n_bins", "number of equal-width confidence bins, e.g. 15")
 
 
 def _check_lipschitz(lipschitz: Any) -> float:
-    if isinstance(lipschitz, bool) or not isinstance(lipschitz, numbers.Real) or not 0 < float(lipschitz) < math.inf:
-        raise ValueError(
-            f"lipschitz must be a finite number > 0 (an upper bound of the model's L2 Lipschitz constant, "
-            f"e.g. from ttconv.evaluate.lipschitz_bound), got {lipschitz!r}"
-        )
+    return args.positive_finite(lipschitz, "lipschitz", "an upper bound of the model's L2 Lipschitz constant, "
+                                "e.g. from ttconv.evaluate.lipschitz_bound")
     return float(lipschitz)
 
 
@@ -468,8 +455,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     """
     _check_attack_inputs(model, x, y)
     eps, norm, clamp = _check_eps(eps), _check_norm(norm), _check_clamp(clamp)
-    steps = _check_positive_int(steps, "steps", "gradient steps per restart")
-    restarts = _check_positive_int(restarts, "restarts", "independent attack runs")
+    steps = args.positive_int(steps, "steps", "gradient steps per restart")
+    restarts = args.positive_int(restarts, "restarts", "independent attack runs")
     alpha = 2.5 * eps / steps if step_size is None else _check_eps(step_size, "step_size")
     x = x.detach()
     if eps == 0:
@@ -498,6 +485,19 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     return best
 
 
+def _fgsm_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str,
+                 clamp: Optional[Tuple[float, float]], options: Dict[str, Any], batch: int) -> Tensor:
+    return fgsm(model, x, y, eps, norm=norm, clamp=clamp)  # single step: the PGD options do not apply
+
+
+def _pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str,
+                clamp: Optional[Tuple[float, float]], options: Dict[str, Any], batch: int) -> Tensor:
+    return pgd(model, x, y, eps, norm=norm, clamp=clamp, **{**options, "seed": options["seed"] + batch})
+
+
+_ATTACKS = {"pgd": _pgd_attack, "fgsm": _fgsm_attack}
+
+
 def attack_accuracy(model: nn.Module, loader: Loader, eps: float, *, attack: str = "pgd", norm: str = "linf",
                     steps: int = 10, step_size: Optional[float] = None, restarts: int = 1,
                     random_start: bool = True, clamp: Optional[Tuple[float, float]] = None, seed: int = 0) -> float:
@@ -520,17 +520,13 @@ def attack_accuracy(model: nn.Module, loader: Loader, eps: float, *, attack: str
         An upper estimate of the true robust accuracy (an attack finds some, not all,
         adversarial examples).
     """
-    if attack not in ("pgd", "fgsm"):
-        raise ValueError(f"attack must be 'pgd' or 'fgsm', got {attack!r}")
+    run = _ATTACKS[args.choice(attack, "attack", _ATTACKS)]
     _check_eval(model)
     eps, norm = _check_eps(eps), _check_norm(norm)
+    options = dict(steps=steps, step_size=step_size, restarts=restarts, random_start=random_start, seed=seed)
     correct = total = 0
     for index, (x, y) in enumerate(_batches(loader, _device(model))):
-        if attack == "fgsm":
-            adversarial = fgsm(model, x, y, eps, norm=norm, clamp=clamp)
-        else:
-            adversarial = pgd(model, x, y, eps, norm=norm, steps=steps, step_size=step_size, restarts=restarts,
-                              random_start=random_start, clamp=clamp, seed=seed + index)
+        adversarial = run(model, x, y, eps, norm, clamp, options, index)
         with torch.no_grad():
             ok = (model(x).argmax(1) == y) & (model(adversarial).argmax(1) == y)
         correct += int(ok.sum())
@@ -793,7 +789,7 @@ def empirical_lipschitz(model: nn.Module, loader: Loader, *, n_iter: int = 20, p
     float
     """
     _check_eval(model)
-    n_iter = _check_positive_int(n_iter, "n_iter", "power iterations per example")
+    n_iter = args.positive_int(n_iter, "n_iter", "power iterations per example")
     if pair_eps is not None:
         pair_eps = _check_eps(pair_eps, "pair_eps")
     best = 0.0
@@ -813,6 +809,9 @@ def empirical_lipschitz(model: nn.Module, loader: Loader, *, n_iter: int = 20, p
 
 
 # ----------------------------------------------------------------- training loss
+_REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "none": lambda loss: loss}
+
+
 def margin_loss(logits: Tensor, labels: Tensor, min_margin: float = 1.0, *, kr_weight: float = 0.0,
                 reduction: str = "mean") -> Tensor:
     """Lipschitz margin loss for training certified networks: multiclass hinge, optionally hinge-KR.
@@ -856,13 +855,9 @@ def margin_loss(logits: Tensor, labels: Tensor, min_margin: float = 1.0, *, kr_w
         raise ValueError("logits must be a (N, C) tensor with C >= 2 classes")
     if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1] or labels.is_floating_point():
         raise ValueError(f"labels must be an integer tensor of shape ({logits.shape[0]},)")
-    if isinstance(min_margin, bool) or not isinstance(min_margin, numbers.Real) or not 0 < min_margin < math.inf:
-        raise ValueError(f"min_margin must be a finite number > 0 (sqrt(2) * L * eps certifies radius eps), "
-                         f"got {min_margin!r}")
-    if isinstance(kr_weight, bool) or not isinstance(kr_weight, numbers.Real) or not 0 <= kr_weight < math.inf:
-        raise ValueError(f"kr_weight must be a finite number >= 0 (0: pure hinge), got {kr_weight!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    min_margin = args.positive_finite(min_margin, "min_margin", "sqrt(2) * L * eps certifies radius eps")
+    kr_weight = args.non_negative_finite(kr_weight, "kr_weight", "0: pure hinge")
+    reduction = args.choice(reduction, "reduction", _REDUCTIONS)
     true = logits.gather(1, labels[:, None])
     others = torch.ones_like(logits, dtype=torch.bool).scatter(1, labels[:, None], False)
     gaps = torch.relu(min_margin - (true - logits)) * others
@@ -870,9 +865,7 @@ def margin_loss(logits: Tensor, labels: Tensor, min_margin: float = 1.0, *, kr_w
     if kr_weight:
         kr = true.squeeze(1) - (logits * others).sum(1) / (logits.shape[1] - 1)
         loss = loss - kr_weight * kr
-    if reduction == "mean":
-        return loss.mean()
-    return loss.sum() if reduction == "sum" else loss
+    return _REDUCTIONS[reduction](loss)
 
 
 # ----------------------------------------------------------------- spectra
@@ -935,7 +928,7 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
     """
     from ._hooks import find_conv_layers
 
-    bins = _check_positive_int(bins, "bins", "number of histogram bins")
+    bins = args.positive_int(bins, "bins", "number of histogram bins")
     layers = find_conv_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no nn.Conv2d or SVDConv layers")

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
+from . import _conv_args as args
 from . import bounds, spectra
 from ._conv_args import dilated_extent
 from ._hooks import find_conv_layers
@@ -645,15 +646,12 @@ def _full_spectrum(spec: ConvSpec, n: Tuple[int, ...], count: int) -> Tensor:
 def _check_max_memory(max_memory: Optional[int]) -> Optional[int]:
     if max_memory is None:
         return None
-    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
-        raise ValueError(f"max_memory must be a positive number of bytes or None (no limit), got {max_memory!r}")
-    return max_memory
+    return args.positive_int(max_memory, "max_memory", "a number of bytes, or None for no limit")
 
 
 def _check_iters(**iters: int) -> None:
     for name, value in iters.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        args.positive_int(value, name)
 
 
 @torch.no_grad()
@@ -1237,11 +1235,13 @@ def state_dict_report(
     _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
     max_memory = _check_max_memory(max_memory)
     if input_size is not None:
-        if not isinstance(input_size, (tuple, list)) or not 1 <= len(input_size) <= 3 or any(
-                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in input_size):
-            raise ValueError(f"input_size must be a tuple of 1, 2 or 3 positive ints (L), (H, W) or (D, H, W), one "
-                             f"per spatial axis of the kernels to analyse at that size, got {input_size!r}")
-        input_size = tuple(input_size)
+        expected = ("a tuple of 1, 2 or 3 positive ints (L), (H, W) or (D, H, W), one per spatial axis of the "
+                    f"kernels to analyse at that size, got {input_size!r}")
+        if not isinstance(input_size, (tuple, list)):
+            raise TypeError(f"input_size must be {expected} of type {type(input_size).__name__}")
+        if not 1 <= len(input_size) <= 3:
+            raise ValueError(f"input_size must be {expected}")
+        input_size = tuple(args.positive_int(n, f"input_size[{axis}]") for axis, n in enumerate(input_size))
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of tensors, got {type(state_dict).__name__}")
     check_tensor_storage(state_dict)
