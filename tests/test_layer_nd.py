@@ -169,10 +169,14 @@ def test_svdconv2d_is_svdconv():
     assert type(SVDConv2d(2, 3, 3)).__name__ == "SVDConv"
 
 
-@pytest.mark.parametrize("cls", [SVDConv1d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d])
-def test_orthogonal_core_is_refused_off_2d(cls):
-    with pytest.raises(ValueError, match="core='orthogonal' is available for SVDConv .* only so far"):
-        cls(4, 4, 3, core="orthogonal")
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_orthogonal_core_on_every_kind_carries_s_in_its_spec(cls):
+    """Every layer kind takes core='orthogonal' (tests/test_orthogonal_nd.py checks its spectrum);
+    its conv_spec says the singular values are |S| and carries the bounded S."""
+    layer = cls(4, 6, 3, stride=2, rank=(2, 3), core="orthogonal", max_singular_value=2.0, dtype=torch.float64)
+    spec = layer.conv_spec()
+    assert spec.singular_values_are_s and torch.equal(spec.s, layer.effective_S()) and spec.s.shape == (2,)
+    assert spec.transposed == CLASSES[cls][2]
 
 
 @pytest.mark.parametrize("cls", [SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d])

@@ -1,14 +1,18 @@
 """core='orthogonal': the spectrum is exactly S; clipping is exact; 1-Lipschitz networks."""
 
+import math
+import random
+
 import pytest
 import torch
 from torch import nn
 
+from circular_oracle import circular_conv_any_size
 from configs import config_id, random_conv_configs
 from oracle import circular_singular_values, layer_operator, operator_matrix
 from ttconv import SVDConv, clip_singular_values_, scale_to_spectral_norm_
 from ttconv.activations import ChannelPad, MaxMin
-from ttconv.orthogonal import bcop_kernel, bcop_parameter_count
+from ttconv.orthogonal import bcop_kernel, bcop_parameter_count, compose_kernels
 from ttconv.report import spectral_report
 
 CONFIGS = random_conv_configs(80, seed=5, max_in_numel=700)
@@ -50,6 +54,68 @@ def test_core_is_orthogonal_for_circular_padding(kernel_size, r):
     n = (max(6, kernel_size[0]), max(7, kernel_size[1]))
     values = circular_singular_values(kernel, n)
     assert float((values - 1).abs().max()) < 1e-6
+
+
+def _bcop_cases():
+    """Kernels in 1, 2 and 3 dimensions (sizes 1 included), channels 1-5, dilations 1-3 and input
+    sizes from 1 pixel (far below the kernel: the operator is the folded kernel's) upwards."""
+    rng = random.Random(7)
+    cases = []
+    for index in range(60):
+        d = 1 + index % 3
+        kernel = tuple(rng.randint(1, 5 if d == 1 else 3) for _ in range(d))
+        dilation = tuple(rng.randint(1, 3) for _ in range(d))
+        r = rng.randint(1, 5)
+        n = tuple(rng.randint(1, 9 if d == 1 else 5 if d == 2 else 3) for _ in range(d))
+        cases.append(pytest.param(kernel, dilation, r, n, id=f"k{kernel}-d{dilation}-r{r}-n{n}".replace(" ", "")))
+    return cases
+
+
+@pytest.mark.parametrize("kernel_size, dilation, r, n", _bcop_cases())
+def test_bcop_circular_operator_is_orthogonal_in_every_dimension(kernel_size, dilation, r, n):
+    """The explicit circular operator ``M`` of the BCOP kernel satisfies ``M^T M = M M^T = I`` to 1e-12."""
+    torch.manual_seed(hash((kernel_size, dilation, r, n)) % 10**6)
+    generators = 2 * torch.randn(2, bcop_parameter_count(kernel_size), r, r, dtype=torch.float64)
+    kernels = bcop_kernel(generators, kernel_size)
+    assert kernels.shape == (2, r, r, *kernel_size)
+    eye = torch.eye(r * math.prod(n), dtype=torch.float64)
+    for kernel in kernels:
+        matrix = operator_matrix(circular_conv_any_size(kernel, (1,) * len(n), dilation), (r, *n))
+        assert float((matrix.T @ matrix - eye).abs().max()) < 1e-12
+        assert float((matrix @ matrix.T - eye).abs().max()) < 1e-12
+
+
+def test_bcop_uses_every_generator_and_builds_a_full_kernel():
+    """Each generator changes the kernel (none is ignored), and the outer taps are nonzero (the
+    blocks really compose along every axis, not only the first)."""
+    kernel_size = (2, 3, 2)
+    generators = torch.randn(1, bcop_parameter_count(kernel_size), 4, 4, dtype=torch.float64)
+    assert generators.shape[1] == 1 + 1 + 2 + 1
+    kernel = bcop_kernel(generators, kernel_size)
+    for corner in [(0, 0, 0), (1, 2, 1), (0, 2, 0), (1, 0, 1)]:
+        assert float(kernel[(0, slice(None), slice(None), *corner)].abs().max()) > 1e-3
+    for j in range(generators.shape[1]):
+        moved = generators.clone()
+        moved[:, j] += torch.randn(4, 4, dtype=torch.float64)
+        assert not torch.allclose(bcop_kernel(moved, kernel_size), kernel)
+    with pytest.raises(ValueError, match=r"expected 5 generators for kernel \(2, 3, 2\), got 4"):
+        bcop_kernel(generators[:, :4], kernel_size)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_compose_kernels_is_the_product_of_the_circular_operators(d):
+    torch.manual_seed(d)
+    outer = torch.randn(2, 3, 4, *(2, 1, 3)[:d], dtype=torch.float64)
+    inner = torch.randn(2, 4, 2, *(3, 2, 2)[:d], dtype=torch.float64)
+    n = (7, 5, 4)[:d]
+    composed = compose_kernels(outer, inner)
+    assert composed.shape == (2, 3, 2, *(a + b - 1 for a, b in zip(outer.shape[3:], inner.shape[3:])))
+    for g in range(2):
+        ones = (1,) * d
+        m_outer = operator_matrix(circular_conv_any_size(outer[g], ones, ones), (4, *n))
+        m_inner = operator_matrix(circular_conv_any_size(inner[g], ones, ones), (2, *n))
+        m_composed = operator_matrix(circular_conv_any_size(composed[g], ones, ones), (2, *n))
+        assert torch.allclose(m_composed, m_outer @ m_inner, rtol=0, atol=1e-12)
 
 
 def test_zero_padding_orthogonality_error_is_measured_and_max_s_bounds_it():
@@ -147,8 +213,9 @@ def test_stride_two_spectrum_and_bad_arguments():
     layer = SVDConv(4, 4, 3, stride=2, padding=1, core="orthogonal", dtype=torch.float64)
     values = layer.singular_values(8)
     assert values.numel() == min(4 * 16, 4 * 64)
-    with pytest.raises(ValueError, match="square core"):
-        SVDConv(4, 4, 3, core="orthogonal", rank=(2, 3))
+    assert SVDConv(4, 4, 3, core="orthogonal", rank=(2, 3)).ranks == (2, 3)  # channel padding
+    with pytest.raises(ValueError, match=r"needs rank\[0\] <= rank\[1\]"):
+        SVDConv(4, 4, 3, stride=2, core="orthogonal", rank=(3, 2))
     with pytest.raises(ValueError, match="max_singular_value needs core='orthogonal'"):
         SVDConv(4, 4, 3, max_singular_value=1.0)
     with pytest.raises(ValueError, match="max_singular_value must be a positive"):

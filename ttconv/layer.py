@@ -70,12 +70,30 @@ def _conv_arguments(module: nn.Module) -> dict:
     return arguments
 
 
-def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: int) -> Tuple[int, int]:
-    """An orthogonal core is square: ``r_out = r_in = r <= min(c_out/g, c_in/g)``."""
-    if isinstance(rank, (tuple, list)) and rank[0] != rank[1]:
-        raise ValueError(f"core='orthogonal' needs a square core: rank must be an int or (r, r), got {rank!r}")
-    r = min(ranks[0], ranks[1], out_g, in_g)
-    return r, r
+def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: int,
+                      stride: Tuple[int, ...], name: str) -> Tuple[int, int]:
+    """The ranks of an orthogonal core (``ranks``: ``rank`` resolved and clamped by ``resolve_ranks``).
+
+    ``None`` or one int: a square core, ``r_out = r_in = r <= min(c_out/g, c_in/g)``. A pair
+    ``(r_out, r_in)`` is kept as it is (channel padding, docs/orthogonal.md), except that a pair
+    asking for ``r_out <= r_in`` keeps that order when the channel counts clamp ``r_in``, and
+    ``r_out > r_in`` is refused for a strided layer: its singular values would not be ``|S|``.
+    """
+    if not isinstance(rank, (tuple, list)):
+        r = min(ranks[0], ranks[1], out_g, in_g)
+        return r, r
+    r_out, r_in = ranks
+    if rank[0] <= rank[1]:  # asked for r_out <= r_in: keep that order when the channels clamp r_in
+        r_out = min(r_out, r_in)
+    if r_out > r_in and any(s > 1 for s in stride):
+        raise ValueError(
+            f"{name}(core='orthogonal') with stride {stride} needs rank[0] <= rank[1], got rank={tuple(rank)!r} "
+            f"(effective {ranks}). With rank[0] > rank[1] the core is an isometry, and subsampling its outputs "
+            "leaves rows that are neither orthonormal nor orthogonal to each other, so the layer's singular values "
+            f"would not be |S|. Pass rank=({r_in}, {r_in}) (or any (a, b) with a <= b), or use stride 1 "
+            "(e.g. a stride-1 layer after nn.PixelUnshuffle)"
+        )
+    return r_out, r_in
 
 
 class _SVDConvNd(nn.Module):
@@ -143,11 +161,6 @@ class _SVDConvNd(nn.Module):
         self.path = path
         if core not in _CORES:
             raise ValueError(f"core must be one of {_CORES}, got {core!r}")
-        if core == "orthogonal" and (d != 2 or self._transposed):
-            raise ValueError(
-                f"core='orthogonal' is available for SVDConv (2-D, not transposed) only so far; {name} takes "
-                "core='general' (bound its norm with ttconv's control functions instead)"
-            )
         self.core_kind = core
         if max_singular_value is not None:
             if core != "orthogonal":
@@ -163,14 +176,18 @@ class _SVDConvNd(nn.Module):
         out_g, in_g = rows // groups, cols // groups
         self.ranks: Tuple[int, int] = resolve_ranks(rank, out_g, in_g, self._tt_kernel_size())
         if core == "orthogonal":
-            self.ranks = _orthogonal_ranks(rank, self.ranks, out_g, in_g)
+            self.ranks = _orthogonal_ranks(rank, self.ranks, out_g, in_g, self.stride, name)
         r_out, r_in = self.ranks
         factory: Dict[str, Any] = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(rows, r_out, **factory))
-        self.S = nn.Parameter(torch.empty(groups * r_out, **factory))
-        if core == "orthogonal":  # BCOP generators, see ttconv.orthogonal
-            core_shape: Tuple[int, ...] = (groups, bcop_parameter_count(self._tt_kernel_size()), r_out, r_out)
+        if core == "orthogonal":
+            # S: the layer's singular values, min(r_out, r_in) per group (see factors). The core:
+            # BCOP generators of an r x r orthogonal conv, r = max(r_out, r_in) (ttconv.orthogonal).
+            self.S = nn.Parameter(torch.empty(groups * min(r_out, r_in), **factory))
+            core_shape: Tuple[int, ...] = (groups, bcop_parameter_count(self.kernel_size), max(r_out, r_in),
+                                           max(r_out, r_in))
         else:
+            self.S = nn.Parameter(torch.empty(groups * r_out, **factory))
             core_shape = (groups * r_out, r_in, *self.kernel_size)
         self.core = nn.Parameter(torch.empty(core_shape, **factory))
         self.V = nn.Parameter(torch.empty(cols, r_in, **factory))
@@ -237,13 +254,15 @@ class _SVDConvNd(nn.Module):
     @torch.no_grad()
     def _reset_orthogonal(self) -> None:
         # Random orthonormal U, V, a random orthogonal core, and a flat spectrum: at the
-        # Frobenius norm of nn.Conv2d's init, or near norm-preserving (0.88 c) under a bound c.
+        # Frobenius norm of torch's init, or near norm-preserving (0.88 c) under a bound c. Each
+        # S_i contributes S_i^2 to ||W||_F^2 (a row, or column, of an orthogonal conv has unit
+        # norm), and torch's init gives ||W||_F^2 = A / 3 for its weight (A, B/g, *k).
         for factor in (self.U, self.V):
             factor.copy_(orthonormal_basis(torch.randn_like(factor).reshape(self.groups, -1, factor.shape[1]))
                          .reshape(factor.shape))
         nn.init.normal_(self.core)
         if self.max_singular_value is None:
-            self.S.fill_(math.sqrt(self.out_channels / (3.0 * self.S.numel())))
+            self.S.fill_(math.sqrt(self._weight_channels()[0] / (3.0 * self.S.numel())))
         else:
             self.S.fill_(2.0)  # c * sigmoid(2) = 0.88 c
         self._reset_bias()
@@ -254,28 +273,42 @@ class _SVDConvNd(nn.Module):
         In the general form these are the parameters themselves. With
         ``core='orthogonal'`` they are computed from them: ``U``, ``V`` orthonormalised
         (sign-fixed QR), ``S`` as ``max_singular_value * sigmoid(S)`` when bounded, and the
-        core built from its BCOP generators, an exactly orthogonal convolution.
+        core cut from an exactly orthogonal ``r x r`` convolution built from its BCOP
+        generators, ``r = max(r_out, r_in)``: its first ``r_out`` outputs and ``r_in``
+        inputs. For ``r_out <= r_in`` that core has orthonormal rows (as an operator) and
+        scales by ``S`` on the output side. For ``r_out > r_in`` it is an isometry and
+        ``S`` (``r_in`` per group) scales its inputs: the core returned is
+        ``isometry diag(S)`` and the returned ``S`` is ones. Either way the layer's nonzero
+        singular values are ``|effective_S()|`` (docs/orthogonal.md).
         """
         if self.core_kind == "general":
             return TTFactors(self.U, self.S, self.core, self.V)
-        g = self.groups
-        U = orthonormal_basis(self.U.reshape(g, -1, self.U.shape[1])).reshape(self.U.shape)
-        V = orthonormal_basis(self.V.reshape(g, -1, self.V.shape[1])).reshape(self.V.shape)
+        g, d, (r_out, r_in) = self.groups, self._dims, self.ranks
+        U = orthonormal_basis(self.U.reshape(g, -1, r_out)).reshape(self.U.shape)
+        V = orthonormal_basis(self.V.reshape(g, -1, r_in)).reshape(self.V.shape)
         S = self.effective_S()
-        core = bcop_kernel(self.core, self._tt_kernel_size())  # orthogonal cores are 2-D: the kernel size
-        r = self.ranks[0]
-        return TTFactors(U, S, core.reshape(g * r, r, *self.kernel_size), V)
+        core = bcop_kernel(self.core, self.kernel_size)[:, :r_out, :r_in]  # (g, r_out, r_in, *kernel_size)
+        if r_out > r_in:
+            # An isometry times diag(S) has singular values |S|; diag(S) times it would not.
+            core = core * S.reshape(g, 1, r_in, *(1,) * d)
+            S = S.new_ones(g * r_out)
+        return TTFactors(U, S, core.reshape(g * r_out, r_in, *self.kernel_size), V)
 
     def effective_S(self) -> Tensor:
-        """``S`` as used by the kernel: ``max_singular_value * sigmoid(S)`` when bounded, else ``S``."""
+        """``S`` as used by the kernel: ``max_singular_value * sigmoid(S)`` when bounded, else ``S``.
+
+        With ``core='orthogonal'``: ``(groups * min(r_out, r_in),)``, whose absolute values are the
+        layer's nonzero singular values (each once per output position of the circular operator).
+        """
         return self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
 
     @torch.no_grad()
     def set_singular_values_(self: _Layer, values: Tensor) -> _Layer:
         """Set the layer's singular values ``S`` in place (``core='orthogonal'`` only).
 
-        ``values``: ``(groups * r,)``, each ``|value|`` becomes a singular value of the layer
-        (stride 1, circular padding: exactly; zero padding: ``max |S|`` bounds the norm).
+        ``values``: ``(groups * min(r_out, r_in),)``, each ``|value|`` becomes a singular value of
+        the layer (circular padding, any stride and dilation: exactly, once per output position;
+        zero padding: ``max |S|`` bounds the norm).
         Under ``max_singular_value`` the values must lie in ``[0, max_singular_value)``.
         """
         if self.core_kind != "orthogonal":
@@ -358,10 +391,11 @@ class _SVDConvNd(nn.Module):
             construction: use ``layer.to_conv2d()`` and set that conv's weight.
         """
         if self.core_kind != "general":
+            to_dense = "to_conv2d" if type(self) is SVDConv else "to_conv"
             raise AttributeError(
-                f"cannot set the dense kernel of an SVDConv with core={self.core_kind!r}: its core is an "
-                "orthogonal convolution by construction, an arbitrary kernel would break that; "
-                "convert it first with conv = layer.to_conv2d() and set conv.weight"
+                f"cannot set the dense kernel of an {type(self).__name__} with core={self.core_kind!r}: its core "
+                "is an orthogonal convolution by construction, an arbitrary kernel would break that; "
+                f"convert it first with conv = layer.{to_dense}() and set conv.weight"
             )
         if not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
@@ -544,10 +578,7 @@ class _SVDConvNd(nn.Module):
         n = check_spectral_input_size(input_size, self.kernel_size, self.stride, self.dilation, fold=True)
         s1, s2 = self.stride
         if self.core_kind == "orthogonal":
-            # Exactly |S|, once per output position (docs/orthogonal.md): O(r), no FFT.
-            positions = (n[0] // s1) * (n[1] // s2)
-            values = self.effective_S().to(spectral_dtype(self.S.dtype)).abs().repeat_interleave(positions)
-            values = values.sort(descending=True).values
+            values = self._orthogonal_singular_values(n)
         else:
             values = conv_singular_values(
                 self.orthonormal_core(), n, stride=self.stride, dilation=self.dilation, groups=self.groups
@@ -569,12 +600,23 @@ class _SVDConvNd(nn.Module):
         else:
             size = args.ntuple(input_size, "input_size", d)
         n = check_spectral_input_size(size, self.kernel_size, stride, self.dilation, fold=True)
-        values = conv_singular_values(self.orthonormal_core(), n, stride=stride, dilation=self.dilation,
-                                      groups=self.groups)
+        if self.core_kind == "orthogonal":
+            values = self._orthogonal_singular_values(n)
+        else:
+            values = conv_singular_values(self.orthonormal_core(), n, stride=stride, dilation=self.dilation,
+                                          groups=self.groups)
         rows, cols = self._weight_channels()
         per_group = min(rows, cols * math.prod(stride)) // self.groups
         total = self.groups * math.prod(ni // si for ni, si in zip(n, stride)) * per_group
         return F.pad(values, (0, total - values.numel()))
+
+    def _orthogonal_singular_values(self, n: Tuple[int, ...]) -> Tensor:
+        """``|S|`` once per output position of the circular operator on the grid ``n`` (divisible by
+        the stride), descending: the nonzero singular values of an orthogonal-core layer, in
+        ``O(r)`` without an FFT (docs/orthogonal.md: orthonormal rows, or an isometry at stride 1)."""
+        positions = math.prod(n_i // s_i for n_i, s_i in zip(n, self.stride))
+        values = self.effective_S().to(spectral_dtype(self.S.dtype)).abs().repeat_interleave(positions)
+        return values.sort(descending=True).values
 
     @full_precision
     def orthonormal_core(self) -> Tensor:
@@ -906,12 +948,14 @@ class SVDConv(_SVDConvNd):
         ``choose_path`` says which). All give the same result. On large inputs the 1x1
         channel mixings run as batched matmuls.
     core : {'general', 'orthogonal'}, keyword-only
-        ``'general'`` (default): any kernel of the given ranks. ``'orthogonal'``: a square
-        core (``r_out = r_in = r <= min(c_out/g, c_in/g)``) that is an exactly orthogonal
-        convolution (BCOP, ``ttconv.orthogonal``), with ``U``, ``V`` orthonormalised in
-        ``forward``; then the layer's singular values are exactly ``|S|`` (circular padding,
-        any stride and dilation, each repeated once per output position) and ``max |S|``
-        bounds the norm for zero padding. See ``docs/orthogonal.md``.
+        ``'general'`` (default): any kernel of the given ranks. ``'orthogonal'``: a core cut
+        from an exactly orthogonal convolution (BCOP, ``ttconv.orthogonal``), with ``U``, ``V``
+        orthonormalised in ``forward``; then the layer's singular values are exactly ``|S|``
+        (circular padding, any stride and dilation, each repeated once per output position)
+        and ``max |S|`` bounds the norm for zero padding. ``rank=None`` or an int gives a
+        square core (``r <= min(c_out/g, c_in/g)``); a pair ``(r_out, r_in)`` may differ
+        (channel padding; ``r_out > r_in`` needs stride 1). ``S`` then has
+        ``min(r_out, r_in)`` values per group. See ``docs/orthogonal.md``.
     max_singular_value : float, keyword-only
         With ``core='orthogonal'``: ``S = max_singular_value * sigmoid(raw)``, so every
         singular value stays below the bound at all times during training.
@@ -974,7 +1018,8 @@ class SVDConv1d(_SVDConvNd):
     Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 1: ``rank``,
     ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv1d``), ``canonicalize_``, state
     dict and ``extra_repr``. The core is a 1-D kernel ``(groups * r_out, r_in, *kernel_size)``.
-    ``core='orthogonal'`` is 2-D only for now. ``singular_values(n)`` gives the exact circular spectrum from the core.
+    ``core='orthogonal'`` as in 2-D (BCOP along the one axis). ``singular_values(n)`` gives the exact
+    circular spectrum from the core.
     """
 
     _dims = 1
@@ -988,7 +1033,8 @@ class SVDConv3d(_SVDConvNd):
     Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 3: ``rank``,
     ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv3d``), ``canonicalize_``, state
     dict and ``extra_repr``. The core is a 3-D kernel ``(groups * r_out, r_in, *kernel_size)``.
-    ``core='orthogonal'`` is 2-D only for now. ``singular_values(n)`` gives the exact circular spectrum from the core (3-D DFT).
+    ``core='orthogonal'`` as in 2-D (BCOP blocks along each of the three axes). ``singular_values(n)``
+    gives the exact circular spectrum from the core (3-D DFT).
     """
 
     _dims = 3
@@ -1052,7 +1098,8 @@ class SVDConvTranspose1d(_SVDConvTransposeNd):
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
     ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
-    convolution on ``m * stride``; ``core='orthogonal'`` is not available for transposed layers.
+    convolution on ``m * stride``. With ``core='orthogonal'`` those are exactly ``|S|``, ``m^d``
+    times each (the adjoint of ``U diag(S) Q V^T`` has the same singular values).
     """
 
     _dims = 1
@@ -1070,7 +1117,8 @@ class SVDConvTranspose2d(_SVDConvTransposeNd):
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
     ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
-    convolution on ``m * stride``; ``core='orthogonal'`` is not available for transposed layers.
+    convolution on ``m * stride``. With ``core='orthogonal'`` those are exactly ``|S|``, ``m^d``
+    times each (the adjoint of ``U diag(S) Q V^T`` has the same singular values).
     """
 
     _dims = 2
@@ -1088,7 +1136,8 @@ class SVDConvTranspose3d(_SVDConvTransposeNd):
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
     ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
-    convolution on ``m * stride``; ``core='orthogonal'`` is not available for transposed layers.
+    convolution on ``m * stride``. With ``core='orthogonal'`` those are exactly ``|S|``, ``m^d``
+    times each (the adjoint of ``U diag(S) Q V^T`` has the same singular values).
     """
 
     _dims = 3

@@ -1,21 +1,23 @@
-"""Exactly orthogonal convolution kernels (BCOP) and orthonormal bases.
+"""Exactly orthogonal convolution kernels (BCOP) and orthonormal bases, in any number of dimensions.
 
 Block Convolution Orthogonal Parametrization (Li et al., NeurIPS 2019, after Xiao et al.
 2018): with a symmetric projector ``P`` (``P = Q Q^T``, ``Q`` orthonormal columns), the
-two-tap kernel ``[P, I - P]`` has frequency response ``P + (I - P) e^{i w}``, which is
-unitary at every frequency because ``P (I - P) = 0``. Composing an orthogonal matrix ``H``
-with ``kh - 1`` vertical (2x1) and ``kw - 1`` horizontal (1x2) such blocks gives an
-``r x r x kh x kw`` kernel whose circular convolution is orthogonal on every input size,
-for every dilation, exactly (up to float round-off): a product of paraunitary factors.
+two-tap kernel ``[P, I - P]`` along one axis has frequency response ``P + (I - P) e^{i w}``,
+which is unitary at every frequency because ``P (I - P) = 0``. Composing an orthogonal
+matrix ``H`` with ``k_i - 1`` such blocks along each axis ``i`` gives an
+``r x r x k_1 x ... x k_d`` kernel whose circular convolution is orthogonal on every input
+size, for every dilation, exactly (up to float round-off): its frequency response is a
+product of unitary factors at every frequency of every grid.
 
-Pure tensor math with no module: ``ttconv.SVDConv`` uses it for ``core='orthogonal'``.
+Pure tensor math with no module: the SVD conv layers use it for ``core='orthogonal'``.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["orthonormal_basis", "bcop_kernel", "compose_kernels", "bcop_parameter_count"]
@@ -34,39 +36,67 @@ def orthonormal_basis(raw: Tensor) -> Tensor:
 
 
 def compose_kernels(outer: Tensor, inner: Tensor) -> Tensor:
-    """Kernel of ``conv(conv(x, inner), outer)`` for batched kernels ``(g, o, i, kh, kw)``."""
-    g, o, _, h2, w2 = outer.shape
-    _, _, i, h1, w1 = inner.shape
-    out = inner.new_zeros(g, o, i, h1 + h2 - 1, w1 + w2 - 1)
-    for a in range(h2):
-        for b in range(w2):
-            out[..., a: a + h1, b: b + w1] += torch.einsum("gom,gmihw->goihw", outer[..., a, b], inner)
+    """Kernel of ``conv(conv(x, inner), outer)`` for batched kernels ``(g, o, i, *k)`` of any ``d``.
+
+    ``outer``: ``(g, o, m, *k2)``, ``inner``: ``(g, m, i, *k1)``; the result is
+    ``(g, o, i, *(k1 + k2 - 1))``: the full (zero-padded) convolution of the tap sequences,
+    channel products as matrix products.
+    """
+    g, o, _, *k2 = outer.shape
+    _, _, i, *k1 = inner.shape
+    d = len(k1)
+    # One batched product for every pair of taps: (g, o, i, *k2, *k1).
+    products = torch.einsum("goma,gmib->goiab", outer.flatten(3), inner.flatten(3)).reshape(g, o, i, *k2, *k1)
+    out = inner.new_zeros(g, o, i, *(a + b - 1 for a, b in zip(k1, k2)))
+    for taps in torch.cartesian_prod(*(torch.arange(k) for k in k2)).reshape(-1, d).tolist():
+        window = tuple(slice(t, t + k) for t, k in zip(taps, k1))
+        out[(..., *window)] += products[(..., *taps, *([slice(None)] * d))]
     return out
 
 
-def bcop_parameter_count(kernel_size: Tuple[int, int]) -> int:
-    """Number of ``r x r`` generator matrices: one for ``H`` plus one per two-tap block."""
-    return kernel_size[0] + kernel_size[1] - 1
+def bcop_parameter_count(kernel_size: Sequence[int]) -> int:
+    """Number of ``r x r`` generator matrices: one for ``H`` plus one per two-tap block, ``1 + sum(k_i - 1)``."""
+    return 1 + sum(k - 1 for k in kernel_size)
 
 
-def bcop_kernel(generators: Tensor, kernel_size: Tuple[int, int]) -> Tensor:
-    """Orthogonal conv kernel ``(g, r, r, kh, kw)`` from generators ``(g, kh + kw - 1, r, r)``.
+def _compose_two_tap(projector: Tensor, kernel: Tensor, axis: int) -> Tensor:
+    """``compose_kernels([P, I - P] along axis, kernel)`` with one matrix product.
+
+    ``P K`` is the first tap's contribution and ``(I - P) K = K - P K`` the second's, shifted
+    by one along ``axis`` (of the ``d`` spatial axes of ``kernel: (g, r, i, *k)``).
+    """
+    d = kernel.dim() - 3
+    taps_first = torch.einsum("gom,gmi...->goi...", projector, kernel)
+    pad_after = [0, 0] * d
+    pad_before = [0, 0] * d
+    # F.pad lists the last axis first.
+    pad_after[2 * (d - 1 - axis) + 1] = 1
+    pad_before[2 * (d - 1 - axis)] = 1
+    return F.pad(taps_first, pad_after) + F.pad(kernel - taps_first, pad_before)
+
+
+def bcop_kernel(generators: Tensor, kernel_size: Sequence[int]) -> Tensor:
+    """Orthogonal conv kernel ``(g, r, r, *kernel_size)`` from generators ``(g, 1 + sum(k_i - 1), r, r)``.
 
     Generator 0 gives ``H = matrix_exp(A - A^T)``; each other generator ``A_j`` gives the
-    projector onto the span of its first ``r // 2`` columns for one two-tap block. Every
-    generator value yields an exactly orthogonal convolution; differentiable.
+    projector onto the span of its first ``r // 2`` columns for one two-tap block: the
+    first ``k_1 - 1`` blocks along axis 0, the next ``k_2 - 1`` along axis 1, and so on (in
+    2-D: vertical blocks, then horizontal ones). Every generator value yields an exactly
+    orthogonal circular convolution (every input size, every dilation); differentiable.
+    Works for any number ``d >= 1`` of spatial axes.
     """
+    kernel_size = tuple(int(k) for k in kernel_size)
+    if not kernel_size or any(k < 1 for k in kernel_size):
+        raise ValueError(f"kernel_size must be a non-empty sequence of positive ints, got {kernel_size!r}")
     g, count, r, _ = generators.shape
     if count != bcop_parameter_count(kernel_size):
         raise ValueError(f"expected {bcop_parameter_count(kernel_size)} generators for kernel {kernel_size}, got {count}")
     skew = generators[:, 0] - generators[:, 0].transpose(-1, -2)
-    kernel = torch.linalg.matrix_exp(skew)[..., None, None]  # (g, r, r, 1, 1)
-    eye = torch.eye(r, dtype=generators.dtype, device=generators.device)
-    for j in range(1, count):
-        basis = orthonormal_basis(generators[:, j, :, : r // 2])
-        projector = basis @ basis.transpose(-1, -2)
-        vertical = j < kernel_size[0]
-        block = torch.stack([projector, eye - projector], dim=-1)  # (g, r, r, 2)
-        block = block.unsqueeze(-1) if vertical else block.unsqueeze(-2)
-        kernel = compose_kernels(block, kernel)
+    kernel = torch.linalg.matrix_exp(skew).reshape(g, r, r, *(1,) * len(kernel_size))
+    j = 1
+    for axis, k in enumerate(kernel_size):
+        for _ in range(k - 1):
+            basis = orthonormal_basis(generators[:, j, :, : r // 2])
+            kernel = _compose_two_tap(basis @ basis.transpose(-1, -2), kernel, axis)
+            j += 1
     return kernel
