@@ -430,3 +430,32 @@ def test_extra_state_stores_ranks_core_bound_and_path():
     other_path = SVDConv(4, 4, 3, rank=3, core="orthogonal", max_singular_value=0.7)
     other_path.load_state_dict(layer.state_dict())  # path is a runtime choice: not checked
     assert other_path.path == "auto"
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.75, 1.0])
+def test_float_rank_is_a_fraction_of_the_channels_as_in_convert(fraction):
+    """``from_conv2d`` / ``from_conv`` read a float rank as ``ttconv.convert`` does: the
+    same ranks per group (rounded up), the same layer."""
+    import ttconv
+    from ttconv import SVDConvTranspose1d
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(12, 20, 3, groups=2, dtype=torch.float64)
+    layer = SVDConv.from_conv2d(conv, rank=fraction)
+    expected = (max(1, math.ceil(fraction * 10)), max(1, math.ceil(fraction * 6)))
+    assert layer.ranks == tuple(min(e, f) for e, f in zip(expected, SVDConv.from_conv2d(conv).ranks))
+    converted = ttconv.convert(nn.Sequential(conv), rank=fraction, force=["0"])[0]
+    assert converted.ranks == layer.ranks
+    assert torch.equal(converted.dense_weight(), layer.dense_weight())
+    assert SVDConv.from_conv(conv, rank=fraction).ranks == layer.ranks
+    # A transposed conv: fractions of the rows (in_channels) and columns (out_channels) of torch's weight.
+    transposed = nn.ConvTranspose1d(8, 4, 3, dtype=torch.float64)
+    assert SVDConvTranspose1d.from_conv(transposed, rank=fraction).ranks == (
+        min(max(1, math.ceil(fraction * 8)), 4 * 3), max(1, math.ceil(fraction * 4)))
+
+
+@pytest.mark.parametrize("rank, error", [(1.5, ValueError), (0.0, ValueError), (float("nan"), ValueError),
+                                         (-0.5, ValueError), (True, TypeError)])
+def test_bad_float_ranks_are_refused_naming_rank(rank, error):
+    with pytest.raises(error, match="rank"):
+        SVDConv.from_conv2d(nn.Conv2d(4, 4, 3), rank=rank)

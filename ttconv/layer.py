@@ -670,7 +670,7 @@ class _SVDConvNd(nn.Module):
     def from_conv(
         cls: Type[_Layer],
         conv: nn.Module,
-        rank: RankSpec = None,
+        rank: Union[RankSpec, float] = None,
         energy: Optional[float] = None,
         *,
         path: ForwardPath = "auto",
@@ -686,8 +686,8 @@ class _SVDConvNd(nn.Module):
         return cls._from_conv(conv, rank, energy, path, refine, f"{cls.__name__}.from_conv")
 
     @classmethod
-    def _from_conv(cls: Type[_Layer], conv: nn.Module, rank: RankSpec, energy: Optional[float], path: ForwardPath,
-                   refine: int, caller: str) -> _Layer:
+    def _from_conv(cls: Type[_Layer], conv: nn.Module, rank: Union[RankSpec, float], energy: Optional[float],
+                   path: ForwardPath, refine: int, caller: str) -> _Layer:
         if not isinstance(conv, cls._torch_class):
             raise TypeError(f"conv must be a torch.nn.{cls._torch_class.__name__} for {cls.__name__}, "
                             f"got {type(conv).__name__}")
@@ -698,6 +698,10 @@ class _SVDConvNd(nn.Module):
         kernel = _effective_kernel(conv, strict=False)
         if kernel.folded:
             warnings.warn(f"{caller}: {'; '.join(kernel.folded)}", UserWarning, stacklevel=3)
+        if isinstance(rank, float):  # a fraction of the channels per group, as in ttconv.convert
+            fraction = args.fraction(rank, "rank", "a float rank is a fraction of the channels per group")
+            rows_per_group, cols_per_group = kernel.weight.shape[0] // conv.groups, kernel.weight.shape[1]
+            rank = (max(1, math.ceil(fraction * rows_per_group)), max(1, math.ceil(fraction * cols_per_group)))
         return cls._from_kernel(kernel.weight, kernel.bias, _conv_arguments(conv), rank=rank, energy=energy,
                                 path=path, refine=refine)
 
@@ -705,7 +709,7 @@ class _SVDConvNd(nn.Module):
     def from_conv2d(
         cls: Type[_Layer],
         conv: nn.Conv2d,
-        rank: RankSpec = None,
+        rank: Union[RankSpec, float] = None,
         energy: Optional[float] = None,
         *,
         path: ForwardPath = "auto",
@@ -724,8 +728,11 @@ class _SVDConvNd(nn.Module):
             ``UserWarning`` says so (the new layer does not enforce the
             reparametrization). Hooks, ``requires_grad`` and the training flag are not
             carried over; ``ttconv.convert`` does that.
-        rank : None, int or (r_out, r_in)
-            Per-group ranks (clamped as in the constructor). Exclusive with ``energy``.
+        rank : None, int, (r_out, r_in) or float
+            Per-group ranks (clamped as in the constructor). A float in ``(0, 1]`` is a
+            fraction of the channels per group, rounded up: ``ceil(rank * c_out/g)`` and
+            ``ceil(rank * c_in/g)`` (as ``ttconv.convert``'s float ``rank``). Exclusive with
+            ``energy``.
         energy : float in (0, 1], optional
             Keep the smallest ranks whose singular values hold this fraction of the
             squared norm of each truncated unfolding (see ``ttconv.tt.decompose``).
