@@ -226,8 +226,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "clip_scale_skips_the_scale", "ttconv/control.py",
-        'if self.mode == "clip_scale":',
-        "if False:",
+        "    return _scale_from(layer, _clip(layer, limit, size, n_iter), limit)",
+        "    return _clip(layer, limit, size, n_iter)",
         ("tests/test_control_guarantee.py::test_guarantee_after_apply_against_the_oracle",),
         "SpectralControl's guaranteed mode clips but never rescales to the target",
     ),

@@ -9,6 +9,7 @@ entry points, each with its bad arguments.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from fractions import Fraction
@@ -201,3 +202,30 @@ def test_a_bad_argument_is_refused_with_its_kind_and_its_name(call, keyword, val
     assert any(text in message for text in shown), message
     if error is TypeError:
         assert f"of type {type(value).__name__}" in message, message
+
+
+# ------------------------------------------------------------------ dispatch tables
+def _documented_choices():
+    from ttconv import control
+
+    return [
+        (ttconv.SpectralControl, "mode", control._MODES),
+        (ttconv.SpectralControl.regularizer, "method", control._REGULARIZERS),
+        (bounds.fantastic_four_reshape_bounds, "method", bounds._MATRIX_NORMS),
+        (ev.attack_accuracy, "attack", ev._ATTACKS),
+        (ev.fgsm, "norm", ev._BALLS),
+        (ev.pgd, "norm", ev._BALLS),
+        (ev.certified_accuracy, "norm", ev._BALLS),
+        (ev.margin_loss, "reduction", ev._REDUCTIONS),
+    ]
+
+
+@pytest.mark.parametrize("function, name, table", _documented_choices(),
+                         ids=[f"{f.__qualname__}-{n}" for f, n, _ in _documented_choices()])
+def test_documented_choices_are_the_dispatch_tables_keys(function, name, table):
+    """The docstring's ``name : {...}`` line lists the table's keys, in the table's order
+    (the default first), and an unknown choice's error lists the same keys."""
+    listed = ", ".join(repr(key) for key in table)
+    assert f"{name} : {{{listed}}}" in function.__doc__
+    assert list(table)[0] == inspect.signature(function).parameters[name].default or name == "norm" and (
+        inspect.signature(function).parameters[name].default in table)

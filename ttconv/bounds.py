@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -228,12 +228,17 @@ def _reshape(kernel: Tensor, rows: Tuple[int, ...]) -> Tensor:
     return kernel.permute(order).reshape(g, o * math.prod(k[a] for a in rows), i * math.prod(k[a] for a in others))
 
 
-def _matrix_norm(matrix: Tensor, method: str, n_iter: int, state: Optional[Dict[str, Tensor]], key: str) -> Tensor:
+def _exact_matrix_norm(matrix: Tensor, n_iter: int, state: Optional[Dict[str, Tensor]], key: str) -> Tensor:
     """Largest singular value of a batch of matrices ``(..., m, k)``, max over the batch."""
-    if method == "exact":
-        return torch.linalg.matrix_norm(matrix, ord=2).amax()
-    # Power iteration with persistent vectors (Miyato et al.; Singla & Feizi's code): the
-    # vectors carry no gradient, sigma = u^T M v does.
+    return torch.linalg.matrix_norm(matrix, ord=2).amax()
+
+
+def _power_matrix_norm(matrix: Tensor, n_iter: int, state: Optional[Dict[str, Tensor]], key: str) -> Tensor:
+    """``n_iter`` power iterations towards ``_exact_matrix_norm``, from below.
+
+    Persistent vectors (Miyato et al.; Singla & Feizi's code) in ``state[key]``: the
+    vectors carry no gradient, sigma = u^T M v does.
+    """
     with torch.no_grad():
         v = state.get(key) if state is not None else None
         if v is None or v.shape != matrix.shape[:-2] + matrix.shape[-1:]:
@@ -247,6 +252,12 @@ def _matrix_norm(matrix: Tensor, method: str, n_iter: int, state: Optional[Dict[
             state[key] = v
     return (u.unsqueeze(-2) @ matrix @ v.unsqueeze(-1)).amax()
 
+
+# ``fantastic_four_reshape_bounds``' methods: how each reshape's matrix norm is taken.
+_MATRIX_NORMS: Dict[str, Callable[[Tensor, int, Optional[Dict[str, Tensor]], str], Tensor]] = {
+    "exact": _exact_matrix_norm,
+    "power": _power_matrix_norm,
+}
 
 
 @full_precision
@@ -296,7 +307,7 @@ def fantastic_four_reshape_bounds(
     Tensor
         ``(2^d,)`` (or ``(groups, 2^d)``), differentiable; ``(4,)`` for a 2-D conv.
     """
-    method = args.choice(method, "method", ("exact", "power"))
+    matrix_norm = _MATRIX_NORMS[args.choice(method, "method", _MATRIX_NORMS)]
     n_iter = args.positive_int(n_iter, "n_iter")
     spec = conv_spec(target, **geometry)
     k, scale = _grouped_kernel(spec, dilated=False)  # (g, o, i, *k)
@@ -313,9 +324,9 @@ def fantastic_four_reshape_bounds(
     values = []
     for name, matrix in reshapes.items():
         if per_group:
-            norms = torch.stack([_matrix_norm(matrix[j], method, n_iter, state, f"{name}{j}") for j in range(g)])
+            norms = torch.stack([matrix_norm(matrix[j], n_iter, state, f"{name}{j}") for j in range(g)])
         else:
-            norms = _matrix_norm(matrix, method, n_iter, state, name)
+            norms = matrix_norm(matrix, n_iter, state, name)
         values.append(factor * norms)
     return torch.stack(values, dim=-1)
 

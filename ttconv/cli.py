@@ -16,7 +16,7 @@ import re
 import sys
 import zipfile
 from collections.abc import Mapping
-from typing import Any, Callable, List, NoReturn, Optional, TextIO
+from typing import Any, Callable, Dict, List, NoReturn, Optional, TextIO
 
 import torch
 from torch import nn
@@ -245,6 +245,17 @@ def _check(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _demo(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .demo import run_demo
+
+    print("\n".join(run_demo(options.channels, options.input_size)), file=out)
+    return 0
+
+
+# One function per subcommand (``_build_parser`` declares the same names and their options).
+_COMMANDS: Dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {"demo": _demo, "check": _check}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ttconv", description="ttconv: see, clip and bound conv singular values")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -274,12 +285,7 @@ def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout, err: TextIO
     """Run the command line; returns the exit status (0, or 2 after a one-line error on ``err``)."""
     try:
         options = _build_parser().parse_args(argv)
-        if options.command == "demo":
-            from .demo import run_demo
-
-            print("\n".join(run_demo(options.channels, options.input_size)), file=out)
-            return 0
-        return _check(options, out, err)
+        return _COMMANDS[options.command](options, out, err)
     except (_UsageError, CheckpointError, ValueError, ImportError) as error:
         message = str(error)
     except OSError as error:  # writing the plot, a closed pipe...

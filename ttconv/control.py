@@ -46,7 +46,7 @@ one matrix norm and its clip one SVD, exact.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +77,6 @@ if TYPE_CHECKING:  # Python 3.10+; only read by the type checker (annotations ar
 __all__ = ["clip_singular_values_", "scale_to_spectral_norm_", "spectral_norm", "SpectralControl"]
 
 ConvLayer = Union[nn.modules.conv._ConvNd, _SVDConvNd]
-MODES = ("clip_scale", "clip", "scale")
 _TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _KINDS = "an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, SVDConv1d/2d/3d or SVDConvTranspose1d/2d/3d"
 
@@ -494,6 +493,33 @@ def _record_operator_grids(model: nn.Module, layers: List[Tuple[str, ConvLayer]]
     return grids
 
 
+# ------------------------------------------------------------------ modes and regularizers
+# How SpectralControl brings a layer whose exact norm ``sigma`` exceeds ``limit`` down;
+# each returns the exact norm reached.
+def _scale_mode(layer: ConvLayer, sigma: float, limit: float, size: Tuple[int, ...], n_iter: int) -> float:
+    return _scale_from(layer, sigma, limit)
+
+
+def _clip_mode(layer: ConvLayer, sigma: float, limit: float, size: Tuple[int, ...], n_iter: int) -> float:
+    return _clip(layer, limit, size, n_iter)
+
+
+def _clip_scale_mode(layer: ConvLayer, sigma: float, limit: float, size: Tuple[int, ...], n_iter: int) -> float:
+    return _scale_from(layer, _clip(layer, limit, size, n_iter), limit)
+
+
+_MODES: Dict[str, Callable[[ConvLayer, float, float, Tuple[int, ...], int], float]] = {
+    "clip_scale": _clip_scale_mode, "clip": _clip_mode, "scale": _scale_mode,
+}
+MODES = tuple(_MODES)  # the default first
+
+# Differentiable per-layer estimates for SpectralControl.regularizer.
+_REGULARIZERS: Dict[str, Callable[[ConvLayer, Tuple[int, ...]], Tensor]] = {
+    "fantastic_four": lambda layer, size: fantastic_four_bound(layer),
+    "exact": _grid_norm,
+}
+
+
 class SpectralControl:
     """Keep every conv's spectral norm at most ``max_singular_value`` during training.
 
@@ -643,12 +669,7 @@ class SpectralControl:
                 layer.canonicalize_()
             sigma = before = _norm(layer, size)  # exact; computed once, then passed on
             if sigma > self.max_singular_value:
-                if self.mode == "scale":
-                    sigma = _scale_from(layer, sigma, self.max_singular_value)
-                else:
-                    sigma = _clip(layer, self.max_singular_value, size, self.n_iter)  # the exact norm reached
-                    if self.mode == "clip_scale":
-                        sigma = _scale_from(layer, sigma, self.max_singular_value)
+                sigma = _MODES[self.mode](layer, sigma, self.max_singular_value, size, self.n_iter)
             if reporter is not None:
                 reporter.step(name, f"{before:.4g} -> {sigma:.4g}" if sigma != before else f"{sigma:.4g}")
             reached[name] = sigma
@@ -670,10 +691,6 @@ class SpectralControl:
         Tensor
             0-D, ``sum_layers estimate**2``.
         """
-        if method == "fantastic_four":
-            terms = [fantastic_four_bound(layer) for _, layer, _ in self.layers]
-        elif method == "exact":
-            terms = [_grid_norm(layer, size) for _, layer, size in self.layers]
-        else:
-            raise ValueError(f"method must be 'fantastic_four' or 'exact', got {method!r}")
+        estimate = _REGULARIZERS[args.choice(method, "method", _REGULARIZERS)]
+        terms = [estimate(layer, size) for _, layer, size in self.layers]
         return torch.stack([t.square() for t in terms]).sum()

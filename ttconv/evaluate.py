@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 Loader = Iterable[Any]
-NORMS = ("linf", "l2")
 
 
 # ----------------------------------------------------------------- argument checks
@@ -311,27 +310,57 @@ def calibration(model: nn.Module, loader: Loader, n_bins: int = 15) -> Calibrati
 
 
 # ----------------------------------------------------------------- attacks
-def _flat_norm(t: Tensor, norm: str) -> Tensor:
-    """Per-example norm, shaped to broadcast against ``t``."""
-    flat = t.flatten(1)
-    value = flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
-    return value.reshape(-1, *([1] * (t.dim() - 1)))
+def _l2_length(t: Tensor) -> Tensor:
+    """Per-example L2 norm, shaped to broadcast against ``t``."""
+    return t.flatten(1).norm(dim=1).reshape(-1, *([1] * (t.dim() - 1)))
 
 
-def _ascent_direction(grad: Tensor, norm: str) -> Tensor:
-    """The unit-norm step that increases a linear function with this gradient the most."""
-    if norm == "linf":
-        return grad.sign()
-    length = _flat_norm(grad, "l2")
+def _linf_ascent(grad: Tensor) -> Tensor:
+    return grad.sign()
+
+
+def _l2_ascent(grad: Tensor) -> Tensor:
+    length = _l2_length(grad)
     return torch.where(length > 0, grad / length.clamp_min(torch.finfo(grad.dtype).tiny), torch.zeros_like(grad))
 
 
-def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    length = _flat_norm(delta, "l2")
+def _linf_project(delta: Tensor, eps: float) -> Tensor:
+    return delta.clamp(-eps, eps)
+
+
+def _l2_project(delta: Tensor, eps: float) -> Tensor:
+    length = _l2_length(delta)
     return delta * torch.where(length > eps, eps / length.clamp_min(torch.finfo(delta.dtype).tiny),
                                torch.ones_like(length))
+
+
+def _linf_random_point(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+
+
+def _l2_random_point(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    direction = direction / _l2_length(direction).clamp_min(torch.finfo(x.dtype).tiny)
+    dim = x[0].numel()
+    radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / dim) * eps
+    return direction * radius.reshape(-1, *([1] * (x.dim() - 1)))  # uniform in the ball
+
+
+@dataclass(frozen=True)
+class _Ball:
+    """What the attacks and the certificate need of one norm's ball (per example)."""
+
+    ascent: Callable[[Tensor], Tensor]  # the unit step that increases <grad, .> the most
+    project: Callable[[Tensor, float], Tensor]  # onto the ball of radius eps around 0
+    random_point: Callable[[Tensor, float, torch.Generator], Tensor]  # uniform in the ball, shaped like x
+    l2_radius: Callable[[int], float]  # radius of the smallest L2 ball holding the unit ball in d dimensions
+
+
+_BALLS: Dict[str, _Ball] = {
+    "linf": _Ball(_linf_ascent, _linf_project, _linf_random_point, math.sqrt),
+    "l2": _Ball(_l2_ascent, _l2_project, _l2_random_point, lambda dim: 1.0),
+}
+NORMS = tuple(_BALLS)
 
 
 def _domain(x: Tensor, clamp: Optional[Tuple[float, float]]) -> Tensor:
@@ -400,17 +429,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "lin
     if eps == 0:
         return _domain(x.detach().clone(), clamp)
     grad, _ = _input_gradient(model, x, y)
-    return _domain(x.detach() + eps * _ascent_direction(grad, norm), clamp)
-
-
-def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator) -> Tensor:
-    if norm == "linf":
-        return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
-    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    direction = direction / _flat_norm(direction, "l2").clamp_min(torch.finfo(x.dtype).tiny)
-    dim = x[0].numel()
-    radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / dim) * eps
-    return direction * radius.reshape(-1, *([1] * (x.dim() - 1)))  # uniform in the ball
+    return _domain(x.detach() + eps * _BALLS[norm].ascent(grad), clamp)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf", steps: int = 10,
@@ -462,11 +481,12 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     if eps == 0:
         return _domain(x.clone(), clamp)
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    ball = _BALLS[norm]
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(restarts):
-        delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+        delta = ball.random_point(x, eps, generator) if random_start else torch.zeros_like(x)
         current = _domain(x + delta, clamp)
         for step in range(steps + 1):
             grad, logits = _input_gradient(model, current, y)
@@ -477,7 +497,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
                 return best
             if step == steps:
                 break
-            current = _domain(x + _project(current - x + alpha * _ascent_direction(grad, norm), eps, norm), clamp)
+            current = _domain(x + ball.project(current - x + alpha * ball.ascent(grad), eps), clamp)
         loss = F.cross_entropy(logits, y, reduction="none").double()
         better = ~found & (loss > best_loss)
         best[better] = current[better]
@@ -711,7 +731,7 @@ def certified_accuracy(model: nn.Module, loader: Loader, lipschitz: float, eps: 
         bound for plain chains of convs and 1-Lipschitz activations only).
     eps : float
         Radius, >= 0; at ``eps=0`` this is the accuracy of strictly correct predictions.
-    norm : {'l2', 'linf'}
+    norm : {'linf', 'l2'}
         ``'linf'`` certifies the Linf ball of radius ``eps``, which lies in the L2 ball of
         radius ``sqrt(d) eps`` (``d`` the input size): a weaker certificate.
 
@@ -726,7 +746,7 @@ def certified_accuracy(model: nn.Module, loader: Loader, lipschitz: float, eps: 
     with torch.no_grad():
         for x, y in _batches(loader, _device(model)):
             radius = certified_radius(model(x), y, lipschitz)
-            needed = eps * (math.sqrt(x[0].numel()) if norm == "linf" else 1.0)
+            needed = eps * _BALLS[norm].l2_radius(x[0].numel())
             certified += int((radius > needed).sum())
             total += int(y.numel())
     return certified / total
@@ -740,13 +760,13 @@ def _jacobian_norms(model: nn.Module, x: Tensor, n_iter: int, generator: torch.G
         u = torch.zeros_like(out, requires_grad=True)
         (jt_u,) = torch.autograd.grad(out, x, u, create_graph=True)  # J^T u, linear in u
         v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        v = v / _flat_norm(v, "l2").clamp_min(torch.finfo(x.dtype).tiny)
+        v = v / _l2_length(v).clamp_min(torch.finfo(x.dtype).tiny)
         value = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         for _ in range(n_iter):
             (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)  # J v
             value = torch.maximum(value, jv.flatten(1).norm(dim=1).double())
             (w,) = torch.autograd.grad(out, x, jv, retain_graph=True)  # J^T J v
-            length = _flat_norm(w, "l2")
+            length = _l2_length(w)
             if not bool((length > 0).any()):
                 break
             v = torch.where(length > 0, w / length.clamp_min(torch.finfo(w.dtype).tiny), v)
@@ -809,7 +829,7 @@ def empirical_lipschitz(model: nn.Module, loader: Loader, *, n_iter: int = 20, p
 
 
 # ----------------------------------------------------------------- training loss
-_REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "none": lambda loss: loss}
+_REDUCTIONS: Dict[str, Callable[[Tensor], Tensor]] = {"mean": torch.mean, "sum": torch.sum, "none": lambda loss: loss}
 
 
 def margin_loss(logits: Tensor, labels: Tensor, min_margin: float = 1.0, *, kr_weight: float = 0.0,
