@@ -64,7 +64,16 @@ def test_report_formats():
     table = str(report)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["layer", "type", "shape"]
-    assert len({len(line) for line in lines[:5]}) == 1  # aligned
+    # Aligned: the rule's gaps are blank in every row, and each number column (right-aligned)
+    # ends where its rule ends.
+    rule = lines[1]
+    assert set(rule) == {"-", " "}
+    gaps = [i for i, c in enumerate(rule) if c == " "]
+    for line in lines[:5]:
+        assert all(i >= len(line) or line[i] == " " for i in gaps), line
+    column_ends = [i for i in range(1, len(rule)) if rule[i - 1] == "-" and rule[i] == " "]
+    for line in lines[2:5]:
+        assert line[column_ends[2] - 1] != " " and line[column_ends[3] - 1] != " ", line  # shape, stride columns
     assert "NOT A LIPSCHITZ BOUND FOR THIS MODEL" in table
     payload = json.loads(report.to_json())
     assert len(payload["layers"]) == 4 and payload["lipschitz_upper_bound_sequential"] > 0

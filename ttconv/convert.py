@@ -36,6 +36,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from . import _conv_args as args
 from ._hooks import run_example, unwrap
 from ._progress import progress_callback
+from ._table import render_table
 from .layer import (
     SVDConv1d,
     SVDConv2d,
@@ -175,17 +176,14 @@ class ConversionReport:
 
     def __str__(self) -> str:
         header = ["layer", "shape", "groups", "ranks", "params", "-> params", "rel. error"]
-        rows = [header] + [
+        rows = [
             [layer.name, "x".join(map(str, layer.shape)), str(layer.groups), f"{layer.ranks}",
              str(layer.params_before), str(layer.params_after), f"{layer.relative_error:.2e}"]
             for layer in self.layers
         ]
-        rows.append(["total", "", "", "", str(self.params_before), str(self.params_after),
-                     f"{self.relative_error:.2e} (max)"])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.insert(len(lines) - 1, lines[1])
+        total = ["total", "", "", "", str(self.params_before), str(self.params_after),
+                 f"{self.relative_error:.2e} (max)"]
+        lines = render_table(header, rows, footer=[total]).split("\n")
         if self.output_error is not None:
             lines.append(f"model output rel. error on example_input: {self.output_error:.2e}"
                          " (||f_converted(x) - f(x)|| / ||f(x)||, eval mode)")

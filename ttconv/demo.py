@@ -8,6 +8,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from ._table import render_table
 from ._typing import RankSpec
 from .layer import SVDConv
 from .spectra import conv_singular_values
@@ -70,16 +71,17 @@ def run_demo(channels: int = 128, input_size: int = 16, seed: int = 0) -> List[s
     conv = nn.Conv2d(channels, channels, 3, padding=1)
     x = torch.randn(8, channels, input_size, input_size)
     lines = [f"ttconv demo: nn.Conv2d({channels}, {channels}, 3, padding=1) on {input_size}x{input_size} inputs", ""]
-    lines.append(f"{'rank (r_out, r_in)':>20} {'params':>9} {'weight err':>11} {'output err':>11}")
     with torch.no_grad():
         reference = conv(x)
+        rows: List[List[str]] = []
         for rank in ranks:
             layer = SVDConv.from_conv2d(conv, rank=rank)
             out_err = float((layer(x) - reference).norm() / reference.norm())
             params = sum(p.numel() for p in layer.parameters())
-            lines.append(f"{str(layer.ranks):>20} {params:>9} {layer.approximation_error:>11.2e} {out_err:>11.2e}")
+            rows.append([str(layer.ranks), str(params), f"{layer.approximation_error:.2e}", f"{out_err:.2e}"])
         dense_params = sum(p.numel() for p in conv.parameters())
-        lines.append(f"{'dense nn.Conv2d':>20} {dense_params:>9}")
+        rows.append(["dense nn.Conv2d", str(dense_params), "", ""])
+        lines.append(render_table(["rank (r_out, r_in)", "params", "weight err", "output err"], rows, align=">>>>"))
 
         low = SVDConv.from_conv2d(conv, rank=low_rank)
         n = (input_size, input_size)

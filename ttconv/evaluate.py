@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from . import _conv_args as args
 from ._hooks import record_input_sizes
+from ._table import render_table
 from .layer import SVDConv
 from .spectra import check_spectral_input_size, conv_singular_values
 
@@ -208,16 +209,13 @@ class CalibrationReport:
 
     def table(self) -> str:
         """The reliability table as Markdown: bin, count, accuracy, confidence, gap."""
-        lines = ["| confidence bin | count | accuracy | confidence | gap |", "|---|---:|---:|---:|---:|"]
+        rows = []
         for b in self.bins:
             opening = "[" if b.lower == 0 else "("
-            if b.count:
-                values = f"{b.accuracy:.4f} | {b.confidence:.4f} | {b.gap:.4f}"
-            else:
-                values = "- | - | -"
-            lines.append(f"| {opening}{b.lower:.3f}, {b.upper:.3f}] | {b.count} | {values} |")
-        lines.append(f"\nECE = {self.ece:.4f} over {self.count} examples ({len(self.bins)} equal-width bins)")
-        return "\n".join(lines)
+            values = [f"{b.accuracy:.4f}", f"{b.confidence:.4f}", f"{b.gap:.4f}"] if b.count else ["-", "-", "-"]
+            rows.append([f"{opening}{b.lower:.3f}, {b.upper:.3f}]", str(b.count), *values])
+        table = render_table(["confidence bin", "count", "accuracy", "confidence", "gap"], rows, markdown=True)
+        return f"{table}\n\nECE = {self.ece:.4f} over {self.count} examples ({len(self.bins)} equal-width bins)"
 
     __str__ = table
 

@@ -40,6 +40,7 @@ from . import bounds, spectra
 from ._conv_args import dilated_extent
 from ._hooks import find_conv_layers
 from ._progress import ProgressArg, interactive, progress_for
+from ._table import render_table
 from ._trace import BATCH_NORMS, SIZE_FREE, batch_norm_problem, find_layers, sequential_problem, trace
 from .geometry import ConvSpec, conv_spec
 from .spectra import MemoryLimitError, format_bytes, kernel_scale, spectral_dtype
@@ -332,14 +333,11 @@ class SpectralReport:
         for layer in self.layers:
             if layer.note and layer.note not in footnotes:
                 footnotes[layer.note] = len(footnotes) + 1
-        rows = [[h for h, _, _ in _COLUMNS] + ["note"]]
-        rows += [[_cell(getattr(layer, a), f, a) for _, a, f in _COLUMNS]
-                 + [f"[{footnotes[layer.note]}]" if layer.note else ""] for layer in self.layers]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i < 2 or i == len(row) - 1 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines += ["", *_LEGEND]
+        header = [h for h, _, _ in _COLUMNS] + ["note"]
+        rows = [[_cell(getattr(layer, a), f, a) for _, a, f in _COLUMNS]
+                + [f"[{footnotes[layer.note]}]" if layer.note else ""] for layer in self.layers]
+        align = "<<" + ">" * (len(header) - 3) + "<"  # name and kind, the numbers, the note
+        lines = [render_table(header, rows, align=align), "", *_LEGEND]
         kinds = {layer.kind for layer in self.layers}
         if "Linear" in kinds:
             lines.append("  Linear rows: the matrix 2-norm (one SVD), exact at any input shape, in 'exact circ', 'FF min' "
