@@ -12,7 +12,7 @@ from configs import config_id, random_conv_configs
 from oracle import circular_singular_values, layer_operator, operator_matrix
 from ttconv import SVDConv, clip_singular_values_, scale_to_spectral_norm_
 from ttconv.activations import ChannelPad, MaxMin
-from ttconv.orthogonal import bcop_kernel, bcop_parameter_count, compose_kernels
+from ttconv.orthogonal import bcop_kernel, bcop_parameter_count, compose_kernels, skew_matrix_exp
 from ttconv.report import spectral_report
 
 CONFIGS = random_conv_configs(80, seed=5, max_in_numel=700)
@@ -238,3 +238,37 @@ def test_orthogonal_state_dict_round_trip_and_to_conv2d():
     x = torch.randn(1, 4, 6, 6)
     assert torch.equal(fresh(x), layer(x))
     assert torch.allclose(layer.to_conv2d()(x), layer(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 8, 33])
+@pytest.mark.parametrize("scale", [0.0, 1e-9, 1.0, 30.0])
+def test_skew_exp_backward_equals_torchs_matrix_exp_backward(r, scale):
+    """The eigen-based backward against torch's own (a 2n x 2n exponential): the same gradient to
+    round-off, also at 0 (all eigenvalues equal), nearly equal and large eigenvalues."""
+    torch.manual_seed(r)
+    raw = torch.randn(3, r, r, dtype=torch.float64) * scale
+    skew = (raw - raw.mT).requires_grad_()
+    if r == 8:  # repeated eigenvalue pairs: a block-diagonal skew matrix with equal blocks
+        with torch.no_grad():
+            skew.zero_()
+            for i in range(0, 8, 2):
+                skew[:, i, i + 1], skew[:, i + 1, i] = scale, -scale
+    grad = torch.randn(3, r, r, dtype=torch.float64)
+    value = skew_matrix_exp(skew)
+    assert torch.equal(value, torch.linalg.matrix_exp(skew))
+    mine, = torch.autograd.grad(value, skew, grad)
+    truth, = torch.autograd.grad(torch.linalg.matrix_exp(skew), skew, grad)
+    assert float((mine - truth).abs().max()) < 1e-12 * max(1.0, float(truth.abs().max()))
+    # float32 too (the training dtype): complex64 internally.
+    skew32 = skew.detach().float().requires_grad_()
+    mine32, = torch.autograd.grad(skew_matrix_exp(skew32), skew32, grad.float())
+    assert float((mine32.double() - truth).abs().max()) < 2e-4 * max(1.0, float(truth.abs().max()))
+
+
+def test_skew_exp_refuses_double_backward_loudly():
+    skew = torch.randn(4, 4, dtype=torch.float64)
+    skew = (skew - skew.T).requires_grad_()
+    other = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    first, = torch.autograd.grad((skew_matrix_exp(skew) @ other).sum(), skew, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()

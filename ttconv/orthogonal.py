@@ -14,13 +14,54 @@ Pure tensor math with no module: the SVD conv layers use it for ``core='orthogon
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-__all__ = ["orthonormal_basis", "bcop_kernel", "compose_kernels", "bcop_parameter_count"]
+__all__ = ["orthonormal_basis", "bcop_kernel", "compose_kernels", "bcop_parameter_count", "skew_matrix_exp"]
+
+
+class _SkewExp(torch.autograd.Function):
+    """``matrix_exp`` of a batch of real skew-symmetric matrices, with a cheaper exact backward.
+
+    The forward is ``torch.linalg.matrix_exp``. Its backward in torch exponentiates a
+    ``2n x 2n`` block matrix (about 8 times the forward's work). A skew-symmetric ``A`` is
+    normal: ``i A = Q diag(mu) Q^H`` (``eigh``, ``Q`` unitary), and the adjoint of the
+    Frechet derivative of ``exp`` at ``A``, applied to ``G``, is the derivative at
+    ``A^T = -A = Q diag(i mu) Q^H``: ``Q (Phi o (Q^H G Q)) Q^H`` with ``Phi`` the divided
+    differences of ``exp`` at ``(i mu_j, i mu_k)``,
+    ``exp(i (mu_j + mu_k) / 2) sinc((mu_j - mu_k) / 2)``, which is exact and stable for equal
+    or close eigenvalues (``sinc(0) = 1`` gives ``exp(i mu_j)``). Agrees with torch's backward
+    to round-off (``tests/test_orthogonal.py``). Not twice differentiable (an error says so).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, skew: Tensor) -> Tensor:
+        ctx.save_for_backward(skew)
+        return torch.linalg.matrix_exp(skew)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (skew,) = ctx.saved_tensors
+        complex_dtype = torch.complex128 if skew.dtype == torch.float64 else torch.complex64
+        mu, q = torch.linalg.eigh(1j * skew.to(complex_dtype))
+        half_sum = (mu[..., :, None] + mu[..., None, :]) / 2
+        half_difference = (mu[..., :, None] - mu[..., None, :]) / 2
+        divided_differences = torch.polar(torch.ones_like(half_sum), half_sum) * torch.sinc(half_difference / math.pi)
+        rotated = q.mH @ grad.to(complex_dtype) @ q
+        return (q @ (divided_differences * rotated) @ q.mH).real.to(grad.dtype)
+
+
+def skew_matrix_exp(skew: Tensor) -> Tensor:
+    """``torch.linalg.matrix_exp(skew)`` for real skew-symmetric ``skew`` (batched): an orthogonal
+    matrix. The same forward, a backward about 3x cheaper (``_SkewExp``); the input is not
+    checked to be skew-symmetric (the backward assumes it)."""
+    return _SkewExp.apply(skew)
 
 
 def orthonormal_basis(raw: Tensor) -> Tensor:
@@ -92,7 +133,7 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int]) -> Tensor:
     if count != bcop_parameter_count(kernel_size):
         raise ValueError(f"expected {bcop_parameter_count(kernel_size)} generators for kernel {kernel_size}, got {count}")
     skew = generators[:, 0] - generators[:, 0].transpose(-1, -2)
-    kernel = torch.linalg.matrix_exp(skew).reshape(g, r, r, *(1,) * len(kernel_size))
+    kernel = skew_matrix_exp(skew).reshape(g, r, r, *(1,) * len(kernel_size))
     j = 1
     for axis, k in enumerate(kernel_size):
         for _ in range(k - 1):
