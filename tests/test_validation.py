@@ -77,6 +77,23 @@ def test_positive_int_maximum_is_inclusive_and_named():
         args.positive_int(True, "n_iter", maximum=6)
 
 
+def test_interval_is_a_pair_of_finite_reals_in_increasing_order():
+    for value in _SWEEP:
+        for other in (0.5, 2, -math.inf, True):
+            pair = (value, other)
+            if not (_is_real(value) and _is_real(other)):
+                with pytest.raises(TypeError, match=r"^clamp must be \(low, high\), .* of type tuple$"):
+                    args.interval(pair, "clamp")
+            elif not (math.isfinite(value) and math.isfinite(other) and value < other):
+                with pytest.raises(ValueError, match=r"^clamp must be \(low, high\), two finite numbers with low < high"):
+                    args.interval(pair, "clamp")
+            else:
+                assert args.interval(pair, "clamp") == (float(value), float(other))
+    for value in (None, 0.5, "01", (0.0,), (0.0, 1.0, 2.0)):
+        with pytest.raises(TypeError, match="^clamp must be"):
+            args.interval(value, "clamp")
+
+
 def test_choice_lists_the_options_in_order_and_takes_a_table():
     table = {"b": 1, "a": 2}
     assert args.choice("a", "method", table) == "a"
@@ -171,6 +188,10 @@ _ENTRY_POINTS = [
     ("pgd_steps", lambda **kw: ev.pgd(_model(), *_loader()[0], 0.1, **kw), "steps", 0, ValueError),
     ("pgd_restarts", lambda **kw: ev.pgd(_model(), *_loader()[0], 0.1, **kw), "restarts", 1.0, TypeError),
     ("pgd_eps", lambda **kw: ev.pgd(_model(), *_loader()[0], **kw), "eps", -0.1, ValueError),
+    ("fgsm_clamp", lambda **kw: ev.fgsm(_model(), *_loader()[0], 0.1, **kw), "clamp", (1.0, 0.0), ValueError),
+    ("pgd_clamp_type", lambda **kw: ev.pgd(_model(), *_loader()[0], 0.1, **kw), "clamp", (0, "1"), TypeError),
+    ("histogram_range", lambda **kw: ev.singular_value_histograms(_model(), _EXAMPLE, **kw), "range", (2.0, 2.0),
+     ValueError),
     ("fgsm_eps_type", lambda **kw: ev.fgsm(_model(), *_loader()[0], **kw), "eps", "0.1", TypeError),
     ("calibration_bins", lambda **kw: ev.calibration(_model(), _loader(), **kw), "n_bins", 0, ValueError),
     ("certified_lipschitz", lambda **kw: ev.certified_accuracy(_model(), _loader(), eps=0.1, **kw), "lipschitz",

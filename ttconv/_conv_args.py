@@ -7,7 +7,7 @@ not (a count of 0, a fraction above 1, an unknown choice). ``what`` (optional) i
 hint appended in parentheses, e.g. ``"clip-and-project rounds per clip"``.
 
 * scalars: ``choice``, ``positive_int``, ``non_negative_int``, ``positive_finite``,
-  ``non_negative_finite``, ``fraction``, ``boolean``;
+  ``non_negative_finite``, ``fraction``, ``interval``, ``boolean``;
 * ``nn.Conv{1,2,3}d``-style arguments (tuples of length ``d``): ``ntuple``, ``pair``,
   ``padding_arg``, ``padding_mode_arg``, ``channels_and_groups``, ``output_padding_arg``,
   ``check_kernel``, ``input_size_arg``.
@@ -101,6 +101,17 @@ def fraction(value: Any, name: str, what: str = "") -> float:
     if not 0 < value <= 1:  # NaN fails too
         raise _wrong_value(name, "a number in (0, 1]", value, what)
     return float(value)
+
+
+def interval(value: Any, name: str, what: str = "") -> Tuple[float, float]:
+    """Return ``(low, high)`` as floats if ``value`` is a pair of finite real numbers with ``low < high``."""
+    expected = "(low, high), two finite numbers with low < high"
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_real(v) for v in value):
+        raise _wrong_type(name, expected, value, what)
+    low, high = float(value[0]), float(value[1])
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise _wrong_value(name, expected, value, what)
+    return low, high
 
 
 def boolean(value: Any, name: str, what: str = "") -> bool:

@@ -26,7 +26,6 @@ coordinates (``x.flatten(1)``).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -368,11 +367,7 @@ def _domain(x: Tensor, clamp: Optional[Tuple[float, float]]) -> Tensor:
 def _check_clamp(clamp: Any) -> Optional[Tuple[float, float]]:
     if clamp is None:
         return None
-    if (not isinstance(clamp, (tuple, list)) or len(clamp) != 2
-            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in clamp) or not clamp[0] < clamp[1]):
-        raise ValueError(f"clamp must be None or (low, high) with low < high (the valid input range, e.g. (0, 1)), "
-                         f"got {clamp!r}")
-    return float(clamp[0]), float(clamp[1])
+    return args.interval(clamp, "clamp", "the valid input range, e.g. (0, 1); or None")
 
 
 def _input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
@@ -965,9 +960,7 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
     if range is None:
         top = max(float(values.max()) for _, _, values in spectra)
         range = (0.0, top if top > 0 else 1.0)
-    low, high = float(range[0]), float(range[1])
-    if not low < high:
-        raise ValueError(f"range must be (low, high) with low < high, got {range!r}")
+    low, high = args.interval(range, "range", "of the histogram bins")
     edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
     result = []
     for name, size, values in spectra:
