@@ -192,6 +192,15 @@ _ENTRY_POINTS = [
     ("pgd_clamp_type", lambda **kw: ev.pgd(_model(), *_loader()[0], 0.1, **kw), "clamp", (0, "1"), TypeError),
     ("histogram_range", lambda **kw: ev.singular_value_histograms(_model(), _EXAMPLE, **kw), "range", (2.0, 2.0),
      ValueError),
+    ("fgsm_x_type", lambda **kw: ev.fgsm(_model(), y=torch.tensor([0]), eps=0.1, **kw), "x", [[0.0]], TypeError),
+    ("fgsm_y", lambda **kw: ev.fgsm(_model(), torch.rand(2, 3, 4, 4), eps=0.1, **kw), "y", torch.zeros(2, 1),
+     ValueError),
+    ("calibration_logits_type", lambda **kw: ev.calibration_report(labels=torch.tensor([0]), **kw), "logits",
+     [[0.1, 0.9]], TypeError),
+    ("calibration_logits", lambda **kw: ev.calibration_report(labels=torch.tensor([0]), **kw), "logits",
+     torch.zeros(1, 1), ValueError),
+    ("margin_labels_type", lambda **kw: ev.margin_loss(torch.randn(2, 3), **kw), "labels", (0, 1), TypeError),
+    ("margin_labels", lambda **kw: ev.margin_loss(torch.randn(2, 3), **kw), "labels", torch.zeros(2), ValueError),
     ("fgsm_eps_type", lambda **kw: ev.fgsm(_model(), *_loader()[0], **kw), "eps", "0.1", TypeError),
     ("calibration_bins", lambda **kw: ev.calibration(_model(), _loader(), **kw), "n_bins", 0, ValueError),
     ("certified_lipschitz", lambda **kw: ev.certified_accuracy(_model(), _loader(), eps=0.1, **kw), "lipschitz",
@@ -219,7 +228,9 @@ def test_a_bad_argument_is_refused_with_its_kind_and_its_name(call, keyword, val
     message = str(raised.value)
     # The message starts with the argument's name (or an element of it) and shows the value given.
     assert re.match(rf"{keyword}(\[\d+\])? must be ", message), message
-    shown = [repr(value)] + ([repr(item) for item in value] if isinstance(value, tuple) else [])
+    # (a tensor is shown by its shape)
+    shown = [f"shape {tuple(value.shape)}"] if isinstance(value, torch.Tensor) else [repr(value)]
+    shown += [repr(item) for item in value] if isinstance(value, tuple) else []
     assert any(text in message for text in shown), message
     if error is TypeError:
         assert f"of type {type(value).__name__}" in message, message

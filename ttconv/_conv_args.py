@@ -7,7 +7,7 @@ not (a count of 0, a fraction above 1, an unknown choice). ``what`` (optional) i
 hint appended in parentheses, e.g. ``"clip-and-project rounds per clip"``.
 
 * scalars: ``choice``, ``positive_int``, ``non_negative_int``, ``positive_finite``,
-  ``non_negative_finite``, ``fraction``, ``interval``, ``boolean``;
+  ``non_negative_finite``, ``fraction``, ``interval``, ``tensor``, ``boolean``;
 * ``nn.Conv{1,2,3}d``-style arguments (tuples of length ``d``): ``ntuple``, ``pair``,
   ``padding_arg``, ``padding_mode_arg``, ``channels_and_groups``, ``output_padding_arg``,
   ``check_kernel``, ``input_size_arg``.
@@ -112,6 +112,15 @@ def interval(value: Any, name: str, what: str = "") -> Tuple[float, float]:
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise _wrong_value(name, expected, value, what)
     return low, high
+
+
+def tensor(value: Any, name: str, what: str = "") -> Any:
+    """Return ``value`` if it is a ``torch.Tensor`` (``TypeError`` otherwise); shapes are the caller's to check."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise _wrong_type(name, "a torch.Tensor", value, what)
+    return value
 
 
 def boolean(value: Any, name: str, what: str = "") -> bool:

@@ -97,13 +97,19 @@ def _check_lipschitz(lipschitz: Any) -> float:
     return float(lipschitz)
 
 
+def _check_logits_and_labels(logits: Any, labels: Any) -> None:
+    """Types and shapes: ``(N, C)`` logits, ``(N,)`` integer labels."""
+    args.tensor(logits, "logits", "(N, C) with C >= 2 classes")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be a (N, C) tensor with C >= 2 classes, got shape {tuple(logits.shape)}")
+    args.tensor(labels, "labels", f"integer, of shape ({logits.shape[0]},) matching logits")
+    if labels.shape != logits.shape[:1] or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be an integer tensor of shape ({logits.shape[0]},) matching logits, got "
+                         f"{labels.dtype} of shape {tuple(labels.shape)}")
+
+
 def _check_logits(logits: Any, labels: Any) -> Tuple[Tensor, Tensor]:
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be a (N, C) tensor with C >= 2 classes, got {shape}")
-    if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1] or labels.dtype.is_floating_point:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be an integer tensor of shape ({logits.shape[0]},) matching logits, got {shape}")
+    _check_logits_and_labels(logits, labels)
     if logits.shape[0] == 0:
         raise ValueError("logits and labels are empty: there is nothing to evaluate")
     if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
@@ -382,10 +388,13 @@ def _input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tuple[Tensor, Ten
 
 def _check_attack_inputs(model: nn.Module, x: Any, y: Any) -> None:
     _check_eval(model)
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise ValueError("x must be a floating-point tensor (N, ...) of inputs")
-    if not isinstance(y, Tensor) or y.shape != x.shape[:1] or y.is_floating_point():
-        raise ValueError(f"y must be an integer tensor of labels of shape ({x.shape[0]},)")
+    args.tensor(x, "x", "a floating-point batch (N, ...) of inputs")
+    if not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"x must be a floating-point tensor (N, ...) of inputs, got {x.dtype} of shape {tuple(x.shape)}")
+    args.tensor(y, "y", f"integer labels of shape ({x.shape[0]},)")
+    if y.shape != x.shape[:1] or y.is_floating_point():
+        raise ValueError(f"y must be an integer tensor of labels of shape ({x.shape[0]},), got {y.dtype} of shape "
+                         f"{tuple(y.shape)}")
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf",
@@ -864,10 +873,7 @@ def margin_loss(logits: Tensor, labels: Tensor, min_margin: float = 1.0, *, kr_w
     >>> margin_loss(torch.tensor([[2.0, 1.5, -1.0]]), torch.tensor([0]), min_margin=1.0)
     tensor(0.5000)
     """
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError("logits must be a (N, C) tensor with C >= 2 classes")
-    if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1] or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of shape ({logits.shape[0]},)")
+    _check_logits_and_labels(logits, labels)  # no value checks: no host sync inside a training step
     min_margin = args.positive_finite(min_margin, "min_margin", "sqrt(2) * L * eps certifies radius eps")
     kr_weight = args.non_negative_finite(kr_weight, "kr_weight", "0: pure hinge")
     reduction = args.choice(reduction, "reduction", _REDUCTIONS)
