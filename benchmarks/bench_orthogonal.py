@@ -1,6 +1,9 @@
-"""Orthogonal-core SVDConv vs general SVDConv vs nn.Conv2d; exact O(r) clip vs FFT clip.
+"""Orthogonal-core SVD convs vs general ones vs torch's convs; exact O(r) clip vs FFT clip.
 
-Run: ``python benchmarks/bench_orthogonal.py`` (``--quick`` for a smoke run).
+Run: ``python benchmarks/bench_orthogonal.py`` (``--quick`` for a smoke run). Every layer of
+one input shape is timed in the same run, interleaved (``_timing.interleaved``), so a change
+of machine load hits each side of a ratio alike. Rows: 2-D (the Conv2d shapes) and one 1-D
+and one 3-D shape (``SVDConv1d`` / ``SVDConv3d`` with ``core='orthogonal'``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import markdown_table, median_seconds, median_seconds_on_copies  # noqa: E402
+from _timing import interleaved, markdown_table, median_seconds_on_copies  # noqa: E402
 
 import ttconv  # noqa: E402
 
-SHAPES = [(64, 32), (128, 16), (256, 8)]  # (channels, input size), 3x3, batch 32
+# (dims, channels, input size): kernel 3 per axis, padding 1, batch 32.
+SHAPES = [(2, 64, 32), (2, 128, 16), (2, 256, 8), (1, 256, 64), (3, 64, 8)]
+TORCH = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SVD = {1: ttconv.SVDConv1d, 2: ttconv.SVDConv, 3: ttconv.SVDConv3d}
 
 
 def _train_step(module, x):
@@ -27,42 +33,53 @@ def _train_step(module, x):
     return step
 
 
+def _forward(module, x):
+    def run():
+        with torch.no_grad():
+            module(x)
+    return run
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     options = parser.parse_args(argv)
-    shapes, batch, repeats = ([(8, 8)], 2, 1) if options.quick else (SHAPES, 32, 5)
+    shapes, batch, repeats = ([(2, 8, 8), (1, 8, 8), (3, 4, 4)], 2, 1) if options.quick else (SHAPES, 32, 7)
     rows, clip_rows = [], []
-    for channels, size in shapes:
+    for dims, channels, size in shapes:
         torch.manual_seed(0)
-        x = torch.randn(batch, channels, size, size)
+        x = torch.randn(batch, channels, *(size,) * dims)
+        dense, svd = TORCH[dims], SVD[dims]
+        name = svd.__name__
         layers = {
-            "nn.Conv2d": nn.Conv2d(channels, channels, 3, padding=1),
-            "SVDConv general r=c/4": ttconv.SVDConv(channels, channels, 3, padding=1, rank=channels // 4),
-            "SVDConv orthogonal r=c/4": ttconv.SVDConv(channels, channels, 3, padding=1, rank=channels // 4,
-                                                       core="orthogonal", max_singular_value=1.0),
-            "SVDConv general r=c": ttconv.SVDConv(channels, channels, 3, padding=1),
-            "SVDConv orthogonal r=c": ttconv.SVDConv(channels, channels, 3, padding=1, core="orthogonal",
-                                                     max_singular_value=1.0),
+            dense.__name__: dense(channels, channels, 3, padding=1),
+            f"{name} general r=c/4": svd(channels, channels, 3, padding=1, rank=channels // 4),
+            f"{name} orthogonal r=c/4": svd(channels, channels, 3, padding=1, rank=channels // 4,
+                                            core="orthogonal", max_singular_value=1.0),
+            f"{name} general r=c": svd(channels, channels, 3, padding=1),
+            f"{name} orthogonal r=c": svd(channels, channels, 3, padding=1, core="orthogonal", max_singular_value=1.0),
         }
-        base_fwd = base_bwd = None
-        for label, layer in layers.items():
-            with torch.no_grad():
-                fwd = median_seconds(lambda: layer(x), repeats)
-            bwd = median_seconds(_train_step(layer, x), repeats)
-            base_fwd, base_bwd = base_fwd or fwd, base_bwd or bwd
-            rows.append([f"{channels}x{size}x{size}" if label == "nn.Conv2d" else "", label,
-                         f"{fwd * 1e3:.1f}", f"{fwd / base_fwd:.2f}", f"{bwd * 1e3:.1f}", f"{bwd / base_bwd:.2f}"])
+        forward = interleaved({label: _forward(layer, x) for label, layer in layers.items()}, repeats)
+        train = interleaved({label: _train_step(layer, x) for label, layer in layers.items()}, repeats)
+        base = dense.__name__
+        for label in layers:
+            shape = f"{channels}x" + "x".join([str(size)] * dims)
+            rows.append([shape if label == base else "", label, f"{forward[label] * 1e3:.1f}",
+                         f"{forward[label] / forward[base]:.2f}", f"{train[label] * 1e3:.1f}",
+                         f"{train[label] / train[base]:.2f}"])
+        if dims != 2:
+            continue
         for rank_label in ("r=c/4", "r=c"):
-            general = layers[f"SVDConv general {rank_label}"]
-            orthogonal = layers[f"SVDConv orthogonal {rank_label}"]
+            general = layers[f"{name} general {rank_label}"]
+            orthogonal = layers[f"{name} orthogonal {rank_label}"]
             fft = median_seconds_on_copies(general, lambda layer: ttconv.clip_singular_values_(layer, 0.5, size), 1)
             exact = median_seconds_on_copies(orthogonal, lambda layer: ttconv.clip_singular_values_(layer, 0.5, size),
                                              repeats)
             clip_rows.append([f"{channels}x{size}x{size} {rank_label}", f"{fft * 1e3:.1f}", f"{exact * 1e3:.2f}",
                               f"{fft / exact:.0f}x"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, 3x3, padding 1\n")
-    print(markdown_table(["input", "layer", "fwd ms", "/ Conv2d", "fwd+bwd ms", "/ Conv2d"], rows))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, kernel 3 per axis, "
+          "padding 1; each shape's layers timed interleaved\n")
+    print(markdown_table(["input", "layer", "fwd ms", "/ torch", "fwd+bwd ms", "/ torch"], rows))
     print("\nOne clip to sigma <= 0.5 (includes the exact norm computed afterwards):\n")
     print(markdown_table(["layer", "general: FFT clip ms", "orthogonal: exact clip ms", "speed-up"], clip_rows))
 
