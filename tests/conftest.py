@@ -38,7 +38,7 @@ def resolve_device(text: str, source: str) -> torch.device:
     """The torch device named by ``text`` (from ``source``, for messages), or a usage error."""
     name = text.strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device("cuda" if torch.cuda.is_available() else "cpu", source)
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

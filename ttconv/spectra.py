@@ -246,7 +246,7 @@ def transfer_batches(
     half_shape = (*m[:-1], m[-1] // 2 + 1)
     total = math.prod(half_shape)
     complex_dtype = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
-    element = torch.empty((), dtype=complex_dtype).element_size()
+    element = complex_dtype.itemsize  # (no tensor: one would land on the default device)
     per_frequency = (per_frequency_factor * g * o * i + math.prod(taps)) * element
     batch = max(1, min(total, max_memory // max(1, per_frequency)))
     if per_frequency > max_memory:
