@@ -154,6 +154,9 @@ def test_non_square_ranks_both_ways_and_the_refused_case(cls):
     with pytest.raises(ValueError, match=r"with stride .* needs rank\[0\] <= rank\[1\], got rank=\(4, 2\).*Pass "
                                          r"rank=\(2, 2\)"):
         cls(4, 4, 3, stride=2, rank=(4, 2), core="orthogonal")
+    if dims > 1:  # a stride along one axis only is a stride too
+        with pytest.raises(ValueError, match=r"needs rank\[0\] <= rank\[1\]"):
+            cls(4, 4, 3, stride=(1,) * (dims - 1) + (2,), rank=(4, 2), core="orthogonal")
     assert cls(4, 4, 3, stride=2, rank=(2, 4), core="orthogonal").ranks == (2, 4)
     # rank=None or an int: square, as large as both channel counts allow (per group).
     assert cls(4, 6, 3, groups=2, core="orthogonal").ranks == (2, 2)
