@@ -18,8 +18,16 @@ from torch import nn
 
 from circular_oracle import circular_conv_any_size
 from oracle import operator_matrix
-from ttconv import (SVDConv, SVDConv1d, SVDConv3d, SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d,
-                    clip_singular_values_, scale_to_spectral_norm_)
+from ttconv import (
+    SVDConv,
+    SVDConv1d,
+    SVDConv3d,
+    SVDConvTranspose1d,
+    SVDConvTranspose2d,
+    SVDConvTranspose3d,
+    clip_singular_values_,
+    scale_to_spectral_norm_,
+)
 from ttconv.layer import _SVDConvNd
 
 CLASSES = {  # class: (dims, transposed)
@@ -246,7 +254,7 @@ def test_spectrum_refuses_a_grid_the_stride_does_not_divide(cls):
 
 def test_fresh_orthogonal_layers_have_torchs_init_norm():
     """``||W||_F^2 = sum S^2 = A / 3`` for torch's weight layout ``(A, B/g, *k)``, as torch's init."""
-    for cls, (dims, _) in CLASSES.items():
+    for cls in CLASSES:
         for rank in [None, (2, 5), (5, 2)]:
             layer = cls(6, 8, 3, rank=rank, core="orthogonal", dtype=torch.float64)
             conv = layer.to_conv()

@@ -14,8 +14,9 @@ Pure tensor math with no module: the SVD conv layers use it for ``core='orthogon
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,13 +86,13 @@ def compose_kernels(outer: Tensor, inner: Tensor) -> Tensor:
     """
     g, o, _, *k2 = outer.shape
     _, _, i, *k1 = inner.shape
-    d = len(k1)
     # One batched product for every pair of taps: (g, o, i, *k2, *k1).
     products = torch.einsum("goma,gmib->goiab", outer.flatten(3), inner.flatten(3)).reshape(g, o, i, *k2, *k1)
     out = inner.new_zeros(g, o, i, *(a + b - 1 for a, b in zip(k1, k2)))
-    for taps in torch.cartesian_prod(*(torch.arange(k) for k in k2)).reshape(-1, d).tolist():
-        window = tuple(slice(t, t + k) for t, k in zip(taps, k1))
-        out[(..., *window)] += products[(..., *taps, *([slice(None)] * d))]
+    for taps in itertools.product(*(range(k) for k in k2)):  # outer tap t lands at offset t
+        window: Tuple[Any, ...] = (Ellipsis,) + tuple(slice(t, t + k) for t, k in zip(taps, k1))
+        source: Tuple[Any, ...] = (slice(None),) * 3 + taps
+        out[window] += products[source]
     return out
 
 
