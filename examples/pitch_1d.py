@@ -137,7 +137,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, after_step=None, ba
     return (time.perf_counter() - start) / epochs
 
 
-def run(kind: str, data, options, max_value: Optional[float] = None) -> Dict[str, Any]:
+def run(kind: str, data, options, max_singular_value: Optional[float] = None) -> Dict[str, Any]:
     """Build, train and measure one model (``kind``: 'plain', 'torch_sn', 'exact_cap' or a control mode).
 
     Returns the table's numbers, the per-layer norms and the trained model.
@@ -153,11 +153,11 @@ def run(kind: str, data, options, max_value: Optional[float] = None) -> Dict[str
                 nn.utils.parametrizations.spectral_norm(module)
     elif kind == "exact_cap":
         for module, length in input_lengths(model, example).items():
-            cap = ExactNormCap(max_value, length, module.stride, module.dilation)
+            cap = ExactNormCap(max_singular_value, length, module.stride, module.dilation)
             nn.utils.parametrize.register_parametrization(module, "weight", cap)
     elif kind != "plain":
         model = ttconv.convert(model)
-        control = ttconv.SpectralControl(model, max_value, every=options.every, mode=kind, example_input=example)
+        control = ttconv.SpectralControl(model, max_singular_value, every=options.every, mode=kind, example_input=example)
     seconds = train(model, data, epochs=options.epochs, lr=options.lr,
                     after_step=None if control is None else control.step)
     if control is not None:
@@ -174,7 +174,7 @@ def run(kind: str, data, options, max_value: Optional[float] = None) -> Dict[str
         "seconds": seconds,
         "model": model,
         "example": example,
-        "max_value": max_value,
+        "max_value": max_singular_value,
     }
 
 
