@@ -7,10 +7,15 @@ and the input shape. The model adds, in multiply-add units: the multiply-adds of
 (``flop_costs``), ``COST_PER_ELEMENT`` per tensor element read or written
 (``path_elements``: maps with few channels are memory-bound) and ``COST_PER_CALL`` per
 operator call (composing the kernel counts as ``COMPOSE_CALLS`` calls: einsum dispatch
-dominates it for small kernels). The constants are fitted on per-layer timings of both
-paths on every conv of the real-shape models (``benchmarks/bench_path_calibration.py``,
-one CPU thread), which ``tests/test_forward_path.py`` keeps the model to. Deterministic:
-nothing is timed at run time.
+dominates it for small kernels). When the call will be differentiated (grad
+mode on and the input or a parameter requires grad) the backward pass costs about twice
+the forward, for either path, except that the first operation needs no input gradient
+when the input does not require one (a model's first layer): the dense path then skips
+its whole conv's input gradient, the factored path only its first 1x1 mixing's. The
+constants are fitted on per-layer timings of both paths on every conv of the real-shape
+models (``benchmarks/bench_path_calibration.py``, one CPU thread), which
+``tests/test_forward_path.py`` holds the model to. Deterministic: nothing is timed at run
+time.
 
 Works on any object with the layer's geometry (``ranks``, ``groups``, ``kernel_size``,
 ``stride``, ``_dims``, ``_transposed``, ``_weight_channels()``, ``_output_size()``,
@@ -22,11 +27,17 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Tuple
 
+import torch
+from torch import Tensor
+
 from ._typing import ForwardPath
 
 COST_PER_ELEMENT = 32
 COST_PER_CALL = 300_000
 COMPOSE_CALLS = 6
+# Backward traffic per element read or written in the forward, in units of COST_PER_ELEMENT
+# (gradients of every map are written and read again; thin maps make it dominate).
+BACKWARD_ELEMENT_FACTOR = 2
 
 _CACHE_SIZE = 64
 
@@ -80,32 +91,59 @@ def path_elements(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
     return dense, dense + 2 * in_pixels * g * first + 2 * out_pixels * g * second
 
 
-def path_costs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
-    """Modelled cost of the ``(dense, factored)`` paths, in multiply-add units."""
+def _first_operation_macs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """Multiply-adds of each path's first operation on the input: the dense conv (composing
+    the kernel left out), the factored path's first channel mixing (``V^T``; ``U^T`` for a
+    transposed layer)."""
+    dense_macs, _ = flop_costs(layer, input_shape)
+    in_pixels, _ = _pixels(layer, input_shape)
+    r_out, r_in = layer.ranks
+    return dense_macs - pixel_costs(layer)[0], in_pixels * layer.in_channels * (r_out if layer._transposed else r_in)
+
+
+def path_costs(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
+               input_requires_grad: bool = True) -> Tuple[float, float]:
+    """Modelled cost of the ``(dense, factored)`` paths, in multiply-add units: the forward,
+    or with ``backward=True`` forward plus backward (three times the forward, less the first
+    operation's input gradient when ``input_requires_grad`` is false)."""
     dense_macs, factored_macs = flop_costs(layer, input_shape)
     dense_elements, factored_elements = path_elements(layer, input_shape)
     factored_calls = 2 if layer._is_pointwise() else 3
     dense = dense_macs + COST_PER_ELEMENT * dense_elements + COST_PER_CALL * (1 + COMPOSE_CALLS)
     factored = factored_macs + COST_PER_ELEMENT * factored_elements + COST_PER_CALL * factored_calls
+    if backward:
+        extra = BACKWARD_ELEMENT_FACTOR * COST_PER_ELEMENT
+        dense, factored = 3 * dense + extra * dense_elements, 3 * factored + extra * factored_elements
+        if not input_requires_grad:
+            dense_first, factored_first = _first_operation_macs(layer, input_shape)
+            dense, factored = dense - dense_first, factored - factored_first
     return dense, factored
 
 
-def cheaper_path(layer: Any, input_shape: Tuple[int, ...]) -> ForwardPath:
+def cheaper_path(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
+                 input_requires_grad: bool = True) -> ForwardPath:
     """``'dense'`` or ``'factored'``, whichever ``path_costs`` models as cheaper."""
-    dense_cost, factored_cost = path_costs(layer, input_shape)
+    dense_cost, factored_cost = path_costs(layer, input_shape, backward=backward,
+                                           input_requires_grad=input_requires_grad)
     return "dense" if dense_cost <= factored_cost else "factored"
 
 
-def remembered_path(layer: Any, input_shape: Tuple[int, ...]) -> ForwardPath:
-    """``cheaper_path``, remembered per input shape and geometry on the layer (evaluating
-    the model takes ~30 us, a tenth of a small layer's forward)."""
-    key = (input_shape, layer.stride, layer.padding, layer.dilation, layer.ranks)
+def remembered_path(layer: Any, input: Tensor) -> ForwardPath:
+    """``cheaper_path`` for this input, remembered per input shape, differentiation regime
+    and geometry on the layer (evaluating the model takes ~30 us, a tenth of a small
+    layer's forward)."""
+    backward = torch.is_grad_enabled() and (
+        input.requires_grad or any(p is not None and p.requires_grad for p in layer._parameters.values()))
+    input_requires_grad = bool(input.requires_grad)
+    key = (tuple(input.shape), backward, input_requires_grad, layer.stride, layer.padding, layer.dilation,
+           layer.ranks)
     cache: Dict[Any, ForwardPath] = layer.__dict__.setdefault("_auto_paths", {})
     path = cache.get(key)
     if path is None:
         if len(cache) >= _CACHE_SIZE:  # inputs of ever-changing shapes: keep it bounded
             cache.clear()
-        path = cache[key] = cheaper_path(layer, input_shape)
+        path = cache[key] = cheaper_path(layer, tuple(input.shape), backward=backward,
+                                         input_requires_grad=input_requires_grad)
     return path
 
 

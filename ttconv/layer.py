@@ -457,21 +457,29 @@ class _SVDConvNd(nn.Module):
         the output and, for the factored path, each hidden map twice (written, then read)."""
         return _forward_paths.path_elements(self, input_shape)
 
-    def path_costs(self, input_shape: Tuple[int, ...]) -> Tuple[float, float]:
-        """Estimated cost of the ``(dense, factored)`` forward paths, in multiply-add units.
+    def path_costs(self, input_shape: Tuple[int, ...], *, backward: bool = False,
+                   input_requires_grad: bool = True) -> Tuple[float, float]:
+        """Estimated cost of the ``(dense, factored)`` paths, in multiply-add units.
 
         ``flop_costs`` (the dense path composes its kernel on every call) plus what makes
         small and thin layers slow on CPU: a cost per tensor element read or written
         (``path_elements``; maps with few channels are memory-bound) and per operator call.
+        ``backward=True``: forward plus backward, where an input that does not require
+        grad (a model's first layer) spares each path its first operation's input gradient.
         The constants are fitted on timings of both paths on every conv of MTCNN-,
         MobileNet- and OCR-like models (``ttconv._forward_paths``). Deterministic: nothing
         is timed at run time.
         """
-        return _forward_paths.path_costs(self, input_shape)
+        return _forward_paths.path_costs(self, input_shape, backward=backward,
+                                         input_requires_grad=input_requires_grad)
 
-    def choose_path(self, input_shape: Tuple[int, ...]) -> str:
-        """The path ``forward`` takes for this input shape with ``path='auto'`` (see ``path_costs``)."""
-        return _forward_paths.cheaper_path(self, input_shape)
+    def choose_path(self, input_shape: Tuple[int, ...], *, backward: bool = False,
+                    input_requires_grad: bool = True) -> str:
+        """The path ``forward`` takes with ``path='auto'`` for this input shape (see ``path_costs``):
+        ``backward=False`` under ``torch.no_grad()`` or when nothing requires grad, else
+        ``backward=True`` with the input's ``requires_grad``."""
+        return _forward_paths.cheaper_path(self, input_shape, backward=backward,
+                                           input_requires_grad=input_requires_grad)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input, None)
@@ -486,7 +494,7 @@ class _SVDConvNd(nn.Module):
         else:
             self._check_input(input)
             if path == "auto":
-                path = _forward_paths.remembered_path(self, tuple(input.shape))
+                path = _forward_paths.remembered_path(self, input)
         if path == "dense":
             if self._is_pointwise():
                 return self._pointwise_forward(input, self.dense_weight())
