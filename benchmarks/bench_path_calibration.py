@@ -49,16 +49,17 @@ def layer_inputs(name: str, shape, batch: int, rank) -> List[Dict[str, Any]]:
 
     def record(key):
         def hook(module, args):
-            seen.setdefault(key, (module, args[0].shape))  # returns None: the input is left alone
+            # Returns None: the input is left alone. Whether it requires grad decides what
+            # the backward pass computes (a model's first conv needs no input gradient).
+            seen.setdefault(key, (module, args[0].shape, args[0].requires_grad))
         return hook
 
     hooks = [m.register_forward_pre_hook(record(key)) for key, m in converted.named_modules()
              if isinstance(m, ttconv.SVDConv)]
-    with torch.no_grad():
-        converted(x.expand(batch, *x.shape[1:]).contiguous())
+    converted(x.expand(batch, *x.shape[1:]).contiguous())  # with grad, so requires_grad is as in training
     for hook in hooks:
         hook.remove()
-    return [dict(model=name, layer=key, module=m, input=tuple(s)) for key, (m, s) in seen.items()]
+    return [dict(model=name, layer=key, module=m, input=tuple(s), input_grad=g) for key, (m, s, g) in seen.items()]
 
 
 def fastest(functions, rounds: int) -> Dict[str, float]:
@@ -73,8 +74,8 @@ def fastest(functions, rounds: int) -> Dict[str, float]:
     return {name: min(values) for name, values in times.items()}
 
 
-def time_paths(layer, shape, mode: str, rounds: int) -> Dict[str, float]:
-    x = torch.randn(shape)
+def time_paths(layer, shape, mode: str, rounds: int, input_grad: bool = False) -> Dict[str, float]:
+    x = torch.randn(shape, requires_grad=input_grad and mode == "fwd+bwd")
 
     def run(path):
         def call():
@@ -84,6 +85,7 @@ def time_paths(layer, shape, mode: str, rounds: int) -> Dict[str, float]:
                     layer(x)
             else:
                 layer.zero_grad(set_to_none=True)
+                x.grad = None
                 layer(x).sum().backward()
         return call
 
@@ -92,7 +94,10 @@ def time_paths(layer, shape, mode: str, rounds: int) -> Dict[str, float]:
 
 
 def measure(rounds: int, quick: bool) -> List[Dict[str, Any]]:
-    rows, done = [], set()
+    """One row per conv per (model, rank, batch, mode); a geometry and input shape seen before
+    (the same block repeated in a model) reuses its timing."""
+    rows: List[Dict[str, Any]] = []
+    timed: Dict[str, Dict[str, float]] = {}
     cases = PATH_CASES[:2] if quick else PATH_CASES
     for name, shape, batches in cases:
         for rank in (None, 0.25):
@@ -100,18 +105,18 @@ def measure(rounds: int, quick: bool) -> List[Dict[str, Any]]:
                 for item in layer_inputs(name, shape, batch, rank):
                     m = item["module"]
                     geometry = {k: getattr(m, k) for k in GEOMETRY}
-                    key = json.dumps([geometry, m.ranks, item["input"]], default=list)
-                    if key in done:
-                        continue
-                    done.add(key)
                     for mode in ("fwd eval", "fwd+bwd"):
-                        t = time_paths(m, item["input"], mode, rounds)
-                        rows.append(dict(model=name, layer=item["layer"], geometry=geometry, ranks=list(m.ranks),
-                                         input=list(item["input"]), mode=mode, dense=t["dense"],
+                        input_grad = item["input_grad"] and mode == "fwd+bwd"
+                        key = json.dumps([geometry, m.ranks, item["input"], mode, input_grad], default=list)
+                        if key not in timed:
+                            timed[key] = time_paths(m, item["input"], mode, rounds, input_grad)
+                        t = timed[key]
+                        rows.append(dict(model=name, rank="full" if rank is None else str(rank), batch=batch,
+                                         layer=item["layer"], geometry=geometry, ranks=list(m.ranks),
+                                         input=list(item["input"]), input_grad=input_grad, mode=mode, dense=t["dense"],
                                          factored=t["factored"]))
-                        r = rows[-1]
-                        print(f"{name:18s} {item['layer']:28s} {str(m.ranks):12s} {str(item['input']):22s} {mode:8s} "
-                              f"dense {r['dense'] * 1e3:8.3f} factored {r['factored'] * 1e3:8.3f}",
+                        print(f"{name:18s} {item['layer']:28s} {str(m.ranks):12s} {str(item['input']):22s} "
+                              f"{mode:8s} dense {t['dense'] * 1e3:8.3f} factored {t['factored'] * 1e3:8.3f}",
                               file=sys.stderr, flush=True)
     return rows
 
@@ -125,32 +130,53 @@ def build_layer(row: Dict[str, Any]) -> ttconv.SVDConv:
     return ttconv.SVDConv(**geometry, rank=tuple(row["ranks"]))
 
 
+def choose(row: Dict[str, Any], layer: ttconv.SVDConv) -> str:
+    """The path ``auto`` takes for the row's input and mode."""
+    return layer.choose_path(tuple(row["input"]), backward=row["mode"] == "fwd+bwd",
+                             input_requires_grad=row["input_grad"])
+
+
+def model_totals(rows, choices) -> Dict[Any, Dict[str, float]]:
+    """Per (model, rank, batch, mode): the convs' summed time on each fixed path and on the
+    paths the cost model chose."""
+    totals: Dict[Any, Dict[str, float]] = {}
+    for row, chosen in zip(rows, choices):
+        t = totals.setdefault((row["model"], row["rank"], row["batch"], row["mode"]),
+                              dict(dense=0.0, factored=0.0, auto=0.0))
+        t["dense"] += row["dense"]
+        t["factored"] += row["factored"]
+        t["auto"] += row[chosen]
+    return totals
+
+
 def regret(rows, layers) -> Dict[str, float]:
-    """Time lost by the cost model's choices: worst row ratio, rows over 10%, summed excess."""
-    worst, over, lost, total = 1.0, 0, 0.0, 0.0
-    for row, layer in zip(rows, layers):
-        chosen = row[layer.choose_path(tuple(row["input"]))]
-        best = min(row["dense"], row["factored"])
-        worst = max(worst, chosen / best)
-        over += chosen > 1.10 * best
-        lost += chosen - best
-        total += best
-    return dict(worst=worst, over=over, lost=lost / total)
+    """Time lost by the cost model's choices: per layer (worst ratio to the faster path, rows
+    more than 10% over) and per model (worst ratio of the convs' total to the better fixed path)."""
+    choices = [choose(row, layer) for row, layer in zip(rows, layers)]
+    worst, over = 1.0, 0
+    for row, chosen in zip(rows, choices):
+        ratio = row[chosen] / min(row["dense"], row["factored"])
+        worst, over = max(worst, ratio), over + (ratio > 1.10)
+    model_worst = max(t["auto"] / min(t["dense"], t["factored"]) for t in model_totals(rows, choices).values())
+    return dict(model_worst=model_worst, layer_worst=worst, layers_over=over)
 
 
 def fit(path: str) -> None:
     rows = json.load(open(path))
     layers = [build_layer(r) for r in rows]
     results = []
-    for element, call, compose in itertools.product((0, 8, 16, 32, 64, 128), (50_000, 100_000, 200_000, 300_000,
-                                                    500_000, 1_000_000), (1, 2, 4, 6, 10, 16)):
+    for element, call, compose, backward in itertools.product((4, 8, 12, 16, 24, 32),
+                                                              (10_000, 20_000, 50_000, 100_000, 200_000),
+                                                              (0.5, 0.75, 1, 1.5, 2, 4),
+                                                              (0, 2, 5, 10, 20, 40)):
         _forward_paths.COST_PER_ELEMENT, _forward_paths.COST_PER_CALL, _forward_paths.COMPOSE_CALLS = (
             element, call, compose)
+        _forward_paths.BACKWARD_ELEMENT_FACTOR = backward
         for layer in layers:
             layer.__dict__.pop("_auto_paths", None)
         results.append(((element, call, compose), regret(rows, layers)))
-    results.sort(key=lambda item: (item[1]["over"], item[1]["worst"]))
-    for constants, r in results[:15]:
+    results.sort(key=lambda item: (item[1]["model_worst"], item[1]["layers_over"]))
+    for constants, r in results[:8]:
         print(constants, {k: round(v, 3) for k, v in r.items()})
 
 
@@ -172,9 +198,9 @@ def main(argv=None) -> None:
         with open(options.dump, "w") as handle:
             json.dump(rows, handle, indent=0)
     r = regret(rows, [build_layer(row) for row in rows])
-    print(f"load average at start {load}; {len(rows)} rows in {time.perf_counter() - start:.0f} s; "
-          f"auto's choice: worst {r['worst']:.2f}x the faster path, {r['over']} rows over 10%, "
-          f"{100 * r['lost']:.1f}% of the best total time lost")
+    print(f"load average at start {load}; {len(rows)} rows in {time.perf_counter() - start:.0f} s; auto's choices: "
+          f"convs of a model within {r['model_worst']:.2f}x of the better fixed path, one layer at worst "
+          f"{r['layer_worst']:.2f}x its faster path, {r['layers_over']} layers more than 10% over")
 
 
 if __name__ == "__main__":
