@@ -1,21 +1,35 @@
-"""Tiny timing helpers shared by the benchmark scripts (medians of wall-clock runs)."""
+"""Tiny timing helpers shared by the benchmark scripts (medians of wall-clock runs).
+
+Every timed call is bracketed by ``_device.synchronize()``: on CUDA, work is queued and a
+clock read without waiting for it would time the launch, not the work (a no-op on the CPU).
+"""
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _device import synchronize  # noqa: E402
+
+
+def timed_call(fn: Callable[[], object]) -> float:
+    """Seconds of one call of ``fn``, queued device work included (CUDA synchronised before
+    the clock starts and before it stops)."""
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median([timed_call(fn) for _ in range(repeats)])
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, float]:
@@ -27,9 +41,7 @@ def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int 
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(fn))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -46,7 +58,5 @@ def median_seconds_on_copies(obj, fn: Callable[[object], object], repeats: int =
     times = []
     for _ in range(repeats):
         fresh = copy.deepcopy(obj)
-        start = time.perf_counter()
-        fn(fresh)
-        times.append(time.perf_counter() - start)
+        times.append(timed_call(lambda: fn(fresh)))
     return statistics.median(times)

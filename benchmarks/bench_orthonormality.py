@@ -5,7 +5,8 @@ and V so they are exact at any time, and ``canonicalize_()`` outside ``forward``
 ``torch.nn.utils.parametrizations.orthogonal`` on U and V (orthonormal by construction,
 paid in every forward and backward).
 
-Run: ``python benchmarks/bench_orthonormality.py`` (``--quick`` for a smoke run).
+Run: ``python benchmarks/bench_orthonormality.py`` (``--quick`` for a smoke run; ``--device cuda``
+on a GPU).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import markdown_table, median_seconds  # noqa: E402
 
 from ttconv import SVDConv  # noqa: E402
@@ -81,14 +83,20 @@ def cost_table(shapes, batch, repeats):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options: argparse.Namespace) -> None:
     if options.quick:
         drift = dict(channels=8, rank=2, steps=3, checkpoints={3}, lr=1e-3)
         shapes, batch, repeats = [(16, 8)], 2, 1
     else:
         drift = dict(channels=64, rank=16, steps=1000, checkpoints={10, 100, 1000}, lr=1e-3)
         shapes, batch, repeats = [(64, 56), (256, 14), (512, 7)], 32, 5
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"torch {torch.__version__}, {describe(options.device)}\n")
     print("Drift of U, V during training without any retraction, and the error of the spectral norm")
     print("if the core were used as is versus through ttconv's QR (n = 8, circular):\n")
     print(drift_table(**drift))

@@ -7,8 +7,9 @@ run and interleaved, is the same function with the fast path switched off (every
 frequency matrix formed and decomposed, as before the fast path existed); both give the
 same value up to float32 rounding, which is printed.
 
-Run: ``python benchmarks/bench_single_tap.py`` (``--quick`` for a smoke run). Use one
-thread (``OMP_NUM_THREADS=1``) to compare with the numbers in docs/performance.md.
+Run: ``python benchmarks/bench_single_tap.py`` (``--quick`` for a smoke run; ``--device cuda``
+on a GPU). Use one thread (``OMP_NUM_THREADS=1``) to compare with the numbers in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Iterator, List
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import markdown_table  # noqa: E402
+from _device import add_device_argument, describe, on_device  # noqa: E402
+from _timing import markdown_table, timed_call  # noqa: E402
 
 from ttconv import bounds, spectra  # noqa: E402
 
@@ -55,17 +56,17 @@ def interleaved(fast: Callable[[], torch.Tensor], repeats_slow: int, repeats_fas
     fast_times: List[float] = []
     slow_times: List[float] = []
     values = {}
+
+    def run(key: str) -> None:
+        values[key] = float(fast())
+
     fast()  # warm-up
     for index in range(max(repeats_slow, repeats_fast)):
         if index < repeats_fast:
-            start = time.perf_counter()
-            values["fast"] = float(fast())
-            fast_times.append(time.perf_counter() - start)
+            fast_times.append(timed_call(lambda: run("fast")))
         if index < repeats_slow:
             with frequency_route():
-                start = time.perf_counter()
-                values["slow"] = float(fast())
-                slow_times.append(time.perf_counter() - start)
+                slow_times.append(timed_call(lambda: run("slow")))
     return statistics.median(fast_times), statistics.median(slow_times), values
 
 
@@ -74,7 +75,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one run each (smoke test)")
     parser.add_argument("--repeats-slow", type=int, default=1, help="runs of the frequency route (default 1)")
     parser.add_argument("--repeats-fast", type=int, default=5, help="runs of the fast path (default 5)")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options: argparse.Namespace) -> None:
     layers = QUICK if options.quick else LAYERS
     slow_runs, fast_runs = (1, 1) if options.quick else (options.repeats_slow, options.repeats_fast)
     torch.manual_seed(0)
@@ -91,7 +98,7 @@ def main(argv=None) -> None:
             fast, slow, values = interleaved(call, slow_runs, fast_runs)
             rows.append([name, method, f"{slow:.3f}", f"{fast:.4f}", f"{slow / fast:.0f}x",
                          f"{abs(values['fast'] - values['slow']) / values['slow']:.1e}"])
-    print(f"torch threads: {torch.get_num_threads()}; float32; median seconds")
+    print(f"device: {describe(options.device)}; float32; median seconds")
     print(markdown_table(["layer", "method", "frequency route (s)", "single tap (s)", "speed-up",
                           "relative difference"], rows))
 

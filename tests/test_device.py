@@ -436,3 +436,85 @@ def test_device_option_values(monkeypatch):
     assert resolve_device("cuda:0", "--device") == torch.device("cuda", 0)
     with pytest.raises(pytest.UsageError, match="only 2 CUDA device"):
         resolve_device("cuda:2", "--device")
+
+
+# ------------------------------------------------------------------ the benchmarks' --device
+_BENCH_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+
+
+@pytest.fixture
+def bench_device(monkeypatch):
+    monkeypatch.syspath_prepend(_BENCH_DIR)
+    import _device
+
+    return _device
+
+
+@pytest.mark.cpu_only
+def test_benchmark_device_option(bench_device, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench_device.add_device_argument(parser)
+    assert parser.parse_args([]).device == torch.device("cpu")
+    assert parser.parse_args(["--device", "CPU"]).device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parser.parse_args(["--device", "auto"]).device == torch.device("cpu")
+    for text, message in [("cuda", "CUDA is not available"), ("meta", "not a benchmark device"),
+                          ("gpu", "not a benchmark device")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            bench_device.parse_device(text)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert bench_device.parse_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(argparse.ArgumentTypeError, match="only 1 CUDA device"):
+        bench_device.parse_device("cuda:1")
+
+
+@pytest.mark.cpu_only
+def test_benchmark_on_device_sets_and_restores_the_default(bench_device):
+    with bench_device.on_device("cpu") as device:
+        assert device == torch.device("cpu") and torch.randn(1).device.type == "cpu"
+        assert not any(type(mode).__name__ == "DeviceContext"
+                       for mode in torch.overrides._get_current_function_mode_stack())  # CPU timings untouched
+    with bench_device.on_device("meta"):
+        assert torch.randn(1).device == META and ttconv.SVDConv2d(4, 4, 3).U.device == META
+    assert torch.randn(1).device.type == "cpu"
+    bench_device.synchronize()  # no CUDA initialised: a no-op
+    bench_device.synchronize("cpu")
+    assert bench_device.peak_memory_bytes("cpu") is None
+
+
+@pytest.mark.cpu_only
+def test_timers_synchronize_around_every_timed_call(bench_device, monkeypatch):
+    """``_timing`` waits for queued device work before starting and before stopping the clock."""
+    import _timing
+
+    events: List[str] = []
+    monkeypatch.setattr(_timing, "synchronize", lambda: events.append("sync"))
+    _timing.median_seconds(lambda: events.append("call"), repeats=2, warmup=1)
+    assert events == ["call"] + ["sync", "call", "sync"] * 2
+    events.clear()
+    _timing.interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=1, warmup=0)
+    assert events == ["sync", "a", "sync", "sync", "b", "sync"]
+
+
+@pytest.mark.cpu_only
+def test_run_all_passes_the_device_to_the_scripts_that_take_it(bench_device, tmp_path, monkeypatch):
+    import run_all
+
+    aware = tmp_path / "bench_aware.py"
+    aware.write_text("import argparse\nfrom _device import add_device_argument\n\n"
+                     "def main(argv):\n    parser = argparse.ArgumentParser()\n    parser.add_argument('--quick', "
+                     "action='store_true')\n    add_device_argument(parser)\n    print('| ran on', "
+                     "parser.parse_args(argv).device)\n")
+    unaware = tmp_path / "bench_unaware.py"
+    unaware.write_text("def main(argv):\n    print('| ran with', argv)\n")
+    cpu = torch.device("cpu")
+    assert run_all._run(str(aware), ["--quick"], cpu) == "| ran on cpu"
+    assert run_all._run(str(unaware), ["--quick"], cpu) == "| ran with ['--quick']"
+    # Off the CPU a script that cannot take the device is not run (its timers would not synchronise).
+    assert run_all._run(str(unaware), ["--quick"], torch.device("cuda", 0)) is None
+    monkeypatch.setattr(bench_device, "parse_device", torch.device)  # a CUDA device without CUDA
+    assert run_all._run(str(aware), ["--quick"], torch.device("cuda", 0)) == "| ran on cuda:0"
