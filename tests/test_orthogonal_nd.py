@@ -261,3 +261,33 @@ def test_fresh_orthogonal_layers_have_torchs_init_norm():
             rows = conv.weight.shape[0]
             assert float(layer.dense_weight().detach().square().sum()) == pytest.approx(rows / 3, rel=1e-10)
     assert isinstance(SVDConv1d(2, 2, 3, core="orthogonal").to_conv(), nn.Conv1d)
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+@pytest.mark.parametrize("rank", [None, (2, 4), (4, 2), (3, 3), 1])
+def test_dense_weight_with_v_folded_into_bcop_is_the_composed_factors(cls, rank):
+    """``dense_weight`` folds ``V^T`` into BCOP's first matrix when ``r_in`` is near ``c_in/g``:
+    the same kernel as composing ``factors()`` (the general route, ``ttconv.tt.compose``)."""
+    from ttconv.tt import compose
+
+    dims, _ = CLASSES[cls]
+    torch.manual_seed(4)
+    layer = cls(8, 10, (3, 2, 2)[:dims], groups=2, rank=rank, core="orthogonal", dtype=torch.float64)
+    with torch.no_grad():
+        for p in (layer.U, layer.V, layer.core, layer.S):
+            p.copy_(torch.randn_like(p))
+    U, S, core, V = layer.factors()
+    composed = compose(U, S, layer._tt_core(core), V, layer.groups).reshape(layer.dense_weight().shape)
+    assert torch.allclose(layer.dense_weight(), composed, rtol=0, atol=1e-13)
+    assert torch.allclose(layer._orthogonal_dense_weight().reshape(composed.shape), composed, rtol=0, atol=1e-13)
+
+
+def test_bcop_inputs_fold_into_the_first_matrix():
+    from ttconv.orthogonal import bcop_kernel, bcop_parameter_count, compose_kernels
+
+    torch.manual_seed(5)
+    generators = torch.randn(2, bcop_parameter_count((3, 2)), 5, 5, dtype=torch.float64)
+    inputs = torch.randn(2, 3, 7, dtype=torch.float64)
+    full = bcop_kernel(generators, (3, 2))
+    expected = compose_kernels(full[:, :, :3], inputs[..., None, None])
+    assert torch.allclose(bcop_kernel(generators, (3, 2), inputs=inputs), expected, rtol=0, atol=1e-13)

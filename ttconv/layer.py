@@ -335,10 +335,28 @@ class _SVDConvNd(nn.Module):
     def dense_weight(self) -> Tensor:
         """The dense kernel ``(out_channels, in_channels/groups, *kernel_size)`` (differentiable);
         ``(in_channels, out_channels/groups, *kernel_size)`` for the transposed layers, as torch's."""
-        U, S, core, V = self.factors()
-        weight = compose(U, S, self._tt_core(core), V, self.groups)
         rows, cols = self._weight_channels()
+        if self.core_kind == "orthogonal" and 2 * self.ranks[1] >= cols // self.groups:
+            weight = self._orthogonal_dense_weight()
+        else:
+            U, S, core, V = self.factors()
+            weight = compose(U, S, self._tt_core(core), V, self.groups)
         return weight.reshape(rows, cols // self.groups, *self.kernel_size)
+
+    def _orthogonal_dense_weight(self) -> Tensor:
+        """``compose(*factors())`` for the orthogonal core, with ``V^T`` (and an input-side ``S``)
+        folded into BCOP's first matrix (``bcop_kernel(..., inputs=)``): one kernel product of
+        ``r^2 c k`` fewer than composing the core and then ``V``. Worth it when ``r_in`` is
+        near ``c_in/g`` (``dense_weight`` uses it from ``2 r_in >= c_in/g``)."""
+        g, (r_out, r_in) = self.groups, self.ranks
+        U = orthonormal_basis(self.U.reshape(g, -1, r_out))
+        V = orthonormal_basis(self.V.reshape(g, -1, r_in))
+        S = self.effective_S().reshape(g, -1)
+        inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)
+        kernel = bcop_kernel(self.core, self.kernel_size, inputs=inputs)[:, :r_out]  # (g, r_out, B/g, *k)
+        outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, A/g, r_out)
+        weight = torch.einsum("goa,gab->gob", outputs, kernel.flatten(2))
+        return weight.reshape(-1, *kernel.shape[2:])
 
     @property
     def weight(self) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ def _compose_two_tap(projector: Tensor, kernel: Tensor, axis: int) -> Tensor:
     return F.pad(taps_first, pad_after) + F.pad(kernel - taps_first, pad_before)
 
 
-def bcop_kernel(generators: Tensor, kernel_size: Sequence[int]) -> Tensor:
+def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional[Tensor] = None) -> Tensor:
     """Orthogonal conv kernel ``(g, r, r, *kernel_size)`` from generators ``(g, 1 + sum(k_i - 1), r, r)``.
 
     Generator 0 gives ``H = matrix_exp(A - A^T)``; each other generator ``A_j`` gives the
@@ -126,6 +126,12 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int]) -> Tensor:
     2-D: vertical blocks, then horizontal ones). Every generator value yields an exactly
     orthogonal circular convolution (every input size, every dilation); differentiable.
     Works for any number ``d >= 1`` of spatial axes.
+
+    ``inputs``: an optional ``(g, m, n)`` matrix (``m <= r``) applied before the convolution,
+    as a 1x1 conv: the result is then the kernel ``(g, r, n, *kernel_size)`` of the
+    orthogonal conv's first ``m`` input channels after ``inputs``. The blocks act on the
+    output side only, so ``inputs`` folds into ``H`` (``H[:, :m] inputs``) and the kernel is
+    never built at ``r`` input channels: cheaper when ``n <= r``.
     """
     kernel_size = tuple(int(k) for k in kernel_size)
     if not kernel_size or any(k < 1 for k in kernel_size):
@@ -134,7 +140,10 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int]) -> Tensor:
     if count != bcop_parameter_count(kernel_size):
         raise ValueError(f"expected {bcop_parameter_count(kernel_size)} generators for kernel {kernel_size}, got {count}")
     skew = generators[:, 0] - generators[:, 0].transpose(-1, -2)
-    kernel = skew_matrix_exp(skew).reshape(g, r, r, *(1,) * len(kernel_size))
+    first = skew_matrix_exp(skew)
+    if inputs is not None:
+        first = first[..., : inputs.shape[-2]] @ inputs
+    kernel = first.reshape(g, r, first.shape[-1], *(1,) * len(kernel_size))
     j = 1
     for axis, k in enumerate(kernel_size):
         for _ in range(k - 1):
