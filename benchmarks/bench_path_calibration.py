@@ -174,7 +174,7 @@ def fit(path: str) -> None:
         _forward_paths.BACKWARD_ELEMENT_FACTOR = backward
         for layer in layers:
             layer.__dict__.pop("_auto_paths", None)
-        results.append(((element, call, compose), regret(rows, layers)))
+        results.append(((element, call, compose, backward), regret(rows, layers)))
     results.sort(key=lambda item: (item[1]["model_worst"], item[1]["layers_over"]))
     for constants, r in results[:8]:
         print(constants, {k: round(v, 3) for k, v in r.items()})
@@ -195,8 +195,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     rows = measure(options.rounds, options.quick)
     if options.dump:
-        with open(options.dump, "w") as handle:
-            json.dump(rows, handle, indent=0)
+        with open(options.dump, "w") as handle:  # one row per line, times in seconds
+            handle.write("[\n" + ",\n".join(json.dumps(row, separators=(",", ":")) for row in rows) + "\n]\n")
     r = regret(rows, [build_layer(row) for row in rows])
     print(f"load average at start {load}; {len(rows)} rows in {time.perf_counter() - start:.0f} s; auto's choices: "
           f"convs of a model within {r['model_worst']:.2f}x of the better fixed path, one layer at worst "

@@ -9,10 +9,11 @@ only, fewer repeats). Prints three markdown tables:
 2. ``ttconv.convert`` at full rank: parameters before and after (depthwise layers stay dense
    by default), how many convs stayed dense, and the model's relative output error on the
    example input, recomputed here by running both models.
-3. Forward (eval, no grad) of the converted model with every layer's path forced to
-   ``'dense'`` and to ``'factored'``, and left at ``'auto'``: each as a ratio to the original
-   model, timed interleaved, at full rank and at rank 0.25, batch 1 and 16; last column: auto
-   over the better fixed path (the goal: at most 1.10).
+3. The converted model with every layer's path forced to ``'dense'`` and to ``'factored'``,
+   and left at ``'auto'``, inference (``no_grad``) and a training step (forward and
+   backward): each as a ratio to the original model, timed interleaved (fastest of the
+   rounds), at full rank and at rank 0.25, batch 1 and 16; last column: auto over the
+   better fixed path (the goal: at most 1.10). ``--paths-only`` prints this table alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -71,7 +73,32 @@ def _set_path(model: nn.Module, path: str) -> None:
             module.path = path
 
 
-def path_rows(cases, repeats: int) -> List[List[str]]:
+def _fastest(fns, rounds: int):
+    """Fastest seconds of each function over interleaved rounds (the least disturbed by other
+    processes on a shared machine)."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+def _step(model, x, backward: bool):
+    def run():
+        if backward:
+            model.zero_grad(set_to_none=True)
+            model(x).float().sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return run
+
+
+def path_rows(cases, repeats: int, modes=("fwd", "fwd+bwd")) -> List[List[str]]:
     rows = []
     for name, shape, batches in cases:
         model, x = real_shapes.build(name)
@@ -83,15 +110,17 @@ def path_rows(cases, repeats: int) -> List[List[str]]:
                 _set_path(m, path)
             for batch in batches:
                 xb = x.expand(batch, *x.shape[1:]).contiguous()
-                fns = {"original": lambda: model(xb)}
-                fns.update({path: (lambda m=m: m(xb)) for path, m in converted.items()})
-                with torch.no_grad():
-                    t = interleaved(fns, repeats)
-                best = min(t["dense"], t["factored"])
-                rows.append([name, "full" if rank is None else str(rank), str(batch), "x".join(map(str, x.shape[1:])),
-                             f"{t['original'] * 1e3:.2f} ms", f"{t['dense'] / t['original']:.2f}x",
-                             f"{t['factored'] / t['original']:.2f}x", f"{t['auto'] / t['original']:.2f}x",
-                             f"{t['auto'] / best:.2f}"])
+                for mode in modes:
+                    backward = mode == "fwd+bwd"
+                    fns = {"original": _step(model, xb, backward)}
+                    fns.update({path: _step(m, xb, backward) for path, m in converted.items()})
+                    t = _fastest(fns, repeats)
+                    best = min(t["dense"], t["factored"])
+                    rows.append([name, "full" if rank is None else str(rank), str(batch), mode,
+                                 "x".join(map(str, x.shape[1:])), f"{t['original'] * 1e3:.2f} ms",
+                                 f"{t['dense'] / t['original']:.2f}x", f"{t['factored'] / t['original']:.2f}x",
+                                 f"{t['auto'] / t['original']:.2f}x", f"{t['auto'] / best:.2f}"])
+                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -99,26 +128,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--paths-only", action="store_true", help="only the forward-path table")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
     names = list(real_shapes.MODELS)
     cases = PATH_CASES
-    repeats = 7
+    repeats = 11
     if options.quick:
         names = ["mtcnn_pnet", "mtcnn_onet"]
         cases = [("mtcnn_onet", None, (2,))]
         repeats = 2
     print(f"threads: {options.threads}, load average at start: {open('/proc/loadavg').read().split()[0]}, "
           f"torch {torch.__version__}\n")
-    print("**spectral_report at the real input size** (batch 1, fresh process; peak: whole process)\n")
-    print(markdown_table(["model", "input", "time", "peak RSS", "rows", "with exact", "skipped"], report_rows(names)))
-    print("\n**convert at full rank** (default settings; output error: ||f'(x) - f(x)|| / ||f(x)||)\n")
-    print(markdown_table(["model", "params", "converted params", "convs left dense", "output error"],
-                         conversion_rows(names)))
-    print("\n**Forward path** (eval, no grad; time of the original model, then each converted model as a ratio "
-          "to it; auto / best: 'auto' over the faster of 'dense' and 'factored')\n")
-    print(markdown_table(["model", "rank", "batch", "input", "original", "dense", "factored", "auto", "auto / best"],
-                         path_rows(cases, repeats)))
+    if not options.paths_only:
+        print("**spectral_report at the real input size** (batch 1, fresh process; peak: whole process)\n")
+        print(markdown_table(["model", "input", "time", "peak RSS", "rows", "with exact", "skipped"],
+                             report_rows(names)))
+        print("\n**convert at full rank** (default settings; output error: ||f'(x) - f(x)|| / ||f(x)||)\n")
+        print(markdown_table(["model", "params", "converted params", "convs left dense", "output error"],
+                             conversion_rows(names)))
+    print(f"\n**Forward path** (eval mode; 'fwd' under no_grad, 'fwd+bwd' a training step's forward and "
+          f"backward; fastest of {repeats} interleaved rounds; time of the original model, then each converted "
+          "model as a ratio to it; auto / best: 'auto' over the faster of 'dense' and 'factored')\n")
+    print(markdown_table(["model", "rank", "batch", "mode", "input", "original", "dense", "factored", "auto",
+                          "auto / best"], path_rows(cases, repeats)))
 
 
 if __name__ == "__main__":
