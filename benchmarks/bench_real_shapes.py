@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
-from _timing import interleaved, markdown_table  # noqa: E402
+from _timing import markdown_table  # noqa: E402
 from _zoo import gib, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
 
 import ttconv  # noqa: E402
