@@ -2,8 +2,16 @@
 their torch counterparts, and core vs dense exact spectra.
 
 Run: ``python benchmarks/bench_layer.py`` (``--quick`` for a smoke run). Prints three
-markdown tables; every time is a median over repeats, every ratio is against the
-baseline timed in the same run on the same machine.
+markdown tables; every time is a median over repeats with the layers timed interleaved
+(one call of each per round), every ratio is against the torch layer timed in the same
+rounds.
+
+Forward+backward is timed with an input that requires grad, as for every layer inside a
+network but the first: then torch's conv computes the input gradient too, as the SVD
+conv's inner convolutions must. The "first layer" column times an input without grad,
+where ``nn.Conv2d`` skips the input gradient (2 of its 3 convolution-sized products) while
+the factored path still needs it for its core conv (math in
+``../shared/reference/performance-limits.md``: the full-rank limit is 1 + min(2c/(BHW), 2/k^2)).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import markdown_table, median_seconds  # noqa: E402
+from _timing import interleaved, markdown_table, median_seconds  # noqa: E402
 
 from ttconv import SVDConv, SVDConv1d, SVDConv3d, SVDConvTranspose2d, conv_singular_values  # noqa: E402
 
@@ -39,9 +47,36 @@ SPECTRUM_SHAPES = [(256, 16), (256, 32), (512, 16), (512, 32)]  # (channels, n),
 def _forward_backward(module, x):
     def step():
         module.zero_grad(set_to_none=True)
+        if x.grad is not None:
+            x.grad = None
         module(x).sum().backward()
 
     return step
+
+
+def _time_against_torch(torch_layer, candidates, x, repeats):
+    """``{label: (fwd, fwd+bwd, fwd+bwd first layer)}`` seconds, torch's layer under ``None``;
+    every layer timed interleaved with the others."""
+    layers = {None: torch_layer, **dict(candidates)}
+    with torch.no_grad():
+        fwd = interleaved({k: (lambda m=m: m(x)) for k, m in layers.items()}, repeats)
+    inner = x.detach().requires_grad_(True)
+    bwd = interleaved({k: _forward_backward(m, inner) for k, m in layers.items()}, repeats)
+    first = interleaved({k: _forward_backward(m, x) for k, m in layers.items()}, repeats)
+    return {k: (fwd[k], bwd[k], first[k]) for k in layers}
+
+
+HEADER = ["fwd ms", "fwd / {0}", "fwd+bwd ms", "fwd+bwd / {0}", "first layer fwd+bwd / {0}"]
+
+
+def _rows(first_cell, torch_name, candidates, times, x, label_of):
+    fwd0, bwd0, first0 = times[None]
+    rows = [[first_cell, torch_name, "-", f"{fwd0 * 1e3:.1f}", "1.00", f"{bwd0 * 1e3:.1f}", "1.00", "1.00"]]
+    for label, layer in candidates:
+        fwd, bwd, first = times[label]
+        rows.append(["", label_of(label, layer), layer.choose_path(tuple(x.shape)), f"{fwd * 1e3:.1f}",
+                     f"{fwd / fwd0:.2f}", f"{bwd * 1e3:.1f}", f"{bwd / bwd0:.2f}", f"{first / first0:.2f}"])
+    return rows
 
 
 def layer_table(shapes, batch, repeats):
@@ -50,20 +85,10 @@ def layer_table(shapes, batch, repeats):
         x = torch.randn(batch, channels, size, size)
         conv = nn.Conv2d(channels, channels, 3, padding=1)
         candidates = [("full", SVDConv.from_conv2d(conv)), ("c/4", SVDConv(channels, channels, 3, padding=1, rank=channels // 4))]
-        with torch.no_grad():
-            base_fwd = median_seconds(lambda: conv(x), repeats)
-        base_bwd = median_seconds(_forward_backward(conv, x), repeats)
-        rows.append([f"{channels}x{size}x{size}", "Conv2d", "-", f"{base_fwd * 1e3:.1f}", "1.00", f"{base_bwd * 1e3:.1f}", "1.00"])
-        for label, layer in candidates:
-            path = layer.choose_path(tuple(x.shape))
-            with torch.no_grad():
-                fwd = median_seconds(lambda: layer(x), repeats)
-            bwd = median_seconds(_forward_backward(layer, x), repeats)
-            rows.append([
-                "", f"SVDConv r={label} {layer.ranks[0]}", path, f"{fwd * 1e3:.1f}", f"{fwd / base_fwd:.2f}",
-                f"{bwd * 1e3:.1f}", f"{bwd / base_bwd:.2f}",
-            ])
-    header = ["input (c x n x n)", "layer", "auto path", "fwd ms", "fwd / Conv2d", "fwd+bwd ms", "fwd+bwd / Conv2d"]
+        times = _time_against_torch(conv, candidates, x, repeats)
+        rows += _rows(f"{channels}x{size}x{size}", "Conv2d", candidates, times, x,
+                      lambda label, layer: f"SVDConv r={label} {layer.ranks[0]}")
+    header = ["input (c x n x n)", "layer", "auto path"] + [h.format("Conv2d") for h in HEADER]
     return markdown_table(header, rows)
 
 
@@ -75,19 +100,10 @@ def nd_table(shapes, batch, repeats):
         conv = torch_class(channels, channels, kernel, stride=stride, padding=padding)
         candidates = [("full", svd_class.from_conv(conv)),
                       ("c/4", svd_class(channels, channels, kernel, stride=stride, padding=padding, rank=channels // 4))]
-        with torch.no_grad():
-            base_fwd = median_seconds(lambda: conv(x), repeats)
-        base_bwd = median_seconds(_forward_backward(conv, x), repeats)
-        shape = f"{channels}x{'x'.join(map(str, size))}"
-        rows.append([shape, torch_class.__name__, "-", f"{base_fwd * 1e3:.1f}", "1.00", f"{base_bwd * 1e3:.1f}", "1.00"])
-        for label, layer in candidates:
-            path = layer.choose_path(tuple(x.shape))
-            with torch.no_grad():
-                fwd = median_seconds(lambda: layer(x), repeats)
-            bwd = median_seconds(_forward_backward(layer, x), repeats)
-            rows.append(["", f"{svd_class.__name__} r={label} {layer.ranks[0]}", path, f"{fwd * 1e3:.1f}",
-                         f"{fwd / base_fwd:.2f}", f"{bwd * 1e3:.1f}", f"{bwd / base_bwd:.2f}"])
-    header = ["input (c x size)", "layer", "auto path", "fwd ms", "fwd / torch", "fwd+bwd ms", "fwd+bwd / torch"]
+        times = _time_against_torch(conv, candidates, x, repeats)
+        rows += _rows(f"{channels}x{'x'.join(map(str, size))}", torch_class.__name__, candidates, times, x,
+                      lambda label, layer: f"{svd_class.__name__} r={label} {layer.ranks[0]}")
+    header = ["input (c x size)", "layer", "auto path"] + [h.format("torch") for h in HEADER]
     return markdown_table(header, rows)
 
 
