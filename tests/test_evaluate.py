@@ -326,6 +326,10 @@ def test_certified_accuracy_on_a_hand_built_net():
         assert ev.certified_accuracy(model, loader, 6.0, eps) == pytest.approx(expected / 5), eps
     # Linf radius eps certifies when the L2 radius exceeds sqrt(d) eps (d = 2 inputs here).
     assert ev.certified_accuracy(model, loader, 6.0, 0.3 / math.sqrt(2), norm="linf") == pytest.approx(2 / 5)
+    # radii 0.354, 0.589, 0.0825, 0.118, 0: at eps=0.07 the Linf ball needs L2 radius 0.099 (3 certified),
+    # at 0.1 it needs 0.141 (2), where the L2 ball of the same eps certifies 3.
+    for eps, expected in ((0.07, 3), (0.1, 2), (0.2, 2), (0.3, 1)):
+        assert ev.certified_accuracy(model, loader, 6.0, eps, norm="linf") == pytest.approx(expected / 5), eps
     # A certificate is never broken by an attack.
     for eps in (0.1, 0.3):
         assert ev.attack_accuracy(model, loader, eps, norm="l2", steps=20, restarts=3) >= \
