@@ -333,8 +333,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "product_printed_for_any_model", "ttconv/report.py",
-        "        return self.lipschitz_upper_bound if self.chain else None",
-        "        return self.lipschitz_upper_bound",
+        "        return self.upper_bound_product if self.chain else None",
+        "        return self.upper_bound_product",
         ("tests/test_report_coverage.py::test_a_residual_model_gets_no_unlabelled_product",),
         "the product of layer bounds is returned as a Lipschitz bound for a non-sequential model",
     ),

@@ -305,5 +305,5 @@ def test_report_lipschitz_product_bounds_a_sequential_chain():
         n = (5, 6)
         linear = nn.Sequential(model[0], model[2])  # ReLU is 1-Lipschitz: bound the linear chain
         truth = float(torch.linalg.matrix_norm(operator_matrix(linear, (2, *n)), 2))
-        product = spectral_report(model, torch.zeros(1, 2, *n, dtype=torch.float64)).lipschitz_upper_bound
+        product = spectral_report(model, torch.zeros(1, 2, *n, dtype=torch.float64)).upper_bound_product
         assert product >= truth * (1 - 1e-9), padding_mode

@@ -127,7 +127,7 @@ def test_layout_analyses_the_model_kernels_only(trained, layout, tmp_path):
     for row, (exact, upper) in zip(payload["layers"], expected):
         assert row["exact"] == pytest.approx(exact, rel=1e-9)
         assert row["upper_bound"] == pytest.approx(upper, rel=1e-9)
-    assert payload["lipschitz_upper_bound_sequential"] == pytest.approx(math.prod(u for _, u in expected), rel=1e-9)
+    assert payload["upper_bound_product"] == pytest.approx(math.prod(u for _, u in expected), rel=1e-9)
 
 
 def test_skipped_tensors_are_listed_in_the_table(trained, tmp_path):
@@ -138,7 +138,7 @@ def test_skipped_tensors_are_listed_in_the_table(trained, tmp_path):
     for words in ("optimizer state", "EMA", "images", "optimizer.state.0.exp_avg_sq"):
         assert words in table
     # The size-independent product is the clean model's, not one inflated by moments, EMA and images.
-    assert report.lipschitz_upper_bound == pytest.approx(state_dict_report(trained[0].state_dict()).lipschitz_upper_bound)
+    assert report.upper_bound_product == pytest.approx(state_dict_report(trained[0].state_dict()).upper_bound_product)
 
 
 def test_an_ema_copy_alone_is_analysed(trained):

@@ -140,7 +140,7 @@ def test_all_zero_and_empty_kernels(tmp_path):
         values = [v for k, v in rows["zero"].items() if k in ("exact", "fantastic_four", "gram", "power_estimate",
                                                                  "upper_bound")]
         assert all(v is None or v == 0.0 for v in values) and rows["zero"]["upper_bound"] == 0.0
-        assert payload["lipschitz_upper_bound_sequential"] == 0.0
+        assert payload["upper_bound_product"] == 0.0
         reasons = {s["key"]: s["reason"] for s in payload["skipped"]}
         assert set(reasons) == {"empty.weight", "nan.weight"}
         assert "empty" in reasons["empty.weight"] and "NaN" in reasons["nan.weight"]
@@ -164,15 +164,15 @@ def test_json_is_strict_when_bounds_overflow(tmp_path):
     assert rows["big"]["upper_bound"] > 1e200 and rows["big"]["exact"] > 1e200
     assert rows["huge"]["upper_bound"] is None and "upper_bound" in rows["huge"]["note"]
     assert "written as null" in rows["huge"]["note"] and "overflows" in rows["huge"]["note"]
-    assert payload["lipschitz_upper_bound_sequential"] is None
-    assert "written as null" in payload["lipschitz_upper_bound_note"]
+    assert payload["upper_bound_product"] is None
+    assert "written as null" in payload["upper_bound_product_note"]
     # Without the huge layer the product (~1e401) still overflows: its log10 is given.
     del_path = tmp_path / "big.pt"
     torch.save({"big.weight": w * 1e200, "big2.weight": w * 1e200}, del_path)
     code, out, _ = _run("check", str(del_path), "--json")
     payload = json.loads(out, parse_constant=_reject)
     expected = sum(math.log10(row["upper_bound"]) for row in payload["layers"])
-    assert f"log10 of the product = {expected:.2f}" in payload["lipschitz_upper_bound_note"]
+    assert f"log10 of the product = {expected:.2f}" in payload["upper_bound_product_note"]
 
 
 # ---------------------------------------------------------------- arguments
@@ -275,7 +275,7 @@ def test_a_layer_whose_cheapest_bound_does_not_fit_is_listed_as_skipped(state):
     code, out, err = _run("check", state[0], "--json", "--max-memory", "1kB")
     assert code == 0, err
     payload = json.loads(out)
-    assert payload["layers"] == [] and payload["lipschitz_upper_bound_sequential"] is None
+    assert payload["layers"] == [] and payload["upper_bound_product"] is None
     assert [s["key"] for s in payload["skipped"]] == ["0", "2"]
     assert all("even the size-independent bounds need about" in s["reason"] for s in payload["skipped"])
     code, out, _ = _run("check", state[0], "--max-memory", "1kB")

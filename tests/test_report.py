@@ -45,7 +45,7 @@ def test_report_rows_sizes_and_values():
         assert row["gram"] >= exact * (1 - 1e-12) and row["fantastic_four"] >= exact * (1 - 1e-12)
         assert row["power_estimate"] <= real * (1 + 1e-10) <= row["upper_bound"] * (1 + 1e-10)
         assert row["seconds"] > 0
-    assert report.lipschitz_upper_bound == pytest.approx(
+    assert report.upper_bound_product == pytest.approx(
         rows[0]["upper_bound"] * rows[1]["upper_bound"] * rows[2]["upper_bound"] * rows[3]["upper_bound"])
     # torch.relu and the mean in forward are outside any module: not a verified chain.
     assert not report.chain and report.lipschitz_bound is None
@@ -76,7 +76,7 @@ def test_report_formats():
         assert line[column_ends[2] - 1] != " " and line[column_ends[3] - 1] != " ", line  # shape, stride columns
     assert "NOT A LIPSCHITZ BOUND FOR THIS MODEL" in table
     payload = json.loads(report.to_json())
-    assert len(payload["layers"]) == 4 and payload["lipschitz_upper_bound_sequential"] > 0
+    assert len(payload["layers"]) == 4 and payload["upper_bound_product"] > 0
     assert payload["lipschitz_chain_verified"] is False and "previous layer" in payload["lipschitz_chain_note"]
     csv_lines = report.to_csv().strip().splitlines()
     assert csv_lines[0].startswith("name,kind,shape") and len(csv_lines) == 5
@@ -109,7 +109,7 @@ def test_plot(tmp_path):
 def test_empty_model_and_bad_inputs():
     report = spectral_report(nn.Sequential(nn.ReLU(), nn.GroupNorm(1, 3)), torch.randn(1, 3, 5))
     assert len(report) == 0 and "no layer with a spectral norm" in str(report)
-    assert report.lipschitz_upper_bound is None and [s.key for s in report.skipped] == ["1"]
+    assert report.upper_bound_product is None and [s.key for s in report.skipped] == ["1"]
     with pytest.raises(ValueError, match="example_input could not be run"):
         spectral_report(Net(), torch.randn(1, 5, 8, 8))
     with pytest.raises(TypeError, match="model must be an nn.Module"):
@@ -238,15 +238,15 @@ def test_strict_json_for_non_finite_values():
     assert first["fantastic_four"] is None and first["upper_bound"] is None
     assert "fantastic_four, upper_bound are +inf, written as null" in first["note"]
     assert second["gram"] is None and "gram is NaN, written as null" in second["note"]
-    assert payload["lipschitz_upper_bound_sequential"] is None
-    assert "a per-layer bound is itself not finite" in payload["lipschitz_upper_bound_note"]
+    assert payload["upper_bound_product"] is None
+    assert "a per-layer bound is itself not finite" in payload["upper_bound_product_note"]
     assert json.loads(report.to_json(allow_nan=True), parse_constant=reject)  # allow_nan cannot be turned on
 
 
 def test_zero_upper_bound_makes_the_product_zero_even_with_an_overflow():
     report = spectral_report(nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3)))
     report.layers[0].upper_bound, report.layers[1].upper_bound = 0.0, float("inf")
-    assert report.lipschitz_upper_bound == 0.0
+    assert report.upper_bound_product == 0.0
 
 
 def test_columns_say_which_operator_they_describe():

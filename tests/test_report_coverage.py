@@ -194,7 +194,7 @@ def test_a_plain_chain_is_verified_and_its_product_bounds_it():
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
     for report in (spectral_report(model, x), spectral_report(model)):
         assert report.chain, report.chain_note
-        assert report.lipschitz_bound == report.lipschitz_upper_bound
+        assert report.lipschitz_bound == report.upper_bound_product
         assert "Lipschitz upper bound of the model" in str(report) and "NOT A" not in str(report)
     # Empirical check of the bound on the model itself (ReLU, max pool and flatten are 1-Lipschitz).
     bound = spectral_report(model, x).lipschitz_bound
@@ -229,7 +229,7 @@ def test_a_residual_model_gets_no_unlabelled_product(inplace):
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     report = spectral_report(model, x)
     truth = _top(operator_matrix(lambda z: model.conv(z) - model.conv.bias[:, None, None] + z, (2, 5, 5)))
-    assert report.lipschitz_upper_bound < 0.5 * truth  # what a silent product would claim
+    assert report.upper_bound_product < 0.5 * truth  # what a silent product would claim
     assert not report.chain and report.lipschitz_bound is None
     table = str(report)
     assert "NOT A LIPSCHITZ BOUND FOR THIS MODEL" in table and "Lipschitz upper bound of the model" not in table

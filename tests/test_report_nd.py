@@ -300,7 +300,7 @@ def test_3d_residual_model_gets_the_loud_label():
     assert [row.input_size for row in report.layers] == [(4, 4, 4), None, (4, 4, 4)]
     assert not report.chain and report.lipschitz_bound is None
     assert "NOT A LIPSCHITZ BOUND FOR THIS MODEL" in str(report)
-    assert report.lipschitz_upper_bound == pytest.approx(math.prod(r.upper_bound for r in report.layers))
+    assert report.upper_bound_product == pytest.approx(math.prod(r.upper_bound for r in report.layers))
 
 
 def test_without_an_example_input_3d_and_transposed_rows_are_size_independent():

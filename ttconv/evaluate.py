@@ -729,7 +729,7 @@ def certified_accuracy(model: nn.Module, loader: Loader, lipschitz: float, eps: 
     loader : iterable of (inputs, labels)
     lipschitz : float
         Upper bound ``L`` of the model's L2 Lipschitz constant, e.g. ``lipschitz_bound``
-        for a plain chain (or ``spectral_report(...).lipschitz_upper_bound``, which also is a
+        for a plain chain (or ``spectral_report(...).upper_bound_product``, which also is a
         bound for plain chains of convs and 1-Lipschitz activations only).
     eps : float
         Radius, >= 0; at ``eps=0`` this is the accuracy of strictly correct predictions.

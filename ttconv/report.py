@@ -230,7 +230,7 @@ class SpectralReport:
         return len(self.layers)
 
     @property
-    def lipschitz_upper_bound(self) -> Optional[float]:
+    def upper_bound_product(self) -> Optional[float]:
         """Product of the per-layer upper bounds, whether or not it bounds the model.
 
         A Lipschitz upper bound only for a plain chain of these layers with 1-Lipschitz
@@ -250,7 +250,7 @@ class SpectralReport:
     def lipschitz_bound(self) -> Optional[float]:
         """The product of upper bounds when the model was verified to be a plain chain
         (``chain``; ``chain_note`` says how or why not), else None."""
-        return self.lipschitz_upper_bound if self.chain else None
+        return self.upper_bound_product if self.chain else None
 
     def to_dicts(self) -> List[Dict[str, Any]]:
         """One dict per layer (spectra excluded; floats as computed, ``inf``/``nan`` included)."""
@@ -266,7 +266,7 @@ class SpectralReport:
 
         A non-finite value (a bound that overflowed a float) is written as ``null`` and the
         row's ``note`` says which value it was and why; an overflowing product of bounds is
-        ``null`` with ``lipschitz_upper_bound_note`` giving its log10. Keyword arguments go
+        ``null`` with ``upper_bound_product_note`` giving its log10. Keyword arguments go
         to ``json.dumps`` (``allow_nan`` is always False).
         """
         rows = self.to_dicts()
@@ -281,23 +281,23 @@ class SpectralReport:
                        else "the value overflows a float (the kernel's entries are huge)")
                 extra = f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} {kind}, written as null: {why}"
                 row["note"] = f"{row['note']}; {extra}" if row["note"] else extra
-        product = self.lipschitz_upper_bound
+        product = self.upper_bound_product
         payload: Dict[str, Any] = {
             "message": self.message,
             "columns": COLUMN_OPERATORS,
             "kinds": KIND_NOTES,
             "layers": rows,
             "skipped": [{"key": s.key, "shape": list(s.shape), "reason": s.reason} for s in self.skipped],
-            "lipschitz_upper_bound_sequential": product,
+            "upper_bound_product": product,
             "lipschitz_chain_verified": self.chain,
             "lipschitz_chain_note": self.chain_note,
         }
         if product is not None and not math.isfinite(product):
-            payload["lipschitz_upper_bound_sequential"] = None
+            payload["upper_bound_product"] = None
             values = [layer.upper_bound for layer in self.layers]
             total = (math.fsum(math.log10(v) for v in values)
                      if all(math.isfinite(v) and v > 0 for v in values) else None)
-            payload["lipschitz_upper_bound_note"] = (
+            payload["upper_bound_product_note"] = (
                 f"the product is {_non_finite_name(product)}, written as null"
                 + (f": it overflows a float (log10 of the product = {total:.2f})" if total is not None
                    else ": a per-layer bound is itself not finite")
@@ -363,7 +363,7 @@ class SpectralReport:
         return "\n".join(lines)
 
     def _product_line(self) -> str:
-        product = self.lipschitz_upper_bound
+        product = self.upper_bound_product
         if self.chain:
             return (f"Lipschitz upper bound of the model: {product:.4g} (product of the 'upper own' column; "
                     f"{self.chain_note})")
@@ -761,7 +761,7 @@ def spectral_report(
     norms, embeddings, attention, custom modules with their own parameters...) is listed
     in ``report.skipped`` with the reason.
 
-    Lipschitz product: ``report.lipschitz_upper_bound`` multiplies the 'upper own' column;
+    Lipschitz product: ``report.upper_bound_product`` multiplies the 'upper own' column;
     it bounds the model's Lipschitz constant only when the model is a plain chain of the
     analysed layers and 1-Lipschitz maps. With an example input that is checked on the
     forward pass (every layer receives the previous layer's output unchanged, see
