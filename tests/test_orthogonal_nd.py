@@ -282,6 +282,18 @@ def test_dense_weight_with_v_folded_into_bcop_is_the_composed_factors(cls, rank)
     assert torch.allclose(layer._orthogonal_dense_weight().reshape(composed.shape), composed, rtol=0, atol=1e-13)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("cls", list(CLASSES))
+@pytest.mark.parametrize("path", ["dense", "factored", "auto"])
+def test_fx_symbolic_trace_and_jit_trace_compute_the_same(cls, path):
+    dims, _ = CLASSES[cls]
+    layer = cls(4, 6, 3, rank=(3, 2), core="orthogonal", path=path, dtype=torch.float64)
+    x = torch.randn(2, 4, *(5,) * dims, dtype=torch.float64)
+    expected = layer(x)
+    assert torch.allclose(torch.fx.symbolic_trace(layer)(x), expected, rtol=0, atol=1e-12)
+    assert torch.allclose(torch.jit.trace(layer, x)(x), expected, rtol=0, atol=1e-12)
+
+
 def test_bcop_inputs_fold_into_the_first_matrix():
     from ttconv.orthogonal import bcop_kernel, bcop_parameter_count, compose_kernels
 

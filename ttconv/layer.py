@@ -344,10 +344,12 @@ class _SVDConvNd(nn.Module):
         return weight.reshape(rows, cols // self.groups, *self.kernel_size)
 
     def _orthogonal_dense_weight(self) -> Tensor:
-        """``compose(*factors())`` for the orthogonal core, with ``V^T`` (and an input-side ``S``)
-        folded into BCOP's first matrix (``bcop_kernel(..., inputs=)``): one kernel product of
-        ``r^2 c k`` fewer than composing the core and then ``V``. Worth it when ``r_in`` is
-        near ``c_in/g`` (``dense_weight`` uses it from ``2 r_in >= c_in/g``)."""
+        """``compose(*factors())`` of the orthogonal core, as ``(g, A/g, B/g * taps)``.
+
+        ``V^T`` (and an input-side ``S``) fold into BCOP's first matrix
+        (``bcop_kernel(..., inputs=)``): one kernel product of ``r^2 c k`` fewer than composing
+        the core and then ``V``. Worth it when ``r_in`` is near ``c_in/g`` (``dense_weight``
+        uses it from ``2 r_in >= c_in/g``)."""
         g, (r_out, r_in) = self.groups, self.ranks
         U = orthonormal_basis(self.U.reshape(g, -1, r_out))
         V = orthonormal_basis(self.V.reshape(g, -1, r_in))
@@ -355,8 +357,7 @@ class _SVDConvNd(nn.Module):
         inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)
         kernel = bcop_kernel(self.core, self.kernel_size, inputs=inputs)[:, :r_out]  # (g, r_out, B/g, *k)
         outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, A/g, r_out)
-        weight = torch.einsum("goa,gab->gob", outputs, kernel.flatten(2))
-        return weight.reshape(-1, *kernel.shape[2:])
+        return torch.einsum("goa,gab->gob", outputs, kernel.flatten(2))  # (g, A/g, B/g * taps)
 
     @property
     def weight(self) -> Tensor:
