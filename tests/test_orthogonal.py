@@ -206,7 +206,7 @@ def test_lipschitz_network_is_empirically_1_lipschitz_and_certified():
     for layer in (m for m in net if isinstance(m, SVDConv)):
         certificate *= float(layer.factors().S.max())
     # The report's bound for an orthogonal layer is max(S): the product equals the certificate.
-    assert report.lipschitz_upper_bound == pytest.approx(certificate, rel=1e-6)
+    assert report.upper_bound_product == pytest.approx(certificate, rel=1e-6)
 
 
 def test_stride_two_spectrum_and_bad_arguments():
