@@ -136,6 +136,7 @@ _ENTRY_POINTS = [
      "mirror", ValueError),
     ("padding_mode_type", lambda **kw: bounds.fantastic_four_bound(torch.randn(2, 2, 3, 3), **kw), "padding_mode",
      None, TypeError),
+    ("ff_per_group", lambda **kw: bounds.fantastic_four_reshape_bounds(_conv(), **kw), "per_group", 1, TypeError),
     # control
     ("scale_cap", lambda **kw: ttconv.scale_to_spectral_norm_(_conv(), input_size=8, **kw), "max_singular_value",
      0.0, ValueError),
@@ -169,6 +170,11 @@ _ENTRY_POINTS = [
      math.nan, ValueError),
     ("convert_refine", lambda **kw: ttconv.convert(_model(), **kw), "refine", -1, ValueError),
     ("convert_refine_type", lambda **kw: ttconv.convert(_model(), **kw), "refine", 1.0, TypeError),
+    ("convert_inplace", lambda **kw: ttconv.convert(_model(), **kw), "inplace", "no", TypeError),
+    ("convert_return_report", lambda **kw: ttconv.convert(_model(), **kw), "return_report", 1, TypeError),
+    ("densify_inplace", lambda **kw: ttconv.densify(_model(), **kw), "inplace", None, TypeError),
+    ("load_converted_strict", lambda **kw: ttconv.load_converted(_model(), _model().state_dict(), **kw), "strict",
+     "False", TypeError),
     # report
     ("report_gram", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "gram_iters", 0, ValueError),
     ("report_power", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "power_iters", 2.5, TypeError),
@@ -181,7 +187,12 @@ _ENTRY_POINTS = [
      (8, 0), ValueError),
     ("state_dict_size_type", lambda **kw: ttconv.state_dict_report(_model().state_dict(), **kw), "input_size",
      8.0, TypeError),
+    ("report_keep_spectra", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "keep_spectra", "yes",
+     TypeError),
+    ("state_dict_keep_spectra", lambda **kw: ttconv.state_dict_report(_model().state_dict(), **kw), "keep_spectra",
+     None, TypeError),
     # evaluate
+    ("pgd_random_start", lambda **kw: ev.pgd(_model(), *_loader()[0], 0.1, **kw), "random_start", 0, TypeError),
     ("attack", lambda **kw: ev.attack_accuracy(_model(), _loader(), 0.1, **kw), "attack", "cw", ValueError),
     ("attack_type", lambda **kw: ev.attack_accuracy(_model(), _loader(), 0.1, **kw), "attack", None, TypeError),
     ("attack_norm", lambda **kw: ev.attack_accuracy(_model(), _loader(), 0.1, **kw), "norm", "l1", ValueError),

@@ -309,6 +309,7 @@ def fantastic_four_reshape_bounds(
     """
     matrix_norm = _MATRIX_NORMS[args.choice(method, "method", _MATRIX_NORMS)]
     n_iter = args.positive_int(n_iter, "n_iter")
+    per_group = args.boolean(per_group, "per_group")
     spec = conv_spec(target, **geometry)
     k, scale = _grouped_kernel(spec, dilated=False)  # (g, o, i, *k)
     g = k.shape[0]

@@ -878,6 +878,8 @@ def convert(
         weights: reload its ``state_dict`` with ``load_converted``.
     """
     _check_arguments(rank, energy, param_budget, output_tolerance, example_input, refine)
+    inplace = args.boolean(inplace, "inplace")
+    return_report = args.boolean(return_report, "return_report")
     is_excluded = _excluded(exclude, "exclude")
     is_forced = _excluded(force, "force")
     progress = progress_callback(progress)
@@ -1011,6 +1013,7 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     nn.Module
         The model with only torch convs.
     """
+    inplace = args.boolean(inplace, "inplace")
     model = unwrap(model)
     if not inplace:
         model = _copy_model(model)
@@ -1129,6 +1132,7 @@ def load_converted(
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping (from model.state_dict()), got {type(state_dict).__name__}")
+    strict, inplace = args.boolean(strict, "strict"), args.boolean(inplace, "inplace")
     configs = _stored_configs(state_dict)
     model = unwrap(model)
     if not inplace:

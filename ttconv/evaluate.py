@@ -478,6 +478,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     eps, norm, clamp = _check_eps(eps), _check_norm(norm), _check_clamp(clamp)
     steps = args.positive_int(steps, "steps", "gradient steps per restart")
     restarts = args.positive_int(restarts, "restarts", "independent attack runs")
+    random_start = args.boolean(random_start, "random_start")
     alpha = 2.5 * eps / steps if step_size is None else _check_eps(step_size, "step_size")
     x = x.detach()
     if eps == 0:

@@ -810,6 +810,7 @@ def spectral_report(
     True
     """
     _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
+    keep_spectra = args.boolean(keep_spectra, "keep_spectra")
     max_memory = _check_max_memory(max_memory)
     layers, skipped_modules = find_layers(model)
     skipped: List[SkippedTensor] = [SkippedTensor(name, shape, reason) for name, shape, reason in skipped_modules]
@@ -1231,6 +1232,7 @@ def state_dict_report(
         argument.
     """
     _check_iters(gram_iters=gram_iters, power_iters=power_iters, spatial_iters=spatial_iters)
+    keep_spectra = args.boolean(keep_spectra, "keep_spectra")
     max_memory = _check_max_memory(max_memory)
     if input_size is not None:
         expected = ("a tuple of 1, 2 or 3 positive ints (L), (H, W) or (D, H, W), one per spatial axis of the "
