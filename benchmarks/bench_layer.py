@@ -17,6 +17,7 @@ the factored path still needs it for its core conv (math in
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -41,7 +42,11 @@ ND_QUICK = [
 ]
 
 RESNET_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (channels, spatial size), 3x3 convs
-SPECTRUM_SHAPES = [(256, 16), (256, 32), (512, 16), (512, 32)]  # (channels, n), rank c/4
+# (layer class, channels, input size), rank c/4, kernel 3 (5 in 1-D)
+SPECTRUM_SHAPES = [(SVDConv, 256, (16, 16)), (SVDConv, 256, (32, 32)), (SVDConv, 512, (16, 16)),
+                   (SVDConv, 512, (32, 32)), (SVDConv1d, 256, (1024,)), (SVDConv1d, 512, (512,)),
+                   (SVDConv3d, 64, (8, 8, 8)), (SVDConv3d, 128, (8, 8, 8))]
+SPECTRUM_QUICK = [(SVDConv, 16, (8, 8)), (SVDConv1d, 16, (16,)), (SVDConv3d, 8, (4, 4, 4))]
 
 
 def _forward_backward(module, x):
@@ -113,11 +118,12 @@ def spectrum_table(shapes, repeats):
     same batch of ``r x r`` ones (the SVDs are ~85% of either method; the FLOP ratio
     ``(c/r)^3 = 64`` assumes equal efficiency, which small matrices do not get)."""
     rows = []
-    for channels, n in shapes:
+    for cls, channels, n in shapes:
         rank = channels // 4
-        layer = SVDConv(channels, channels, 3, padding=1, rank=rank)
+        kernel = 5 if len(n) == 1 else 3
+        layer = cls(channels, channels, kernel, padding=kernel // 2, rank=rank)
         weight = layer.dense_weight().detach()
-        batch = n * (n // 2 + 1)
+        batch = math.prod(n[:-1]) * (n[-1] // 2 + 1)
         small = torch.randn(batch, rank, rank, dtype=torch.complex64)
         large = torch.randn(batch, channels, channels, dtype=torch.complex64)
         with torch.no_grad():
@@ -126,10 +132,10 @@ def spectrum_table(shapes, repeats):
                                  "svd r": lambda: torch.linalg.svdvals(small),
                                  "svd c": lambda: torch.linalg.svdvals(large)}, repeats, warmup=1)
             diff = float((layer.singular_values(n) - conv_singular_values(weight, n)).abs().max())
-        rows.append([str(channels), str(rank), str(n), f"{times['core'] * 1e3:.1f}", f"{times['dense'] * 1e3:.1f}",
+        rows.append([cls.__name__, str(channels), str(rank), "x".join(map(str, n)), f"{times['core'] * 1e3:.1f}", f"{times['dense'] * 1e3:.1f}",
                      f"{times['dense'] / times['core']:.1f}x", f"{times['svd c'] / times['svd r']:.1f}x",
                      f"{diff:.1e}"])
-    header = ["c", "r", "n", "core (SVDConv) ms", "dense FFT ms", "speed-up", "LAPACK limit (svdvals c / r)",
+    header = ["layer", "c", "r", "n", "core ms", "dense FFT ms", "speed-up", "LAPACK limit (svdvals c / r)",
               "max abs diff"]
     return markdown_table(header, rows)
 
@@ -140,7 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     options = parser.parse_args(argv)
     if options.quick:
-        layers, spectra, batch, repeats, nd = [(16, 8)], [(16, 8)], 2, 1, ND_QUICK
+        layers, spectra, batch, repeats, nd = [(16, 8)], SPECTRUM_QUICK, 2, 1, ND_QUICK
     else:
         layers, spectra, batch, repeats, nd = RESNET_SHAPES, SPECTRUM_SHAPES, options.batch, 5, ND_SHAPES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, 3x3 convs, padding 1\n")
