@@ -166,6 +166,8 @@ def test_non_square_ranks_both_ways_and_the_refused_case(cls):
         with pytest.raises(ValueError, match=r"needs rank\[0\] <= rank\[1\]"):
             cls(4, 4, 3, stride=(1,) * (dims - 1) + (2,), rank=(4, 2), core="orthogonal")
     assert cls(4, 4, 3, stride=2, rank=(2, 4), core="orthogonal").ranks == (2, 4)
+    with pytest.raises(ValueError, match=r"values must hold groups \* min\(r_out, r_in\) = 2 singular values"):
+        cls(4, 4, 3, rank=(2, 4), core="orthogonal").set_singular_values_(torch.ones(4))
     # rank=None or an int: square, as large as both channel counts allow (per group).
     assert cls(4, 6, 3, groups=2, core="orthogonal").ranks == (2, 2)
     assert cls(6, 4, 3, rank=5, core="orthogonal").ranks == (4, 4)

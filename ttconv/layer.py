@@ -314,7 +314,11 @@ class _SVDConvNd(nn.Module):
         if self.core_kind != "orthogonal":
             raise ValueError("set_singular_values_ needs core='orthogonal'; in the general form S are not "
                              "the layer's singular values (use ttconv.clip_singular_values_)")
-        values = torch.as_tensor(values, dtype=self.S.dtype, device=self.S.device).reshape(self.S.shape)
+        values = torch.as_tensor(values, dtype=self.S.dtype, device=self.S.device)
+        if values.numel() != self.S.numel():
+            raise ValueError(f"values must hold groups * min(r_out, r_in) = {self.S.numel()} singular values "
+                             f"(groups={self.groups}, ranks={self.ranks}), got shape {tuple(values.shape)}")
+        values = values.reshape(self.S.shape)
         if self.max_singular_value is None:
             self.S.copy_(values)
         else:
@@ -1000,9 +1004,13 @@ class SVDConv(_SVDConvNd):
         Output factor, orthonormal columns per group.
     S : Parameter ``(groups * r_out,)``
         Singular values of the unfolding ``W.reshape(out_channels/g, -1)`` per group, in
-        canonical form (after construction, conversion or ``canonicalize_``).
+        canonical form (after construction, conversion or ``canonicalize_``). With
+        ``core='orthogonal'``: ``(groups * min(r_out, r_in),)``, the layer's singular values
+        (raw values under ``max_singular_value``; ``effective_S()`` gives them).
     core : Parameter ``(groups * r_out, r_in, kh, kw)``
-        Middle core; its unfolding has orthonormal rows in canonical form.
+        Middle core; its unfolding has orthonormal rows in canonical form. With
+        ``core='orthogonal'``: the BCOP generators ``(groups, 1 + (kh - 1) + (kw - 1), r, r)``,
+        ``r = max(r_out, r_in)`` (``factors()`` gives the core they define).
     V : Parameter ``(in_channels, r_in)``
         Input factor, orthonormal columns per group.
     bias : Parameter ``(out_channels,)`` or None
