@@ -87,7 +87,7 @@ _TRANSPOSED_GEOMETRIES: List[Tuple[str, Dict[str, Any]]] = [
     ("k1", dict(kernel_size=1)),
 ]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_PATHS = ("dense", "factored", "auto")
+_PATHS = ("dense", "factored", "auto")  # 'auto' (one of the two, picked in Python) on the first geometry
 # Spatial sizes per dimension: a small input, and one with >= 2^14 positions at batch 2 (the
 # factored path then mixes channels by batched matmul, _functional.MATMUL_MIN_POSITIONS).
 _LARGE = {1: (8192,), 2: (96, 96), 3: (24, 24, 16)}
@@ -97,18 +97,20 @@ def _cases() -> List[Any]:
     cases = []
     for d in (1, 2, 3):
         for (name, geometry), mode, path in [(g, m, p) for g in _PLAIN_GEOMETRIES for m in _PADDING_MODES
-                                             for p in _PATHS if m == "zeros" or g[1].get("padding", 0)]:
+                                             for p in _PATHS if (m == "zeros" or g[1].get("padding", 0))
+                                             and (p != "auto" or g is _PLAIN_GEOMETRIES[0])]:
             cores = [("general", {})]
             if d == 2 and mode in ("zeros", "circular"):  # (its core and forward do not depend on the mode)
                 cores.append(("orthogonal", {}))
-                if path == "auto":
+                if path == "factored":
                     cores.append(("orthogonal-bounded", dict(max_singular_value=1.0)))
             for core, extra in cores:
                 kwargs = dict(geometry, padding_mode=mode, path=path, core=core.split("-")[0], **extra)
                 if core == "general":
                     kwargs["rank"] = 3
                 cases.append(pytest.param(d, False, kwargs, id=f"Conv{d}d-{name}-{mode}-{path}-{core}"))
-        for (name, geometry), path in [(g, p) for g in _TRANSPOSED_GEOMETRIES for p in _PATHS]:
+        for (name, geometry), path in [(g, p) for g in _TRANSPOSED_GEOMETRIES for p in _PATHS
+                                       if p != "auto" or g is _TRANSPOSED_GEOMETRIES[0]]:
             kwargs = dict(geometry, path=path, rank=3)
             cases.append(pytest.param(d, True, kwargs, id=f"ConvTranspose{d}d-{name}-{path}"))
     return cases
@@ -396,23 +398,48 @@ def _child_pytest(tmp_path, *options: str, environment: str) -> subprocess.Compl
 
 
 @pytest.mark.cpu_only
-def test_the_device_option_and_fixtures_in_a_child_run(tmp_path):
-    """The suite's device machinery end to end in child pytest runs of this conftest: the
-    option wins over the environment variable (and reaches the header), an unusable value
-    stops the run naming where it came from; with the session device overridden to meta,
-    factories follow it, ``cpu_only`` tests keep the CPU, and nothing leaks once a test ends."""
+def test_the_device_fixtures_in_a_child_run(tmp_path):
+    """The suite's device machinery end to end in a child pytest run of this conftest, with the
+    session device overridden to meta: factories follow it, ``cpu_only`` tests keep the CPU,
+    and nothing leaks once a test ends; the option wins over the environment variable and
+    reaches the header."""
     conftest = open(os.path.join(os.path.dirname(__file__), "conftest.py")).read()
-    (tmp_path / "conftest.py").write_text(conftest)
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cpu_only: keeps the CPU\n")
-    (tmp_path / "test_probe.py").write_text("def test_nothing():\n    pass\n")
-    refused = _child_pytest(tmp_path, environment="nonsense")
-    assert refused.returncode != 0 and "TTCONV_TEST_DEVICE='nonsense' is not a test device" in refused.stderr
-
     (tmp_path / "conftest.py").write_text(conftest + _META_SESSION)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cpu_only: keeps the CPU\n")
     (tmp_path / "test_probe.py").write_text(textwrap.dedent(_PROBE))
     run = _child_pytest(tmp_path, "--device", "cpu", environment="nonsense")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ttconv test device: cpu" in run.stdout and "3 passed" in run.stdout, run.stdout
+
+
+class _Config:
+    """The two things ``pytest_configure`` reads and writes."""
+
+    def __init__(self, option):
+        self.option, self.stash = option, {}
+
+    def getoption(self, name):
+        assert name == "--device"
+        return self.option
+
+
+@pytest.mark.cpu_only
+def test_the_option_wins_over_the_environment_variable(monkeypatch):
+    import conftest
+
+    monkeypatch.setenv("TTCONV_TEST_DEVICE", "nonsense")
+    with pytest.raises(pytest.UsageError, match="TTCONV_TEST_DEVICE='nonsense' is not a test device"):
+        conftest.pytest_configure(_Config(None))
+    config = _Config("cpu")
+    conftest.pytest_configure(config)
+    assert list(config.stash.values()) == [torch.device("cpu")]
+    monkeypatch.setenv("TTCONV_TEST_DEVICE", "cpu")
+    with pytest.raises(pytest.UsageError, match="--device='nonsense' is not a test device"):
+        conftest.pytest_configure(_Config("nonsense"))
+    monkeypatch.delenv("TTCONV_TEST_DEVICE")
+    config = _Config(None)
+    conftest.pytest_configure(config)
+    assert list(config.stash.values()) == [torch.device("cpu")]  # the default
 
 
 @pytest.mark.cpu_only
