@@ -135,11 +135,16 @@ def _grouped(t: Tensor, groups: int) -> Tensor:
 def compose(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int = 1) -> Tensor:
     """Dense kernel ``(c_out, c_in/groups, kh, kw)`` from TT factors (differentiable)."""
     kh, kw = core.shape[-2:]
-    scaled = (S[:, None, None, None] * core).reshape(groups, -1, core.shape[1], kh * kw)
-    # Contract the small core with V first, then with U: cost ~ r*c*k^2*(r + c).
-    with_v = torch.einsum("gabk,gib->gaik", scaled, _grouped(V, groups))
-    weight = torch.einsum("goa,gaik->goik", _grouped(U, groups), with_v)
-    return weight.reshape(U.shape[0], V.shape[0] // groups, kh, kw)
+    g, r_in, taps = groups, core.shape[1], kh * kw
+    r_out, out_g, in_g = core.shape[0] // g, U.shape[0] // g, V.shape[0] // g
+    # Two batched matmuls, the core with V first, then with U (cost ~ r c k^2 (r + c)): a
+    # fraction of einsum's dispatch on small kernels, where composing costs more than the
+    # convolution it feeds (the dense forward path composes on every call).
+    taps_last = core.reshape(g, r_out, r_in, taps).transpose(2, 3).reshape(g, r_out * taps, r_in)
+    with_v = torch.matmul(taps_last, V.reshape(g, in_g, r_in).transpose(1, 2))  # (g, r_out taps, in_g)
+    scaled_u = U.reshape(g, out_g, r_out) * S.reshape(g, 1, r_out)
+    weight = torch.matmul(scaled_u, with_v.reshape(g, r_out, taps * in_g))  # (g, out_g, taps in_g)
+    return weight.reshape(g * out_g, taps, in_g).transpose(1, 2).reshape(g * out_g, in_g, kh, kw)
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:
