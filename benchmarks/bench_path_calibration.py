@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
+from _timing import markdown_table  # noqa: E402
 from bench_real_shapes import PATH_CASES  # noqa: E402
 
 import ttconv  # noqa: E402
@@ -98,7 +99,7 @@ def measure(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     (the same block repeated in a model) reuses its timing."""
     rows: List[Dict[str, Any]] = []
     timed: Dict[str, Dict[str, float]] = {}
-    cases = PATH_CASES[:2] if quick else PATH_CASES
+    cases = [("mtcnn_rnet", None, (2,))] if quick else PATH_CASES
     for name, shape, batches in cases:
         for rank in (None, 0.25):
             for batch in batches:
@@ -183,7 +184,7 @@ def fit(path: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer (default 9; 1 quick)")
     parser.add_argument("--dump", metavar="JSON")
     parser.add_argument("--fit", metavar="JSON", help="search the cost model's constants on a dump")
     options = parser.parse_args(argv)
@@ -193,11 +194,17 @@ def main(argv=None) -> None:
         return
     load = open("/proc/loadavg").read().split()[0]
     start = time.perf_counter()
-    rows = measure(options.rounds, options.quick)
+    rows = measure(options.rounds or (1 if options.quick else 9), options.quick)
     if options.dump:
         with open(options.dump, "w") as handle:  # one row per line, times in seconds
             handle.write("[\n" + ",\n".join(json.dumps(row, separators=(",", ":")) for row in rows) + "\n]\n")
-    r = regret(rows, [build_layer(row) for row in rows])
+    layers = [build_layer(row) for row in rows]
+    totals = model_totals(rows, [choose(row, layer) for row, layer in zip(rows, layers)])
+    print(markdown_table(["model", "rank", "batch", "mode", "dense ms", "factored ms", "auto ms", "auto / best"],
+                         [[*map(str, key), f"{t['dense'] * 1e3:.2f}", f"{t['factored'] * 1e3:.2f}",
+                           f"{t['auto'] * 1e3:.2f}", f"{t['auto'] / min(t['dense'], t['factored']):.2f}"]
+                          for key, t in totals.items()]))
+    r = regret(rows, layers)
     print(f"load average at start {load}; {len(rows)} rows in {time.perf_counter() - start:.0f} s; auto's choices: "
           f"convs of a model within {r['model_worst']:.2f}x of the better fixed path, one layer at worst "
           f"{r['layer_worst']:.2f}x its faster path, {r['layers_over']} layers more than 10% over")
