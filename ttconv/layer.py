@@ -892,7 +892,8 @@ class _SVDConvNd(nn.Module):
         bits = struct.unpack("<q", struct.pack("<d", 0.0 if bound is None else float(bound)))[0]
         values = [_STATE_FORMAT, *self.ranks, _CORES.index(self.core_kind), int(bound is not None), bits,
                   _PATHS.index(self.path)]
-        return torch.tensor(values, dtype=torch.int64)
+        # On the CPU whatever torch's default device: configuration, not data for a kernel.
+        return torch.tensor(values, dtype=torch.int64, device="cpu")
 
     def set_extra_state(self, state: Any) -> None:
         """Check a stored configuration against this layer; ``RuntimeError`` if it differs."""
