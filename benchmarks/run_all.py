@@ -35,6 +35,11 @@ SECTIONS = [  # (heading, script, blurb)
      "MTCNN-, MobileNet-v3- and OCR-like layer shapes at ranks full/0.5/0.25, batch 1 and 16, eval forward and "
      "forward+backward: both fixed paths and 'auto' timed interleaved (fastest of rounds); choice / best is the "
      "time of the path auto chose over the faster one."),
+    ("Forward path choice on whole models: calibration", "benchmarks/bench_path_calibration.py",
+     "Both paths timed on every conv of the real-shape models (MTCNN, MobileNet-v3-Small, PP-OCR rec/cls), each on "
+     "the input it sees in its model, inference and a training step (inputs requiring grad as in training): the "
+     "convs' total per model on each fixed path and on the paths 'auto' picks. The rows are "
+     "tests/data/path_timings.json, which tests/test_forward_path.py holds 'auto' to."),
     ("Orthonormality: drift and cost", "benchmarks/bench_orthonormality.py",
      "Why U and V are kept orthonormal by a retraction outside forward (design.md)."),
     ("Bounds: time and tightness on ResNet-18-shaped layers", "benchmarks/bench_bounds.py",
