@@ -161,8 +161,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "path_costs_no_elements", "ttconv/_forward_paths.py",
-        "COST_PER_ELEMENT = 32",
-        "COST_PER_ELEMENT = 0",
+        "INFERENCE = PathConstants(element=5, mixing_call=1_400_000, compose=50_000)",
+        "INFERENCE = PathConstants(element=0, mixing_call=1_400_000, compose=50_000)",
         ("tests/test_forward_path.py::test_auto_follows_the_cost_model_measured_on_the_forced_paths",),
         "the path cost model counts multiply-adds only (memory traffic ignored)",
     ),
@@ -407,6 +407,86 @@ MUTANTS: List[Mutant] = [
         "upper = ff_full * factor_any_size",
         ("tests/test_report.py::test_size_independent_upper_bound_is_the_smaller_of_ff_and_the_spatial_bound",),
         "the size-independent report row ignores the spatial Gram bound",
+    ),
+    # ------------------------------------------------------------ forward-path regimes
+    Mutant(
+        "auto_ignores_the_training_regime", "ttconv/_forward_paths.py",
+        "    backward = torch.is_grad_enabled() and (",
+        "    backward = False and (",
+        ("tests/test_forward_path.py::test_auto_models_the_backward_pass_when_the_call_will_be_differentiated",),
+        "`auto` models every call as inference, also when it will be differentiated",
+    ),
+    Mutant(
+        "backward_counts_the_first_input_gradient", "ttconv/_forward_paths.py",
+        "        if not input_requires_grad:",
+        "        if False:",
+        ("tests/test_forward_path.py::test_auto_models_the_backward_pass_when_the_call_will_be_differentiated",),
+        "the training cost counts an input gradient the first layer never computes",
+    ),
+    # ------------------------------------------------------------ orthogonal core, N-d
+    Mutant(
+        "skew_exp_backward_wrong_phase", "ttconv/orthogonal.py",
+        "        half_sum = (mu[..., :, None] + mu[..., None, :]) / 2",
+        "        half_sum = (mu[..., :, None] - mu[..., None, :]) / 2",
+        ("tests/test_orthogonal.py::test_skew_exp_backward_equals_torchs_matrix_exp_backward",),
+        "the eigen-based backward of the skew exponential uses the wrong phase",
+    ),
+    Mutant(
+        "bcop_block_not_complementary", "ttconv/orthogonal.py",
+        "    return F.pad(taps_first, pad_after) + F.pad(kernel - taps_first, pad_before)",
+        "    return F.pad(taps_first, pad_after) + F.pad(kernel, pad_before)",
+        ("tests/test_orthogonal.py::test_bcop_circular_operator_is_orthogonal_in_every_dimension",),
+        "a BCOP two-tap block is [P, I] instead of [P, I - P] (not orthogonal)",
+    ),
+    Mutant(
+        "orthogonal_input_side_scaling_wrong", "ttconv/layer.py",
+        "            core = core * S.reshape(g, 1, r_in, *(1,) * d)",
+        "            core = core * S.reshape(g, 1, r_in, *(1,) * d).abs().max()",
+        ("tests/test_orthogonal_nd.py::test_singular_values_are_exactly_s_on_the_explicit_operator",),
+        "an orthogonal core with r_out > r_in scales its inputs by max |S| instead of S",
+    ),
+    Mutant(
+        "orthogonal_spectrum_ignores_stride", "ttconv/layer.py",
+        "        positions = math.prod(n_i // s_i for n_i, s_i in zip(n, self.stride))",
+        "        positions = math.prod(n)",
+        ("tests/test_orthogonal_nd.py::test_singular_values_are_exactly_s_on_the_explicit_operator",),
+        "a strided orthogonal layer repeats |S| once per input position instead of per output position",
+    ),
+    Mutant(
+        "folded_dense_weight_drops_input_scaling", "ttconv/layer.py",
+        "        inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)",
+        "        inputs = V.mT  # (g, r_in, B/g)",
+        ("tests/test_orthogonal_nd.py::test_dense_weight_with_v_folded_into_bcop_is_the_composed_factors",),
+        "the orthogonal dense_weight with V folded into BCOP drops the input-side S",
+    ),
+    Mutant(
+        "hidden_cpu_scalar_in_forward", "ttconv/layer.py",
+        "        scaled_core = S[(...,) + (None,) * (d + 1)] * core",
+        "        scaled_core = S[(...,) + (None,) * (d + 1)] * core * torch.tensor(1.0)",
+        ("tests/test_device.py::test_forward_and_backward_on_meta_touch_no_host_tensor_and_no_host_value",),
+        "forward multiplies by a CPU scalar tensor (a host tensor inside forward: breaks on GPU)",
+    ),
+    # ------------------------------------------------------------ validation, attacks, tables
+    Mutant(
+        "bool_counts_as_int", "ttconv/_conv_args.py",
+        "    return isinstance(value, numbers.Integral) and not isinstance(value, bool)",
+        "    return isinstance(value, numbers.Integral)",
+        ("tests/test_validation.py::test_each_scalar_check_accepts_exactly_its_domain_and_raises_by_kind",),
+        "a bool passes as an int (rank=True would be rank 1)",
+    ),
+    Mutant(
+        "linf_certificate_drops_sqrt_d", "ttconv/evaluate.py",
+        '    "linf": _Ball(_linf_ascent, _linf_project, _linf_random_point, math.sqrt),',
+        '    "linf": _Ball(_linf_ascent, _linf_project, _linf_random_point, lambda dim: 1.0),',
+        ("tests/test_evaluate.py::test_certified_accuracy_on_a_hand_built_net",),
+        "the Linf certificate forgets the sqrt(d) between the Linf ball and its L2 ball (a false certificate)",
+    ),
+    Mutant(
+        "table_ignores_alignment", "ttconv/_table.py",
+        "    return cell.ljust(width) if align == LEFT else cell.rjust(width)",
+        "    return cell.ljust(width)",
+        ("tests/test_table.py::test_text_columns_line_up_and_every_cell_is_where_its_alignment_says",),
+        "the table renderer left-aligns every column",
     ),
 ]
 

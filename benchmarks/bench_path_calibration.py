@@ -18,7 +18,6 @@ Run at one thread: ``python benchmarks/bench_path_calibration.py --dump FILE``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -162,23 +161,29 @@ def regret(rows, layers) -> Dict[str, float]:
     return dict(model_worst=model_worst, layer_worst=worst, layers_over=over)
 
 
-def fit(path: str) -> None:
+def fit(path: str, samples: int = 3000, seed: int = 0) -> None:
+    """Random search (log-uniform) of each regime's ``PathConstants`` on a dump: the
+    constants that minimise the worst per-model ratio of ``auto`` to the better fixed path,
+    then the count of layers more than 10% over. Prints the best few per regime."""
+    import numpy as np
+
     rows = json.load(open(path))
     layers = [build_layer(r) for r in rows]
-    results = []
-    for element, call, compose, backward in itertools.product((4, 8, 12, 16, 24, 32),
-                                                              (10_000, 20_000, 50_000, 100_000, 200_000),
-                                                              (0.5, 0.75, 1, 1.5, 2, 4),
-                                                              (0, 2, 5, 10, 20, 40)):
-        _forward_paths.COST_PER_ELEMENT, _forward_paths.COST_PER_CALL, _forward_paths.COMPOSE_CALLS = (
-            element, call, compose)
-        _forward_paths.BACKWARD_ELEMENT_FACTOR = backward
-        for layer in layers:
-            layer.__dict__.pop("_auto_paths", None)
-        results.append(((element, call, compose, backward), regret(rows, layers)))
-    results.sort(key=lambda item: (item[1]["model_worst"], item[1]["layers_over"]))
-    for constants, r in results[:8]:
-        print(constants, {k: round(v, 3) for k, v in r.items()})
+    rng = np.random.default_rng(seed)
+    for regime, mode in (("INFERENCE", "fwd eval"), ("TRAINING", "fwd+bwd")):
+        chosen = [(row, layer) for row, layer in zip(rows, layers) if row["mode"] == mode]
+        results = []
+        for _ in range(samples):
+            element, mixing, compose = 10 ** rng.uniform(0, 2.5), 10 ** rng.uniform(4, 6.7), 10 ** rng.uniform(3.5, 6.5)
+            setattr(_forward_paths, regime, _forward_paths.PathConstants(round(element, 1), round(mixing, -3),
+                                                                          round(compose, -3)))
+            for _, layer in chosen:
+                layer.__dict__.pop("_auto_paths", None)
+            r = regret([row for row, _ in chosen], [layer for _, layer in chosen])
+            results.append(((round(r["model_worst"], 3), r["layers_over"]), getattr(_forward_paths, regime), r))
+        results.sort(key=lambda item: item[0])
+        for _, constants, r in results[:5]:
+            print(regime, constants, {k: round(v, 3) for k, v in r.items()})
 
 
 def main(argv=None) -> None:

@@ -35,6 +35,7 @@ class ConvRecorder(TorchFunctionMode):
         super().__init__()
         self.calls = []
         self.elements = 0
+        self.mixings = 0  # 1x1 stride-1 convs: channel mixings
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -44,6 +45,8 @@ class ConvRecorder(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             self.calls.append((name, result.numel() * math.prod(weight.shape[1:])))
             self.elements += args[0].numel() + result.numel()
+            stride = args[3] if len(args) > 3 else kwargs.get("stride", 1)
+            self.mixings += weight.shape[2:].numel() == 1 and stride in (1, (1,), (1, 1), (1, 1, 1))
         return result
 
     @property
@@ -82,7 +85,7 @@ CASES = {  # name: (SVDConv kwargs, input shape)
     "strided": (dict(in_channels=32, out_channels=32, kernel_size=3, stride=2, padding=1, rank=(24, 32)),
                 (4, 32, 32, 32)),
     "strided_low_rank": (dict(in_channels=32, out_channels=48, kernel_size=(3, 2), stride=2, padding=1,
-                              rank=(6, 4), padding_mode="reflect"), (2, 32, 20, 20)),
+                              rank=(6, 4), padding_mode="reflect"), (4, 32, 40, 40)),
 }
 
 
@@ -209,18 +212,20 @@ def test_choose_path_is_the_cost_model_and_forward_follows_it(name):
     assert len(recorder.calls) == (1 if layer.choose_path(tuple(x.shape)) == "dense" else 3)
 
 
-def _model_cost(layer, x, path):
+def _model_cost(layer, x, path, constants=None):
     """The cost model of ``path_costs``, with every count measured on the forced path: conv
-    multiply-adds, elements read and written, and calls (the dense path adds composing the
-    kernel: its multiply-adds and ``COMPOSE_CALLS`` calls)."""
+    multiply-adds, elements read and written, 1x1 mixing calls, and for the dense path
+    composing the kernel (its multiply-adds and the ``compose`` constant). Inference
+    constants unless others are given."""
+    constants = constants or _forward_paths.INFERENCE
     layer.path = path
     _, recorder = _run(layer, x)
-    calls = len(recorder.calls)
     macs = recorder.macs
+    cost = constants.element * recorder.elements + constants.mixing_call * recorder.mixings
     if path == "dense":
         macs += _compose_macs(layer)
-        calls += _forward_paths.COMPOSE_CALLS
-    return macs + _forward_paths.COST_PER_ELEMENT * recorder.elements + _forward_paths.COST_PER_CALL * calls, macs
+        cost += constants.compose
+    return macs + cost, macs
 
 
 GRID = [  # (in, out, kernel, stride, rank, input shape); all below MATMUL_MIN_POSITIONS
@@ -230,10 +235,11 @@ GRID = [  # (in, out, kernel, stride, rank, input shape); all below MATMUL_MIN_P
     for rank in (1, 0.25, None)
     for batch, n in ((1, 4), (1, 16), (4, 40))
 ] + [
-    # Thin layers on large maps: fewer multiply-adds factored, but the hidden maps cost more
-    # to write and read than the multiply-adds saved, so the model picks dense.
+    # Thin layers on large maps: fewer multiply-adds factored, but writing and reading the
+    # hidden maps and the two 1x1 mixing calls cost more than the multiply-adds saved, so
+    # the model picks dense.
     (3, 16, 3, 2, 4, (1, 3, 120, 120)), (8, 8, 1, 1, 4, (1, 8, 120, 120)), (32, 4, 3, 2, 4, (1, 32, 120, 120)),
-    (3, 10, 3, 1, 4, (2, 3, 90, 90)), (3, 16, 3, 1, 4, (1, 3, 120, 120)), (8, 8, 3, 1, 4, (1, 8, 120, 120)),
+    (3, 10, 3, 1, 4, (2, 3, 90, 90)), (3, 16, 3, 1, 4, (1, 3, 120, 120)), (4, 4, 3, 1, 2, (1, 4, 120, 120)),
 ]
 THIN = GRID[-6:]
 
@@ -259,7 +265,7 @@ def test_auto_follows_the_cost_model_measured_on_the_forced_paths():
         _, recorder = _run(layer, x)
         assert len(recorder.calls) == len(_run(_forced(layer, expected), x)[1].calls)
         disagreements += ("dense" if dense_macs <= factored_macs else "factored") != expected
-        if (c_in, c_out, k, s, rank, shape) in THIN:  # the element term decides (see GRID)
+        if (c_in, c_out, k, s, rank, shape) in THIN:  # the element and mixing terms decide (see GRID)
             assert expected == "dense" and factored_macs < dense_macs, (c_in, c_out, k, s, rank, shape)
     assert disagreements >= 3
 
@@ -289,28 +295,26 @@ def test_auto_remembers_its_choice_per_input_shape(monkeypatch):
 
 @pytest.mark.parametrize("input_requires_grad", [True, False])
 def test_auto_models_the_backward_pass_when_the_call_will_be_differentiated(input_requires_grad):
-    """Training: forward plus backward is three forwards, less the first operation's input
-    gradient when the input does not require grad (a model's first layer). A stem conv (3
+    """Training: the multiply-adds count three times (forward, input and weight gradients),
+    less the first operation's input gradient when the input does not require grad (a model's
+    first layer), and the training constants apply. A stem conv (3
     channels in, rank 1 on the input side, on a large image) is cheaper factored for
     inference, but in training without an input gradient the dense path skips its whole
     conv's input gradient, the factored path only a 3 -> 1 mixing: dense wins. Checked against
     the counts measured on the forced paths, and ``forward`` takes the path modelled for its
     regime (grad mode, parameters' and input's ``requires_grad``)."""
     torch.manual_seed(0)
-    layer = SVDConv(3, 16, 3, stride=2, padding=1, rank=(4, 1), dtype=torch.float64)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=input_requires_grad)  # < MATMUL_MIN_POSITIONS
+    layer = SVDConv(3, 16, 5, padding=2, rank=(16, 1), dtype=torch.float64)
+    x = torch.randn(1, 3, 120, 120, dtype=torch.float64, requires_grad=input_requires_grad)  # < MATMUL_MIN_POSITIONS
     shape = tuple(x.shape)
-    measured = {path: _model_cost(layer, x.detach(), path) for path in ("dense", "factored")}
+    measured = {path: _model_cost(layer, x.detach(), path, _forward_paths.TRAINING) for path in ("dense", "factored")}
     first = {"dense": measured["dense"][1] - _compose_macs(layer),  # the conv alone
-             "factored": 2 * 64 * 64 * 3 * 1}  # V^T: 3 -> 1 channel at input resolution
-    for path in measured:
-        modelled = layer.path_costs(shape, backward=True, input_requires_grad=input_requires_grad)
-        dense_or_factored = modelled[0] if path == "dense" else modelled[1]
-        elements = _run(_forced(layer, path), x.detach())[1].elements
-        expected = 3 * measured[path][0] + _forward_paths.BACKWARD_ELEMENT_FACTOR * _forward_paths.COST_PER_ELEMENT * elements
-        if not input_requires_grad:
-            expected -= first[path]
-        assert dense_or_factored == pytest.approx(expected, rel=1e-12)
+             "factored": 120 * 120 * 3 * 1}  # V^T: 3 -> 1 channel at input resolution
+    modelled = dict(zip(("dense", "factored"),
+                        layer.path_costs(shape, backward=True, input_requires_grad=input_requires_grad)))
+    for path, (cost, macs) in measured.items():
+        expected = 3 * macs + (cost - macs) - (0 if input_requires_grad else first[path])
+        assert modelled[path] == pytest.approx(expected, rel=1e-12)
     assert layer.choose_path(shape) == "factored"  # inference
     training = layer.choose_path(shape, backward=True, input_requires_grad=input_requires_grad)
     assert training == ("factored" if input_requires_grad else "dense")

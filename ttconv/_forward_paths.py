@@ -3,19 +3,25 @@
 An SVD conv can run ``'dense'`` (compose ``W = U diag(S) core V^T``, then one conv) or
 ``'factored'`` (three convs: ``V`` 1x1, the core, ``U`` 1x1; two channel mixings for a 1x1
 layer). Both compute the same function; which is faster depends on the ranks, the kernel
-and the input shape. The model adds, in multiply-add units: the multiply-adds of each path
-(``flop_costs``), ``COST_PER_ELEMENT`` per tensor element read or written
-(``path_elements``: maps with few channels are memory-bound) and ``COST_PER_CALL`` per
-operator call (composing the kernel counts as ``COMPOSE_CALLS`` calls: einsum dispatch
-dominates it for small kernels). When the call will be differentiated (grad
-mode on and the input or a parameter requires grad) the backward pass costs about twice
-the forward, for either path, except that the first operation needs no input gradient
-when the input does not require one (a model's first layer): the dense path then skips
-its whole conv's input gradient, the factored path only its first 1x1 mixing's. The
-constants are fitted on per-layer timings of both paths on every conv of the real-shape
-models (``benchmarks/bench_path_calibration.py``, one CPU thread), which
-``tests/test_forward_path.py`` holds the model to. Deterministic: nothing is timed at run
-time.
+and the input shape. The model adds, in multiply-add units:
+
+* the multiply-adds of each path (``flop_costs``);
+* ``element`` per tensor element read or written (``path_elements``: maps with few
+  channels are memory-bound);
+* ``mixing_call`` per 1x1 channel mixing (the factored path makes two, the dense path of a
+  1x1 layer one): on CPU a small 1x1 conv costs far more than its multiply-adds;
+* ``compose`` for composing the dense kernel (the dense path, on every call).
+
+Both paths run the same number of k x k convolutions, so their call overhead cancels.
+When the call will be differentiated (grad mode on and the input or a parameter requires
+grad) the multiply-adds count three times (forward, input and weight gradients), less the
+first operation's input gradient when the input does not require one (a model's first
+layer: the dense path then skips its whole conv's, the factored path only its first
+mixing's), and the training constants apply (backward through composing the kernel and
+through each mixing is several more calls). The constants are fitted on per-layer timings
+of both paths on every conv of the real-shape models (``benchmarks/bench_path_calibration.py
+--fit``, one CPU thread), which ``tests/test_forward_path.py`` holds the model to.
+Deterministic: nothing is timed at run time.
 
 Works on any object with the layer's geometry (``ranks``, ``groups``, ``kernel_size``,
 ``stride``, ``_dims``, ``_transposed``, ``_weight_channels()``, ``_output_size()``,
@@ -25,6 +31,7 @@ Works on any object with the layer's geometry (``ranks``, ``groups``, ``kernel_s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 import torch
@@ -32,12 +39,18 @@ from torch import Tensor
 
 from ._typing import ForwardPath
 
-COST_PER_ELEMENT = 32
-COST_PER_CALL = 300_000
-COMPOSE_CALLS = 6
-# Backward traffic per element read or written in the forward, in units of COST_PER_ELEMENT
-# (gradients of every map are written and read again; thin maps make it dominate).
-BACKWARD_ELEMENT_FACTOR = 2
+
+@dataclass(frozen=True)
+class PathConstants:
+    """Costs in multiply-add units: per tensor element, per 1x1 mixing call, for composing."""
+
+    element: float
+    mixing_call: float
+    compose: float
+
+
+INFERENCE = PathConstants(element=5, mixing_call=1_400_000, compose=50_000)
+TRAINING = PathConstants(element=24, mixing_call=1_500_000, compose=50_000)
 
 _CACHE_SIZE = 64
 
@@ -104,19 +117,19 @@ def _first_operation_macs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int
 def path_costs(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
                input_requires_grad: bool = True) -> Tuple[float, float]:
     """Modelled cost of the ``(dense, factored)`` paths, in multiply-add units: the forward,
-    or with ``backward=True`` forward plus backward (three times the forward, less the first
-    operation's input gradient when ``input_requires_grad`` is false)."""
+    or with ``backward=True`` forward plus backward (three times the multiply-adds, less the
+    first operation's input gradient when ``input_requires_grad`` is false)."""
     dense_macs, factored_macs = flop_costs(layer, input_shape)
-    dense_elements, factored_elements = path_elements(layer, input_shape)
-    factored_calls = 2 if layer._is_pointwise() else 3
-    dense = dense_macs + COST_PER_ELEMENT * dense_elements + COST_PER_CALL * (1 + COMPOSE_CALLS)
-    factored = factored_macs + COST_PER_ELEMENT * factored_elements + COST_PER_CALL * factored_calls
     if backward:
-        extra = BACKWARD_ELEMENT_FACTOR * COST_PER_ELEMENT
-        dense, factored = 3 * dense + extra * dense_elements, 3 * factored + extra * factored_elements
+        dense_macs, factored_macs = 3 * dense_macs, 3 * factored_macs
         if not input_requires_grad:
             dense_first, factored_first = _first_operation_macs(layer, input_shape)
-            dense, factored = dense - dense_first, factored - factored_first
+            dense_macs, factored_macs = dense_macs - dense_first, factored_macs - factored_first
+    constants = TRAINING if backward else INFERENCE
+    dense_elements, factored_elements = path_elements(layer, input_shape)
+    dense_mixings = 1 if layer._is_pointwise() else 0
+    dense = dense_macs + constants.element * dense_elements + constants.mixing_call * dense_mixings + constants.compose
+    factored = factored_macs + constants.element * factored_elements + constants.mixing_call * 2
     return dense, factored
 
 
