@@ -203,11 +203,11 @@ MUTANTS: List[Mutant] = [
     ),
     # ---------------------------------------------------------------------- tt.py
     Mutant(
-        "approximation_error_one_unfolding", "ttconv/tt.py",
+        "relative_error_one_unfolding", "ttconv/tt.py",
         "discarded = float(sv_in[..., r_in:].pow(2).sum() + sv_out[..., r_out:].pow(2).sum())",
         "discarded = float(sv_out[..., r_out:].pow(2).sum())",
         ("tests/test_tt.py::test_truncation_error_is_reported_exactly_and_is_optimal_per_unfolding",),
-        "`approximation_error` leaves out the input-unfolding truncation",
+        "`relative_error` leaves out the input-unfolding truncation",
     ),
     # ----------------------------------------------------------------- control.py
     Mutant(

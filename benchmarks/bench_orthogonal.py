@@ -3,7 +3,7 @@
 Run: ``python benchmarks/bench_orthogonal.py`` (``--quick`` for a smoke run). Every layer of
 one input shape is timed in the same run, interleaved (``_timing.interleaved``), so a change
 of machine load hits each side of a ratio alike. Rows: 2-D (the Conv2d shapes) and one 1-D
-and one 3-D shape (``SVDConv1d`` / ``SVDConv3d`` with ``core='orthogonal'``).
+and one 3-D shape (``SVDConv1d`` / ``SVDConv3d`` with ``core_kind='orthogonal'``).
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def main(argv=None) -> None:
             dense.__name__: dense(channels, channels, 3, padding=1),
             f"{name} general r=c/4": svd(channels, channels, 3, padding=1, rank=channels // 4),
             f"{name} orthogonal r=c/4": svd(channels, channels, 3, padding=1, rank=channels // 4,
-                                            core="orthogonal", max_singular_value=1.0),
+                                            core_kind="orthogonal", max_singular_value=1.0),
             f"{name} general r=c": svd(channels, channels, 3, padding=1),
-            f"{name} orthogonal r=c": svd(channels, channels, 3, padding=1, core="orthogonal", max_singular_value=1.0),
+            f"{name} orthogonal r=c": svd(channels, channels, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0),
         }
         forward = interleaved({label: _forward(layer, x) for label, layer in layers.items()}, repeats)
         train = interleaved({label: _train_step(layer, x) for label, layer in layers.items()}, repeats)

@@ -135,11 +135,11 @@ def run(label: str, x_train: Tensor, x_test: Tensor, options) -> Dict[str, objec
             grids = [(layer, tuple(m * s for m, s in zip(size, layer.stride)))  # k = 2 p + s: output m * s
                      for _, layer, size in decoder_layers(model.decoder, code_example)]
         for layer, grid in grids:
-            cap = ExactNormCap(options.max_value, grid, layer.stride, layer.dilation)
+            cap = ExactNormCap(options.max_singular_value, grid, layer.stride, layer.dilation)
             nn.utils.parametrize.register_parametrization(layer, "weight", cap)
     elif label.startswith("SVDConvTranspose2d"):
         model.decoder = ttconv.convert(model.decoder)
-        control = ttconv.SpectralControl(model.decoder, options.max_value, every=options.every,
+        control = ttconv.SpectralControl(model.decoder, options.max_singular_value, every=options.every,
                                          mode=label.split(" + ")[1], example_input=code_example)
     seconds = train(model, x_train, epochs=options.epochs, lr=options.lr,
                     after_step=None if control is None else control.step)
@@ -158,14 +158,14 @@ def run(label: str, x_train: Tensor, x_test: Tensor, options) -> Dict[str, objec
         "seconds": seconds,
         "model": model,
         "code_example": code_example,
-        "max_value": options.max_value if control is not None or "cap" in label else None,
+        "max_singular_value": options.max_singular_value if control is not None or "cap" in label else None,
     }
 
 
 def main(argv=None) -> Dict[str, Dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--max-value", type=float, default=1.0, help="target spectral norm of every decoder layer")
+    parser.add_argument("--max-singular-value", type=float, default=1.0, help="target spectral norm of every decoder layer")
     parser.add_argument("--every", type=int, default=10, help="control period in optimizer steps")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--lipschitz-samples", type=int, default=360, help="test codes searched for ||J||")
@@ -176,7 +176,7 @@ def main(argv=None) -> Dict[str, Dict[str, object]]:
     x_train, _, x_test, _ = load_digits()
     results = {label: run(label, x_train, x_test, options) for label in MODELS}
     print(f"digits 16x16 autoencoder, code 2x4x4, decoder 3 transposed convs, {options.epochs} epochs, "
-          f"target spectral norm {options.max_value}, control every {options.every} steps\n")
+          f"target spectral norm {options.max_singular_value}, control every {options.every} steps\n")
     print("| decoder | test MSE | layer sigmas (exact, circular) | product of certified bounds "
           "| empirical Lipschitz | s/epoch |")
     print("|---|---:|---:|---:|---:|---:|")

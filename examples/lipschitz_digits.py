@@ -2,7 +2,7 @@
 
 Two networks of the same shape, trained the same way:
 
-* orthogonal: ``SVDConv(core='orthogonal', max_singular_value=1)`` layers, whose singular
+* orthogonal: ``SVDConv(core_kind='orthogonal', max_singular_value=1)`` layers, whose singular
   values are exactly their ``S`` and provably stay below 1 throughout training;
 * general + scale: general ``SVDConv`` layers whose spectral norm is scaled to 1 every 10
   steps by ``SpectralControl`` (certified with each layer's operator-norm bound).
@@ -47,7 +47,7 @@ class NormalizedLinear(nn.Linear):
 def lipschitz_cnn(core: str, width: int = 32) -> nn.Sequential:
     def conv(stride=1):
         if core == "orthogonal":
-            return ttconv.SVDConv(width, width, 3, stride=stride, padding=1, core="orthogonal", max_singular_value=1.0)
+            return ttconv.SVDConv(width, width, 3, stride=stride, padding=1, core_kind="orthogonal", max_singular_value=1.0)
         return ttconv.SVDConv(width, width, 3, stride=stride, padding=1)
 
     return nn.Sequential(

@@ -6,7 +6,7 @@ octaves (100-800 Hz), with random harmonic amplitudes (a random spectral tilt, h
 dropped at random, never the fundamental), random phases and white noise at 0-20 dB SNR; every
 waveform is scaled to unit RMS. A small CNN on the waveform (a wide strided first conv as in
 CREPE, dilated and strided convs after it, global average pooling, linear head) is trained
-five ways (3-5 at each target of ``--max-value``, 3 and 2 by default):
+five ways (3-5 at each target of ``--max-singular-value``, 3 and 2 by default):
 
 1. plain ``nn.Conv1d``;
 2. ``nn.Conv1d`` under ``torch.nn.utils.parametrizations.spectral_norm`` (the usual
@@ -14,7 +14,7 @@ five ways (3-5 at each target of ``--max-value``, 3 and 2 by default):
    which is not the convolution's operator norm);
 3. the same CNN converted to ``SVDConv1d`` (``ttconv.convert``) with
    ``SpectralControl(mode='clip_scale')`` every ``--every`` steps, for each target of
-   ``--max-value``;
+   ``--max-singular-value``;
 4. the same with ``mode='scale'``;
 5. plain ``nn.Conv1d`` whose weight is parametrized as ``W * min(1, target / sigma(W))``
    with ``sigma`` the exact circular norm (``ttconv.conv_spectral_norm``, differentiable):
@@ -174,7 +174,7 @@ def run(kind: str, data, options, max_singular_value: Optional[float] = None) ->
         "seconds": seconds,
         "model": model,
         "example": example,
-        "max_value": max_singular_value,
+        "max_singular_value": max_singular_value,
     }
 
 
@@ -184,7 +184,7 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
     parser.add_argument("--train", type=int, default=4000, help="training waveforms")
     parser.add_argument("--test", type=int, default=1000, help="test waveforms")
     parser.add_argument("--classes", type=int, default=12, help="pitch bins over three octaves")
-    parser.add_argument("--max-value", type=float, nargs="+", default=[3.0, 2.0],
+    parser.add_argument("--max-singular-value", type=float, nargs="+", default=[3.0, 2.0],
                         help="target spectral norms of every conv (one pair of controlled runs each)")
     parser.add_argument("--width", type=int, default=32, help="channels of the inner convs")
     parser.add_argument("--every", type=int, default=10, help="control period in optimizer steps")
@@ -195,19 +195,19 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
     options = parser.parse_args(argv)
     if options.quick:
         options.epochs, options.train, options.test, options.lipschitz_samples = 1, 512, 256, 32
-        options.width, options.max_value = 16, options.max_value[:1]
+        options.width, options.max_singular_value = 16, options.max_singular_value[:1]
     x_train, y_train = harmonic_tones(options.train, classes=options.classes, seed=0)
     x_test, y_test = harmonic_tones(options.test, classes=options.classes, seed=1)
     data = (x_train, y_train, x_test, y_test)
     results = {"Conv1d": run("plain", data, options),
                "Conv1d + torch spectral_norm": run("torch_sn", data, options)}
-    for target in options.max_value:
+    for target in options.max_singular_value:
         for mode in ("clip_scale", "scale"):
             results[f"SVDConv1d + {mode} {target:g}"] = run(mode, data, options, target)
         results[f"Conv1d + exact norm cap {target:g}"] = run("exact_cap", data, options, target)
     print(f"synthetic pitch, {options.classes} bins over 100-800 Hz, 512 samples at 8 kHz, {options.train} train / "
           f"{options.test} test waveforms, width {options.width}, {options.epochs} epochs, "
-          f"target spectral norms {', '.join(f'{t:g}' for t in options.max_value)}, "
+          f"target spectral norms {', '.join(f'{t:g}' for t in options.max_singular_value)}, "
           f"control every {options.every} steps, test noise RMS {options.noise}\n")
     print("| model | test acc | acc + noise | conv sigmas (exact, circular) | empirical Lipschitz | s/epoch |")
     print("|---|---:|---:|---:|---:|---:|")

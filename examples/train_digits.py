@@ -36,7 +36,7 @@ def largest_norm(model, example):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--max-value", type=float, default=4.0)
+    parser.add_argument("--max-singular-value", type=float, default=4.0)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--quick", action="store_true", help="one epoch (smoke test)")
@@ -52,14 +52,14 @@ def main(argv=None) -> None:
         if label != "Conv2d":
             model = ttconv.convert(model)
             mode = label.split(" + ")[1]
-            control = ttconv.SpectralControl(model, options.max_value, every=options.every, mode=mode,
+            control = ttconv.SpectralControl(model, options.max_singular_value, every=options.every, mode=mode,
                                              example_input=example)
             after_step = control.step
         result = train(model, data, epochs=epochs, lr=options.lr, after_step=after_step)
         if after_step is not None:
             control.apply()  # end on a control step
         rows.append((label, result["accuracy"], largest_norm(model, example), result["seconds_per_epoch"]))
-    print(f"digits 16x16, {epochs} epochs, target spectral norm {options.max_value}, control every {options.every} steps\n")
+    print(f"digits 16x16, {epochs} epochs, target spectral norm {options.max_singular_value}, control every {options.every} steps\n")
     print(f"{'model':<22}{'test acc':>10}{'max sigma':>11}{'s/epoch':>9}")
     for label, acc, sigma, seconds in rows:
         print(f"{label:<22}{acc:>10.3f}{sigma:>11.3f}{seconds:>9.2f}")

@@ -24,7 +24,7 @@ def model():
     return nn.Sequential(
         ttconv.SVDConv(3, 8, 3, padding=1, rank=4), nn.ReLU(),
         ttconv.SVDConv(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-        ttconv.SVDConv(8, 8, 3, padding=1, core="orthogonal", max_singular_value=1.0),
+        ttconv.SVDConv(8, 8, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     )
 

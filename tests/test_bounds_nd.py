@@ -575,7 +575,7 @@ def test_an_orthogonal_core_sets_the_singular_values_flag_and_they_are_s():
     from ttconv import SVDConv
 
     torch.manual_seed(4)
-    layer = SVDConv(6, 6, 3, padding=1, padding_mode="circular", rank=4, core="orthogonal", dtype=torch.float64)
+    layer = SVDConv(6, 6, 3, padding=1, padding_mode="circular", rank=4, core_kind="orthogonal", dtype=torch.float64)
     with torch.no_grad():
         layer.S.copy_(torch.tensor([3.0, -2.0, 0.5, 1.0], dtype=torch.float64))
     spec = geometry.conv_spec(layer)

@@ -66,7 +66,7 @@ def _make(kind, config, seed):
     if kind == "orthogonal":
         groups = conv["groups"]
         r = min(conv["in_channels"], conv["out_channels"]) // groups
-        layer = SVDConv(**conv, rank=r, core="orthogonal")
+        layer = SVDConv(**conv, rank=r, core_kind="orthogonal")
         with torch.no_grad():
             layer.S.uniform_(0.5, 3.0)  # a spread spectrum, norm well above 1
         return layer
@@ -104,7 +104,7 @@ def test_guarantee_on_a_float32_model_over_a_run_of_apply_calls(seed, n_iter):
     torch.manual_seed(seed)
     model = nn.Sequential(SVDConv(3, 8, 3, padding=1, rank=4), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
                           nn.ReLU(), SVDConv(8, 8, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
-                          SVDConv(8, 8, 3, padding=1, core="orthogonal"))
+                          SVDConv(8, 8, 3, padding=1, core_kind="orthogonal"))
     control = SpectralControl(model, 0.7, every=1, example_input=torch.zeros(1, 3, 9, 9), n_iter=n_iter)
     assert control.mode == "clip_scale"  # the default
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -181,21 +181,21 @@ def test_state_dict_values_stay_tensors_and_load_with_weights_only():
 
 def test_orthogonal_bound_never_loads_into_an_unbounded_layer():
     torch.manual_seed(0)
-    bounded = nn.Sequential(SVDConv(4, 4, 3, padding=1, core="orthogonal", max_singular_value=0.5))
+    bounded = nn.Sequential(SVDConv(4, 4, 3, padding=1, core_kind="orthogonal", max_singular_value=0.5))
     state = _saved(bounded)
-    unbounded = nn.Sequential(SVDConv(4, 4, 3, padding=1, core="orthogonal"))
+    unbounded = nn.Sequential(SVDConv(4, 4, 3, padding=1, core_kind="orthogonal"))
     with pytest.raises(RuntimeError, match=r"0: the checkpoint's SVDConv has max_singular_value=0\.5, "
                                            r"this layer max_singular_value=None"):
         unbounded.load_state_dict(state)
     with pytest.raises(RuntimeError, match=r"0: the checkpoint's SVDConv has max_singular_value=0\.5, "
                                            r"this layer max_singular_value=2\.0"):
-        nn.Sequential(SVDConv(4, 4, 3, padding=1, core="orthogonal", max_singular_value=2.0)).load_state_dict(state)
+        nn.Sequential(SVDConv(4, 4, 3, padding=1, core_kind="orthogonal", max_singular_value=2.0)).load_state_dict(state)
     restored = load_converted(unbounded, state)
     assert restored[0].max_singular_value == 0.5
     x = torch.randn(1, 4, 6, 6)
     assert torch.equal(restored(x), bounded(x))
     general = nn.Sequential(SVDConv(4, 4, 3, padding=1))
-    with pytest.raises(RuntimeError, match="core='orthogonal', this layer core='general'"):
+    with pytest.raises(RuntimeError, match="core_kind='orthogonal', this layer core_kind='general'"):
         general.load_state_dict(state)
 
 

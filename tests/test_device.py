@@ -105,7 +105,7 @@ def _cases() -> List[Any]:
                 if path == "factored":
                     cores.append(("orthogonal-bounded", dict(max_singular_value=1.0)))
             for core, extra in cores:
-                kwargs = dict(geometry, padding_mode=mode, path=path, core=core.split("-")[0], **extra)
+                kwargs = dict(geometry, padding_mode=mode, path=path, core_kind=core.split("-")[0], **extra)
                 if core == "general":
                     kwargs["rank"] = 3
                 cases.append(pytest.param(d, False, kwargs, id=f"Conv{d}d-{name}-{mode}-{path}-{core}"))
@@ -123,7 +123,7 @@ def _layer(d: int, transposed: bool, kwargs: Dict[str, Any], device: torch.devic
 
 def _reference(d: int, transposed: bool, kwargs: Dict[str, Any], device: torch.device) -> nn.Module:
     """torch's own layer of the same geometry (for output shapes)."""
-    geometry = {k: v for k, v in kwargs.items() if k not in ("path", "core", "rank", "max_singular_value")}
+    geometry = {k: v for k, v in kwargs.items() if k not in ("path", "core_kind", "rank", "max_singular_value")}
     return (_TORCH_TRANSPOSED if transposed else _TORCH_PLAIN)[d](8, 12, **geometry, device=device)
 
 
@@ -172,7 +172,7 @@ def test_forward_and_backward_on_meta_touch_no_host_tensor_and_no_host_value(d, 
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("d, transposed, kwargs", [
     pytest.param(2, False, dict(kernel_size=3, padding=1, path="auto", rank=3), id="Conv2d"),
-    pytest.param(2, False, dict(kernel_size=3, padding=1, path="auto", core="orthogonal"), id="Conv2d-orthogonal"),
+    pytest.param(2, False, dict(kernel_size=3, padding=1, path="auto", core_kind="orthogonal"), id="Conv2d-orthogonal"),
     pytest.param(3, True, dict(kernel_size=3, stride=2, path="auto", rank=3), id="ConvTranspose3d"),
 ])
 def test_layers_built_on_the_default_device_or_moved_stay_there(d, transposed, kwargs):

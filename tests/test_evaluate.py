@@ -358,9 +358,9 @@ def test_lipschitz_bound_of_an_orthogonal_chain_is_the_product_of_max_s():
     torch.manual_seed(0)
     model = nn.Sequential(
         ChannelPad(4),
-        ttconv.SVDConv(4, 4, 3, padding=1, padding_mode="circular", core="orthogonal", max_singular_value=0.8),
+        ttconv.SVDConv(4, 4, 3, padding=1, padding_mode="circular", core_kind="orthogonal", max_singular_value=0.8),
         MaxMin(),
-        ttconv.SVDConv(4, 4, 3, padding=1, padding_mode="circular", core="orthogonal"),
+        ttconv.SVDConv(4, 4, 3, padding=1, padding_mode="circular", core_kind="orthogonal"),
         nn.Flatten(), nn.Linear(4 * 36, 3),
     ).double().eval()
     with torch.no_grad():
@@ -515,7 +515,7 @@ def test_singular_value_histograms_against_explicit_operators(tmp_path):
 
 
 def test_histogram_of_an_orthogonal_layer_is_a_spike_at_its_singular_values():
-    layer = ttconv.SVDConv(4, 4, 3, padding=1, core="orthogonal")
+    layer = ttconv.SVDConv(4, 4, 3, padding=1, core_kind="orthogonal")
     with torch.no_grad():
         layer.set_singular_values_(torch.tensor([0.5, 0.5, 1.0, 1.0]))
     histograms = ev.singular_value_histograms(nn.Sequential(layer), torch.zeros(1, 4, 5, 5), bins=4, range=(0, 1.2))

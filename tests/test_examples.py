@@ -63,7 +63,7 @@ def _circular_norm(weight, n, stride, dilation, *, transposed=False):
 def test_pitch_1d_quick_run_controls_every_conv(capsys):
     module = _load("pitch_1d.py")
     target = 0.8
-    results = module.main(["--quick", "--max-value", str(target)])
+    results = module.main(["--quick", "--max-singular-value", str(target)])
     header, rows = _table_rows(capsys.readouterr().out)
     assert "test acc" in header and "empirical Lipschitz" in header
     assert [row.split("|")[1].strip() for row in rows] == list(results)
@@ -74,7 +74,7 @@ def test_pitch_1d_quick_run_controls_every_conv(capsys):
 
     for label, result in results.items():
         assert 0.0 <= result["accuracy"] <= 1.0 and result["lipschitz"] > 0
-        if result["max_value"] is None:
+        if result["max_singular_value"] is None:
             continue
         model, example = result["model"], result["example"]
         lengths = {}
@@ -115,9 +115,9 @@ def test_generator_quick_run_controls_the_decoder(capsys):
             n = tuple(mi * si for mi, si in zip(m, layer.stride))  # k = 2 p + s: output = m * s
             oracle_norms.append(_circular_norm(layer.weight, n, layer.stride, layer.dilation, transposed=True))
         assert result["norms"] == pytest.approx(oracle_norms, rel=1e-4), label
-        if result["max_value"] is not None:
+        if result["max_singular_value"] is not None:
             kind = ttconv.SVDConvTranspose2d if label.startswith("SVD") else torch.nn.ConvTranspose2d
             assert all(isinstance(layer, kind) for _, layer, _ in layers)
-            assert max(oracle_norms) <= result["max_value"] * (1 + RELATIVE_TOL), (label, oracle_norms)
+            assert max(oracle_norms) <= result["max_singular_value"] * (1 + RELATIVE_TOL), (label, oracle_norms)
     plain = results["ConvTranspose2d"]["norms"]
     assert max(plain) > 1.2  # the control had something to do

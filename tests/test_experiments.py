@@ -69,7 +69,7 @@ def test_every_architecture_runs_plain_and_orthogonal_at_reduced_width(name):
 
     def ortho(i, o, k, *, stride=1, padding=0, bias=True, padding_mode="zeros"):
         return ttconv.SVDConv(i, o, k, stride=stride, padding=padding, bias=bias, padding_mode=padding_mode,
-                              core="orthogonal", max_singular_value=1.0)
+                              core_kind="orthogonal", max_singular_value=1.0)
 
     orthogonal = build(ortho, MaxMin, width=0.05).eval()
     assert orthogonal(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -30,7 +30,7 @@ def test_full_rank_conversion_matches_conv2d_forward_on_both_paths(config):
         layer.path = path
         assert _relative(layer(x), expected) < 1e-10, path
     assert _relative(layer.to_conv2d().weight, conv.weight) < 1e-10
-    assert layer.approximation_error < 1e-10
+    assert layer.relative_error < 1e-10
 
 
 @pytest.mark.parametrize("config", CONFIGS[:80], ids=config_id)
@@ -75,7 +75,7 @@ def test_truncated_conversion_reports_the_true_error():
     for kwargs in (dict(rank=4), dict(rank=(12, 3)), dict(energy=0.8)):
         layer = SVDConv.from_conv2d(conv, **kwargs)
         actual = _relative(layer.dense_weight(), conv.weight)
-        assert abs(layer.approximation_error - actual) < 1e-12
+        assert abs(layer.relative_error - actual) < 1e-12
         assert 0 < actual < 1
 
 
@@ -278,8 +278,8 @@ def test_refined_conversion_reports_the_true_error_and_never_loses():
     base = SVDConv.from_conv2d(conv, rank=6)
     refined = SVDConv.from_conv2d(conv, rank=6, refine=10)
     assert refined.ranks == base.ranks
-    assert refined.approximation_error < base.approximation_error
-    assert abs(refined.approximation_error - _relative(refined.dense_weight(), conv.weight)) < 1e-12
+    assert refined.relative_error < base.relative_error
+    assert abs(refined.relative_error - _relative(refined.dense_weight(), conv.weight)) < 1e-12
     with pytest.raises(ValueError, match="refine"):
         SVDConv.from_conv2d(conv, rank=6, refine=-1)
 
@@ -390,8 +390,8 @@ def test_assigning_weight_sets_the_kernel_exactly_or_refuses():
         layer.weight = torch.randn(6, 4, 3, 2)
     with pytest.raises(TypeError, match="weight must be a Tensor"):
         layer.weight = None
-    orthogonal = SVDConv(4, 4, 3, core="orthogonal")
-    with pytest.raises(AttributeError, match=r"core='orthogonal'.*conv = layer.to_conv2d\(\)"):
+    orthogonal = SVDConv(4, 4, 3, core_kind="orthogonal")
+    with pytest.raises(AttributeError, match=r"core_kind='orthogonal'.*conv = layer.to_conv2d\(\)"):
         orthogonal.weight = torch.randn(4, 4, 3, 3)
     layer.extra = nn.Parameter(torch.ones(1))  # other attributes register as usual
     assert "extra" in dict(layer.named_parameters())
@@ -419,15 +419,15 @@ def test_weight_in_a_compiled_and_traced_forward():
 def test_extra_state_stores_ranks_core_bound_and_path():
     from ttconv.layer import _decode_extra_state
 
-    layer = SVDConv(4, 4, 3, rank=3, core="orthogonal", max_singular_value=0.7, path="dense")
+    layer = SVDConv(4, 4, 3, rank=3, core_kind="orthogonal", max_singular_value=0.7, path="dense")
     state = layer.state_dict()["_extra_state"]
     assert state.dtype == torch.int64
-    assert _decode_extra_state(state) == dict(rank=(3, 3), core="orthogonal", max_singular_value=0.7, path="dense")
+    assert _decode_extra_state(state) == dict(rank=(3, 3), core_kind="orthogonal", max_singular_value=0.7, path="dense")
     assert _decode_extra_state(SVDConv(4, 6, 3, rank=(5, 2)).get_extra_state()) == dict(
-        rank=(5, 2), core="general", max_singular_value=None, path="auto")
+        rank=(5, 2), core_kind="general", max_singular_value=None, path="auto")
     with pytest.raises(RuntimeError, match=r"rank=\(3, 3\), this layer rank=\(4, 4\)"):
-        SVDConv(4, 4, 3, core="orthogonal").set_extra_state(state)
-    other_path = SVDConv(4, 4, 3, rank=3, core="orthogonal", max_singular_value=0.7)
+        SVDConv(4, 4, 3, core_kind="orthogonal").set_extra_state(state)
+    other_path = SVDConv(4, 4, 3, rank=3, core_kind="orthogonal", max_singular_value=0.7)
     other_path.load_state_dict(layer.state_dict())  # path is a runtime choice: not checked
     assert other_path.path == "auto"
 

@@ -79,7 +79,7 @@ def _torch_layer(cls, config):
 def test_full_rank_matches_the_torch_layer(cls, config):
     conv = _torch_layer(cls, config)
     layer = cls.from_conv(conv)
-    assert type(layer) is cls and layer.approximation_error < 1e-12
+    assert type(layer) is cls and layer.relative_error < 1e-12
     x = torch.randn(2, conv.in_channels, *config["size"], dtype=torch.float64, requires_grad=True)
     expected = conv(x)
     (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
@@ -140,7 +140,7 @@ def test_truncation_error_is_the_exact_weight_error(cls, rank):
     layer = cls.from_conv(conv, rank=rank)
     truth = _relative(layer.to_conv().weight, conv.weight)
     assert truth > 1e-3  # truncated for real
-    assert abs(layer.approximation_error - truth) < 1e-10 * max(1.0, truth)
+    assert abs(layer.relative_error - truth) < 1e-10 * max(1.0, truth)
     # energy: the kept fraction of the whole kernel's squared norm is at least what was asked
     kept = cls.from_conv(conv, energy=0.9)
     assert 1 - _relative(kept.to_conv().weight, conv.weight) ** 2 >= 0.9 - 1e-12
@@ -171,9 +171,9 @@ def test_svdconv2d_is_svdconv():
 
 @pytest.mark.parametrize("cls", list(CLASSES))
 def test_orthogonal_core_on_every_kind_carries_s_in_its_spec(cls):
-    """Every layer kind takes core='orthogonal' (tests/test_orthogonal_nd.py checks its spectrum);
+    """Every layer kind takes core_kind='orthogonal' (tests/test_orthogonal_nd.py checks its spectrum);
     its conv_spec says the singular values are |S| and carries the bounded S."""
-    layer = cls(4, 6, 3, stride=2, rank=(2, 3), core="orthogonal", max_singular_value=2.0, dtype=torch.float64)
+    layer = cls(4, 6, 3, stride=2, rank=(2, 3), core_kind="orthogonal", max_singular_value=2.0, dtype=torch.float64)
     spec = layer.conv_spec()
     assert spec.singular_values_are_s and torch.equal(spec.s, layer.effective_S()) and spec.s.shape == (2,)
     assert spec.transposed == CLASSES[cls][2]
@@ -405,6 +405,6 @@ def test_conv_spec_is_the_torch_layers_geometry_with_the_core(cls, config):
 
 
 def test_conv_spec_of_an_orthogonal_core_carries_s():
-    layer = SVDConv(4, 4, 3, core="orthogonal", max_singular_value=2.0, dtype=torch.float64)
+    layer = SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=2.0, dtype=torch.float64)
     spec = layer.conv_spec()
     assert spec.singular_values_are_s and torch.equal(spec.s, layer.effective_S())

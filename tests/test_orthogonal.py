@@ -1,4 +1,4 @@
-"""core='orthogonal': the spectrum is exactly S; clipping is exact; 1-Lipschitz networks."""
+"""core_kind='orthogonal': the spectrum is exactly S; clipping is exact; 1-Lipschitz networks."""
 
 import math
 import random
@@ -22,7 +22,7 @@ def _orthogonal_layer(config, **kwargs):
     c = dict(config["conv"])
     rank = config["rank"]
     rank = rank[0] if isinstance(rank, tuple) else rank
-    layer = SVDConv(**c, rank=rank, core="orthogonal", dtype=torch.float64, **kwargs)
+    layer = SVDConv(**c, rank=rank, core_kind="orthogonal", dtype=torch.float64, **kwargs)
     with torch.no_grad():  # arbitrary raw parameters: the construction must not care
         for p in (layer.U, layer.V, layer.core):
             p.copy_(torch.randn_like(p))
@@ -119,7 +119,7 @@ def test_compose_kernels_is_the_product_of_the_circular_operators(d):
 
 
 def test_zero_padding_orthogonality_error_is_measured_and_max_s_bounds_it():
-    layer = SVDConv(6, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0, dtype=torch.float64)
+    layer = SVDConv(6, 6, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0, dtype=torch.float64)
     with torch.no_grad():
         layer.S.fill_(10.0)  # all singular values ~1
     values = torch.linalg.svdvals(operator_matrix(layer_operator(layer), (6, 8, 8)))
@@ -129,14 +129,14 @@ def test_zero_padding_orthogonality_error_is_measured_and_max_s_bounds_it():
 
 
 def test_gradients_flow_to_every_parameter():
-    layer = SVDConv(4, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0, dtype=torch.float64)
+    layer = SVDConv(4, 6, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0, dtype=torch.float64)
     layer(torch.randn(2, 4, 6, 6, dtype=torch.float64)).square().sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
 def test_gradcheck_orthogonal_forward():
-    layer = SVDConv(2, 3, 2, padding=1, core="orthogonal", max_singular_value=2.0, dtype=torch.float64,
+    layer = SVDConv(2, 3, 2, padding=1, core_kind="orthogonal", max_singular_value=2.0, dtype=torch.float64,
                     path="factored")
     names = [n for n, _ in layer.named_parameters()]
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
@@ -149,7 +149,7 @@ def test_gradcheck_orthogonal_forward():
 
 def test_bound_holds_during_training():
     torch.manual_seed(0)
-    layer = SVDConv(4, 4, 3, padding=1, core="orthogonal", max_singular_value=0.5)
+    layer = SVDConv(4, 4, 3, padding=1, core_kind="orthogonal", max_singular_value=0.5)
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
     for _ in range(100):
         x = torch.randn(4, 4, 6, 6)
@@ -162,7 +162,7 @@ def test_bound_holds_during_training():
 
 
 def test_exact_clipping_and_scaling_in_o_of_r():
-    layer = SVDConv(6, 6, 3, padding=1, core="orthogonal", dtype=torch.float64)
+    layer = SVDConv(6, 6, 3, padding=1, core_kind="orthogonal", dtype=torch.float64)
     with torch.no_grad():
         layer.S.copy_(torch.linspace(0.1, 3.0, 6, dtype=torch.float64))
     reached = clip_singular_values_(layer, 1.0, 8)
@@ -170,12 +170,12 @@ def test_exact_clipping_and_scaling_in_o_of_r():
     assert reached == pytest.approx(1.0) and float(oracle[0]) == pytest.approx(1.0, abs=1e-9)
     assert torch.allclose(layer.S, torch.linspace(0.1, 3.0, 6, dtype=torch.float64).clamp(max=1.0))
     assert scale_to_spectral_norm_(layer, 0.5, 8) == pytest.approx(0.5)
-    bounded = SVDConv(6, 6, 3, padding=1, core="orthogonal", max_singular_value=2.0, dtype=torch.float64)
+    bounded = SVDConv(6, 6, 3, padding=1, core_kind="orthogonal", max_singular_value=2.0, dtype=torch.float64)
     assert clip_singular_values_(bounded, 0.7, 8) == pytest.approx(0.7)
 
 
 def test_canonicalize_recentres_without_changing_the_function():
-    layer = SVDConv(4, 6, 3, padding=1, core="orthogonal", dtype=torch.float64)
+    layer = SVDConv(4, 6, 3, padding=1, core_kind="orthogonal", dtype=torch.float64)
     with torch.no_grad():
         layer.U.mul_(3.0).add_(0.1)
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
@@ -189,9 +189,9 @@ def _lipschitz_net():
     torch.manual_seed(0)
     return nn.Sequential(
         nn.PixelUnshuffle(2), ChannelPad(8),
-        SVDConv(8, 8, 3, padding=1, core="orthogonal", max_singular_value=1.0), MaxMin(),
-        SVDConv(8, 8, 3, padding=1, core="orthogonal", max_singular_value=1.0), MaxMin(),
-        SVDConv(8, 8, 3, stride=2, padding=1, core="orthogonal", max_singular_value=1.0), MaxMin(),
+        SVDConv(8, 8, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0), MaxMin(),
+        SVDConv(8, 8, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0), MaxMin(),
+        SVDConv(8, 8, 3, stride=2, padding=1, core_kind="orthogonal", max_singular_value=1.0), MaxMin(),
     ).double()
 
 
@@ -211,30 +211,30 @@ def test_lipschitz_network_is_empirically_1_lipschitz_and_certified():
 
 
 def test_stride_two_spectrum_and_bad_arguments():
-    layer = SVDConv(4, 4, 3, stride=2, padding=1, core="orthogonal", dtype=torch.float64)
+    layer = SVDConv(4, 4, 3, stride=2, padding=1, core_kind="orthogonal", dtype=torch.float64)
     values = layer.singular_values(8)
     assert values.numel() == min(4 * 16, 4 * 64)
-    assert SVDConv(4, 4, 3, core="orthogonal", rank=(2, 3)).ranks == (2, 3)  # channel padding
+    assert SVDConv(4, 4, 3, core_kind="orthogonal", rank=(2, 3)).ranks == (2, 3)  # channel padding
     with pytest.raises(ValueError, match=r"needs rank\[0\] <= rank\[1\]"):
-        SVDConv(4, 4, 3, stride=2, core="orthogonal", rank=(3, 2))
-    with pytest.raises(ValueError, match="max_singular_value needs core='orthogonal'"):
+        SVDConv(4, 4, 3, stride=2, core_kind="orthogonal", rank=(3, 2))
+    with pytest.raises(ValueError, match="max_singular_value needs core_kind='orthogonal'"):
         SVDConv(4, 4, 3, max_singular_value=1.0)
     with pytest.raises(ValueError, match="max_singular_value must be a positive"):
-        SVDConv(4, 4, 3, core="orthogonal", max_singular_value=0)
-    with pytest.raises(ValueError, match="core must be one of"):
-        SVDConv(4, 4, 3, core="soc")
-    with pytest.raises(ValueError, match="set_singular_values_ needs core='orthogonal'"):
+        SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=0)
+    with pytest.raises(ValueError, match="core_kind must be one of"):
+        SVDConv(4, 4, 3, core_kind="soc")
+    with pytest.raises(ValueError, match="set_singular_values_ needs core_kind='orthogonal'"):
         SVDConv(4, 4, 3).set_singular_values_(torch.ones(4))
     with pytest.raises(ValueError, match="must lie in"):
-        SVDConv(4, 4, 3, core="orthogonal", max_singular_value=1.0).set_singular_values_(torch.full((4,), 2.0))
+        SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=1.0).set_singular_values_(torch.full((4,), 2.0))
     with pytest.raises(ValueError, match="even number of channels"):
         MaxMin()(torch.randn(1, 3, 2, 2))
-    assert "core='orthogonal'" in repr(SVDConv(4, 4, 3, core="orthogonal", max_singular_value=1.0))
+    assert "core_kind='orthogonal'" in repr(SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=1.0))
 
 
 def test_orthogonal_state_dict_round_trip_and_to_conv2d():
-    layer = SVDConv(4, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0)
-    fresh = SVDConv(4, 6, 3, padding=1, core="orthogonal", max_singular_value=1.0)
+    layer = SVDConv(4, 6, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0)
+    fresh = SVDConv(4, 6, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0)
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(1, 4, 6, 6)
     assert torch.equal(fresh(x), layer(x))

@@ -1,4 +1,4 @@
-"""core='orthogonal' on every layer kind: 1-D, 2-D, 3-D, transposed, strided, non-square ranks.
+"""core_kind='orthogonal' on every layer kind: 1-D, 2-D, 3-D, transposed, strided, non-square ranks.
 
 The oracle is the explicit float64 matrix of the circular operator of the torch layer that
 ``to_conv()`` returns (``tests/circular_oracle.py``: any input size, folding included), and
@@ -84,7 +84,7 @@ def _layer(cls, config) -> _SVDConvNd:
     ``set_singular_values_`` (the construction must not depend on the parameters' values)."""
     torch.manual_seed(config["seed"])
     bound = 2.5 if config["bounded"] else None
-    layer = cls(**config["layer"], rank=config["rank"], core="orthogonal", max_singular_value=bound,
+    layer = cls(**config["layer"], rank=config["rank"], core_kind="orthogonal", max_singular_value=bound,
                 dtype=torch.float64)
     with torch.no_grad():
         for p in (layer.U, layer.V, layer.core):
@@ -155,34 +155,34 @@ def test_max_s_bounds_the_zero_padded_operator(cls, config):
 def test_non_square_ranks_both_ways_and_the_refused_case(cls):
     dims, _ = CLASSES[cls]
     for rank in [(2, 4), (4, 2)]:
-        layer = cls(4, 4, 3, rank=rank, core="orthogonal", dtype=torch.float64)
+        layer = cls(4, 4, 3, rank=rank, core_kind="orthogonal", dtype=torch.float64)
         assert layer.ranks == rank and layer.S.shape == (2,) and layer.core.shape == (1, 1 + 2 * dims, 4, 4)
         U, S, core, V = layer.factors()
         assert U.shape == (4, rank[0]) and V.shape == (4, rank[1]) and core.shape == (rank[0], rank[1], *(3,) * dims)
     with pytest.raises(ValueError, match=r"with stride .* needs rank\[0\] <= rank\[1\], got rank=\(4, 2\).*Pass "
                                          r"rank=\(2, 2\)"):
-        cls(4, 4, 3, stride=2, rank=(4, 2), core="orthogonal")
+        cls(4, 4, 3, stride=2, rank=(4, 2), core_kind="orthogonal")
     if dims > 1:  # a stride along one axis only is a stride too
         with pytest.raises(ValueError, match=r"needs rank\[0\] <= rank\[1\]"):
-            cls(4, 4, 3, stride=(1,) * (dims - 1) + (2,), rank=(4, 2), core="orthogonal")
-    assert cls(4, 4, 3, stride=2, rank=(2, 4), core="orthogonal").ranks == (2, 4)
+            cls(4, 4, 3, stride=(1,) * (dims - 1) + (2,), rank=(4, 2), core_kind="orthogonal")
+    assert cls(4, 4, 3, stride=2, rank=(2, 4), core_kind="orthogonal").ranks == (2, 4)
     with pytest.raises(ValueError, match=r"values must hold groups \* min\(r_out, r_in\) = 2 singular values"):
-        cls(4, 4, 3, rank=(2, 4), core="orthogonal").set_singular_values_(torch.ones(4))
+        cls(4, 4, 3, rank=(2, 4), core_kind="orthogonal").set_singular_values_(torch.ones(4))
     # rank=None or an int: square, as large as both channel counts allow (per group).
-    assert cls(4, 6, 3, groups=2, core="orthogonal").ranks == (2, 2)
-    assert cls(6, 4, 3, rank=5, core="orthogonal").ranks == (4, 4)
+    assert cls(4, 6, 3, groups=2, core_kind="orthogonal").ranks == (2, 2)
+    assert cls(6, 4, 3, rank=5, core_kind="orthogonal").ranks == (4, 4)
 
 
 @pytest.mark.parametrize("cls", list(CLASSES))
 def test_state_dict_round_trip_canonicalize_and_repr(cls):
     dims, _ = CLASSES[cls]
-    layer = cls(4, 6, 3, padding=1, rank=(3, 2), core="orthogonal", max_singular_value=1.5, dtype=torch.float64)
-    fresh = cls(4, 6, 3, padding=1, rank=(3, 2), core="orthogonal", max_singular_value=1.5, dtype=torch.float64)
+    layer = cls(4, 6, 3, padding=1, rank=(3, 2), core_kind="orthogonal", max_singular_value=1.5, dtype=torch.float64)
+    fresh = cls(4, 6, 3, padding=1, rank=(3, 2), core_kind="orthogonal", max_singular_value=1.5, dtype=torch.float64)
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(1, 4, *(5,) * dims, dtype=torch.float64)
     assert torch.equal(fresh(x), layer(x))
     with pytest.raises(RuntimeError, match="rank=\\(3, 2\\), this layer rank=\\(2, 2\\)"):
-        cls(4, 6, 3, padding=1, rank=2, core="orthogonal", max_singular_value=1.5).load_state_dict(layer.state_dict())
+        cls(4, 6, 3, padding=1, rank=2, core_kind="orthogonal", max_singular_value=1.5).load_state_dict(layer.state_dict())
     with torch.no_grad():
         layer.U.mul_(3.0).add_(0.1)
         layer.V.mul_(0.5)
@@ -191,7 +191,7 @@ def test_state_dict_round_trip_canonicalize_and_repr(cls):
     assert torch.allclose(layer(x), before, rtol=0, atol=1e-12)
     assert torch.allclose(layer.U.T @ layer.U, torch.eye(3, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(layer.V.T @ layer.V, torch.eye(2, dtype=torch.float64), atol=1e-12)
-    assert "rank=(3, 2), core='orthogonal', max_singular_value=1.5" in repr(layer)
+    assert "rank=(3, 2), core_kind='orthogonal', max_singular_value=1.5" in repr(layer)
     with pytest.raises(AttributeError, match="to_conv2d" if cls is SVDConv else r"layer\.to_conv\(\)"):
         layer.weight = layer.dense_weight().detach()
 
@@ -200,7 +200,7 @@ def test_state_dict_round_trip_canonicalize_and_repr(cls):
 def test_gradients_and_the_bound_during_training(cls):
     dims, _ = CLASSES[cls]
     torch.manual_seed(1)
-    layer = cls(4, 4, 3, stride=2, padding=1, rank=(3, 4), core="orthogonal", max_singular_value=0.5)
+    layer = cls(4, 4, 3, stride=2, padding=1, rank=(3, 4), core_kind="orthogonal", max_singular_value=0.5)
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
     size = (4,) * dims
     for _ in range(25):
@@ -217,7 +217,7 @@ def test_gradients_and_the_bound_during_training(cls):
 @pytest.mark.parametrize("cls", [SVDConv1d, SVDConvTranspose2d, SVDConv3d])
 def test_gradcheck_through_bcop_and_the_input_side_scaling(cls):
     dims, _ = CLASSES[cls]
-    layer = cls(2, 3, 2, rank=(3, 2), core="orthogonal", max_singular_value=2.0, dtype=torch.float64,
+    layer = cls(2, 3, 2, rank=(3, 2), core_kind="orthogonal", max_singular_value=2.0, dtype=torch.float64,
                 path="factored")
     names = [n for n, _ in layer.named_parameters()]
     x = torch.randn(1, 2, *(3,) * dims, dtype=torch.float64, requires_grad=True)
@@ -231,7 +231,7 @@ def test_gradcheck_through_bcop_and_the_input_side_scaling(cls):
 @pytest.mark.parametrize("cls", list(CLASSES))
 def test_clip_and_scale_are_exact_on_every_kind(cls):
     dims, transposed = CLASSES[cls]
-    layer = cls(4, 4, 3, stride=2, padding=1, rank=(2, 3), core="orthogonal", dtype=torch.float64)
+    layer = cls(4, 4, 3, stride=2, padding=1, rank=(2, 3), core_kind="orthogonal", dtype=torch.float64)
     layer.set_singular_values_(torch.tensor([0.3, 2.0], dtype=torch.float64))
     size = (2,) * dims if transposed else (4,) * dims
     assert clip_singular_values_(layer, 1.0, size) == pytest.approx(1.0)
@@ -244,7 +244,7 @@ def test_clip_and_scale_are_exact_on_every_kind(cls):
 @pytest.mark.parametrize("cls", list(CLASSES))
 def test_spectrum_refuses_a_grid_the_stride_does_not_divide(cls):
     dims, transposed = CLASSES[cls]
-    layer = cls(2, 2, 3, stride=2, core="orthogonal")
+    layer = cls(2, 2, 3, stride=2, core_kind="orthogonal")
     if transposed:  # the grid is m * stride: always divisible
         assert layer.singular_values((3,) * dims).numel() == 2 * 3 ** dims
         return
@@ -258,11 +258,11 @@ def test_fresh_orthogonal_layers_have_torchs_init_norm():
     """``||W||_F^2 = sum S^2 = A / 3`` for torch's weight layout ``(A, B/g, *k)``, as torch's init."""
     for cls in CLASSES:
         for rank in [None, (2, 5), (5, 2)]:
-            layer = cls(6, 8, 3, rank=rank, core="orthogonal", dtype=torch.float64)
+            layer = cls(6, 8, 3, rank=rank, core_kind="orthogonal", dtype=torch.float64)
             conv = layer.to_conv()
             rows = conv.weight.shape[0]
             assert float(layer.dense_weight().detach().square().sum()) == pytest.approx(rows / 3, rel=1e-10)
-    assert isinstance(SVDConv1d(2, 2, 3, core="orthogonal").to_conv(), nn.Conv1d)
+    assert isinstance(SVDConv1d(2, 2, 3, core_kind="orthogonal").to_conv(), nn.Conv1d)
 
 
 @pytest.mark.parametrize("cls", list(CLASSES))
@@ -274,7 +274,7 @@ def test_dense_weight_with_v_folded_into_bcop_is_the_composed_factors(cls, rank)
 
     dims, _ = CLASSES[cls]
     torch.manual_seed(4)
-    layer = cls(8, 10, (3, 2, 2)[:dims], groups=2, rank=rank, core="orthogonal", dtype=torch.float64)
+    layer = cls(8, 10, (3, 2, 2)[:dims], groups=2, rank=rank, core_kind="orthogonal", dtype=torch.float64)
     with torch.no_grad():
         for p in (layer.U, layer.V, layer.core, layer.S):
             p.copy_(torch.randn_like(p))
@@ -288,7 +288,7 @@ def test_dense_weight_with_v_folded_into_bcop_is_the_composed_factors(cls, rank)
 @pytest.mark.parametrize("path", ["dense", "factored", "auto"])
 def test_fx_symbolic_trace_computes_the_same(cls, path):
     dims, _ = CLASSES[cls]
-    layer = cls(4, 6, 3, rank=(3, 2), core="orthogonal", path=path, dtype=torch.float64)
+    layer = cls(4, 6, 3, rank=(3, 2), core_kind="orthogonal", path=path, dtype=torch.float64)
     x = torch.randn(2, 4, *(5,) * dims, dtype=torch.float64)
     expected = layer(x)
     assert torch.allclose(torch.fx.symbolic_trace(layer)(x), expected, rtol=0, atol=1e-12)

@@ -155,7 +155,7 @@ def test_svdconv_rows_carry_the_full_spectrum_with_zeros():
 
 
 def test_state_dict_report_skips_orthogonal_layers_with_a_message():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), SVDConv(4, 4, 3, core="orthogonal", max_singular_value=1.0))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=1.0))
     report = state_dict_report(net.state_dict())
     assert [row.name for row in report.layers] == ["0"]
     assert [(s.key, s.reason.split(":")[0]) for s in report.skipped] == [("1.core", "orthogonal-core SVDConv")]

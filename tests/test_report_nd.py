@@ -149,7 +149,7 @@ def test_kept_spectra_are_the_full_dense_circular_spectra(kind):
 
 def test_orthogonal_core_spectrum_is_its_s_on_every_output_position():
     torch.manual_seed(3)
-    layer = SVDConv2d(4, 4, 3, padding=1, padding_mode="circular", rank=4, core="orthogonal", dtype=D)
+    layer = SVDConv2d(4, 4, 3, padding=1, padding_mode="circular", rank=4, core_kind="orthogonal", dtype=D)
     with torch.no_grad():
         layer.S.add_(torch.randn_like(layer.S))
     n = (4, 6)

@@ -417,7 +417,7 @@ def clip_singular_values_(layer: ConvLayer, max_singular_value: float, input_siz
     converges slowly towards the target; follow with ``scale_to_spectral_norm_`` (or use
     ``SpectralControl``'s default ``mode='clip_scale'``) for a guarantee. An SVD layer
     is clipped on its ``r_out x r_in`` core expressed in orthonormal bases of ``span(U)``
-    and ``span(V)``, and left in canonical form. With ``core='orthogonal'`` the clip is
+    and ``span(V)``, and left in canonical form. With ``core_kind='orthogonal'`` the clip is
     exact and costs ``O(r)``: ``S`` are clamped.
 
     Every layer kind: 1-D and 3-D layers with the ``d``-D DFT (polyphase stride, dilation
@@ -548,7 +548,7 @@ class SpectralControl:
     the strided operator's norm (circular convolution, then every ``s``-th output kept)
     from above. Tested against explicit operator matrices on random layers: relative
     ``1e-6`` for float64 layers and for float32 ones in the general form; ``1e-4`` for
-    float32 ``core='orthogonal'`` layers, whose norm ``max |S|`` is exact only up to the
+    float32 ``core_kind='orthogonal'`` layers, whose norm ``max |S|`` is exact only up to the
     float32 orthogonality of their core. It is a statement about circular padding at one
     input size: a layer seen at several sizes in the example pass is controlled at the
     first, and zero padding at size ``n`` is bounded by the circular norm at

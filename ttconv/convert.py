@@ -684,7 +684,7 @@ def _build(candidate: _Candidate, ranks: Tuple[int, int], refine: int) -> _SVDCo
         layer._copy_factors(result.factors)
         if kernel.bias is not None:
             layer.bias.copy_(kernel.bias)
-    layer.approximation_error = result.relative_error
+    layer.relative_error = result.relative_error
     return layer
 
 
@@ -972,9 +972,9 @@ def convert(
         notes, lost = _carry_over(conv, layer, kernel.weight_frozen, kernel.bias_frozen, kernel.fold_hooks)
         losses += [f"{name!r}: {line}" for line in lost]
         mapping[id(conv)] = layer
-        assert layer.approximation_error is not None  # _build sets it
+        assert layer.relative_error is not None  # _build sets it
         rows.append(LayerConversion(name, tuple(kernel.weight.shape), conv.groups, layer.ranks, _params(conv),
-                                    _params(layer), float(layer.approximation_error), tuple(kernel.folded + notes)))
+                                    _params(layer), float(layer.relative_error), tuple(kernel.folded + notes)))
     if id(model) in mapping:
         model = mapping[id(model)]
     else:
@@ -1058,12 +1058,12 @@ def _stored_configs(state_dict: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
             except ValueError as error:
                 raise ValueError(f"layer {name or '(root)'!r}: {error}") from None
         elif value.dim() != 4 or value.shape[0] == S.numel():  # a general core (1-D/3-D cores are general)
-            configs[name] = dict(rank=(U.shape[1], V.shape[1]), core="general", max_singular_value=None,
+            configs[name] = dict(rank=(U.shape[1], V.shape[1]), core_kind="general", max_singular_value=None,
                                  path="auto")
         else:
             raise ValueError(
                 f"layer {name or '(root)'!r}: a version-1 checkpoint of an orthogonal-core SVDConv does not store "
-                "its max_singular_value; build that layer with SVDConv(..., core='orthogonal', "
+                "its max_singular_value; build that layer with SVDConv(..., core_kind='orthogonal', "
                 "max_singular_value=...) and call model.load_state_dict"
             )
     return configs

@@ -78,7 +78,7 @@ def run_demo(channels: int = 128, input_size: int = 16, seed: int = 0) -> List[s
             layer = SVDConv.from_conv2d(conv, rank=rank)
             out_err = float((layer(x) - reference).norm() / reference.norm())
             params = sum(p.numel() for p in layer.parameters())
-            rows.append([str(layer.ranks), str(params), f"{layer.approximation_error:.2e}", f"{out_err:.2e}"])
+            rows.append([str(layer.ranks), str(params), f"{layer.relative_error:.2e}", f"{out_err:.2e}"])
         dense_params = sum(p.numel() for p in conv.parameters())
         rows.append(["dense nn.Conv2d", str(dense_params), "", ""])
         lines.append(render_table(["rank (r_out, r_in)", "params", "weight err", "output err"], rows, align=">>>>"))

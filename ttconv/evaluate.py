@@ -631,7 +631,7 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
     The product of per-layer bounds, valid because ``model`` is an ``nn.Sequential`` (nested
     ``nn.Sequential`` are flattened) that applies its layers one after the other:
 
-    * ``SVDConv(core='orthogonal')``: ``max |S|``, its exact norm (circular padding) and an
+    * ``SVDConv(core_kind='orthogonal')``: ``max |S|``, its exact norm (circular padding) and an
       upper bound with zero padding (``docs/orthogonal.md``);
     * other ``SVDConv`` / ``nn.Conv2d``: the report's certified bound of the layer's own
       operator at the input size seen in ``example_input``'s forward pass (the

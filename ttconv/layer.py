@@ -87,7 +87,7 @@ def _orthogonal_ranks(rank: RankSpec, ranks: Tuple[int, int], out_g: int, in_g: 
         r_out = min(r_out, r_in)
     if r_out > r_in and any(s > 1 for s in stride):
         raise ValueError(
-            f"{name}(core='orthogonal') with stride {stride} needs rank[0] <= rank[1], got rank={tuple(rank)!r} "
+            f"{name}(core_kind='orthogonal') with stride {stride} needs rank[0] <= rank[1], got rank={tuple(rank)!r} "
             f"(effective {ranks}). With rank[0] > rank[1] the core is an isometry, and subsampling its outputs "
             "leaves rows that are neither orthonormal nor orthogonal to each other, so the layer's singular values "
             f"would not be |S|. Pass rank=({r_in}, {r_in}) (or any (a, b) with a <= b), or use stride 1 "
@@ -132,7 +132,7 @@ class _SVDConvNd(nn.Module):
         *,
         rank: RankSpec = None,
         path: ForwardPath = "auto",
-        core: CoreKind = "general",
+        core_kind: CoreKind = "general",
         max_singular_value: Optional[float] = None,
         output_padding: Any = 0,
     ) -> None:
@@ -156,16 +156,12 @@ class _SVDConvNd(nn.Module):
             self.output_padding = args.output_padding_arg(output_padding, self.stride, self.dilation)
         elif output_padding != 0:
             raise TypeError(f"output_padding is an argument of the transposed layers only, not of {name}")
-        if path not in _PATHS:
-            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-        self.path = path
-        if core not in _CORES:
-            raise ValueError(f"core must be one of {_CORES}, got {core!r}")
-        self.core_kind = core
+        self.path = cast(ForwardPath, args.choice(path, "path", _PATHS))
+        self.core_kind = cast(CoreKind, args.choice(core_kind, "core_kind", _CORES))
         if max_singular_value is not None:
-            if core != "orthogonal":
+            if core_kind != "orthogonal":
                 raise ValueError(
-                    "max_singular_value needs core='orthogonal': only then are S the layer's singular values"
+                    "max_singular_value needs core_kind='orthogonal': only then are S the layer's singular values"
                 )
             max_singular_value = args.positive_finite(max_singular_value, "max_singular_value")
         self.max_singular_value = max_singular_value
@@ -175,12 +171,12 @@ class _SVDConvNd(nn.Module):
         rows, cols = self._weight_channels()
         out_g, in_g = rows // groups, cols // groups
         self.ranks: Tuple[int, int] = resolve_ranks(rank, out_g, in_g, self._tt_kernel_size())
-        if core == "orthogonal":
+        if core_kind == "orthogonal":
             self.ranks = _orthogonal_ranks(rank, self.ranks, out_g, in_g, self.stride, name)
         r_out, r_in = self.ranks
         factory: Dict[str, Any] = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(rows, r_out, **factory))
-        if core == "orthogonal":
+        if core_kind == "orthogonal":
             # S: the layer's singular values, min(r_out, r_in) per group (see factors). The core:
             # BCOP generators of an r x r orthogonal conv, r = max(r_out, r_in) (ttconv.orthogonal).
             self.S = nn.Parameter(torch.empty(groups * min(r_out, r_in), **factory))
@@ -195,7 +191,7 @@ class _SVDConvNd(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        self.approximation_error: Optional[float] = None
+        self.relative_error: Optional[float] = None
         self.reset_parameters()
 
     def _weight_channels(self) -> Tuple[int, int]:
@@ -271,7 +267,7 @@ class _SVDConvNd(nn.Module):
         """The effective ``(U, S, core, V)`` that define the kernel (differentiable).
 
         In the general form these are the parameters themselves. With
-        ``core='orthogonal'`` they are computed from them: ``U``, ``V`` orthonormalised
+        ``core_kind='orthogonal'`` they are computed from them: ``U``, ``V`` orthonormalised
         (sign-fixed QR), ``S`` as ``max_singular_value * sigmoid(S)`` when bounded, and the
         core cut from an exactly orthogonal ``r x r`` convolution built from its BCOP
         generators, ``r = max(r_out, r_in)``: its first ``r_out`` outputs and ``r_in``
@@ -297,14 +293,14 @@ class _SVDConvNd(nn.Module):
     def effective_S(self) -> Tensor:
         """``S`` as used by the kernel: ``max_singular_value * sigmoid(S)`` when bounded, else ``S``.
 
-        With ``core='orthogonal'``: ``(groups * min(r_out, r_in),)``, whose absolute values are the
+        With ``core_kind='orthogonal'``: ``(groups * min(r_out, r_in),)``, whose absolute values are the
         layer's nonzero singular values (each once per output position of the circular operator).
         """
         return self.S if self.max_singular_value is None else self.max_singular_value * torch.sigmoid(self.S)
 
     @torch.no_grad()
     def set_singular_values_(self: _Layer, values: Tensor) -> _Layer:
-        """Set the layer's singular values ``S`` in place (``core='orthogonal'`` only).
+        """Set the layer's singular values ``S`` in place (``core_kind='orthogonal'`` only).
 
         ``values``: ``(groups * min(r_out, r_in),)``, each ``|value|`` becomes a singular value of
         the layer (circular padding, any stride and dilation: exactly, once per output position;
@@ -312,7 +308,7 @@ class _SVDConvNd(nn.Module):
         Under ``max_singular_value`` the values must lie in ``[0, max_singular_value)``.
         """
         if self.core_kind != "orthogonal":
-            raise ValueError("set_singular_values_ needs core='orthogonal'; in the general form S are not "
+            raise ValueError("set_singular_values_ needs core_kind='orthogonal'; in the general form S are not "
                              "the layer's singular values (use ttconv.clip_singular_values_)")
         values = torch.as_tensor(values, dtype=self.S.dtype, device=self.S.device)
         if values.numel() != self.S.numel():
@@ -391,7 +387,7 @@ class _SVDConvNd(nn.Module):
 
     @torch.no_grad()
     def set_dense_weight_(self: _Layer, weight: Tensor) -> _Layer:
-        """Set the layer's kernel to a dense tensor, in place and exactly (``core='general'``).
+        """Set the layer's kernel to a dense tensor, in place and exactly (``core_kind='general'``).
 
         The kernel is decomposed at the layer's ranks and copied into ``U, S, core, V``
         (parameter identity kept, canonical form). ``layer.weight = weight`` does the same,
@@ -410,13 +406,13 @@ class _SVDConvNd(nn.Module):
             error above ``1000 eps`` of the dtype, at most ``1e-2``): the layer is left
             unchanged instead of being truncated silently.
         AttributeError
-            For ``core='orthogonal'``, whose core is an orthogonal convolution by
+            For ``core_kind='orthogonal'``, whose core is an orthogonal convolution by
             construction: use ``layer.to_conv2d()`` and set that conv's weight.
         """
         if self.core_kind != "general":
             to_dense = "to_conv2d" if type(self) is SVDConv else "to_conv"
             raise AttributeError(
-                f"cannot set the dense kernel of an {type(self).__name__} with core={self.core_kind!r}: its core "
+                f"cannot set the dense kernel of an {type(self).__name__} with core_kind={self.core_kind!r}: its core "
                 "is an orthogonal convolution by construction, an arbitrary kernel would break that; "
                 f"convert it first with conv = layer.{to_dense}() and set conv.weight"
             )
@@ -669,7 +665,7 @@ class _SVDConvNd(nn.Module):
         The core has the layer's nonzero singular values for every padding mode and size
         (``orthonormal_core``), so bounds, spectra and control work on it (``r`` channels,
         not ``c``). Transposed layers give ``transposed=True`` and their ``output_padding``;
-        ``core='orthogonal'`` sets ``singular_values_are_s`` with ``S``. Differentiable.
+        ``core_kind='orthogonal'`` sets ``singular_values_are_s`` with ``S``. Differentiable.
         """
         orthogonal = self.core_kind == "orthogonal"
         return ConvSpec(
@@ -771,7 +767,7 @@ class _SVDConvNd(nn.Module):
         refine : int, default 0
             Iterations of alternating optimisation of ``U`` and ``V`` (HOOI) after the
             one-pass truncation, at the same ranks: the error never increases, and
-            ``approximation_error`` stays the exact error of the result. Worth it for
+            ``relative_error`` stays the exact error of the result. Worth it for
             truncated 3x3 (and larger) kernels, where it lowers the error by a few percent
             at roughly the cost of one more conversion per iteration; no effect at full
             rank or on 1x1 kernels (see ``ttconv.tt.decompose``).
@@ -779,7 +775,7 @@ class _SVDConvNd(nn.Module):
         Returns
         -------
         SVDConv
-            In canonical form; ``approximation_error`` is the relative Frobenius error
+            In canonical form; ``relative_error`` is the relative Frobenius error
             ``||W - W_hat|| / ||W||``, which equals the optimal truncation error of the
             two unfoldings truncated (0 up to round-off at full rank), or with ``refine``
             the error of the refined factors.
@@ -812,7 +808,7 @@ class _SVDConvNd(nn.Module):
             layer._copy_factors(result.factors)
             if bias is not None:
                 layer.bias.copy_(bias)
-        layer.approximation_error = result.relative_error
+        layer.relative_error = result.relative_error
         return layer
 
     def to_conv(self) -> _ConvNd:
@@ -874,7 +870,7 @@ class _SVDConvNd(nn.Module):
             s += f", padding_mode={self.padding_mode!r}"
         s += f", rank={self.ranks}"
         if self.core_kind != "general":
-            s += f", core={self.core_kind!r}"
+            s += f", core_kind={self.core_kind!r}"
         if self.max_singular_value is not None:
             s += f", max_singular_value={self.max_singular_value}"
         if self.path != "auto":
@@ -884,7 +880,7 @@ class _SVDConvNd(nn.Module):
     # ---------------------------------------------------------- checkpoint
     def _config(self) -> Dict[str, Any]:
         """The constructor keywords that shapes alone do not pin down."""
-        return dict(rank=self.ranks, core=self.core_kind, max_singular_value=self.max_singular_value, path=self.path)
+        return dict(rank=self.ranks, core_kind=self.core_kind, max_singular_value=self.max_singular_value, path=self.path)
 
     def get_extra_state(self) -> Tensor:
         """The configuration as an int64 vector (see ``_STATE_FIELDS``); plain tensor data."""
@@ -907,7 +903,7 @@ class _SVDConvNd(nn.Module):
         ``path`` is a runtime choice that does not change the function: not checked.
         """
         mine = self._config()
-        for key in ("rank", "core", "max_singular_value"):
+        for key in ("rank", "core_kind", "max_singular_value"):
             if saved[key] != mine[key]:
                 return (
                     f"the checkpoint's {type(self).__name__} has {key}={saved[key]!r}, this layer {key}={mine[key]!r}; "
@@ -986,7 +982,7 @@ class SVDConv(_SVDConvNd):
         multiply-adds, memory traffic and per-call overhead, calibrated on CPU timings;
         ``choose_path`` says which). All give the same result. On large inputs the 1x1
         channel mixings run as batched matmuls.
-    core : {'general', 'orthogonal'}, keyword-only
+    core_kind : {'general', 'orthogonal'}, keyword-only
         ``'general'`` (default): any kernel of the given ranks. ``'orthogonal'``: a core cut
         from an exactly orthogonal convolution (BCOP, ``ttconv.orthogonal``), with ``U``, ``V``
         orthonormalised in ``forward``; then the layer's singular values are exactly ``|S|``
@@ -996,7 +992,7 @@ class SVDConv(_SVDConvNd):
         (channel padding; ``r_out > r_in`` needs stride 1). ``S`` then has
         ``min(r_out, r_in)`` values per group. See ``docs/orthogonal.md``.
     max_singular_value : float, keyword-only
-        With ``core='orthogonal'``: ``S = max_singular_value * sigmoid(raw)``, so every
+        With ``core_kind='orthogonal'``: ``S = max_singular_value * sigmoid(raw)``, so every
         singular value stays below the bound at all times during training.
 
     Attributes
@@ -1006,11 +1002,11 @@ class SVDConv(_SVDConvNd):
     S : Parameter ``(groups * r_out,)``
         Singular values of the unfolding ``W.reshape(out_channels/g, -1)`` per group, in
         canonical form (after construction, conversion or ``canonicalize_``). With
-        ``core='orthogonal'``: ``(groups * min(r_out, r_in),)``, the layer's singular values
+        ``core_kind='orthogonal'``: ``(groups * min(r_out, r_in),)``, the layer's singular values
         (raw values under ``max_singular_value``; ``effective_S()`` gives them).
     core : Parameter ``(groups * r_out, r_in, kh, kw)``
         Middle core; its unfolding has orthonormal rows in canonical form. With
-        ``core='orthogonal'``: the BCOP generators ``(groups, 1 + (kh - 1) + (kw - 1), r, r)``,
+        ``core_kind='orthogonal'``: the BCOP generators ``(groups, 1 + (kh - 1) + (kw - 1), r, r)``,
         ``r = max(r_out, r_in)`` (``factors()`` gives the core they define).
     V : Parameter ``(in_channels, r_in)``
         Input factor, orthonormal columns per group.
@@ -1022,7 +1018,7 @@ class SVDConv(_SVDConvNd):
         changes a temporary, not the layer; *assigning* ``layer.weight = tensor`` does set
         the kernel (see ``set_dense_weight_``), so
         ``torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)`` works.
-    approximation_error : float or None
+    relative_error : float or None
         Relative Frobenius error of ``from_conv2d``'s truncation (``None`` otherwise).
 
     Notes
@@ -1061,7 +1057,7 @@ class SVDConv1d(_SVDConvNd):
     Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 1: ``rank``,
     ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv1d``), ``canonicalize_``, state
     dict and ``extra_repr``. The core is a 1-D kernel ``(groups * r_out, r_in, *kernel_size)``.
-    ``core='orthogonal'`` as in 2-D (BCOP along the one axis). ``singular_values(n)`` gives the exact
+    ``core_kind='orthogonal'`` as in 2-D (BCOP along the one axis). ``singular_values(n)`` gives the exact
     circular spectrum from the core.
     """
 
@@ -1076,7 +1072,7 @@ class SVDConv3d(_SVDConvNd):
     Everything as in ``SVDConv`` (the 2-D layer), with tuples of length 3: ``rank``,
     ``path``, ``from_conv`` / ``to_conv`` (``nn.Conv3d``), ``canonicalize_``, state
     dict and ``extra_repr``. The core is a 3-D kernel ``(groups * r_out, r_in, *kernel_size)``.
-    ``core='orthogonal'`` as in 2-D (BCOP blocks along each of the three axes). ``singular_values(n)``
+    ``core_kind='orthogonal'`` as in 2-D (BCOP blocks along each of the three axes). ``singular_values(n)``
     gives the exact circular spectrum from the core (3-D DFT).
     """
 
@@ -1107,12 +1103,12 @@ class _SVDConvTransposeNd(_SVDConvNd):
         *,
         rank: RankSpec = None,
         path: ForwardPath = "auto",
-        core: CoreKind = "general",
+        core_kind: CoreKind = "general",
         max_singular_value: Optional[float] = None,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device, dtype, rank=rank, path=path, core=core, max_singular_value=max_singular_value,
+            device, dtype, rank=rank, path=path, core_kind=core_kind, max_singular_value=max_singular_value,
             output_padding=output_padding,
         )
 
@@ -1141,7 +1137,7 @@ class SVDConvTranspose1d(_SVDConvTransposeNd):
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
     ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
-    convolution on ``m * stride``. With ``core='orthogonal'`` those are exactly ``|S|``, ``m^d``
+    convolution on ``m * stride``. With ``core_kind='orthogonal'`` those are exactly ``|S|``, ``m^d``
     times each (the adjoint of ``U diag(S) Q V^T`` has the same singular values).
     """
 
@@ -1160,7 +1156,7 @@ class SVDConvTranspose2d(_SVDConvTransposeNd):
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
     ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
-    convolution on ``m * stride``. With ``core='orthogonal'`` those are exactly ``|S|``, ``m^d``
+    convolution on ``m * stride``. With ``core_kind='orthogonal'`` those are exactly ``|S|``, ``m^d``
     times each (the adjoint of ``U diag(S) Q V^T`` has the same singular values).
     """
 
@@ -1179,7 +1175,7 @@ class SVDConvTranspose3d(_SVDConvTransposeNd):
     layer is the adjoint of the convolution from ``out_channels`` to ``in_channels`` with that
     weight, so its singular values are that convolution's (the meaning of ``S``).
     ``singular_values(m)`` (circular, on an input of size ``m``) are those of that
-    convolution on ``m * stride``. With ``core='orthogonal'`` those are exactly ``|S|``, ``m^d``
+    convolution on ``m * stride``. With ``core_kind='orthogonal'`` those are exactly ``|S|``, ``m^d``
     times each (the adjoint of ``U diag(S) Q V^T`` has the same singular values).
     """
 
@@ -1190,7 +1186,7 @@ class SVDConvTranspose3d(_SVDConvTransposeNd):
 def _decode_extra_state(state: Any) -> Dict[str, Any]:
     """The configuration stored by ``SVDConv.get_extra_state``, as constructor keywords.
 
-    Returns ``dict(rank=(r_out, r_in), core=..., max_singular_value=..., path=...)``;
+    Returns ``dict(rank=(r_out, r_in), core_kind=..., max_singular_value=..., path=...)``;
     raises ``ValueError`` for anything that is not such a vector.
     """
     values = state.tolist() if isinstance(state, Tensor) and state.dtype == torch.int64 and state.dim() == 1 else None
@@ -1203,4 +1199,4 @@ def _decode_extra_state(state: Any) -> Dict[str, Any]:
     if not (0 <= core < len(_CORES) and 0 <= path < len(_PATHS) and bounded in (0, 1) and r_out > 0 and r_in > 0):
         raise ValueError(f"malformed SVDConv extra state {values}: fields {_STATE_FIELDS} out of range")
     bound = struct.unpack("<d", struct.pack("<q", bits))[0] if bounded else None
-    return dict(rank=(r_out, r_in), core=_CORES[core], max_singular_value=bound, path=_PATHS[path])
+    return dict(rank=(r_out, r_in), core_kind=_CORES[core], max_singular_value=bound, path=_PATHS[path])

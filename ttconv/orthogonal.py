@@ -9,7 +9,7 @@ matrix ``H`` with ``k_i - 1`` such blocks along each axis ``i`` gives an
 size, for every dilation, exactly (up to float round-off): its frequency response is a
 product of unitary factors at every frequency of every grid.
 
-Pure tensor math with no module: the SVD conv layers use it for ``core='orthogonal'``.
+Pure tensor math with no module: the SVD conv layers use it for ``core_kind='orthogonal'``.
 """
 
 from __future__ import annotations

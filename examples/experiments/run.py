@@ -20,7 +20,7 @@ Methods (``kind`` in the config's ``methods``):
   scale, guaranteed; ``scale``: exact scale), and a final control pass after training;
 * ``fantastic_four``: ``SVDConv`` + ``ff_weight * SpectralControl.regularizer('fantastic_four')``
   added to the loss;
-* ``orthogonal``: ``SVDConv(core='orthogonal', max_singular_value=c)`` with MaxMin
+* ``orthogonal``: ``SVDConv(core_kind='orthogonal', max_singular_value=c)`` with MaxMin
   activations (on digits also a norm-1 head and a fixed logit scale ``temperature``).
 
 Run (about 6 minutes on 2 CPU cores)::
@@ -153,7 +153,7 @@ def build_model(config: Dict[str, Any], method: Dict[str, Any]) -> nn.Module:
 
         def conv(in_channels, out_channels, kernel_size, *, stride=1, padding=0, bias=True, padding_mode="zeros"):
             return ttconv.SVDConv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
-                                  padding_mode=padding_mode, core="orthogonal", max_singular_value=bound)
+                                  padding_mode=padding_mode, core_kind="orthogonal", max_singular_value=bound)
 
         if arch is models.digits_chain:
             width = options.get("width", 32)

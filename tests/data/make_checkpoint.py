@@ -17,7 +17,7 @@ def reference_model() -> nn.Sequential:
         SVDConv(3, 8, 3, padding=1, rank=(4, 2)),
         nn.ReLU(),
         SVDConv(8, 8, (3, 2), stride=2, groups=2, padding_mode="reflect", padding=1),
-        SVDConv(8, 8, 3, padding=1, core="orthogonal", max_singular_value=1.0),
+        SVDConv(8, 8, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0),
     )
 
 
