@@ -23,6 +23,8 @@ import pytest
 import torch
 from torch import nn
 
+import ttconv
+import ttconv.evaluate
 from circular_oracle import circular_singular_values_any_size
 from oracle import operator_matrix
 from ttconv.cli import main
@@ -397,3 +399,30 @@ def test_cli_on_a_5d_kernel_checkpoint(tmp_path):
     code, _, err = _cli("check", str(path), "--input-size", "2", "8", "8")
     assert code == 2
     assert "input_size has 2 spatial axes" in err and "C D H W" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cls, rank", [(ttconv.SVDConv, 1), (ttconv.SVDConv, (1, 3)), (ttconv.SVDConv1d, (2, 2)),
+                                       (ttconv.SVDConv3d, 1), (ttconv.SVDConvTranspose2d, (1, 2))])
+def test_state_dict_report_skips_orthogonal_cores_by_their_configuration(cls, rank):
+    """An orthogonal core's ``core`` holds BCOP generators, not a kernel; at rank 1 (or
+    ``(1, r)``) its shape looks like a kernel's, so the layer's stored configuration decides.
+    Its factors are listed as skipped, never analysed as a conv; a general layer of the same
+    shapes is analysed."""
+    torch.manual_seed(0)
+    orthogonal = cls(4, 6, 3, rank=rank, core_kind="orthogonal")
+    report = ttconv.state_dict_report({"conv." + k: v for k, v in orthogonal.state_dict().items()})
+    assert report.layers == []
+    assert [s.key for s in report.skipped] == ["conv.core"] and "orthogonal" in report.skipped[0].reason
+    general = cls(4, 6, 3, rank=rank)
+    report = ttconv.state_dict_report({"conv." + k: v for k, v in general.state_dict().items()})
+    assert [row.name for row in report.layers] == ["conv"] and report.skipped == []
+
+
+@pytest.mark.parametrize("cls, shape", [(ttconv.SVDConv1d, (1, 4, 16)), (ttconv.SVDConv3d, (1, 4, 6, 6, 6))])
+def test_lipschitz_bound_of_n_d_orthogonal_layers_is_max_abs_s(cls, shape):
+    torch.manual_seed(0)
+    layer = cls(4, 4, 3, padding=1, core_kind="orthogonal")
+    with torch.no_grad():
+        layer.set_singular_values_(torch.linspace(0.5, 2.5, layer.S.numel()))
+    model = torch.nn.Sequential(layer, torch.nn.ReLU()).eval()
+    assert ttconv.evaluate.lipschitz_bound(model, torch.randn(shape)) == pytest.approx(2.5, rel=1e-6)

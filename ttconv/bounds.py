@@ -126,7 +126,7 @@ def _copies(mode: str, before: int, after: int, n: int) -> int:
     """Largest number of times one input pixel appears in the row padded by ``F.pad(mode)``."""
     if before == after == 0:
         return 1
-    index = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
+    index = torch.arange(n, dtype=torch.float64, device="cpu").reshape(1, 1, n)  # host bookkeeping
     padded = F.pad(index, (before, after), mode=mode)
     return int(torch.bincount(padded.long().flatten(), minlength=n).max())
 
@@ -508,7 +508,7 @@ def _selected_copies(mode: str, before: int, after: int, n: int, stride: int) ->
     Output ``q`` reads position ``s q`` of the row padded by ``mode`` (zero padding: a
     zero, read by no input pixel); 0 when every output reads padding.
     """
-    index = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, 1, n)  # 0 marks a zero-padded pixel
+    index = torch.arange(1, n + 1, dtype=torch.float64, device="cpu").reshape(1, 1, n)  # 0 marks a zero-padded pixel
     padded = F.pad(index, (before, after), mode="constant" if mode == "zeros" else mode)
     return int(torch.bincount(padded.flatten()[::stride].long(), minlength=n + 1)[1:].max())
 

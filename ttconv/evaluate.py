@@ -32,11 +32,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from . import _conv_args as args
 from ._hooks import record_input_sizes
 from ._table import render_table
-from .layer import SVDConv
+from .layer import SVDConv, _SVDConvNd
 from .spectra import check_spectral_input_size, conv_singular_values
 
 __all__ = [
@@ -573,10 +574,10 @@ def _module_bound(name: str, module: nn.Module, row_bounds: Dict[str, float]) ->
     custom = getattr(module, "lipschitz_bound", None)
     if callable(custom):
         return float(custom())
-    if isinstance(module, SVDConv) and module.core_kind == "orthogonal":
+    if isinstance(module, _SVDConvNd) and module.core_kind == "orthogonal":
         with torch.no_grad():  # the layer's singular values are exactly |S| (docs/orthogonal.md)
             return float(module.effective_S().detach().double().abs().max())
-    if isinstance(module, (nn.Conv2d, SVDConv)):
+    if isinstance(module, (_ConvNd, _SVDConvNd)):
         if name not in row_bounds:
             raise ValueError(f"layer '{name}' has no certified bound in the spectral report: it was not reached by "
                              "example_input's forward pass (its operator norm depends on its input size) or its "

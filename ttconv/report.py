@@ -1012,6 +1012,18 @@ _Target = Tuple[str, str, Tuple[int, ...], Tensor, str]  # name, kind, shape, ke
 _KERNEL_DIMS = (3, 4, 5)
 
 
+def _orthogonal_core(extra_state: Any) -> bool:
+    """Whether an SVD layer's ``_extra_state`` says ``core_kind='orthogonal'`` (its ``core``
+    then holds BCOP generators, not a kernel). An unreadable state counts as orthogonal: the
+    factors are then skipped, never misread."""
+    from .layer import _decode_extra_state
+
+    try:
+        return _decode_extra_state(extra_state)["core_kind"] == "orthogonal"
+    except ValueError:
+        return True
+
+
 def _conv_kind(kernel: Tensor) -> str:
     """``Conv1d``/``Conv2d``/``Conv3d`` from a kernel's rank. A ``ConvTranspose`` weight has the
     same layout as the kernel of the conv it is the adjoint of, so it is reported as that conv
@@ -1057,7 +1069,9 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
                 skipped.append(SkippedTensor(key, tuple(core.shape), "SVDConv factors that are not analysable "
                                                                    "(not floating point, empty or not finite)"))
                 continue
-            if core.shape[0] != S.numel():
+            extra = get(prefix + "_extra_state")
+            if _orthogonal_core(extra) if extra is not None else core.shape[0] != S.numel():
+                # (Without the configuration, format 1, an orthogonal core is told apart by its shape.)
                 used.update(parts)
                 skipped.append(SkippedTensor(
                     key, tuple(core.shape), "orthogonal-core SVDConv: its kernel size and S bound are not in the "
