@@ -488,6 +488,13 @@ MUTANTS: List[Mutant] = [
         ("tests/test_table.py::test_text_columns_line_up_and_every_cell_is_where_its_alignment_says",),
         "the table renderer left-aligns every column",
     ),
+    Mutant(
+        "compose_returns_a_transposed_view", "ttconv/tt.py",
+        "    return weight.reshape(g * out_g, taps, in_g).transpose(1, 2).contiguous().reshape(g * out_g, in_g, kh, kw)",
+        "    return weight.reshape(g * out_g, taps, in_g).transpose(1, 2).reshape(g * out_g, in_g, kh, kw)",
+        ("tests/test_layer_nd.py::test_output_memory_format_is_torchs",),
+        "the composed kernel is a channels-last view: the dense path answers in channels-last (y.view(n, -1) breaks)",
+    ),
 ]
 
 

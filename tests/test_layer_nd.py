@@ -408,3 +408,40 @@ def test_conv_spec_of_an_orthogonal_core_carries_s():
     layer = SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=2.0, dtype=torch.float64)
     spec = layer.conv_spec()
     assert spec.singular_values_are_s and torch.equal(spec.s, layer.effective_S())
+
+
+_MEMORY_FORMAT_CASES = [  # (class, channels in, out, kernel, extra kwargs, input shape)
+    (SVDConv1d, 4, 6, 3, dict(padding=1), (2, 4, 9)),
+    (SVDConv2d, 4, 6, 3, dict(padding=1), (2, 4, 7, 7)),
+    (SVDConv2d, 4, 6, 1, dict(), (2, 4, 7, 7)),
+    (SVDConv2d, 4, 6, (3, 2), dict(stride=2, groups=2), (2, 4, 8, 8)),
+    (SVDConv3d, 4, 6, 3, dict(padding=1), (2, 4, 5, 5, 5)),
+    (SVDConvTranspose2d, 4, 6, 3, dict(stride=2), (2, 4, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("path", ["dense", "factored", "auto"])
+@pytest.mark.parametrize("case", range(len(_MEMORY_FORMAT_CASES)))
+@pytest.mark.parametrize("rank", [None, 2])
+def test_output_memory_format_is_torchs(case, path, rank):
+    """Drop-in includes the layout: the output is contiguous exactly when torch's layer's is
+    (and channels-last exactly when torch's is), so ``y.view(n, -1)`` works wherever it works
+    after torch's conv. A composed kernel returned as a transposed view made convs answer in
+    channels-last."""
+    cls, c_in, c_out, k, extra, shape = _MEMORY_FORMAT_CASES[case]
+    torch.manual_seed(0)
+    layer = cls(c_in, c_out, k, rank=rank, path=path, **extra)
+    reference = layer.to_conv()
+    inputs = [torch.randn(shape)]
+    if len(shape) == 4:
+        inputs.append(torch.randn(shape).to(memory_format=torch.channels_last))
+    for x in inputs:
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                y, expected = layer(x), reference(x)
+            assert y.shape == expected.shape
+            assert y.is_contiguous() == expected.is_contiguous(), (x.stride(), y.stride(), expected.stride())
+            if len(shape) == 4:
+                channels_last = torch.channels_last
+                assert y.is_contiguous(memory_format=channels_last) == expected.is_contiguous(memory_format=channels_last)
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)

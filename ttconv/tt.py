@@ -144,7 +144,9 @@ def compose(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int = 1) -> T
     with_v = torch.matmul(taps_last, V.reshape(g, in_g, r_in).transpose(1, 2))  # (g, r_out taps, in_g)
     scaled_u = U.reshape(g, out_g, r_out) * S.reshape(g, 1, r_out)
     weight = torch.matmul(scaled_u, with_v.reshape(g, r_out, taps * in_g))  # (g, out_g, taps in_g)
-    return weight.reshape(g * out_g, taps, in_g).transpose(1, 2).reshape(g * out_g, in_g, kh, kw)
+    # Contiguous (torch's layout): a transposed view would make convs return channels-last
+    # outputs, which code written for nn.Conv2d (``y.view(n, -1)``) does not expect.
+    return weight.reshape(g * out_g, taps, in_g).transpose(1, 2).contiguous().reshape(g * out_g, in_g, kh, kw)
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:
