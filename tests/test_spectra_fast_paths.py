@@ -386,7 +386,7 @@ def _nd_configs(d: int, count: int, seed: int):
     return configs
 
 
-ND = [(1, c) for c in _nd_configs(1, 60, seed=18)] + [(3, c) for c in _nd_configs(3, 60, seed=19)]
+ND = [(1, c) for c in _nd_configs(1, 200, seed=18)] + [(3, c) for c in _nd_configs(3, 200, seed=19)]
 
 
 def test_nd_sweep_covers_what_it_claims():
