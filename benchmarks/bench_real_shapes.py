@@ -75,14 +75,16 @@ def _set_path(model: nn.Module, path: str) -> None:
 
 def _fastest(fns, rounds: int):
     """Fastest seconds of each function over interleaved rounds (the least disturbed by other
-    processes on a shared machine)."""
+    processes on a shared machine); the order rotates every round, so no function always
+    runs right after the same other one."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     times: dict = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}
 
@@ -133,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(options.threads)
     names = list(real_shapes.MODELS)
     cases = PATH_CASES
-    repeats = 11
+    repeats = 16
     if options.quick:
         names = ["mtcnn_pnet", "mtcnn_onet"]
         cases = [("mtcnn_onet", None, (2,))]
