@@ -13,6 +13,9 @@ from torch import nn
 from ttconv import SVDConv
 from ttconv.cli import main
 
+# Subprocesses, files and numpy: these run on the CPU whatever --device says.
+pytestmark = pytest.mark.cpu_only
+
 
 def _net():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), SVDConv(8, 16, 3, stride=2, padding=1, rank=4))

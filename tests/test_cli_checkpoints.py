@@ -21,6 +21,9 @@ from ttconv import SVDConv
 from ttconv.cli import main
 from ttconv.report import state_dict_report
 
+# Subprocesses, files and numpy: these run on the CPU whatever --device says.
+pytestmark = pytest.mark.cpu_only
+
 SIZE = (6, 6)
 
 

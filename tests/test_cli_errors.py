@@ -23,6 +23,9 @@ from ttconv import report as report_module
 from ttconv.cli import CheckpointError, load_checkpoint, main, parse_memory_size
 from ttconv.report import UnsafeTensorError, state_dict_report
 
+# Subprocesses, files and numpy: these run on the CPU whatever --device says.
+pytestmark = pytest.mark.cpu_only
+
 # Peak memory of the CLI in a subprocess, printed on the last line of stdout.
 _MEASURE = (
     "import resource, sys, time; from ttconv.cli import main; start = time.perf_counter(); "

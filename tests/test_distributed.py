@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+# Subprocesses, files and numpy: these run on the CPU whatever --device says.
+pytestmark = pytest.mark.cpu_only
 
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 

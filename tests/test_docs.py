@@ -5,6 +5,9 @@ import re
 
 import pytest
 
+# Subprocesses, files and numpy: these run on the CPU whatever --device says.
+pytestmark = pytest.mark.cpu_only
+
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
 PAGES = [os.path.join(os.pardir, "README.md"), "index.md"] + [os.path.join("tutorials", n) for n in sorted(os.listdir(os.path.join(DOCS, "tutorials")))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)

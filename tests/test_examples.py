@@ -16,6 +16,9 @@ import torch
 from circular_oracle import circular_conv_any_size
 from oracle import operator_matrix
 
+# Subprocesses, files and numpy: these run on the CPU whatever --device says.
+pytestmark = pytest.mark.cpu_only
+
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 OWN_TESTS = {"pitch_1d.py", "generator_digits.py"}  # checked in detail below
 SCRIPTS = sorted(n for n in os.listdir(EXAMPLES)

@@ -25,6 +25,9 @@ import ttconv  # noqa: E402
 from ttconv import evaluate as ev  # noqa: E402
 from ttconv.activations import MaxMin  # noqa: E402
 
+# Subprocesses, files and numpy: these run on the CPU whatever --device says.
+pytestmark = pytest.mark.cpu_only
+
 PAPER = os.path.join(EXPERIMENTS, "configs", "cifar10_paper.json")
 
 
