@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
-from _timing import markdown_table  # noqa: E402
+from _device import add_device_argument, on_device  # noqa: E402
+from _timing import markdown_table, timed_call  # noqa: E402
 from bench_real_shapes import PATH_CASES  # noqa: E402
 
 import ttconv  # noqa: E402
@@ -68,9 +69,7 @@ def fastest(functions, rounds: int) -> Dict[str, float]:
     times: Dict[str, List[float]] = {name: [] for name in functions}
     for _ in range(rounds):
         for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(fn))
     return {name: min(values) for name, values in times.items()}
 
 
@@ -192,7 +191,13 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer (default 9; 1 quick)")
     parser.add_argument("--dump", metavar="JSON")
     parser.add_argument("--fit", metavar="JSON", help="search the cost model's constants on a dump")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options) -> None:
     torch.set_num_threads(1)
     if options.fit:
         fit(options.fit)

@@ -28,7 +28,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import markdown_table  # noqa: E402
+from _device import add_device_argument, on_device  # noqa: E402
+from _timing import markdown_table, timed_call  # noqa: E402
 
 from ttconv import SVDConv  # noqa: E402
 
@@ -72,9 +73,7 @@ def interleaved_minima(functions, rounds):
     times = {name: [] for name in functions}
     for _ in range(rounds):
         for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(fn))
     return {name: min(values) for name, values in times.items()}
 
 
@@ -148,7 +147,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a subset of the shapes, fewer rounds (< 2 min)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--dump", metavar="JSON", help="also write every timing with the layer's FLOP counts")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options) -> None:
     torch.set_num_threads(1)
     names = QUICK if options.quick else [s[0] for s in SHAPES]
     rounds = options.rounds or (3 if options.quick else 9)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -29,7 +28,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
-from _timing import markdown_table  # noqa: E402
+from _device import add_device_argument, on_device  # noqa: E402
+from _timing import markdown_table, timed_call  # noqa: E402
 from _zoo import gib, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
 
 import ttconv  # noqa: E402
@@ -83,9 +83,7 @@ def _fastest(fns, rounds: int):
     times: dict = {name: [] for name in fns}
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(fns[name]))
     return {name: min(values) for name, values in times.items()}
 
 
@@ -131,7 +129,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paths-only", action="store_true", help="only the forward-path table")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options) -> None:
     torch.set_num_threads(options.threads)
     names = list(real_shapes.MODELS)
     cases = PATH_CASES
