@@ -98,6 +98,15 @@ def _step(model, x, backward: bool):
     return run
 
 
+def _auto_paths(model: nn.Module, backward: bool) -> str:
+    """How many of the model's SVD convs ``auto`` ran factored in this regime (it remembers
+    its choice per input shape and regime): with 0 or all of them, 'auto' ran exactly the
+    kernels of 'dense' or 'factored', and any gap between their times is noise."""
+    chosen = [path for m in model.modules() if isinstance(m, ttconv.SVDConv)
+              for key, path in m.__dict__.get("_auto_paths", {}).items() if key[1] == backward]
+    return f"{chosen.count('factored')} of {len(chosen)}"
+
+
 def path_rows(cases, repeats: int, modes=("fwd", "fwd+bwd")) -> List[List[str]]:
     rows = []
     for name, shape, batches in cases:
@@ -119,7 +128,8 @@ def path_rows(cases, repeats: int, modes=("fwd", "fwd+bwd")) -> List[List[str]]:
                     rows.append([name, "full" if rank is None else str(rank), str(batch), mode,
                                  "x".join(map(str, x.shape[1:])), f"{t['original'] * 1e3:.2f} ms",
                                  f"{t['dense'] / t['original']:.2f}x", f"{t['factored'] / t['original']:.2f}x",
-                                 f"{t['auto'] / t['original']:.2f}x", f"{t['auto'] / best:.2f}"])
+                                 f"{t['auto'] / t['original']:.2f}x", _auto_paths(converted["auto"], backward),
+                                 f"{t['auto'] / best:.2f}"])
                     print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -157,7 +167,7 @@ def _run(options) -> None:
           f"backward; fastest of {repeats} interleaved rounds; time of the original model, then each converted "
           "model as a ratio to it; auto / best: 'auto' over the faster of 'dense' and 'factored')\n")
     print(markdown_table(["model", "rank", "batch", "mode", "input", "original", "dense", "factored", "auto",
-                          "auto / best"], path_rows(cases, repeats)))
+                          "auto ran factored", "auto / best"], path_rows(cases, repeats)))
 
 
 if __name__ == "__main__":
