@@ -98,12 +98,12 @@ def _step(model, x, backward: bool):
     return run
 
 
-def _auto_paths(model: nn.Module, backward: bool) -> str:
-    """How many of the model's SVD convs ``auto`` ran factored in this regime (it remembers
-    its choice per input shape and regime): with 0 or all of them, 'auto' ran exactly the
-    kernels of 'dense' or 'factored', and any gap between their times is noise."""
+def _auto_paths(model: nn.Module, batch: int, backward: bool) -> str:
+    """How many of the model's SVD convs ``auto`` ran factored at this batch size and regime
+    (it remembers its choice per input shape and regime): with 0 or all of them, 'auto' ran
+    exactly the kernels of 'dense' or 'factored', and any gap between their times is noise."""
     chosen = [path for m in model.modules() if isinstance(m, ttconv.SVDConv)
-              for key, path in m.__dict__.get("_auto_paths", {}).items() if key[1] == backward]
+              for key, path in m.__dict__.get("_auto_paths", {}).items() if key[0][0] == batch and key[1] == backward]
     return f"{chosen.count('factored')} of {len(chosen)}"
 
 
@@ -128,7 +128,7 @@ def path_rows(cases, repeats: int, modes=("fwd", "fwd+bwd")) -> List[List[str]]:
                     rows.append([name, "full" if rank is None else str(rank), str(batch), mode,
                                  "x".join(map(str, x.shape[1:])), f"{t['original'] * 1e3:.2f} ms",
                                  f"{t['dense'] / t['original']:.2f}x", f"{t['factored'] / t['original']:.2f}x",
-                                 f"{t['auto'] / t['original']:.2f}x", _auto_paths(converted["auto"], backward),
+                                 f"{t['auto'] / t['original']:.2f}x", _auto_paths(converted["auto"], batch, backward),
                                  f"{t['auto'] / best:.2f}"])
                     print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     return rows
