@@ -32,17 +32,26 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median([timed_call(fn) for _ in range(repeats)])
 
 
-def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, float]:
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1, *,
+                statistic: Callable[[List[float]], float] = statistics.median,
+                rotate: bool = False) -> Dict[str, float]:
     """Median seconds of each function, timed in turn (a, b, c, a, b, c, ...) after a warm-up, so a
-    change of machine load hits every side of a ratio alike."""
+    change of machine load hits every side of a ratio alike.
+
+    ``statistic=min``: the fastest round instead (the least disturbed by other processes on a
+    shared machine). ``rotate``: the order turns by one every round, so no function always runs
+    right after the same other one.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed_call(fn))
-    return {name: statistics.median(values) for name, values in times.items()}
+    for round_ in range(repeats):
+        shift = round_ % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed_call(fns[name]))
+    return {name: statistic(values) for name, values in times.items()}
 
 
 def markdown_table(header: List[str], rows: List[List[str]]) -> str:

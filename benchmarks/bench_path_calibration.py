@@ -31,7 +31,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
 from _device import add_device_argument, on_device  # noqa: E402
-from _timing import markdown_table, timed_call  # noqa: E402
+from _timing import interleaved, markdown_table  # noqa: E402
 from bench_real_shapes import PATH_CASES  # noqa: E402
 
 import ttconv  # noqa: E402
@@ -63,16 +63,6 @@ def layer_inputs(name: str, shape, batch: int, rank) -> List[Dict[str, Any]]:
     return [dict(model=name, layer=key, module=m, input=tuple(s), input_grad=g) for key, (m, s, g) in seen.items()]
 
 
-def fastest(functions, rounds: int) -> Dict[str, float]:
-    for fn in functions.values():
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            times[name].append(timed_call(fn))
-    return {name: min(values) for name, values in times.items()}
-
-
 def time_paths(layer, shape, mode: str, rounds: int, input_grad: bool = False) -> Dict[str, float]:
     x = torch.randn(shape, requires_grad=input_grad and mode == "fwd+bwd")
 
@@ -89,7 +79,7 @@ def time_paths(layer, shape, mode: str, rounds: int, input_grad: bool = False) -
         return call
 
     layer.train(mode == "fwd+bwd")
-    return fastest({p: run(p) for p in ("dense", "factored")}, rounds)
+    return interleaved({p: run(p) for p in ("dense", "factored")}, rounds, statistic=min)
 
 
 def measure(rounds: int, quick: bool) -> List[Dict[str, Any]]:

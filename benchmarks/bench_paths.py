@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _device import add_device_argument, on_device  # noqa: E402
-from _timing import markdown_table, timed_call  # noqa: E402
+from _timing import interleaved, markdown_table  # noqa: E402
 
 from ttconv import SVDConv  # noqa: E402
 
@@ -64,17 +64,6 @@ def build_layer(in_channels, out_channels, kernel, stride, groups, fraction):
     if fraction is not None:
         rank = max(1, round(fraction * min(in_channels, out_channels) / groups))
     return SVDConv(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, rank=rank)
-
-
-def interleaved_minima(functions, rounds):
-    """Fastest seconds of each function, calling each once per round, in turn."""
-    for fn in functions.values():
-        fn()
-    times = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            times[name].append(timed_call(fn))
-    return {name: min(values) for name, values in times.items()}
 
 
 def _forward_eval(layer, x, path):
@@ -121,7 +110,7 @@ def measure(names, batches, rounds, modes, dump=None):
                 for mode in modes:
                     layer.train(mode == "fwd+bwd")
                     make = _forward_eval if mode == "fwd eval" else _forward_backward
-                    times = interleaved_minima({p: make(layer, x, p) for p in PATHS}, rounds)
+                    times = interleaved({p: make(layer, x, p) for p in PATHS}, rounds, statistic=min)
                     best = min(times["dense"], times["factored"])
                     ratio = times["auto"] / best
                     choice = times[chosen] / best

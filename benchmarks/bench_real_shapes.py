@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
 from _device import add_device_argument, on_device  # noqa: E402
-from _timing import markdown_table, timed_call  # noqa: E402
+from _timing import interleaved, markdown_table  # noqa: E402
 from _zoo import gib, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
 
 import ttconv  # noqa: E402
@@ -73,20 +73,6 @@ def _set_path(model: nn.Module, path: str) -> None:
             module.path = path
 
 
-def _fastest(fns, rounds: int):
-    """Fastest seconds of each function over interleaved rounds (the least disturbed by other
-    processes on a shared machine); the order rotates every round, so no function always
-    runs right after the same other one."""
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times: dict = {name: [] for name in fns}
-    for round_ in range(rounds):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            times[name].append(timed_call(fns[name]))
-    return {name: min(values) for name, values in times.items()}
-
-
 def _step(model, x, backward: bool):
     def run():
         if backward:
@@ -123,7 +109,7 @@ def path_rows(cases, repeats: int, modes=("fwd", "fwd+bwd")) -> List[List[str]]:
                     backward = mode == "fwd+bwd"
                     fns = {"original": _step(model, xb, backward)}
                     fns.update({path: _step(m, xb, backward) for path, m in converted.items()})
-                    t = _fastest(fns, repeats)
+                    t = interleaved(fns, repeats, statistic=min, rotate=True)
                     best = min(t["dense"], t["factored"])
                     rows.append([name, "full" if rank is None else str(rank), str(batch), mode,
                                  "x".join(map(str, x.shape[1:])), f"{t['original'] * 1e3:.2f} ms",
