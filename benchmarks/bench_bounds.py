@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
-from _timing import markdown_table  # noqa: E402
+from _device import add_device_argument, describe, on_device  # noqa: E402
+from _timing import markdown_table, timed_call  # noqa: E402
 
 from ttconv import bounds  # noqa: E402
 
@@ -53,10 +53,10 @@ def _measure(conv, n):
     cells = []
     exact = None
     for column, method in METHODS:
-        start = time.perf_counter()
+        result = []
         with torch.no_grad():
-            value = float(method(conv, n))
-        elapsed = time.perf_counter() - start
+            elapsed = timed_call(lambda: result.append(float(method(conv, n))))
+        value = result[0]
         exact = exact if exact is not None else value
         cells.append(f"{value / exact:.3f} ({elapsed * 1e3:.0f} ms)" if column != "exact circ"
                      else f"{value:.3f} ({elapsed * 1e3:.0f} ms)")
@@ -83,7 +83,15 @@ def _trained_cnn_layers(epochs):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        rows = _rows(options)
+    print(f"torch {torch.__version__}, {describe(options.device)}, float32; cells: value / exact (time)\n")
+    print(markdown_table(["layer", *[m[0] for m in METHODS]], rows))
+
+
+def _rows(options):
     torch.manual_seed(0)
     shapes = [("tiny", 4, 8, 3, 1, 8), ("tiny s2", 4, 8, 3, 2, 8)] if options.quick else RESNET18
     rows = []
@@ -92,8 +100,7 @@ def main(argv=None) -> None:
         rows.append([f"{name} {c_in}->{c_out} k{k} s{stride} n{n}", *_measure(conv, n)])
     for name, conv, n in _trained_cnn_layers(epochs=1 if options.quick else 10):
         rows.append([name, *_measure(conv, n)])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; cells: value / exact (time)\n")
-    print(markdown_table(["layer", *[m[0] for m in METHODS]], rows))
+    return rows
 
 
 if __name__ == "__main__":

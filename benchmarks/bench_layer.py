@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table  # noqa: E402
 
 from ttconv import SVDConv, SVDConv1d, SVDConv3d, SVDConvTranspose2d, conv_singular_values  # noqa: E402
@@ -144,17 +145,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke test)")
     parser.add_argument("--batch", type=int, default=32)
+    add_device_argument(parser)
     options = parser.parse_args(argv)
     if options.quick:
         layers, spectra, batch, repeats, nd = [(16, 8)], SPECTRUM_QUICK, 2, 1, ND_QUICK
     else:
         layers, spectra, batch, repeats, nd = RESNET_SHAPES, SPECTRUM_SHAPES, options.batch, 5, ND_SHAPES
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, 3x3 convs, padding 1\n")
-    print(layer_table(layers, batch, repeats))
-    print()
-    print(nd_table(nd, min(batch, 8), repeats))
-    print()
-    print(spectrum_table(spectra, repeats))
+    print(f"torch {torch.__version__}, {describe(options.device)}, batch {batch}, 3x3 convs, padding 1\n")
+    with on_device(options.device):
+        print(layer_table(layers, batch, repeats))
+        print()
+        print(nd_table(nd, min(batch, 8), repeats))
+        print()
+        print(spectrum_table(spectra, repeats))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table, median_seconds_on_copies  # noqa: E402
 
 import ttconv  # noqa: E402
@@ -43,7 +44,13 @@ def _forward(module, x):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options) -> None:
     shapes, batch, repeats = ([(2, 8, 8), (1, 8, 8), (3, 4, 4)], 2, 1) if options.quick else (SHAPES, 32, 7)
     rows, clip_rows = [], []
     for dims, channels, size in shapes:
@@ -77,7 +84,7 @@ def main(argv=None) -> None:
                                              repeats)
             clip_rows.append([f"{channels}x{size}x{size} {rank_label}", f"{fft * 1e3:.1f}", f"{exact * 1e3:.2f}",
                               f"{fft / exact:.0f}x"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, kernel 3 per axis, "
+    print(f"torch {torch.__version__}, {describe(options.device)}, batch {batch}, kernel 3 per axis, "
           "padding 1; each shape's layers timed interleaved\n")
     print(markdown_table(["input", "layer", "fwd ms", "/ torch", "fwd+bwd ms", "/ torch"], rows))
     print("\nOne clip to sigma <= 0.5 (includes the exact norm computed afterwards):\n")
