@@ -14,6 +14,10 @@ run of each in turn, repeated), so a change of machine load hits both sides.
    ``ttconv.convert`` vs one float32 forward pass at batch 8, 224x224.
 3. ``SVDConv(c, c, 3)`` vs ``nn.Conv2d(c, c, 3)`` construction.
 4. Relative error and time of ``refine`` (HOOI) iterations vs the one-pass truncation.
+
+``--device cuda`` runs ttconv and the torch baselines on the GPU (timers synchronised, TF32
+off: see ``_device``); the numpy HOOI reference of table 4 always runs on the CPU, and the
+"threads" column is then the host's CPU threads.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from typing import Callable, Dict, Iterator, List, Sequence
 
 import numpy as np
@@ -30,7 +33,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved, markdown_table  # noqa: E402
+from _device import add_device_argument, describe, on_device  # noqa: E402
+from _timing import interleaved, markdown_table, timed_call  # noqa: E402
 
 import ttconv  # noqa: E402
 from ttconv.tt import decompose  # noqa: E402
@@ -127,10 +131,7 @@ def resnet_table(batch: int, size: int, repeats: int, model_fn: Callable[[], nn.
             t = interleaved({"forward": forward, "convert": lambda: ttconv.convert(model)}, repeats)
             svd_route = None
             if reference and count == 1:  # the old route, once: two LAPACK SVDs per conv
-                start = time.perf_counter()
-                for conv in convs:
-                    decompose(conv.weight, conv.groups, method="svd")
-                svd_route = time.perf_counter() - start
+                svd_route = timed_call(lambda: [decompose(conv.weight, conv.groups, method="svd") for conv in convs])
         rows.append([
             str(count), str(len(convs)), f"{t['forward']:.2f}", f"{t['convert']:.2f}",
             f"{t['convert'] / t['forward']:.2f}x",
@@ -188,16 +189,21 @@ def _numpy_hooi_errors(w: np.ndarray, r_out: int, r_in: int, checkpoints: Sequen
 
 
 def _kernels(channels: int) -> Dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    rank = channels // 4
-    signal = torch.einsum("oa,abt,ib->oit", torch.randn(channels, rank, generator=gen),
-                          torch.randn(rank, rank, 9, generator=gen), torch.randn(channels, rank, generator=gen))
-    signal = signal / signal.norm()
-    noise = torch.randn(channels, channels, 9, generator=gen)
-    return {
-        "random (Gaussian)": torch.randn(channels, channels, 3, 3, generator=gen),
-        "rank c/4 + 30% noise": (signal + 0.3 * noise / noise.norm()).reshape(channels, channels, 3, 3),
-    }
+    """Seeded kernels, drawn on the CPU (a CPU generator: the same kernels on every device) and
+    moved to the benchmark's device."""
+    target = torch.empty(0).device  # the default device: on_device's, or the CPU
+    with torch.device("cpu"):
+        gen = torch.Generator().manual_seed(0)
+        rank = channels // 4
+        signal = torch.einsum("oa,abt,ib->oit", torch.randn(channels, rank, generator=gen),
+                              torch.randn(rank, rank, 9, generator=gen), torch.randn(channels, rank, generator=gen))
+        signal = signal / signal.norm()
+        noise = torch.randn(channels, channels, 9, generator=gen)
+        kernels = {
+            "random (Gaussian)": torch.randn(channels, channels, 3, 3, generator=gen),
+            "rank c/4 + 30% noise": (signal + 0.3 * noise / noise.norm()).reshape(channels, channels, 3, 3),
+        }
+    return {kind: kernel.to(target) for kind, kernel in kernels.items()}
 
 
 def refinement_table(channels: int, ranks: Sequence[int], iterations: Sequence[int], repeats: int) -> str:
@@ -207,7 +213,7 @@ def refinement_table(channels: int, ranks: Sequence[int], iterations: Sequence[i
             fns = {n: (lambda n=n: decompose(weight, rank=rank, refine=n)) for n in iterations}
             t = interleaved({str(n): fn for n, fn in fns.items()}, repeats, warmup=0)
             errors = {n: fn().relative_error for n, fn in fns.items()}
-            hooi = _numpy_hooi_errors(weight.double().numpy(), rank, rank, iterations)
+            hooi = _numpy_hooi_errors(weight.double().cpu().numpy(), rank, rank, iterations)
             for n in iterations:
                 rows.append([
                     kind if n == iterations[0] and rank == ranks[0] else "", str(rank) if n == iterations[0] else "",
@@ -222,7 +228,13 @@ def refinement_table(channels: int, ranks: Sequence[int], iterations: Sequence[i
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke test)")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options: argparse.Namespace) -> None:
     if options.quick:
         single, repeats, batch, size = 32, 1, 1, 32
         model_fn = lambda: resnet50_shaped((8, 8, 8, 8), (1, 1, 1, 1), 10)  # noqa: E731
@@ -231,8 +243,12 @@ def main(argv=None) -> None:
         single, repeats, batch, size = 512, 5, 8, 224
         model_fn = resnet50_shaped
         construct, refine_channels, refine_ranks, iterations = [64, 256, 512], 256, [32, 64], [0, 1, 5, 20]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads by default; rows also at 1 thread "
-          "(the 2-core machine is shared: with 2 threads, timings swing with the other processes' load)\n")
+    if options.device.type == "cpu":
+        print(f"torch {torch.__version__}, {describe(options.device)} by default; rows also at 1 thread "
+              "(the 2-core machine is shared: with 2 threads, timings swing with the other processes' load)\n")
+    else:
+        print(f"torch {torch.__version__}, {describe(options.device)}; 'threads': the host's CPU threads "
+              f"({torch.get_num_threads()} by default, rows also at 1); the numpy HOOI reference runs on the CPU\n")
     print(f"One {single}x{single}x3x3 conversion (float64 work) vs LAPACK SVD of the wide unfolding:\n")
     print(single_conversion_table(single, max(1, repeats - 2)))  # LAPACK's wide SVD alone can take 10 s
     print("\nResNet-50-shaped model, full-rank ttconv.convert vs one float32 forward pass:\n")
