@@ -25,19 +25,22 @@
    a fraction of its own exact norm; the norm reached over the target, for plain clip
    (``n_iter`` 1 and 10) and for ``clip_scale``.
 
-Run: ``python benchmarks/bench_control.py`` (``--quick`` for a smoke run).
+Run: ``python benchmarks/bench_control.py`` (``--quick`` for a smoke run; ``--device cuda`` on a
+GPU: timers synchronised, TF32 off, see ``_device``). The paper's code runs on the CPU whatever
+the device (its clip calls ``np.transpose`` on the tensor, and its own training loop moves the
+kernel to the CPU for the clip); its cells then say "cpu".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import random
 import statistics
 import subprocess
 import sys
-import time
 import types
 import warnings
 
@@ -45,7 +48,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import markdown_table, median_seconds  # noqa: E402
+from _device import add_device_argument, describe, on_device  # noqa: E402
+from _timing import markdown_table, median_seconds, timed_call  # noqa: E402
 
 import ttconv  # noqa: E402
 from ttconv import control  # noqa: E402
@@ -86,9 +90,8 @@ def control_costs(dense, low, size, batch, repeats):
                     continue
                 controller = ttconv.SpectralControl(copy.deepcopy(model), target, every=1, mode=mode,
                                                     example_input=example)
-                start = time.perf_counter()
-                reached = controller.apply()
-                times[label, mode].append(time.perf_counter() - start)
+                reached = {}
+                times[label, mode].append(timed_call(lambda: reached.update(controller.apply())))
                 if mode == "clip":
                     overshoot[label] = max(reached.values()) / target
     rows, medians = [], {key: statistics.median(value) for key, value in times.items()}
@@ -130,14 +133,8 @@ def _tall(matrices):
 def _gram_cholesky(matrices):
     o, i = matrices.shape[-2:]
     gram = matrices @ matrices.mH if o <= i else matrices.mH @ matrices
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return torch.linalg.cholesky_ex(2 * gram.diagonal(dim1=-2, dim2=-1).real.sum(-1)[:, None, None] * eye - gram)
-
-
-def _seconds(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def limit_table(dense, low, size):
@@ -150,8 +147,8 @@ def limit_table(dense, low, size):
         for (name, d_layer, n), (_, c_layer, _) in pairs:
             d_mat, c_mat = _half_plane_matrices(d_layer, n), _half_plane_matrices(c_layer, n)
             flops = [m.shape[0] * m.shape[1] * m.shape[2] * min(m.shape[1:]) for m in (d_mat, c_mat)]
-            svd = [_seconds(lambda m=m: torch.linalg.svd(_tall(m), full_matrices=False)) for m in (d_mat, c_mat)]
-            chol = [_seconds(lambda m=m: _gram_cholesky(m)) for m in (d_mat, c_mat)]
+            svd = [timed_call(lambda m=m: torch.linalg.svd(_tall(m), full_matrices=False)) for m in (d_mat, c_mat)]
+            chol = [timed_call(lambda m=m: _gram_cholesky(m)) for m in (d_mat, c_mat)]
             for index, value in enumerate(flops + svd + chol):
                 totals[index] += value
             rows.append([name, f"{n[0]}x{n[1]}", str(d_mat.shape[0]), "x".join(map(str, d_mat.shape[1:])),
@@ -224,7 +221,7 @@ def reimplemented_clip(core, n, max_singular_value, stride):
     components put back and the kernel's taps kept. ``core``: ``(c_out, c_in, kh, kw)``.
     """
     c_out, c_in, kh, kw = core.shape
-    padded = torch.zeros(c_out, c_in, n, n, dtype=core.dtype)
+    padded = torch.zeros(c_out, c_in, n, n, dtype=core.dtype, device=core.device)
     padded[..., :kh, :kw] = core
     phases = torch.stack([padded[..., a::stride, b::stride] for a in range(stride) for b in range(stride)], 2)
     transfer = torch.fft.fft2(phases.reshape(c_out, -1, n // stride, n // stride)).permute(2, 3, 0, 1)
@@ -238,6 +235,16 @@ def reimplemented_clip(core, n, max_singular_value, stride):
 
 def paper_table(shapes, repo, runs):
     paper = load_paper_clip(repo)
+    # The paper's clip needs host tensors (np.transpose on a tensor): on another device it gets a
+    # CPU copy of the core, made outside the timed window, and runs with the CPU as the default
+    # device (its torch.zeros must land there too).
+    elsewhere = torch.empty(0).device.type != "cpu"
+    on_cpu = (lambda: torch.device("cpu")) if elsewhere else contextlib.nullcontext
+
+    def run_paper(layout, n, target, stride):
+        with on_cpu():
+            return paper(layout, (n, n), target, (stride, stride))
+
     rows = []
     for c, r, n, stride in shapes:
         torch.manual_seed(0)
@@ -245,29 +252,30 @@ def paper_table(shapes, repo, runs):
         with torch.no_grad():
             core = layer.orthonormal_core()
             target = 0.5 * float(ttconv.spectral_norm(layer, n))
-        theirs_layout = core.permute(2, 3, 0, 1).contiguous()  # (k, k, c_out, c_in), as their nn.Conv2d path
+        theirs_layout = core.permute(2, 3, 0, 1).contiguous().cpu()  # (k, k, c_out, c_in), as their nn.Conv2d path
         times = {"ours": [], "norm": [], "paper": [], "re": []}
         for _ in range(runs):  # interleaved
             fresh = copy.deepcopy(layer)
-            times["ours"].append(_seconds(lambda: ttconv.clip_singular_values_(fresh, target, n)))
+            times["ours"].append(timed_call(lambda: ttconv.clip_singular_values_(fresh, target, n)))
             with torch.no_grad():
-                times["norm"].append(_seconds(lambda: control._norm(fresh, (n, n))))
+                times["norm"].append(timed_call(lambda: control._norm(fresh, (n, n))))
                 if paper is not None:
-                    times["paper"].append(_seconds(lambda: paper(theirs_layout, (n, n), target, (stride, stride))))
-                times["re"].append(_seconds(lambda: reimplemented_clip(core, n, target, stride)))
+                    times["paper"].append(timed_call(lambda: run_paper(theirs_layout, n, target, stride)))
+                times["re"].append(timed_call(lambda: reimplemented_clip(core, n, target, stride)))
         with torch.no_grad():
             ours_kernel = control._clip_kernel(core, (n, n), target, (stride, stride), (1, 1), 1)
-            reference = (paper(theirs_layout, (n, n), target, (stride, stride)).permute(2, 3, 0, 1) if paper is not None
-                         else reimplemented_clip(core, n, target, stride))
+            reference = (run_paper(theirs_layout, n, target, stride).permute(2, 3, 0, 1).to(core.device)
+                         if paper is not None else reimplemented_clip(core, n, target, stride))
             difference = float((ours_kernel - reference).abs().max() / reference.abs().max())
         median = {key: statistics.median(value) if value else float("nan") for key, value in times.items()}
         rows.append([f"c={c} r={r} n={n} stride {stride}", f"{median['ours'] * 1e3:.0f}", f"{median['norm'] * 1e3:.0f}",
-                     f"{median['paper'] * 1e3:.0f}" if paper is not None else "not run",
+                     (f"{median['paper'] * 1e3:.0f}" + (" (cpu)" if elsewhere else "")) if paper is not None
+                     else "not run",
                      f"{median['paper'] / median['ours']:.2f}x" if paper is not None else "",
                      f"{median['re'] * 1e3:.0f}", f"{median['re'] / median['ours']:.2f}x", f"{difference:.1e}"])
     header = ["core (float32)", "ttconv step ms", "of which exact norm ms", "paper's clip ms", "ttconv speed-up",
               "re-implementation ms", "speed-up", "max |ours - paper| / max |paper|"]
-    source = (f"paper's code loaded from {repo}" if paper is not None
+    source = (f"paper's code loaded from {repo}" + (", run on the cpu" if elsewhere else "") if paper is not None
               else "paper's code not found (--paper-repo): re-implementation only")
     return source, markdown_table(header, rows)
 
@@ -363,7 +371,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--paper-repo", default=os.environ.get("TTCONV_PAPER_REPO", PAPER_REPO),
                         help="local clone (work tree or git directory) of WhiteTeaDragon/practical_svd_conv")
+    add_device_argument(parser)
     options = parser.parse_args(argv)
+    with on_device(options.device):
+        _run(options)
+
+
+def _run(options: argparse.Namespace) -> None:
     if options.quick:
         widths, size, batch, count, fractions = [8, 16], 8, 2, 6, (0.5,)
         repeats = {mode: (1, 1) for mode in MODES}
@@ -376,7 +390,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     dense = resnet_like(widths)
     low = ttconv.convert(dense, rank=0.25)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; widths {widths}, input {size}x{size}, "
+    print(f"torch {torch.__version__}, {describe(options.device)}; widths {widths}, input {size}x{size}, "
           f"batch {batch}, target 1e-3\n")
     print(control_costs(dense, low, size, batch, repeats))
     print("\nThe limit, per controlled layer: FLOP ratio of the per-frequency work (matrices o x i, "
