@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,19 +27,6 @@ import real_shapes  # noqa: E402
 from _device import DeviceLike, on_device, parse_device, peak_memory_bytes, peak_memory_reset, synchronize  # noqa: E402
 
 import ttconv  # noqa: E402
-
-
-def build(name: str, tiny: bool = False) -> Tuple[nn.Module, torch.Tensor]:
-    """``real_shapes.build(name)`` on the device factory calls land on (the benchmark's).
-
-    The model and its input are drawn on the CPU, where ``real_shapes`` seeds its own
-    ``torch.Generator`` (a CPU generator cannot fill CUDA tensors), then moved: the same
-    weights and input on every device.
-    """
-    with torch.device("cpu"):
-        model, x = real_shapes.build(name, tiny=tiny)
-    target = torch.empty(0).device  # the default device: on_device's, or the CPU
-    return model.to(target), x.to(target)
 
 
 def parameters(model: nn.Module) -> int:
@@ -94,7 +81,7 @@ def _report_child(argv: Sequence[str]) -> None:
 
 
 def _measure_report(name: str, convert_rank: Optional[float], tiny: bool, device: torch.device) -> Dict[str, Any]:
-    model, x = build(name, tiny=tiny)
+    model, x = real_shapes.build(name, tiny=tiny)
     if convert_rank is not None:
         model = ttconv.convert(model, rank=convert_rank if convert_rank < 1 else None)
     with torch.no_grad():

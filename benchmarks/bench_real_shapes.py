@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
-from _device import add_device_argument, on_device  # noqa: E402
+from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table  # noqa: E402
 from _zoo import gib, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
 
@@ -45,12 +45,15 @@ PATH_CASES: List[Tuple[str, Optional[Tuple[int, int, int]], Tuple[int, ...]]] = 
 ]
 
 
-def report_rows(names: Sequence[str]) -> List[List[str]]:
+def report_rows(names: Sequence[str], device: torch.device) -> List[List[str]]:
+    """Per model: report time, peak memory (CUDA's peak allocated on a GPU, else the process's
+    peak RSS), rows, rows with an exact value, skipped layers."""
     rows = []
     for name in names:
-        result = measure_report_in_subprocess(name)
+        result = measure_report_in_subprocess(name, device=device)
         _, shape = real_shapes.MODELS[name]
-        rows.append([name, "x".join(map(str, shape)), f"{result['seconds']:.1f} s", f"{gib(result['peak'])} GiB",
+        peak = result["cuda_peak"] if device.type == "cuda" else result["peak"]
+        rows.append([name, "x".join(map(str, shape)), f"{result['seconds']:.1f} s", f"{gib(peak)} GiB",
                      str(result["rows"]), str(result["exact"]), str(result["skipped"])])
     return rows
 
@@ -140,12 +143,14 @@ def _run(options) -> None:
         names = ["mtcnn_pnet", "mtcnn_onet"]
         cases = [("mtcnn_onet", None, (2,))]
         repeats = 2
-    print(f"threads: {options.threads}, load average at start: {open('/proc/loadavg').read().split()[0]}, "
-          f"torch {torch.__version__}\n")
+    print(f"{describe(options.device)}, threads: {options.threads}, load average at start: "
+          f"{open('/proc/loadavg').read().split()[0]}, torch {torch.__version__}\n")
     if not options.paths_only:
-        print("**spectral_report at the real input size** (batch 1, fresh process; peak: whole process)\n")
-        print(markdown_table(["model", "input", "time", "peak RSS", "rows", "with exact", "skipped"],
-                             report_rows(names)))
+        on_gpu = options.device.type == "cuda"
+        print(f"**spectral_report at the real input size** (batch 1, fresh process; peak: "
+              f"{'CUDA peak allocated' if on_gpu else 'whole process'})\n")
+        print(markdown_table(["model", "input", "time", "peak CUDA" if on_gpu else "peak RSS", "rows", "with exact",
+                              "skipped"], report_rows(names, options.device)))
         print("\n**convert at full rank** (default settings; output error: ||f'(x) - f(x)|| / ||f(x)||)\n")
         print(markdown_table(["model", "params", "converted params", "convs left dense", "output error"],
                              conversion_rows(names)))

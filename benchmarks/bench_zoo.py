@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_shapes  # noqa: E402
 from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table, timed_call  # noqa: E402
-from _zoo import build, gib, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
+from _zoo import gib, measure_report_in_subprocess, parameters, relative_output_error  # noqa: E402
 
 import ttconv  # noqa: E402
 
@@ -43,7 +43,7 @@ def _batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 def conversion_rows(names: Sequence[str], tiny: bool, repeats: int) -> List[List[str]]:
     rows = []
     for name in names:
-        model, x = build(name, tiny=tiny)
+        model, x = real_shapes.build(name, tiny=tiny)
         x8 = _batch(x, 8)
         with torch.no_grad():
             forward = interleaved({"fwd": lambda: model(x8)}, repeats)["fwd"]
@@ -87,7 +87,7 @@ def report_header(device: torch.device) -> List[str]:
 def forward_rows(names: Sequence[str], tiny: bool, repeats: int) -> List[List[str]]:
     rows = []
     for name in names:
-        model, x = build(name, tiny=tiny)
+        model, x = real_shapes.build(name, tiny=tiny)
         x8 = _batch(x, 8)
         full = ttconv.convert(model)
         quarter = ttconv.convert(model, rank=0.25)

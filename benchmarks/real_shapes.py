@@ -343,13 +343,19 @@ def build(name: str, seed: int = 0, tiny: bool = False) -> Tuple[nn.Module, torc
 
     ``tiny=True`` gives a narrow zoo model on a 32x32 input (smoke runs); the issue-14 models are
     small enough as they are.
+
+    Drawn on the CPU (the seeded ``torch.Generator`` is a CPU one), then moved to torch's
+    default device (a benchmark's ``--device``): the same weights and input on every device.
     """
     constructor, shape = (TINY if tiny and name in TINY else {**MODELS, **ZOO})[name]
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = constructor()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1, generator=generator)
-            module.running_var.uniform_(0.5, 1.5, generator=generator)
-    return model.eval(), torch.randn(1, *shape, generator=generator)
+    target = torch.empty(0).device
+    with torch.device("cpu"):
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = constructor()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+        x = torch.randn(1, *shape, generator=generator)
+    return model.eval().to(target), x.to(target)
