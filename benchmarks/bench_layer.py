@@ -136,6 +136,7 @@ def spectrum_table(shapes, repeats):
         rows.append([cls.__name__, str(channels), str(rank), "x".join(map(str, n)), f"{times['core'] * 1e3:.1f}", f"{times['dense'] * 1e3:.1f}",
                      f"{times['dense'] / times['core']:.1f}x", f"{times['svd c'] / times['svd r']:.1f}x",
                      f"{diff:.1e}"])
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)  # progress: a row survives a timeout
     header = ["layer", "c", "r", "n", "core ms", "dense FFT ms", "speed-up", "LAPACK limit (svdvals c / r)",
               "max abs diff"]
     return markdown_table(header, rows)

@@ -94,6 +94,29 @@ def _run(script: str, argv: List[str], device: torch.device) -> Optional[str]:
     return buffer.getvalue().strip()
 
 
+class _Missing:
+    """A section with no output in a ``--collect`` folder, and why."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _collected(folder: str, script: str):
+    """The saved stdout of ``script`` from a ``.ci/cuda-check`` folder (headed by a note when the
+    script did not finish: the tables it printed before its time limit), or ``_Missing``."""
+    name = os.path.basename(script)[:-3]
+    output, log = os.path.join(folder, f"{name}.md"), os.path.join(folder, f"{name}.log")
+    ended = open(log).read().strip().splitlines()[-1:] if os.path.exists(log) else []
+    printed = open(output).read().strip() if os.path.exists(output) else ""
+    if not ended:
+        return _Missing("not run (no output saved)")
+    if ended[0].startswith(f"{name}: exit 0 "):
+        return printed
+    if "|" not in printed:
+        return _Missing(f"`{ended[0]}`")
+    return f"**Stopped before the end** (`{ended[0]}`): the tables it printed until then.\n\n{printed}"
+
+
 def _sections(path: str) -> dict:
     """The ``## heading`` sections of an existing performance page, by heading (text kept as is)."""
     if not os.path.exists(path):
@@ -118,6 +141,9 @@ def main(argv=None) -> None:
                         help="regenerate only this section (e.g. benchmarks/bench_control.py; repeatable) and keep "
                              "the others as they are in the output page")
     add_device_argument(parser)
+    parser.add_argument("--collect", metavar="DIR",
+                        help="run nothing: build the page from the outputs .ci/cuda-check saved in DIR (NAME.md, the "
+                             "script's stdout, and NAME.log); --device names the device they ran on")
     parser.add_argument("--output", metavar="PATH",
                         help="the page to write (default docs/performance.md on the CPU, "
                              "docs/performance-<device type>.md on another device)")
@@ -149,8 +175,12 @@ def main(argv=None) -> None:
                 parts += ["", previous[heading]]
             continue
         start = time.perf_counter()
-        printed = _run(script, extra, device)
+        printed = _collected(options.collect, script) if options.collect else _run(script, extra, device)
         print(f"{script}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if isinstance(printed, _Missing):
+            parts += ["", f"## {heading}", "", f"Not run to the end on {device.type}: {printed.why}. Its CPU numbers "
+                      "are in docs/performance.md."]
+            continue
         if printed is None:
             parts += ["", f"## {heading}", "", f"Not run on {device.type}: `{script}` takes no `--device` yet "
                       "(see `benchmarks/_device.py`); its CPU numbers are in docs/performance.md."]
