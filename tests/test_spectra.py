@@ -184,3 +184,28 @@ def test_full_spectrum_beyond_max_memory_is_refused_but_the_norm_streams():
         conv_spectral_norm(weight, 64, max_memory=1000)
     with pytest.raises(ValueError, match="max_memory must be a positive int"):
         conv_spectral_norm(weight, 64, max_memory=-1)
+
+
+@torch.no_grad()
+def test_certifying_values_are_decomposed_in_float64():
+    """The norms that certify something (control scales by them, reports print them as exact)
+    come from a float64 SVD of the float32 matrices: float32 SVD backends differ (cuSOLVER's
+    float32 SVD was 8e-6 relative off on an H200 where LAPACK's is ~1e-7). Bit for bit: the
+    float64 value rounded to float32, for real and complex batches; and the no-grad norm of a
+    float32 kernel (frequency route and single-tap route) equals the float64 norm to float32
+    rounding of the FFT."""
+    from ttconv.spectra import certified_batch_max, largest_singular_values
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.complex64):
+        matrices = torch.randn(40, 24, 17, generator=generator, dtype=dtype).to(torch.empty(0).device)
+        wide = torch.complex128 if dtype.is_complex else torch.float64
+        expected = torch.linalg.svdvals(matrices.to(wide))[..., 0].float()
+        got = largest_singular_values(matrices)
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+        assert torch.equal(certified_batch_max(matrices, None), expected.max())
+    for shape in ((6, 5, 3, 3), (6, 5, 1, 1)):
+        weight = torch.randn(*shape, generator=generator).to(torch.empty(0).device)
+        value = conv_spectral_norm(weight, (8, 8))
+        reference = conv_spectral_norm(weight.double(), (8, 8))
+        assert value.dtype == torch.float32 and float(value) == pytest.approx(float(reference), rel=3e-7)

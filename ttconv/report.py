@@ -664,11 +664,13 @@ def _analyse_linear(name: str, weight: Tensor, *, note: str = "", keep_spectra: 
         raise ValueError(f"a Linear weight must be 2-D, got shape {tuple(weight.shape)}")
     matrix = weight.detach().to(spectral_dtype(weight.dtype))
     scale = kernel_scale(matrix)
-    itemsize = _itemsize(matrix)
+    itemsize = 8  # the SVD runs in float64
     budget = _Budget(max_memory, kept_bytes)
     notes = [note] if note else []
     estimate = 3 * matrix.numel() * itemsize + (min(matrix.shape) * _LIST_BYTES if keep_spectra else 0)
-    values = budget.run("exact (matrix SVD)", estimate, torch.linalg.svdvals, matrix / scale, gate=True)
+    # float64 SVD: float32 backends differ in accuracy (spectra.largest_singular_values)
+    values = budget.run("exact (matrix SVD)", estimate, lambda m: torch.linalg.svdvals(m.double()).to(m.dtype),
+                        matrix / scale, gate=True)
     spectrum = None
     if values is not None:
         exact: Optional[float] = float(values[0] * scale) if values.numel() else 0.0
