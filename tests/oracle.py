@@ -2,16 +2,68 @@
 
 A linear map is applied to every basis image with ``F.conv2d`` in float64 and the
 results are stacked as columns. Nothing here uses ttconv.
+
+Device rules (``pytest --device cuda`` makes the test's device torch's default device):
+the oracle's own SVDs run in float64 on the CPU (LAPACK), whatever the device, so the
+reference does not depend on the device's solver; seeded draws are made on the CPU with a
+CPU ``torch.Generator`` and moved to the default device, so every device sees the same
+random instances (thresholds calibrated on them keep their meaning).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def default_device() -> torch.device:
+    """torch's default device: the test's device (the CPU unless ``--device`` says otherwise)."""
+    return torch.empty(0).device
+
+
+def seeded_randn(*size: int, generator: torch.Generator, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.randn(*size)`` drawn from the CPU ``generator`` on the CPU, then moved to the
+    default device: the same values on every device."""
+    return torch.randn(*size, generator=generator, dtype=dtype, device="cpu").to(default_device())
+
+
+def seeded_rand(*size: int, generator: torch.Generator, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.rand(*size)`` drawn as ``seeded_randn`` is (CPU generator, then the default device)."""
+    return torch.rand(*size, generator=generator, dtype=dtype, device="cpu").to(default_device())
+
+
+def seeded_randint(low: int, high: int, size: Sequence[int], *, generator: torch.Generator) -> Tensor:
+    """``torch.randint(low, high, size)`` drawn as ``seeded_randn`` is (CPU generator, then the default device)."""
+    return torch.randint(low, high, tuple(size), generator=generator, device="cpu").to(default_device())
+
+
+def svdvals_cpu(matrix: Tensor) -> Tensor:
+    """Singular values (descending) of ``matrix`` by LAPACK in float64 on the CPU, returned
+    on ``matrix``'s device: the oracle's SVD is the same on every test device."""
+    return torch.linalg.svdvals(matrix.detach().cpu().to(torch.float64)).to(matrix.device)
+
+
+@contextlib.contextmanager
+def deterministic_cudnn() -> Iterator[None]:
+    """cuDNN restricted to deterministic algorithms inside the block (restored after).
+
+    Off the CPU, cuDNN may pick convolution algorithms that accumulate with atomics, so two
+    runs of the same convolution on the same inputs can differ in the last bits (a
+    transposed or grouped strided convolution's backward, for instance). Tests that compare
+    two runs bitwise (state-dict round trips, gradcheck's reentrancy check) need the same
+    bits from the same inputs; the tolerances are unchanged. A no-op on the CPU.
+    """
+    previous = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = previous
 
 
 def operator_matrix(linear_map: Callable[[Tensor], Tensor], in_shape: Sequence[int]) -> Tensor:
@@ -50,4 +102,4 @@ def circular_singular_values(weight: Tensor, n, stride=(1, 1), dilation=(1, 1), 
     """All singular values (descending) of the circular convolution, from the dense matrix."""
     c_in = weight.shape[1] * groups
     matrix = operator_matrix(circular_conv(weight, stride, dilation, groups), (c_in, *n))
-    return torch.linalg.svdvals(matrix)
+    return svdvals_cpu(matrix)

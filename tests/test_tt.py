@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from oracle import default_device, seeded_randn
 from ttconv import tt
 from ttconv.tt import (
     canonicalize,
@@ -45,8 +46,8 @@ def test_full_rank_is_exact_and_canonical(shape):
     rows = core.reshape(groups, core.shape[0] // groups, -1).transpose(1, 2).reshape(-1, core.shape[0] // groups)
     assert orthonormality_error(rows, groups) < 1e-12
     # S are the singular values of the (c_out/g, c_in/g*kh*kw) unfolding, descending.
-    expected = np.linalg.svd(_unfold_out(weight, groups).numpy(), compute_uv=False)
-    np.testing.assert_allclose(S.reshape(groups, -1).numpy(), expected[:, : S.numel() // groups], atol=1e-12)
+    expected = np.linalg.svd(_unfold_out(weight, groups).cpu().numpy(), compute_uv=False)
+    np.testing.assert_allclose(S.reshape(groups, -1).cpu().numpy(), expected[:, : S.numel() // groups], atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4])
@@ -60,10 +61,10 @@ def test_truncation_error_is_reported_exactly_and_is_optimal_per_unfolding(shape
     actual = float((rebuilt - weight).norm() / weight.norm())
     assert abs(result.relative_error - actual) < 1e-12
     # Independent check: Eckart-Young tails of the input unfolding, then of the projected one.
-    sv_in = np.linalg.svd(_unfold_in(weight, groups).numpy(), compute_uv=False)
+    sv_in = np.linalg.svd(_unfold_in(weight, groups).cpu().numpy(), compute_uv=False)
     V = result.factors.V.reshape(groups, c_in, r_in)
     projected = torch.einsum("goihw,gib->gobhw", weight.reshape(groups, -1, c_in, kh, kw), V)
-    sv_out = np.linalg.svd(projected.reshape(groups, c_out // groups, -1).numpy(), compute_uv=False)
+    sv_out = np.linalg.svd(projected.reshape(groups, c_out // groups, -1).cpu().numpy(), compute_uv=False)
     optimal = np.sqrt((sv_in[:, r_in:] ** 2).sum() + (sv_out[:, r_out:] ** 2).sum()) / float(weight.norm())
     assert abs(result.relative_error - optimal) < 1e-12
 
@@ -72,7 +73,7 @@ def _one_pass_kept(weight, groups, r_out, r_in):
     """Fraction of ||W||^2 kept by the one-pass truncation at (r_out, r_in), in numpy:
     V = leading r_in left singular vectors of each group's input unfolding, U = leading
     r_out of the output unfolding of W V; kept = sum_g ||U^T W_g V||^2 (orthonormal U, V)."""
-    w = weight.numpy()
+    w = weight.cpu().numpy()
     c_out, c_in, kh, kw = w.shape
     total, kept = float((w**2).sum()), 0.0
     for g in range(groups):
@@ -97,7 +98,7 @@ ENERGY_SHAPES = [  # (c_out, c_in_per_group, kh, kw, groups)
 def test_energy_is_met_on_the_whole_kernel_with_minimal_ranks(shape, decay):
     c_out, c_in, kh, kw, groups = shape
     gen = torch.Generator().manual_seed(c_out * 100 + c_in + int(10 * decay))
-    weight = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64, generator=gen)
+    weight = seeded_randn(c_out, c_in, kh, kw, dtype=torch.float64, generator=gen)
     weight = weight * torch.logspace(0, decay, c_in, dtype=torch.float64)[None, :, None, None]
     weight = weight * torch.logspace(0, decay / 2, c_out, dtype=torch.float64)[:, None, None, None]
     for energy in (0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999):
@@ -144,7 +145,7 @@ def test_energy_ranks_shrink_r_in_below_the_tried_input_ranks():
     # 39 input channels: 16 spread input ranks are tried; the best of them (r_in = 21 here)
     # is then lowered to the smallest r_in that keeps the energy at the same r_out.
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(37, 39, 3, 3, dtype=torch.float64, generator=gen)
+    weight = seeded_randn(37, 39, 3, 3, dtype=torch.float64, generator=gen)
     weight *= torch.logspace(0, -2.6, 37, dtype=torch.float64)[:, None, None, None]
     weight *= torch.logspace(0, -0.4, 39, dtype=torch.float64)[None, :, None, None]
     tried = tt._truncation(weight).energy_ranks(0.8, shrink=False)
@@ -161,7 +162,7 @@ def test_energy_099_keeps_99_percent_of_a_1x1_kernel():
     weight = torch.randn(64, 64, 1, 1, dtype=torch.float64) * torch.logspace(0, -1, 64)[None, :, None, None]
     result = decompose(weight, energy=0.99)
     w_hat = compose(*result.factors)
-    s = np.linalg.svd(weight[:, :, 0, 0].numpy(), compute_uv=False)
+    s = np.linalg.svd(weight[:, :, 0, 0].cpu().numpy(), compute_uv=False)
     r = int(np.searchsorted(np.cumsum(s**2) / (s**2).sum(), 0.99) + 1)  # Eckart-Young rank
     assert result.ranks == (r, r)
     assert float(w_hat.norm() ** 2 / weight.norm() ** 2) >= 0.99
@@ -176,8 +177,8 @@ def test_canonicalize_restores_form_without_changing_kernel():
     U2, S2, core2, V2 = canonicalize(U, S, core, V, groups)
     assert float((compose(U2, S2, core2, V2, groups) - before).abs().max()) < 1e-13
     assert orthonormality_error(U2, groups) < 1e-13 and orthonormality_error(V2, groups) < 1e-13
-    expected = np.linalg.svd(_unfold_out(before, groups).numpy(), compute_uv=False)[:, :2]
-    np.testing.assert_allclose(S2.reshape(groups, 2).numpy(), expected, atol=1e-12)
+    expected = np.linalg.svd(_unfold_out(before, groups).cpu().numpy(), compute_uv=False)[:, :2]
+    np.testing.assert_allclose(S2.reshape(groups, 2).cpu().numpy(), expected, atol=1e-12)
 
 
 def test_orthonormal_core_equals_core_when_factors_are_orthonormal():
@@ -250,8 +251,8 @@ def _graded(c_out, c_in, kh, kw, side, low=-12.0, rank=None, groups=1, seed=0):
     rows, cols = (per_out, c_in * taps) if side == "out" else (c_in, per_out * taps)
     blocks = []
     for _ in range(groups):
-        left = torch.linalg.qr(torch.randn(rows, min(rows, cols), generator=gen, dtype=torch.float64)).Q
-        right = torch.linalg.qr(torch.randn(cols, min(rows, cols), generator=gen, dtype=torch.float64)).Q
+        left = torch.linalg.qr(seeded_randn(rows, min(rows, cols), generator=gen, dtype=torch.float64)).Q
+        right = torch.linalg.qr(seeded_randn(cols, min(rows, cols), generator=gen, dtype=torch.float64)).Q
         sv = torch.logspace(0, low, min(rows, cols), dtype=torch.float64)
         if rank is not None:
             sv[rank:] = 0
@@ -376,11 +377,11 @@ def test_the_exact_fallback_runs_where_the_gram_cannot_resolve_the_spectrum(monk
 
 def test_completion_replaces_null_directions_that_lie_in_the_kept_span():
     gen = torch.Generator().manual_seed(3)
-    basis = torch.linalg.qr(torch.randn(30, 10, generator=gen, dtype=torch.float64)).Q.T[None]  # (1, 10, 30)
-    genuine = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64)).Q.T[None, 20:23]
+    basis = torch.linalg.qr(seeded_randn(30, 10, generator=gen, dtype=torch.float64)).Q.T[None]  # (1, 10, 30)
+    genuine = torch.linalg.qr(seeded_randn(30, 30, generator=gen, dtype=torch.float64)).Q.T[None, 20:23]
     genuine = genuine - (genuine @ basis.mT) @ basis
     genuine = torch.linalg.qr(genuine.mT).Q.mT
-    inside = basis[:, :2] + 1e-9 * torch.randn(1, 2, 30, generator=gen, dtype=torch.float64)  # "null" rows
+    inside = basis[:, :2] + 1e-9 * seeded_randn(1, 2, 30, generator=gen, dtype=torch.float64)  # "null" rows
     rows = torch.cat([genuine, inside], dim=1)
     completed = tt._complete_rows(rows, basis)
     assert completed.shape == rows.shape
@@ -446,7 +447,7 @@ def _low_rank_plus_noise(shape, rank, noise, seed):
                                          ((24, 24, 3, 3), 8)])
 def test_refinement_is_monotone_exact_and_beats_hooi_at_equal_iterations(shape, rank, seed):
     w = np.random.default_rng(seed).standard_normal(shape)
-    weight = torch.from_numpy(w)
+    weight = torch.as_tensor(w, device=default_device())  # the test's device
     previous = decompose(weight, rank=rank).relative_error
     for n in (1, 2, 5, 10):
         result = decompose(weight, rank=rank, refine=n)
@@ -462,7 +463,7 @@ def test_refinement_is_monotone_exact_and_beats_hooi_at_equal_iterations(shape, 
 @pytest.mark.parametrize("seed", range(3))
 def test_refinement_reaches_converged_hooi_on_structured_kernels(seed):
     w = _low_rank_plus_noise((48, 40, 3, 3), 10, 0.5, seed)
-    weight = torch.from_numpy(w)
+    weight = torch.as_tensor(w, device=default_device())  # the test's device
     one_pass = decompose(weight, rank=8)
     refined = decompose(weight, rank=8, refine=50)
     converged = _numpy_hooi(w, 8, 8, 300)
@@ -507,8 +508,8 @@ def test_random_factors_are_canonical_with_conv2d_variance(shape, dtype):
                orthonormality_error(rows, groups)) < tol
     weight = compose(U, S, core, V, groups).double()
     # Canonical: S are the singular values of the output unfolding.
-    expected = np.linalg.svd(_unfold_out(weight, groups).numpy(), compute_uv=False)[:, :r_out]
-    np.testing.assert_allclose(S.double().reshape(groups, -1).numpy(), expected, rtol=10 * tol)
+    expected = np.linalg.svd(_unfold_out(weight, groups).cpu().numpy(), compute_uv=False)[:, :r_out]
+    np.testing.assert_allclose(S.double().reshape(groups, -1).cpu().numpy(), expected, rtol=10 * tol)
     # Mean square exactly 1 / (3 fan_in) (nn.Conv2d's kaiming_uniform_(a=sqrt(5))) at every rank.
     fan_in = in_g * kernel[0] * kernel[1]
     assert abs(float(weight.pow(2).mean()) * 3 * fan_in - 1) < 10 * tol
