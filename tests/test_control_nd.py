@@ -25,7 +25,7 @@ from torch import nn
 
 import ttconv
 from circular_oracle import circular_conv_any_size
-from oracle import operator_matrix
+from oracle import operator_matrix, svdvals_cpu
 from ttconv import SpectralControl, clip_singular_values_, scale_to_spectral_norm_, spectral_norm
 
 TORCH = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
@@ -120,8 +120,7 @@ def _operator(weight, grid, stride, dilation, groups):
 
 def _oracle_norm(layer, n):
     grid = _grid(layer, n)
-    matrix = _operator(_weight(layer), grid, _stride(layer, grid), layer.dilation, layer.groups)
-    return float(torch.linalg.matrix_norm(matrix, ord=2))
+    return _layer_norm(layer, grid)
 
 
 def _oracle_clip(layer, n, target):
@@ -130,13 +129,15 @@ def _oracle_clip(layer, n, target):
     weight = _weight(layer)
     grid = _grid(layer, n)
     geometry = (grid, _stride(layer, grid), layer.dilation, layer.groups)
-    matrix = _operator(weight, *geometry)
+    # The SVD and the least squares run on the CPU in float64 (LAPACK; "gelsd" has no CUDA
+    # kernel), whatever the test's device: the reference does not depend on the device's solvers.
+    matrix = _operator(weight, *geometry).cpu()
     left, values, right = torch.linalg.svd(matrix, full_matrices=False)
     clipped = (left * values.clamp(max=target)) @ right
     units = torch.eye(weight.numel(), dtype=torch.float64).reshape(-1, *weight.shape)
-    columns = torch.stack([_operator(unit, *geometry).flatten() for unit in units], dim=1)
+    columns = torch.stack([_operator(unit, *geometry).flatten() for unit in units], dim=1).cpu()
     change = torch.linalg.lstsq(columns, (clipped - matrix).flatten()[:, None], driver="gelsd").solution
-    return weight + change.reshape(weight.shape)
+    return weight + change.reshape(weight.shape).to(weight.device)
 
 
 def _parameters(layer):
@@ -284,8 +285,9 @@ def _recorded_grids(model, example):
 
 
 def _layer_norm(layer, grid):
+    """The circular operator's norm on ``grid``: its largest singular value (the oracle's SVD, on the CPU)."""
     matrix = _operator(_weight(layer), grid, _stride(layer, grid), layer.dilation, layer.groups)
-    return float(torch.linalg.matrix_norm(matrix, ord=2))
+    return float(svdvals_cpu(matrix)[0])
 
 
 @pytest.mark.parametrize("form", ["dense", "svd"])
