@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import ttconv
+from oracle import seeded_randn
 from ttconv import SVDConv, convert
 
 convert_module = importlib.import_module("ttconv.convert")  # the module; ttconv.convert is the function
@@ -69,7 +70,7 @@ def _compressible(model, decay=-2.0, seed=0):
         for m in model.modules():
             if isinstance(m, nn.Conv2d) and m.in_channels // m.groups > 1:
                 c_out, c_in = m.weight.shape[:2]
-                w = torch.randn(m.weight.shape, generator=gen)
+                w = seeded_randn(*m.weight.shape, generator=gen)  # the same kernels on every device
                 w *= torch.logspace(0, decay, c_out)[:, None, None, None] * torch.logspace(0, decay, c_in)[None, :, None, None]
                 m.weight.copy_(w / w.norm() * m.weight.norm())
     return model

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from oracle import deterministic_cudnn
 from ttconv import (
     SVDConv,
     SVDConv1d,
@@ -227,8 +228,8 @@ def test_truncation_reports_the_exact_kernel_error(kind, setting):
     assert len(report.layers) == len(_convs(model))
     for layer in report.layers:
         conv, new = model.get_submodule(layer.name), converted.get_submodule(layer.name)
-        weight = conv.weight.detach().numpy()
-        composed = new.dense_weight().detach().numpy()
+        weight = conv.weight.detach().cpu().numpy()
+        composed = new.dense_weight().detach().cpu().numpy()
         truth = float(np.linalg.norm(composed - weight) / np.linalg.norm(weight))
         assert layer.relative_error == pytest.approx(truth, rel=1e-8, abs=1e-12), layer.name
         assert layer.relative_error == pytest.approx(_one_pass_error(weight, conv.groups, new.ranks),
@@ -251,7 +252,7 @@ def test_transposed_ranks_count_in_channels_first():
     layer = converted[0]
     assert layer.ranks == (6, 2) and layer.U.shape == (8, 6) and layer.V.shape == (4, 2)
     assert report.layers[0].relative_error == pytest.approx(
-        _one_pass_error(conv.weight.detach().numpy(), 1, (6, 2)), rel=1e-8)
+        _one_pass_error(conv.weight.detach().cpu().numpy(), 1, (6, 2)), rel=1e-8)
 
 
 # ------------------------------------------------------------------ kept dense and sizes
@@ -309,12 +310,13 @@ def test_kept_dense_exactly_when_the_built_layer_is_not_smaller(torch_class):
     assert outcomes == {(True, True), (False, True), (False, False)}  # every case was seen
 
 
-@pytest.mark.parametrize("conv", [nn.Conv1d(6, 6, 5, groups=6), nn.Conv3d(4, 4, 3, groups=4, padding=1),
-                                  nn.ConvTranspose1d(6, 6, 4, stride=2, groups=6),
-                                  nn.ConvTranspose3d(3, 3, 2, stride=2, groups=3, bias=False)],
-                         ids=lambda c: type(c).__name__)
-def test_depthwise_nd_kept_dense_and_force_converts_exactly(conv):
-    conv = conv.double()
+@pytest.mark.parametrize("make_conv", [  # factories: the conv is built in the test, on the test's device
+    lambda: nn.Conv1d(6, 6, 5, groups=6), lambda: nn.Conv3d(4, 4, 3, groups=4, padding=1),
+    lambda: nn.ConvTranspose1d(6, 6, 4, stride=2, groups=6),
+    lambda: nn.ConvTranspose3d(3, 3, 2, stride=2, groups=3, bias=False)],
+    ids=["Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose3d"])
+def test_depthwise_nd_kept_dense_and_force_converts_exactly(make_conv):
+    conv = make_conv().double()
     model = nn.Sequential(conv)
     with pytest.warns(UserWarning, match=r"'0' kept dense: depthwise"):
         kept = convert(model)
@@ -356,11 +358,12 @@ def test_load_converted_round_trips(kind):
             assert type(a) is type(b), name
             if hasattr(a, "ranks"):
                 assert a.ranks == b.ranks
-        for a, b in zip(_outputs(converted, x), _outputs(restored, x)):
-            assert torch.equal(a, b)
-        again = load_converted(converted, converted.state_dict())  # a converted model reloads as it is
-        for a, b in zip(_outputs(converted, x), _outputs(again, x)):
-            assert torch.equal(a, b)
+        with deterministic_cudnn():  # bitwise: the same convolution algorithms on both sides
+            for a, b in zip(_outputs(converted, x), _outputs(restored, x)):
+                assert torch.equal(a, b)
+            again = load_converted(converted, converted.state_dict())  # a converted model reloads as it is
+            for a, b in zip(_outputs(converted, x), _outputs(again, x)):
+                assert torch.equal(a, b)
 
 
 def test_load_converted_refuses_another_kind():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ttconv
-from oracle import layer_operator, operator_matrix
+from oracle import layer_operator, operator_matrix, seeded_rand, seeded_randint, seeded_randn, svdvals_cpu
 from ttconv import evaluate as ev
 from ttconv.activations import ChannelPad, MaxMin
 
@@ -90,8 +90,8 @@ def test_bins_are_right_closed_at_the_edges():
 
 def test_ece_matches_an_independent_loop_on_random_predictions():
     generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(500, 7, generator=generator, dtype=torch.float64) * 3
-    labels = torch.randint(0, 7, (500,), generator=generator)
+    logits = seeded_randn(500, 7, generator=generator, dtype=torch.float64) * 3
+    labels = seeded_randint(0, 7, (500,), generator=generator)
     n_bins = 15
     sums = {}
     for row, label in zip(logits.tolist(), labels.tolist()):
@@ -135,8 +135,8 @@ def binary_linear(d=12, seed=0):
     generator = torch.Generator().manual_seed(seed)
     model = nn.Linear(d, 2).double().eval()
     with torch.no_grad():
-        model.weight.copy_(torch.randn(2, d, generator=generator, dtype=torch.float64))
-        model.bias.copy_(torch.randn(2, generator=generator, dtype=torch.float64))
+        model.weight.copy_(seeded_randn(2, d, generator=generator, dtype=torch.float64))
+        model.bias.copy_(seeded_randn(2, generator=generator, dtype=torch.float64))
     return model
 
 
@@ -151,8 +151,8 @@ def closed_form_robust(model, x, y, eps, norm):
 
 def closed_form_data(model, eps, n=400, seed=1, gap=0.05):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, model.in_features, generator=generator, dtype=torch.float64) * 0.3
-    y = torch.randint(0, 2, (n,), generator=generator)
+    x = seeded_randn(n, model.in_features, generator=generator, dtype=torch.float64) * 0.3
+    y = seeded_randint(0, 2, (n,), generator=generator)
     keep = torch.ones(n, dtype=torch.bool)
     for norm in ("linf", "l2"):  # no point near a threshold: the expected set is unambiguous
         margin, threshold = closed_form_robust(model, x, y, eps, norm)
@@ -188,9 +188,9 @@ def test_fgsm_and_pgd_reach_the_closed_form_worst_case_on_a_linear_model(norm):
 def test_attacks_never_beat_the_optimum_on_a_multiclass_linear_model():
     generator = torch.Generator().manual_seed(5)
     model = nn.Linear(10, 4).double().eval()
-    x = torch.randn(300, 10, generator=generator, dtype=torch.float64)
+    x = seeded_randn(300, 10, generator=generator, dtype=torch.float64)
     y = model(x).argmax(1).detach()
-    flip = torch.rand(300, generator=generator) < 0.2
+    flip = seeded_rand(300, generator=generator) < 0.2
     y[flip] = (y[flip] + 1) % 4
     w, b = model.weight.detach(), model.bias.detach()
     for norm in ("linf", "l2"):
@@ -469,8 +469,8 @@ def test_margin_loss_by_hand_and_against_torch_multi_margin_loss():
         pytest.approx([0.5 - 0.875, 3.0 + 0.25])
     assert float(ev.margin_loss(logits, labels, 1.0, reduction="sum")) == pytest.approx(3.5)
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(50, 6, generator=generator, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 6, (50,), generator=generator)
+    logits = seeded_randn(50, 6, generator=generator, dtype=torch.float64).requires_grad_()
+    labels = seeded_randint(0, 6, (50,), generator=generator)
     ours = ev.margin_loss(logits, labels, 0.7, reduction="none")
     reference = 6 * F.multi_margin_loss(logits, labels, margin=0.7, reduction="none")  # it divides by C
     assert torch.allclose(ours, reference, atol=1e-12)
@@ -494,13 +494,13 @@ def test_singular_value_histograms_against_explicit_operators(tmp_path):
                           nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular")).double()
     svd = ttconv.convert(model)
     example = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
-    values = [torch.linalg.svdvals(operator_matrix(layer_operator(model[i]), (c, 6, 6))) for i, c in ((0, 2), (2, 3))]
+    values = [svdvals_cpu(operator_matrix(layer_operator(model[i]), (c, 6, 6))) for i, c in ((0, 2), (2, 3))]
     top = max(float(v.max()) for v in values) * 1.01
     for net in (model, svd):
         histograms = ev.singular_value_histograms(net, example, bins=12, range=(0.0, top))
         assert [h.name for h in histograms] == ["0", "2"]
         for item, exact in zip(histograms, values):
-            counts, _ = np.histogram(exact.numpy(), bins=item.edges.numpy())  # min(c_out, c_in) * 36 values
+            counts, _ = np.histogram(exact.cpu().numpy(), bins=item.edges.cpu().numpy())  # min(c_out, c_in) * 36 values
             assert item.counts.tolist() == counts.tolist()
             assert item.largest == pytest.approx(float(exact.max()), rel=1e-9)
             assert int(item.counts.sum()) == min(model[int(item.name)].in_channels, model[int(item.name)].out_channels) * 36
