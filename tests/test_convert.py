@@ -163,9 +163,12 @@ def test_converts_weights_trained_on_real_data():
     from _digits import accuracy, load_digits, small_cnn, train
 
     torch.manual_seed(0)
-    data = load_digits()
-    model = small_cnn(width=16)
-    train(model, data, epochs=3)
+    device = torch.empty(0).device  # the test's device
+    with torch.device("cpu"):  # the example's data and training are CPU code (seeded CPU generators)
+        data = load_digits()
+        model = small_cnn(width=16)
+        train(model, data, epochs=3)
+    model, data = model.to(device), tuple(t.to(device) for t in data)  # conversion runs on the test's device
     base = accuracy(model, data[2], data[3])
     exact = convert(model)
     assert _relative(exact(data[2]), model(data[2])) < 1e-5

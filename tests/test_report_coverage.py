@@ -237,15 +237,16 @@ def test_a_residual_model_gets_no_unlabelled_product(inplace):
     assert spectral_report(model).chain is False  # no example input: not an nn.Sequential
 
 
-@pytest.mark.parametrize("model, why", [
-    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4)), "LayerNorm '1' is not known to be 1-Lipschitz"),
-    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.PReLU(init=1.5)), "PReLU '1' is not 1-Lipschitz with these arguments"),
-    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2)), "Upsample '1' is not known"),
-    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(3, stride=2)), "not 1-Lipschitz with these arguments"),
-    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.GELU()), "GELU '1' is not known"),
-])
-def test_chains_through_maps_that_are_not_1_lipschitz_are_not_verified(model, why):
-    report = spectral_report(model, torch.randn(1, 2, 6, 6))
+@pytest.mark.parametrize("make_model, why", [  # factories: the model is built in the test, on its device
+    (lambda: nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4)), "LayerNorm '1' is not known to be 1-Lipschitz"),
+    (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.PReLU(init=1.5)),
+     "PReLU '1' is not 1-Lipschitz with these arguments"),
+    (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2)), "Upsample '1' is not known"),
+    (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(3, stride=2)), "not 1-Lipschitz with these arguments"),
+    (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.GELU()), "GELU '1' is not known"),
+], ids=["LayerNorm", "PReLU", "Upsample", "MaxPool2d", "GELU"])
+def test_chains_through_maps_that_are_not_1_lipschitz_are_not_verified(make_model, why):
+    report = spectral_report(make_model(), torch.randn(1, 2, 6, 6))
     assert not report.chain and why in report.chain_note
 
 

@@ -119,7 +119,10 @@ def _loader():
     return [(torch.rand(4, 3, 4, 4), torch.tensor([0, 1, 2, 0]))]
 
 
-_EXAMPLE = torch.zeros(1, 3, 4, 4)
+def _example():
+    """Built in the test (not at import), so it is on the test's device."""
+    return torch.zeros(1, 3, 4, 4)
+
 
 # (id, call taking the bad keyword, keyword, bad value, expected exception type)
 _ENTRY_POINTS = [
@@ -145,20 +148,20 @@ _ENTRY_POINTS = [
     ("clip_cap", lambda **kw: ttconv.clip_singular_values_(_conv(), input_size=8, **kw), "max_singular_value",
      math.inf, ValueError),
     ("clip_n_iter", lambda **kw: ttconv.clip_singular_values_(_conv(), 1.0, 8, **kw), "n_iter", 0, ValueError),
-    ("control_cap", lambda **kw: ttconv.SpectralControl(_model(), example_input=_EXAMPLE, **kw),
+    ("control_cap", lambda **kw: ttconv.SpectralControl(_model(), example_input=_example(), **kw),
      "max_singular_value", -1.0, ValueError),
-    ("control_every", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_EXAMPLE, **kw), "every",
+    ("control_every", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_example(), **kw), "every",
      0, ValueError),
-    ("control_every_type", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_EXAMPLE, **kw),
+    ("control_every_type", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_example(), **kw),
      "every", 1.5, TypeError),
-    ("control_mode", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_EXAMPLE, **kw), "mode",
+    ("control_mode", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_example(), **kw), "mode",
      "exact", ValueError),
-    ("control_tol", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_EXAMPLE, **kw),
+    ("control_tol", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_example(), **kw),
      "orthonormality_tol", -1e-3, ValueError),
-    ("control_n_iter", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_EXAMPLE, **kw), "n_iter",
+    ("control_n_iter", lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_example(), **kw), "n_iter",
      True, TypeError),
     ("regularizer_method",
-     lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_EXAMPLE).regularizer(**kw), "method",
+     lambda **kw: ttconv.SpectralControl(_model(), 1.0, example_input=_example()).regularizer(**kw), "method",
      "power", ValueError),
     # convert
     ("convert_energy", lambda **kw: ttconv.convert(_model(), **kw), "energy", 1.5, ValueError),
@@ -166,7 +169,7 @@ _ENTRY_POINTS = [
     ("convert_rank", lambda **kw: ttconv.convert(_model(), **kw), "rank", 0.0, ValueError),
     ("convert_budget", lambda **kw: ttconv.convert(_model(), **kw), "param_budget", 0, ValueError),
     ("convert_budget_bool", lambda **kw: ttconv.convert(_model(), **kw), "param_budget", True, TypeError),
-    ("convert_tolerance", lambda **kw: ttconv.convert(_model(), example_input=_EXAMPLE, **kw), "output_tolerance",
+    ("convert_tolerance", lambda **kw: ttconv.convert(_model(), example_input=_example(), **kw), "output_tolerance",
      math.nan, ValueError),
     ("convert_refine", lambda **kw: ttconv.convert(_model(), **kw), "refine", -1, ValueError),
     ("convert_refine_type", lambda **kw: ttconv.convert(_model(), **kw), "refine", 1.0, TypeError),
@@ -176,10 +179,10 @@ _ENTRY_POINTS = [
     ("load_converted_strict", lambda **kw: ttconv.load_converted(_model(), _model().state_dict(), **kw), "strict",
      "False", TypeError),
     # report
-    ("report_gram", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "gram_iters", 0, ValueError),
-    ("report_power", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "power_iters", 2.5, TypeError),
-    ("report_memory", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "max_memory", 0, ValueError),
-    ("report_memory_type", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "max_memory", "1GB",
+    ("report_gram", lambda **kw: ttconv.spectral_report(_model(), _example(), **kw), "gram_iters", 0, ValueError),
+    ("report_power", lambda **kw: ttconv.spectral_report(_model(), _example(), **kw), "power_iters", 2.5, TypeError),
+    ("report_memory", lambda **kw: ttconv.spectral_report(_model(), _example(), **kw), "max_memory", 0, ValueError),
+    ("report_memory_type", lambda **kw: ttconv.spectral_report(_model(), _example(), **kw), "max_memory", "1GB",
      TypeError),
     ("state_dict_size", lambda **kw: ttconv.state_dict_report(_model().state_dict(), **kw), "input_size",
      (8, 8, 8, 8), ValueError),
@@ -187,7 +190,7 @@ _ENTRY_POINTS = [
      (8, 0), ValueError),
     ("state_dict_size_type", lambda **kw: ttconv.state_dict_report(_model().state_dict(), **kw), "input_size",
      8.0, TypeError),
-    ("report_keep_spectra", lambda **kw: ttconv.spectral_report(_model(), _EXAMPLE, **kw), "keep_spectra", "yes",
+    ("report_keep_spectra", lambda **kw: ttconv.spectral_report(_model(), _example(), **kw), "keep_spectra", "yes",
      TypeError),
     ("state_dict_keep_spectra", lambda **kw: ttconv.state_dict_report(_model().state_dict(), **kw), "keep_spectra",
      None, TypeError),
@@ -201,7 +204,7 @@ _ENTRY_POINTS = [
     ("pgd_eps", lambda **kw: ev.pgd(_model(), *_loader()[0], **kw), "eps", -0.1, ValueError),
     ("fgsm_clamp", lambda **kw: ev.fgsm(_model(), *_loader()[0], 0.1, **kw), "clamp", (1.0, 0.0), ValueError),
     ("pgd_clamp_type", lambda **kw: ev.pgd(_model(), *_loader()[0], 0.1, **kw), "clamp", (0, "1"), TypeError),
-    ("histogram_range", lambda **kw: ev.singular_value_histograms(_model(), _EXAMPLE, **kw), "range", (2.0, 2.0),
+    ("histogram_range", lambda **kw: ev.singular_value_histograms(_model(), _example(), **kw), "range", (2.0, 2.0),
      ValueError),
     ("fgsm_x_type", lambda **kw: ev.fgsm(_model(), y=torch.tensor([0]), eps=0.1, **kw), "x", [[0.0]], TypeError),
     ("fgsm_y", lambda **kw: ev.fgsm(_model(), torch.rand(2, 3, 4, 4), eps=0.1, **kw), "y", torch.zeros(2, 1),
@@ -225,7 +228,7 @@ _ENTRY_POINTS = [
     ("margin_kr", lambda **kw: ev.margin_loss(torch.randn(2, 3), torch.tensor([0, 1]), **kw), "kr_weight",
      True, TypeError),
     ("empirical_n_iter", lambda **kw: ev.empirical_lipschitz(_model(), _loader(), **kw), "n_iter", 0, ValueError),
-    ("histogram_bins", lambda **kw: ev.singular_value_histograms(_model(), _EXAMPLE, **kw), "bins", 0.5,
+    ("histogram_bins", lambda **kw: ev.singular_value_histograms(_model(), _example(), **kw), "bins", 0.5,
      TypeError),
 ]
 
