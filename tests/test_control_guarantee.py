@@ -150,7 +150,7 @@ def _reference_clip(weight, n, max_singular_value, dilation, groups):
 
     Also returns the full ``n1 x n2`` clipped kernel before projection.
     """
-    w = weight.detach().numpy().astype(np.float64)
+    w = weight.detach().cpu().numpy().astype(np.float64)
     c_out, c_in_g, kh, kw = w.shape
     (d1, d2), (n1, n2) = dilation, n
     e1, e2 = d1 * (kh - 1) + 1, d2 * (kw - 1) + 1
@@ -182,10 +182,10 @@ def test_dilated_clip_matches_an_independent_reference(kind, c_in, c_out, kernel
     target = 0.5 * float(values[0])
     expected, clipped_full = _reference_clip(before, n, target, dilation, groups)
     # The reference is right: its unprojected kernel has exactly the clipped spectrum (oracle).
-    full_values = circular_singular_values(torch.from_numpy(clipped_full), n, (1, 1), (1, 1), groups)
+    full_values = circular_singular_values(torch.from_numpy(clipped_full).to(before.device), n, (1, 1), (1, 1), groups)
     assert torch.allclose(full_values, values.clamp(max=target), atol=1e-10)
     clip_singular_values_(layer, target, n)
-    assert np.abs(_dense(layer).numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
+    assert np.abs(_dense(layer).cpu().numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
 
 
 @pytest.mark.parametrize("kind", ["conv", "svd"])
@@ -213,7 +213,7 @@ def _reference_strided_clip(weight, n, max_singular_value, stride, dilation, gro
 
     Also returns the clipped kernel on the full grid before the projection.
     """
-    w = weight.detach().numpy().astype(np.float64)
+    w = weight.detach().cpu().numpy().astype(np.float64)
     c_out, c_in_g, kh, kw = w.shape
     (d1, d2), (s1, s2), (n1, n2) = dilation, stride, n
     m1, m2 = n1 // s1, n2 // s2
@@ -259,10 +259,10 @@ def test_strided_clip_clips_the_polyphase_spectrum_like_an_independent_reference
     expected, clipped_full = _reference_strided_clip(before, n, target, stride, dilation, groups)
     # The reference is right: its unprojected kernel's *strided* operator has exactly the
     # clipped spectrum (explicit operator matrices).
-    full_values = circular_singular_values(torch.from_numpy(clipped_full), n, stride, (1, 1), groups)
+    full_values = circular_singular_values(torch.from_numpy(clipped_full).to(before.device), n, stride, (1, 1), groups)
     assert torch.allclose(full_values, values.clamp(max=target), atol=1e-10)
     reached = clip_singular_values_(layer, target, n)
-    assert np.abs(_dense(layer).numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
+    assert np.abs(_dense(layer).cpu().numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
     assert reached == pytest.approx(_oracle(layer, n, stride), rel=1e-9)  # the strided norm, reported
 
 
@@ -271,11 +271,11 @@ def test_strided_clip_changes_the_kernel_less_than_the_stride1_clip(kind):
     """At one target for the strided norm, clipping the stride-1 operator over-constrains."""
     layer = _strided_layer(kind, 8, 8, (3, 3), (2, 2), (1, 1), 1, seed=11)
     n = (8, 8)
-    before = _dense(layer).numpy().copy()  # not a view of the parameter clipped in place
+    before = _dense(layer).cpu().numpy().copy()  # not a view of the parameter clipped in place
     target = 0.5 * _oracle(layer, n, (2, 2))
     stride1, _ = _reference_clip(_dense(layer), n, target, (1, 1), 1)
     clip_singular_values_(layer, target, n)
-    change = np.linalg.norm(_dense(layer).numpy() - before) / np.linalg.norm(before)
+    change = np.linalg.norm(_dense(layer).cpu().numpy() - before) / np.linalg.norm(before)
     assert change < 0.9 * np.linalg.norm(stride1 - before) / np.linalg.norm(before)
 
 
@@ -287,7 +287,7 @@ def test_indivisible_size_clips_the_stride1_operator(kind):
     target = 0.5 * _oracle(layer, n, (1, 1))
     expected, _ = _reference_clip(before, n, target, (1, 1), 1)
     reached = clip_singular_values_(layer, target, n)
-    assert np.abs(_dense(layer).numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
+    assert np.abs(_dense(layer).cpu().numpy() - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
     assert reached == pytest.approx(_oracle(layer, n, (1, 1)), rel=1e-9)
 
 
@@ -299,7 +299,7 @@ def test_half_plane_clip_equals_the_full_plane_clip(n):
     target = 0.4 * _oracle(layer, n, (1, 1))
     expected, _ = _reference_clip(layer.weight, n, target, (1, 1), 1)  # numpy fft2, every frequency
     clip_singular_values_(layer, target, n)
-    assert np.abs(layer.weight.detach().numpy() - expected).max() <= 1e-12 * np.abs(expected).max()
+    assert np.abs(layer.weight.detach().cpu().numpy() - expected).max() <= 1e-12 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("stride", [(2, 2), (1, 1)])
@@ -325,7 +325,7 @@ def test_svdconv_clip_leaves_the_canonical_form_and_equals_the_dense_clip(stride
 
 # ----------------------------------------------------------------- the certified exact norm
 def _numpy_max_singular_value(matrices):
-    return float(np.linalg.svd(matrices.numpy(), compute_uv=False)[..., 0].max())
+    return float(np.linalg.svd(matrices.cpu().numpy(), compute_uv=False)[..., 0].max())
 
 
 def test_certified_norm_finds_a_maximum_the_power_iteration_misses():
@@ -344,26 +344,29 @@ def test_certified_norm_finds_a_maximum_the_power_iteration_misses():
 
 
 @pytest.mark.parametrize("dtype, rel", [(torch.complex128, 1e-13), (torch.complex64, 1e-6)])
-def test_certified_norm_with_near_ties_and_zero_matrices(dtype, rel):
+def test_certified_norm_with_near_ties_and_zero_matrices(dtype, rel, device):
     """Many matrices whose largest singular values agree to 1e-12 (a flat spectrum), rectangular
-    both ways, and all-zero matrices: the maximum is still that of numpy's SVD."""
+    both ways, and all-zero matrices: the maximum is still that of numpy's SVD. (Drawn on the
+    CPU, then moved: the same matrices on every device.)"""
     generator = torch.Generator().manual_seed(0)
     for o, i in ((5, 3), (3, 5), (4, 4)):
-        left = torch.linalg.qr(torch.randn(40, o, o, dtype=torch.complex128, generator=generator))[0]
-        right = torch.linalg.qr(torch.randn(40, i, i, dtype=torch.complex128, generator=generator))[0]
-        values = torch.rand(40, min(o, i), dtype=torch.float64, generator=generator) * 0.9
-        values[:, 0] = 1.0 - 1e-12 * torch.arange(40, dtype=torch.float64)  # near ties
-        matrices = (left[:, :, :min(o, i)] * values[:, None, :].to(left.dtype)) @ right[:, :, :min(o, i)].mH
-        matrices[5:9] = 0
-        matrices = matrices.to(dtype)
+        with torch.device("cpu"):
+            left = torch.linalg.qr(torch.randn(40, o, o, dtype=torch.complex128, generator=generator))[0]
+            right = torch.linalg.qr(torch.randn(40, i, i, dtype=torch.complex128, generator=generator))[0]
+            values = torch.rand(40, min(o, i), dtype=torch.float64, generator=generator) * 0.9
+            values[:, 0] = 1.0 - 1e-12 * torch.arange(40, dtype=torch.float64)  # near ties
+            matrices = (left[:, :, :min(o, i)] * values[:, None, :].to(left.dtype)) @ right[:, :, :min(o, i)].mH
+            matrices[5:9] = 0
+        matrices = matrices.to(dtype=dtype, device=device)
         assert float(spectra.certified_batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=rel)
     zero = torch.zeros(3, 2, 2, dtype=dtype)
     assert float(spectra.certified_batch_max(zero, None)) == 0.0
 
 
-def test_certified_norm_on_a_batch_large_enough_for_batched_matvecs():
+def test_certified_norm_on_a_batch_large_enough_for_batched_matvecs(device):
     generator = torch.Generator().manual_seed(2)
-    matrices = torch.randn(4200, 16, 16, dtype=torch.complex128, generator=generator)  # > 2^20 Gram entries
+    matrices = torch.randn(4200, 16, 16, dtype=torch.complex128, generator=generator, device="cpu")  # > 2^20 Gram entries
+    matrices = matrices.to(device)
     assert float(spectra.certified_batch_max(matrices, None)) == pytest.approx(_numpy_max_singular_value(matrices), rel=1e-13)
 
 
@@ -402,7 +405,7 @@ def test_certified_norm_in_float32_over_the_whole_range(scale):
 # ----------------------------------------------------------------- regularizer values
 def _fantastic_four(weight, groups):
     """Singla & Feizi: max over groups of min over four reshapes of sqrt(kh kw) ||M||_2 (numpy)."""
-    k = weight.detach().numpy().astype(np.float64)
+    k = weight.detach().cpu().numpy().astype(np.float64)
     c_out, i, kh, kw = k.shape
     o = c_out // groups
     best = []

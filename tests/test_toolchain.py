@@ -94,22 +94,22 @@ def test_onnx_export_of_the_densified_model(tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size > 0
 
 
-def test_bfloat16_autocast_forward_matches_float32():
+def test_bfloat16_autocast_forward_matches_float32(device):
     model = _cnn()
     x = torch.randn(4, 3, 8, 8)
     reference = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.bfloat16
     # bfloat16 has an 8-bit mantissa: 3% relative error through five layers.
     assert float((out.float() - reference).norm() / reference.norm()) < 3e-2
 
 
-def test_spectra_bounds_and_control_ignore_autocast():
+def test_spectra_bounds_and_control_ignore_autocast(device):
     layer = SVDConv(8, 8, 3, padding=1, rank=4)
     exact = layer.singular_values(8)
     bounds = [ttconv.bounds.fantastic_four_bound(layer), ttconv.bounds.gram_iteration_bound(layer, 8)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         inside = layer.singular_values(8)
         inside_bounds = [ttconv.bounds.fantastic_four_bound(layer), ttconv.bounds.gram_iteration_bound(layer, 8)]
         reached = ttconv.scale_to_spectral_norm_(copy.deepcopy(layer), 0.5, 8)
@@ -144,13 +144,13 @@ def test_deepcopy_and_whole_model_save_load(tmp_path):
     assert torch.equal(loaded(x), reference)
 
 
-def test_checkpoint_of_format_version_1_still_loads():
+def test_checkpoint_of_format_version_1_still_loads(device):
     import sys
 
     sys.path.insert(0, DATA)
     from make_checkpoint import reference_model
 
-    saved = torch.load(os.path.join(DATA, "svdconv_v1.pt"), weights_only=True)
+    saved = torch.load(os.path.join(DATA, "svdconv_v1.pt"), weights_only=True, map_location=device)
     model = reference_model()
     model.load_state_dict(saved["state_dict"])
     with torch.no_grad():
