@@ -25,8 +25,9 @@ def load_digits(size: int = 16, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, 
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = (images - images.mean()) / images.std()
     labels = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:1437], order[1437:]
+    # A seeded CPU permutation (the same split on every device), moved to where the images are.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed), device="cpu")
+    train, test = order[:1437].to(images.device), order[1437:].to(images.device)
     return images[train], labels[train], images[test], labels[test]
 
 
@@ -65,7 +66,7 @@ def train(
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()
-        for index in torch.randperm(len(y_train), generator=generator).split(batch):
+        for index in torch.randperm(len(y_train), generator=generator, device="cpu").split(batch):
             loss = F.cross_entropy(model(x_train[index]), y_train[index])
             if extra_loss is not None:
                 loss = loss + extra_loss()
