@@ -120,6 +120,8 @@ def test_auto_path_follows_the_flop_model():
     ],
 )
 def test_gradcheck(kwargs, path):
+    from oracle import deterministic_cudnn
+
     layer = SVDConv(**kwargs, dtype=torch.float64, path=path)
     x = torch.randn(2, kwargs["in_channels"], 6, 6, dtype=torch.float64, requires_grad=True)
     params = [p for p in layer.parameters()]
@@ -127,7 +129,10 @@ def test_gradcheck(kwargs, path):
     def fn(x, *ps):
         return torch.func.functional_call(layer, dict(zip([n for n, _ in layer.named_parameters()], ps)), (x,))
 
-    assert torch.autograd.gradcheck(fn, (x, *params))
+    # gradcheck runs the backward twice and wants the same bits (nondet_tol=0): on CUDA, cuDNN's
+    # fastest backward algorithms for a grouped strided conv accumulate in a run-dependent order.
+    with deterministic_cudnn():
+        assert torch.autograd.gradcheck(fn, (x, *params))
 
 
 def test_gradients_equal_those_of_the_dense_kernel_chain_rule():

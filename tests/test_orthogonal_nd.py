@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from circular_oracle import circular_conv_any_size
-from oracle import operator_matrix
+from oracle import deterministic_cudnn, operator_matrix, svdvals_cpu
 from ttconv import (
     SVDConv,
     SVDConv1d,
@@ -107,7 +107,7 @@ def _oracle_singular_values(layer, size) -> torch.Tensor:
     else:
         conv = circular_conv_any_size(weight, layer.stride, layer.dilation, layer.groups)
         matrix = operator_matrix(conv, (layer.in_channels, *size))
-    return torch.linalg.svdvals(matrix)
+    return svdvals_cpu(matrix)  # LAPACK on the CPU whatever the test's device: the oracle is the same everywhere
 
 
 def _large_enough(layer, size):
@@ -127,7 +127,9 @@ def test_singular_values_are_exactly_s_on_the_explicit_operator(cls, config):
     grid = tuple(m * s for m, s in zip(size, layer.stride)) if layer._transposed else size
     positions = math.prod(n // s for n, s in zip(grid, layer.stride))
     expected = layer.effective_S().detach().abs().repeat_interleave(positions).sort(descending=True).values
-    assert float((truth[: expected.numel()] - expected).abs().max()) < 1e-11
+    deviation = truth[: expected.numel()] - expected
+    # (the message tells a uniform scale of the built operator from round-off noise)
+    assert float(deviation.abs().max()) < 1e-11, f"relative deviations {(deviation / expected).tolist()}"
     assert float(torch.cat([truth[expected.numel():], truth.new_zeros(1)]).abs().max()) < 1e-11
     assert float(layer.spectral_norm(size).detach()) == pytest.approx(float(truth[0]), rel=1e-12, abs=1e-12)
     # The layer is the torch layer whose operator that is (the oracle's premise).
@@ -147,7 +149,7 @@ def test_max_s_bounds_the_zero_padded_operator(cls, config):
     size = _large_enough(layer, config["size"])
     with torch.no_grad():
         matrix = operator_matrix(layer, (layer.in_channels, *size))
-    norm = float(torch.linalg.matrix_norm(matrix, ord=2))
+    norm = float(svdvals_cpu(matrix)[0])
     assert norm <= float(layer.effective_S().detach().abs().max()) * (1 + 1e-12)
 
 
@@ -179,8 +181,11 @@ def test_state_dict_round_trip_canonicalize_and_repr(cls):
     layer = cls(4, 6, 3, padding=1, rank=(3, 2), core_kind="orthogonal", max_singular_value=1.5, dtype=torch.float64)
     fresh = cls(4, 6, 3, padding=1, rank=(3, 2), core_kind="orthogonal", max_singular_value=1.5, dtype=torch.float64)
     fresh.load_state_dict(layer.state_dict())
+    assert all(torch.equal(fresh.state_dict()[key], value) for key, value in layer.state_dict().items()
+               if isinstance(value, torch.Tensor))
     x = torch.randn(1, 4, *(5,) * dims, dtype=torch.float64)
-    assert torch.equal(fresh(x), layer(x))
+    with deterministic_cudnn():  # bitwise: on CUDA a transposed conv may otherwise accumulate in another order
+        assert torch.equal(fresh(x), layer(x))
     with pytest.raises(RuntimeError, match="rank=\\(3, 2\\), this layer rank=\\(2, 2\\)"):
         cls(4, 6, 3, padding=1, rank=2, core_kind="orthogonal", max_singular_value=1.5).load_state_dict(layer.state_dict())
     with torch.no_grad():
