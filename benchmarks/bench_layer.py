@@ -119,6 +119,9 @@ def spectrum_table(shapes, repeats):
     same batch of ``r x r`` ones (the SVDs are ~85% of either method; the FLOP ratio
     ``(c/r)^3 = 64`` assumes equal efficiency, which small matrices do not get)."""
     rows = []
+    header = ["layer", "c", "r", "n", "core ms", "dense FFT ms", "speed-up", "LAPACK limit (svdvals c / r)",
+              "max abs diff"]
+    print(" | ".join(header), file=sys.stderr, flush=True)
     for cls, channels, n in shapes:
         rank = channels // 4
         kernel = 5 if len(n) == 1 else 3
@@ -137,8 +140,6 @@ def spectrum_table(shapes, repeats):
                      f"{times['dense'] / times['core']:.1f}x", f"{times['svd c'] / times['svd r']:.1f}x",
                      f"{diff:.1e}"])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)  # progress: a row survives a timeout
-    header = ["layer", "c", "r", "n", "core ms", "dense FFT ms", "speed-up", "LAPACK limit (svdvals c / r)",
-              "max abs diff"]
     return markdown_table(header, rows)
 
 

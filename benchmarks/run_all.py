@@ -112,9 +112,12 @@ def _collected(folder: str, script: str):
         return _Missing("not run (no output saved)")
     if ended[0].startswith(f"{name}: exit 0 "):
         return printed
+    progress = [line.rstrip() for line in open(log) if " | " in line and not line.startswith("|")]
+    if progress:  # rows a script prints to stderr as it goes (bench_layer's spectra)
+        printed += "\n\nRows it had printed as progress when it stopped:\n\n```\n" + "\n".join(progress) + "\n```"
     if "|" not in printed:
         return _Missing(f"`{ended[0]}`")
-    return f"**Stopped before the end** (`{ended[0]}`): the tables it printed until then.\n\n{printed}"
+    return f"**Stopped before the end** (`{ended[0]}`): the tables it printed until then.\n\n{printed.strip()}"
 
 
 def _sections(path: str) -> dict:
@@ -143,12 +146,16 @@ def main(argv=None) -> None:
     add_device_argument(parser)
     parser.add_argument("--collect", metavar="DIR",
                         help="run nothing: build the page from the outputs .ci/cuda-check saved in DIR (NAME.md, the "
-                             "script's stdout, and NAME.log); --device names the device they ran on")
+                             "script's stdout, NAME.log, env.txt and device.txt; default output "
+                             "docs/performance-<device type>.md)")
     parser.add_argument("--output", metavar="PATH",
                         help="the page to write (default docs/performance.md on the CPU, "
                              "docs/performance-<device type>.md on another device)")
     options = parser.parse_args(argv)
     device = options.device
+    if options.collect:  # the device the outputs were measured on, which need not exist here
+        recorded = os.path.join(options.collect, "device.txt")
+        device = torch.device(open(recorded).read().strip() if os.path.exists(recorded) else "cuda")
     page = "performance.md" if device.type == "cpu" else f"performance-{device.type}.md"
     output = options.output or os.path.join(ROOT, "docs", page)
     extra = ["--quick"] if options.quick else []
@@ -158,6 +165,8 @@ def main(argv=None) -> None:
             parser.error(f"--only {script!r} is not a section; choose from {sorted(known)}")
     previous = _sections(output) if options.only else {}
     on_gpu = device.type == "cuda"
+    if options.collect:
+        return _write(output, _collected_page(options.collect, device), quick=False)
     parts = [
         f"# Performance on {describe(device)}" if on_gpu else "# Performance",
         "",
@@ -175,12 +184,8 @@ def main(argv=None) -> None:
                 parts += ["", previous[heading]]
             continue
         start = time.perf_counter()
-        printed = _collected(options.collect, script) if options.collect else _run(script, extra, device)
+        printed = _run(script, extra, device)
         print(f"{script}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        if isinstance(printed, _Missing):
-            parts += ["", f"## {heading}", "", f"Not run to the end on {device.type}: {printed.why}. Its CPU numbers "
-                      "are in docs/performance.md."]
-            continue
         if printed is None:
             parts += ["", f"## {heading}", "", f"Not run on {device.type}: `{script}` takes no `--device` yet "
                       "(see `benchmarks/_device.py`); its CPU numbers are in docs/performance.md."]
@@ -188,13 +193,66 @@ def main(argv=None) -> None:
         body = printed if "|" in printed else f"```\n{printed}\n```"
         command = f"python {script}" + (" --device cuda" if on_gpu else "")
         parts += ["", f"## {heading}", "", f"{blurb} (`{command}`)", "", body]
-    text = "\n".join(parts) + "\n"
-    if options.quick:
+    if not on_gpu:
+        parts += ["", gpu_summary(os.path.join(ROOT, "docs", "performance-cuda.md"))]
+    _write(output, "\n".join(parts) + "\n", quick=options.quick)
+
+
+def gpu_summary(cuda_page: str) -> str:
+    """The CPU page's last section: where the GPU numbers are, and their first table."""
+    parts = ["## On a GPU", ""]
+    if not os.path.exists(cuda_page):
+        return "\n".join(parts + ["No GPU run yet: `.ci/cuda-check` runs the suite and the benchmarks on a CUDA "
+                                   "machine, `run_all.py --collect` makes docs/performance-cuda.md from its output."])
+    text = open(cuda_page).read()
+    line = next((line for line in text.splitlines() if "Machine:" in line), "Machine: a CUDA machine.")
+    machine = line.split("Machine:", 1)[1].split(". Every ratio")[0].strip()
+    first = text.split("\n## ", 2)[1]
+    parts += [f"`.ci/cuda-check` ran the suite and the benchmarks on {machine}; every table is on "
+              "[the CUDA page](performance-cuda.md). Its first, the layers against `nn.Conv2d` (batch 32, fwd+bwd "
+              "with an input that requires grad):", "", _first_table(first)]
+    return "\n".join(parts)
+
+
+def _first_table(section: str) -> str:
+    """The first markdown table of a page section."""
+    table = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    return "\n".join(table)
+
+
+def _write(output: str, text: str, quick: bool) -> None:
+    if quick:
         print(text)
-    else:
-        with open(output, "w") as handle:
-            handle.write(text)
-        print(f"wrote {os.path.relpath(output, ROOT)}", file=sys.stderr)
+        return
+    with open(output, "w") as handle:
+        handle.write(text)
+    print(f"wrote {os.path.relpath(output, ROOT)}", file=sys.stderr)
+
+
+def _collected_page(folder: str, device: torch.device) -> str:
+    """The page for outputs ``.ci/cuda-check`` saved in ``folder`` (its ``env.txt`` names the machine)."""
+    env_path = os.path.join(folder, "env.txt")
+    machine = "; ".join(line.strip() for line in open(env_path) if line.strip()) if os.path.exists(env_path) \
+        else "not recorded"
+    parts = [f"# Performance on {device.type}", "",
+             "Collected by `python benchmarks/run_all.py --device cuda --collect DIR` from the outputs of "
+             f"`.ci/cuda-check` (each script run on its own, with a time limit). Machine: {machine}. Every ratio "
+             "is against the baseline timed in the same run of the same script."]
+    for heading, script, blurb in SECTIONS:
+        printed = _collected(folder, script) if script.startswith("benchmarks/") else \
+            _Missing("the examples run on the CPU only")
+        if isinstance(printed, _Missing):
+            parts += ["", f"## {heading}", "", f"Not run to the end on {device.type}: {printed.why}. Its CPU "
+                      "numbers are in docs/performance.md."]
+            continue
+        body = printed if "|" in printed else f"```\n{printed}\n```"
+        parts += ["", f"## {heading}", "", f"{blurb} (`python {script} --device {device.type}`)", "", body]
+    return "\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":
