@@ -54,9 +54,11 @@ def deterministic_cudnn() -> Iterator[None]:
 
     Off the CPU, cuDNN may pick convolution algorithms that accumulate with atomics, so two
     runs of the same convolution on the same inputs can differ in the last bits (a
-    transposed or grouped strided convolution's backward, for instance). Tests that compare
-    two runs bitwise (state-dict round trips, gradcheck's reentrancy check) need the same
-    bits from the same inputs; the tolerances are unchanged. A no-op on the CPU.
+    transposed convolution's forward, which is a convolution's data gradient, for instance).
+    Tests that compare two runs bitwise (state-dict round trips, gradcheck's reentrancy
+    check) need the same bits from the same inputs; the tolerances are unchanged. This covers
+    cuDNN only: kernels outside it that accumulate with atomics (the backward of reflect and
+    replicate padding on CUDA) stay nondeterministic. Has no effect on the CPU.
     """
     previous = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True

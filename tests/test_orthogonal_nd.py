@@ -230,7 +230,8 @@ def test_gradcheck_through_bcop_and_the_input_side_scaling(cls):
     def fn(x, *params):
         return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
 
-    assert torch.autograd.gradcheck(fn, (x, *layer.parameters()))
+    with deterministic_cudnn():  # its reentrancy check wants the same bits from two backward runs
+        assert torch.autograd.gradcheck(fn, (x, *layer.parameters()))
 
 
 @pytest.mark.parametrize("cls", list(CLASSES))
