@@ -532,3 +532,13 @@ def test_random_factors_entries_are_centred_and_isotropic():
 def test_random_factors_in_half_precision():
     U, S, core, V = random_factors(8, 4, (3, 3), (8, 4), dtype=torch.bfloat16)
     assert U.dtype == S.dtype == core.dtype == V.dtype == torch.bfloat16
+
+
+def test_random_factors_land_on_the_default_device_like_torch_factories():
+    """No ``device=``: torch's default device (``torch.set_default_device`` / a device context),
+    as ``torch.randn`` does; an explicit device wins. (The CUDA run found them on the CPU.)"""
+    with torch.device("meta"):
+        factors = random_factors(4, 3, (3, 3), (2, 2), 1)
+        explicit = random_factors(4, 3, (3, 3), (2, 2), 1, device="cpu")
+    assert {t.device.type for t in factors} == {"meta"}
+    assert {t.device.type for t in explicit} == {"cpu"}

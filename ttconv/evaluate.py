@@ -123,7 +123,7 @@ def _device(model: nn.Module) -> torch.device:
         return tensor.device
     for buffer in model.buffers():
         return buffer.device
-    return torch.device("cpu")
+    return torch.empty(0).device  # no tensors: torch's default device, as a factory call would use
 
 
 def _batches(loader: Loader, device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:

@@ -795,7 +795,8 @@ def random_factors(
     kh, kw = kernel_size
     dtype = dtype or torch.get_default_dtype()
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    # Like torch's factories: no device means torch's default device (torch.set_default_device).
+    device = torch.device(device) if device is not None else torch.empty(0).device
     U = _haar_columns(groups, out_per_group, r_out, work, device)
     V = _haar_columns(groups, in_per_group, r_in, work, device)
     core = _haar_rows(groups, r_out, r_in * kh * kw, work, device)
