@@ -53,7 +53,9 @@ SECTIONS = [  # (heading, script, blurb)
      "alternately in one run."),
     ("Cost of one control pass", "benchmarks/bench_control.py",
      "SpectralControl.apply() in each mode (scale, clip, clip_scale) with every layer above the target, "
-     "SVDConv (core) vs dense convs (FFT); then how far plain clipping overshoots on random layers."),
+     "SVDConv (core) vs dense convs (FFT); the limit LAPACK sets (bare per-frequency kernels, dense / core); one "
+     "clip step against the paper's code on the same core; strided clipping; then how far plain clipping "
+     "overshoots on random layers."),
     ("Conversion and construction", "benchmarks/bench_convert.py", "Gram-route decompose, ResNet-50, SVDConv(), refine."),
     ("Model zoo: conversion, reports and forward at ImageNet scale", "benchmarks/bench_zoo.py",
      "ResNet-18/50, MobileNet-v2 and VGG-11 with their real shapes (random weights, benchmarks/real_shapes.py), "
