@@ -160,6 +160,8 @@ def main(argv=None) -> None:
         device = torch.device(open(recorded).read().strip() if os.path.exists(recorded) else "cuda")
     page = "performance.md" if device.type == "cpu" else f"performance-{device.type}.md"
     output = options.output or os.path.join(ROOT, "docs", page)
+    if options.collect:
+        return _write(output, _collected_page(options.collect, device), quick=False)
     extra = ["--quick"] if options.quick else []
     known = {script for _, script, _ in SECTIONS}
     for script in options.only or ():
@@ -167,8 +169,6 @@ def main(argv=None) -> None:
             parser.error(f"--only {script!r} is not a section; choose from {sorted(known)}")
     previous = _sections(output) if options.only else {}
     on_gpu = device.type == "cuda"
-    if options.collect:
-        return _write(output, _collected_page(options.collect, device), quick=False)
     parts = [
         f"# Performance on {describe(device)}" if on_gpu else "# Performance",
         "",
@@ -192,9 +192,7 @@ def main(argv=None) -> None:
             parts += ["", f"## {heading}", "", f"Not run on {device.type}: `{script}` takes no `--device` yet "
                       "(see `benchmarks/_device.py`); its CPU numbers are in docs/performance.md."]
             continue
-        body = printed if "|" in printed else f"```\n{printed}\n```"
-        command = f"python {script}" + (" --device cuda" if on_gpu else "")
-        parts += ["", f"## {heading}", "", f"{blurb} (`{command}`)", "", body]
+        parts += ["", _section(heading, blurb, script, device, printed)]
     if not on_gpu:
         parts += ["", gpu_summary(os.path.join(ROOT, "docs", "performance-cuda.md"))]
     _write(output, "\n".join(parts) + "\n", quick=options.quick)
@@ -227,6 +225,14 @@ def _first_table(section: str) -> str:
     return "\n".join(table)
 
 
+def _section(heading: str, blurb: str, script: str, device: torch.device, printed: str) -> str:
+    """One page section: heading, blurb with the command that made it, then the script's
+    tables (plain text in a code block)."""
+    body = printed if "|" in printed else f"```\n{printed}\n```"
+    command = f"python {script}" + ("" if device.type == "cpu" else f" --device {device.type}")
+    return "\n".join([f"## {heading}", "", f"{blurb} (`{command}`)", "", body])
+
+
 def _write(output: str, text: str, quick: bool) -> None:
     if quick:
         print(text)
@@ -252,8 +258,7 @@ def _collected_page(folder: str, device: torch.device) -> str:
             parts += ["", f"## {heading}", "", f"Not run to the end on {device.type}: {printed.why}. Its CPU "
                       "numbers are in docs/performance.md."]
             continue
-        body = printed if "|" in printed else f"```\n{printed}\n```"
-        parts += ["", f"## {heading}", "", f"{blurb} (`python {script} --device {device.type}`)", "", body]
+        parts += ["", _section(heading, blurb, script, device, printed)]
     return "\n".join(parts) + "\n"
 
 
