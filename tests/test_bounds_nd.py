@@ -40,7 +40,7 @@ from torch import nn
 
 from circular_oracle import circular_singular_values_any_size
 from configs import PADDING_MODES
-from oracle import layer_operator, operator_matrix
+from oracle import default_device, layer_operator, operator_matrix
 from ttconv import bounds, geometry
 from ttconv.bounds import (
     exact_spectral_norm,
@@ -149,7 +149,7 @@ def _on_cpu_then_moved(build):
     """Draw the layer on the CPU, then move it to the test's device: every device checks the
     same random layers (the looseness ceilings below were measured on these draws)."""
     def wrapper(config: Dict[str, Any], d: int) -> nn.Module:
-        device = torch.empty(0).device
+        device = default_device()
         with torch.device("cpu"):
             layer = build(config, d)
         return layer.to(device)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models import ARCHITECTURES, SmallResNet, vgg_like
+from oracle import default_device
 from ttconv import SVDConv, convert, densify
 
 
@@ -163,7 +164,7 @@ def test_converts_weights_trained_on_real_data():
     from _digits import accuracy, load_digits, small_cnn, train
 
     torch.manual_seed(0)
-    device = torch.empty(0).device  # the test's device
+    device = default_device()  # the test's device
     with torch.device("cpu"):  # the example's data and training are CPU code (seeded CPU generators)
         data = load_digits()
         model = small_cnn(width=16)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from models import SmallResNet
+from oracle import default_device
 from ttconv import SVDConv, convert, densify
 from ttconv.convert import load_converted
 
@@ -252,7 +253,7 @@ def test_committed_version_1_checkpoint():
         load_converted(dense, saved["state_dict"])
     model = reference_model()  # built with the right configuration: loads as it always did
     model.load_state_dict(saved["state_dict"])
-    device = torch.empty(0).device  # the test's device; the checkpoint's tensors load on the CPU
+    device = default_device()  # the test's device; the checkpoint's tensors load on the CPU
     with torch.no_grad():
         assert torch.allclose(model(saved["input"].to(device)), saved["output"].to(device), atol=1e-6)
 

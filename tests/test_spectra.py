@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import config_id, random_conv_configs
-from oracle import circular_singular_values, layer_operator, operator_matrix
+from oracle import circular_singular_values, layer_operator, operator_matrix, seeded_randn
 from ttconv import SVDConv, SVDConv1d, SVDConv3d, SVDConvTranspose2d, conv_singular_values, conv_spectral_norm
 
 CONFIGS = random_conv_configs(240, seed=1)
@@ -198,14 +198,14 @@ def test_certifying_values_are_decomposed_in_float64():
 
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.complex64):
-        matrices = torch.randn(40, 24, 17, generator=generator, dtype=dtype).to(torch.empty(0).device)
+        matrices = seeded_randn(40, 24, 17, generator=generator, dtype=dtype)
         wide = torch.complex128 if dtype.is_complex else torch.float64
         expected = torch.linalg.svdvals(matrices.to(wide))[..., 0].float()
         got = largest_singular_values(matrices)
         assert got.dtype == torch.float32 and torch.equal(got, expected)
         assert torch.equal(certified_batch_max(matrices, None), expected.max())
     for shape in ((6, 5, 3, 3), (6, 5, 1, 1)):
-        weight = torch.randn(*shape, generator=generator).to(torch.empty(0).device)
+        weight = seeded_randn(*shape, generator=generator)
         value = conv_spectral_norm(weight, (8, 8))
         reference = conv_spectral_norm(weight.double(), (8, 8))
         assert value.dtype == torch.float32 and float(value) == pytest.approx(float(reference), rel=3e-7)
