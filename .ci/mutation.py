@@ -425,11 +425,25 @@ MUTANTS: List[Mutant] = [
     ),
     # ------------------------------------------------------------ orthogonal core, N-d
     Mutant(
-        "skew_exp_backward_wrong_phase", "ttconv/orthogonal.py",
-        "        half_sum = (mu[..., :, None] + mu[..., None, :]) / 2",
-        "        half_sum = (mu[..., :, None] - mu[..., None, :]) / 2",
-        ("tests/test_orthogonal.py::test_skew_exp_backward_equals_torchs_matrix_exp_backward",),
-        "the eigen-based backward of the skew exponential uses the wrong phase",
+        "skew_exp_degree_sized_for_the_value_only", "ttconv/orthogonal.py",
+        "        theta = (math.factorial(degree) * unit / 4) ** (1.0 / degree)",
+        "        theta = (math.factorial(degree + 1) * unit / 4) ** (1.0 / (degree + 1))",
+        ("tests/test_orthogonal.py::test_skew_exp_equals_torchs_matrix_exp_and_its_gradient",),
+        "the skew exponential's Taylor degree bounds the value's error but not the gradient's",
+    ),
+    Mutant(
+        "skew_exp_one_squaring_short", "ttconv/orthogonal.py",
+        "    for _ in range(squarings):",
+        "    for _ in range(squarings - 1):",
+        ("tests/test_orthogonal.py::test_skew_exp_equals_torchs_matrix_exp_and_its_gradient",),
+        "the skew exponential squares one time too few (exp(A/2) instead of exp(A))",
+    ),
+    Mutant(
+        "bcop_outputs_blocks_in_wrong_order", "ttconv/orthogonal.py",
+        "    for axis, projector in reversed(list(zip(blocks, projectors))):  # the last block runs last",
+        "    for axis, projector in zip(blocks, projectors):",
+        ("tests/test_orthogonal.py::test_bcop_outputs_are_the_kernel_composed_after_the_core",),
+        "the last axis's blocks are composed onto outputs in the wrong order",
     ),
     Mutant(
         "bcop_block_not_complementary", "ttconv/orthogonal.py",

@@ -257,6 +257,11 @@ class _SVDConvNd(nn.Module):
             factor.copy_(orthonormal_basis(torch.randn_like(factor).reshape(self.groups, -1, factor.shape[1]))
                          .reshape(factor.shape))
         nn.init.normal_(self.core)
+        # H = exp(0) = I: the kernel's distribution is unchanged (V is Haar, so H V^T is too,
+        # and the blocks' projectors are conjugation invariant, which moves a random H onto
+        # U when r_out > r_in), and a zero generator makes the exponential nearly free until
+        # training moves it (ttconv.orthogonal.skew_matrix_exp sizes itself to the norm).
+        self.core[:, 0].zero_()
         if self.max_singular_value is None:
             self.S.fill_(math.sqrt(self._weight_channels()[0] / (3.0 * self.S.numel())))
         else:
@@ -355,9 +360,9 @@ class _SVDConvNd(nn.Module):
         V = orthonormal_basis(self.V.reshape(g, -1, r_in))
         S = self.effective_S().reshape(g, -1)
         inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)
-        kernel = bcop_kernel(self.core, self.kernel_size, inputs=inputs)[:, :r_out]  # (g, r_out, B/g, *k)
         outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, A/g, r_out)
-        return torch.einsum("goa,gab->gob", outputs, kernel.flatten(2))  # (g, A/g, B/g * taps)
+        kernel = bcop_kernel(self.core, self.kernel_size, inputs=inputs, outputs=outputs)  # (g, A/g, B/g, *k)
+        return kernel.flatten(2)  # (g, A/g, B/g * taps)
 
     @property
     def weight(self) -> Tensor:

@@ -21,48 +21,89 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["orthonormal_basis", "bcop_kernel", "compose_kernels", "bcop_parameter_count", "skew_matrix_exp"]
 
 
-class _SkewExp(torch.autograd.Function):
-    """``matrix_exp`` of a batch of real skew-symmetric matrices, with a cheaper exact backward.
+# Taylor degrees the exponential chooses from (``skew_matrix_exp``).
+_TAYLOR_DEGREES = (1, 2, 3, 4, 6, 8, 10, 12, 15, 18, 24)
 
-    The forward is ``torch.linalg.matrix_exp``. Its backward in torch exponentiates a
-    ``2n x 2n`` block matrix (about 8 times the forward's work). A skew-symmetric ``A`` is
-    normal: ``i A = Q diag(mu) Q^H`` (``eigh``, ``Q`` unitary), and the adjoint of the
-    Frechet derivative of ``exp`` at ``A``, applied to ``G``, is the derivative at
-    ``A^T = -A = Q diag(i mu) Q^H``: ``Q (Phi o (Q^H G Q)) Q^H`` with ``Phi`` the divided
-    differences of ``exp`` at ``(i mu_j, i mu_k)``,
-    ``exp(i (mu_j + mu_k) / 2) sinc((mu_j - mu_k) / 2)``, which is exact and stable for equal
-    or close eigenvalues (``sinc(0) = 1`` gives ``exp(i mu_j)``). Agrees with torch's backward
-    to round-off (``tests/test_orthogonal.py``). Not twice differentiable (an error says so).
-    """
 
-    @staticmethod
-    def forward(ctx: Any, skew: Tensor) -> Tensor:
-        ctx.save_for_backward(skew)
-        return torch.linalg.matrix_exp(skew)
+def _taylor_products(degree: int) -> int:
+    """Matrix products to evaluate a Taylor polynomial of ``degree`` by Paterson-Stockmeyer,
+    given ``X^2``: the powers ``X^3 .. X^b`` (``b = ceil(sqrt(degree + 1))``), then one
+    product per further chunk of ``b`` coefficients (Horner's rule in ``X^b``)."""
+    block = math.ceil(math.sqrt(degree + 1))
+    chunks = math.ceil((degree + 1) / block)
+    last_is_one_coefficient = (degree + 1) % block == 1
+    return max(0, block - 2) + chunks - 1 - int(last_is_one_coefficient)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (skew,) = ctx.saved_tensors
-        complex_dtype = torch.complex128 if skew.dtype == torch.float64 else torch.complex64
-        mu, q = torch.linalg.eigh(1j * skew.to(complex_dtype))
-        half_sum = (mu[..., :, None] + mu[..., None, :]) / 2
-        half_difference = (mu[..., :, None] - mu[..., None, :]) / 2
-        divided_differences = torch.polar(torch.ones_like(half_sum), half_sum) * torch.sinc(half_difference / math.pi)
-        rotated = q.mH @ grad.to(complex_dtype) @ q
-        return (q @ (divided_differences * rotated) @ q.mH).real.to(grad.dtype)
+
+def _taylor_plan(norm: float, dtype: torch.dtype) -> Tuple[int, int]:
+    """``(degree, squarings)`` of the cheapest scaling-and-squaring Taylor approximant of
+    ``exp(X)`` for ``||X||_2 <= norm`` (``X`` skew-symmetric, so ``||exp(X)||_2 = 1``) whose
+    truncation error stays below half a unit of round-off of ``dtype``, for the value and for
+    its derivative: the derivative's tail, ``sum_{k > m} t^(k-1) / (k-1)!`` at the scaled norm
+    ``t = norm / 2^s`` (at most twice its first term ``t^m / m!`` for these degrees and
+    scaled norms), is the larger of the two."""
+    unit = torch.finfo(dtype).eps / 2
+    best: Optional[Tuple[int, int, int]] = None
+    for degree in _TAYLOR_DEGREES:
+        # Largest scaled norm theta with 2 theta^m / m! <= unit / 2.
+        theta = (math.factorial(degree) * unit / 4) ** (1.0 / degree)
+        squarings = max(0, math.ceil(math.log2(norm / theta))) if norm > 0 else 0
+        cost = _taylor_products(degree) + squarings
+        if best is None or cost < best[0]:
+            best = (cost, degree, squarings)
+    assert best is not None
+    return best[1], best[2]
 
 
 def skew_matrix_exp(skew: Tensor) -> Tensor:
-    """``torch.linalg.matrix_exp(skew)`` for real skew-symmetric ``skew`` (batched): an orthogonal
-    matrix. The same forward, a backward about 3x cheaper (``_SkewExp``); the input is not
-    checked to be skew-symmetric (the backward assumes it)."""
-    return _SkewExp.apply(skew)
+    """``exp(skew)`` for a batch of real skew-symmetric matrices: orthogonal matrices.
+
+    Scaling and squaring of a Taylor polynomial, written in torch operations so autograd
+    differentiates it (also twice), and sized to the input: the degree ``m`` and the number
+    ``s`` of squarings are the cheapest pair whose truncation error is below the dtype's
+    round-off (``_taylor_plan``), from the bound ``||skew||_2 <= ||skew^2||_1^(1/2)`` (for
+    skew-symmetric ``A``, ``A^2`` is symmetric with ``||A^2||_2 = ||A||_2^2``). A small
+    generator therefore costs a few ``r x r`` products forward and twice that backward: at
+    zero one product, where ``torch.linalg.matrix_exp`` forward plus its ``2r x 2r`` block
+    backward costs dozens. Agrees with ``torch.linalg.matrix_exp`` and its gradient to
+    round-off (``tests/test_orthogonal.py``). The input is not checked to be skew-symmetric
+    (the error bound assumes it). One host sync reads the norm, as ``matrix_exp`` does on CUDA
+    (on the meta device, which has no values, the plan is the cheapest).
+    """
+    square = skew @ skew
+    # Meta tensors carry no values (shape checks, tracing): any plan gives the same shapes.
+    readable = skew.numel() > 0 and not skew.is_meta
+    norm = math.sqrt(float(square.detach().abs().sum(-2).amax())) if readable else 0.0
+    degree, squarings = _taylor_plan(norm, skew.dtype)
+    x, x2 = skew / 2.0 ** squarings, square / 4.0 ** squarings
+    block = math.ceil(math.sqrt(degree + 1))
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+    powers = [eye, x, x2]
+    while len(powers) <= block:
+        powers.append(powers[-1] @ x)
+    coefficients = [1.0 / math.factorial(k) for k in range(degree + 1)]
+    chunks = [coefficients[i:i + block] for i in range(0, degree + 1, block)]
+
+    def chunk(values: Sequence[float]) -> Tensor:
+        # sum_k values[k] X^k for 2 <= len(values) <= block: no product.
+        total = values[0] * eye + values[1] * powers[1]
+        for value, power in zip(values[2:], powers[2:]):
+            total = total + value * power
+        return total
+
+    if len(chunks[-1]) == 1:  # a last chunk c X^block needs no product
+        result, rest = chunk(chunks[-2]) + chunks[-1][0] * powers[block], chunks[:-2]
+    else:
+        result, rest = chunk(chunks[-1]), chunks[:-1]
+    for values in reversed(rest):  # Horner's rule in X^block
+        result = chunk(values) + powers[block] @ result
+    for _ in range(squarings):
+        result = result @ result
+    return result
 
 
 def orthonormal_basis(raw: Tensor) -> Tensor:
@@ -101,23 +142,35 @@ def bcop_parameter_count(kernel_size: Sequence[int]) -> int:
     return 1 + sum(k - 1 for k in kernel_size)
 
 
-def _compose_two_tap(projector: Tensor, kernel: Tensor, axis: int) -> Tensor:
-    """``compose_kernels([P, I - P] along axis, kernel)`` with one matrix product.
-
-    ``P K`` is the first tap's contribution and ``(I - P) K = K - P K`` the second's, shifted
-    by one along ``axis`` (of the ``d`` spatial axes of ``kernel: (g, r, i, *k)``).
-    """
+def _two_tap(first_taps: Tensor, kernel: Tensor, axis: int) -> Tensor:
+    """A kernel composed with a block ``[P, I - P]`` along ``axis`` (of the ``d`` spatial axes
+    of ``kernel: (g, o, i, *k)``), given ``first_taps``, its taps times ``P``: those land at
+    offset 0 and ``kernel - first_taps`` (the taps times ``I - P``) at offset 1."""
     d = kernel.dim() - 3
-    taps_first = torch.einsum("gom,gmi...->goi...", projector, kernel)
     pad_after = [0, 0] * d
     pad_before = [0, 0] * d
     # F.pad lists the last axis first.
     pad_after[2 * (d - 1 - axis) + 1] = 1
     pad_before[2 * (d - 1 - axis)] = 1
-    return F.pad(taps_first, pad_after) + F.pad(kernel - taps_first, pad_before)
+    return F.pad(first_taps, pad_after) + F.pad(kernel - first_taps, pad_before)
 
 
-def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional[Tensor] = None) -> Tensor:
+def _compose_two_tap(projector: Tensor, kernel: Tensor, axis: int) -> Tensor:
+    """``compose_kernels([P, I - P] along axis, kernel)`` with one matrix product per tap."""
+    return _two_tap(torch.einsum("gom,gmi...->goi...", projector, kernel), kernel, axis)
+
+
+def _compose_two_tap_after(taps: Tensor, projector: Tensor) -> Tensor:
+    """``compose_kernels(kernel, [P, I - P])`` along a kernel's one axis, the block running
+    first, for ``taps: (g, t, o, m)`` (tap-major, so that ``taps P`` is one batched product
+    without a transpose); returns ``(g, t + 1, o, m)``."""
+    g, t, o, m = taps.shape
+    first = (taps.reshape(g, t * o, m) @ projector).reshape(g, t, o, m)
+    return F.pad(first, (0, 0, 0, 0, 0, 1)) + F.pad(taps - first, (0, 0, 0, 0, 1, 0))
+
+
+def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional[Tensor] = None,
+                outputs: Optional[Tensor] = None) -> Tensor:
     """Orthogonal conv kernel ``(g, r, r, *kernel_size)`` from generators ``(g, 1 + sum(k_i - 1), r, r)``.
 
     Generator 0 gives ``H = matrix_exp(A - A^T)``; each other generator ``A_j`` gives the
@@ -132,6 +185,13 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional
     orthogonal conv's first ``m`` input channels after ``inputs``. The blocks act on the
     output side only, so ``inputs`` folds into ``H`` (``H[:, :m] inputs``) and the kernel is
     never built at ``r`` input channels: cheaper when ``n <= r``.
+
+    ``outputs``: an optional ``(g, c, m)`` matrix (``m <= r``) applied after the convolution to
+    its first ``m`` output channels, as a 1x1 conv: the result is ``(g, c, ..., *kernel_size)``.
+    The last axis's blocks are then composed onto ``outputs`` (from its input side) and the
+    other axes' onto ``H``, and one product joins the two halves: for a 3 x 3 kernel 9 + 3 + 4
+    ``r x r``-sized products where composing onto ``H`` alone and then applying ``outputs``
+    takes 9 + 12 + 1.
     """
     kernel_size = tuple(int(k) for k in kernel_size)
     if not kernel_size or any(k < 1 for k in kernel_size):
@@ -143,11 +203,23 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional
     first = skew_matrix_exp(skew)
     if inputs is not None:
         first = first[..., : inputs.shape[-2]] @ inputs
-    kernel = first.reshape(g, r, first.shape[-1], *(1,) * len(kernel_size))
-    j = 1
-    for axis, k in enumerate(kernel_size):
-        for _ in range(k - 1):
-            basis = orthonormal_basis(generators[:, j, :, : r // 2])
-            kernel = _compose_two_tap(basis @ basis.transpose(-1, -2), kernel, axis)
-            j += 1
-    return kernel
+    d = len(kernel_size)
+    kernel = first.reshape(g, r, first.shape[-1], *(1,) * d)
+    blocks = [axis for axis, k in enumerate(kernel_size) for _ in range(k - 1)]  # generator j + 1's axis
+    projectors = []
+    for j in range(len(blocks)):
+        basis = orthonormal_basis(generators[:, j + 1, :, : r // 2])
+        projectors.append(basis @ basis.transpose(-1, -2))
+    last = d - 1 if outputs is not None else d  # the axis composed onto outputs, if any
+    for axis, projector in zip(blocks, projectors):
+        if axis < last:
+            kernel = _compose_two_tap(projector, kernel, axis)
+    if outputs is None:
+        return kernel
+    # outputs times the first m rows of the operator: zero columns up to r.
+    left = F.pad(outputs, (0, r - outputs.shape[-1])).unsqueeze(1)  # (g, 1 tap, c, r) along the last axis
+    for axis, projector in reversed(list(zip(blocks, projectors))):  # the last block runs last
+        if axis == last:
+            left = _compose_two_tap_after(left, projector)
+    # Every tap of the left half times every tap of the right half: one batched product.
+    return torch.einsum("gtcm,gmi...->gci...t", left, kernel.squeeze(-1))
