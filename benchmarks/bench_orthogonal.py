@@ -20,6 +20,7 @@ from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table, median_seconds_on_copies  # noqa: E402
 
 import ttconv  # noqa: E402
+from ttconv.orthogonal import skew_matrix_exp  # noqa: E402
 
 # (dims, channels, input size): kernel 3 per axis, padding 1, batch 32.
 SHAPES = [(2, 64, 32), (2, 128, 16), (2, 256, 8), (1, 256, 64), (3, 64, 8)]
@@ -89,6 +90,28 @@ def _run(options) -> None:
     print(markdown_table(["input", "layer", "fwd ms", "/ torch", "fwd+bwd ms", "/ torch"], rows))
     print("\nOne clip to sigma <= 0.5 (includes the exact norm computed afterwards):\n")
     print(markdown_table(["layer", "general: FFT clip ms", "orthogonal: exact clip ms", "speed-up"], clip_rows))
+    print("\nThe core's exponential H = exp(A - A^T), forward and backward, r = 256: ttconv's sized Taylor "
+          "(`skew_matrix_exp`) vs `torch.linalg.matrix_exp` with torch's backward, timed interleaved. A fresh "
+          "layer's generator is 0; training moves it (scale: the generator's entries' standard deviation):\n")
+    print(markdown_table(["generator scale", "torch.linalg.matrix_exp ms", "skew_matrix_exp ms", "speed-up"],
+                         _exponential_rows(8 if options.quick else 256, repeats, options.device)))
+
+
+def _exponential_rows(r, repeats, device):
+    rows = []
+    for scale in (0.0, 0.01, 0.1, 1.0):
+        torch.manual_seed(0)
+        generator = (torch.randn(1, r, r, device="cpu") * scale).to(device)  # the same draw on every device
+        skew = (generator - generator.mT).requires_grad_()
+        grad = torch.randn_like(skew)
+
+        def step(exp):
+            return lambda: torch.autograd.grad(exp(skew), skew, grad)
+
+        times = interleaved({"torch": step(torch.linalg.matrix_exp), "ttconv": step(skew_matrix_exp)}, repeats)
+        rows.append([f"{scale:g}", f"{times['torch'] * 1e3:.2f}", f"{times['ttconv'] * 1e3:.2f}",
+                     f"{times['torch'] / times['ttconv']:.1f}x"])
+    return rows
 
 
 if __name__ == "__main__":

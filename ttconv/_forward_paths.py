@@ -37,6 +37,7 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor
 
+from ._compile import compiling
 from ._typing import ForwardPath
 
 
@@ -141,16 +142,6 @@ def cheaper_path(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = F
     return "dense" if dense_cost <= factored_cost else "factored"
 
 
-def _compiling() -> bool:
-    """Whether ``torch.compile`` (dynamo) is tracing this call."""
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # torch < 2.3
-        from torch._dynamo import is_compiling
-
-        return bool(is_compiling())
-
-
 def remembered_path(layer: Any, input: Tensor) -> ForwardPath:
     """``cheaper_path`` for this input, remembered per input shape, differentiation regime
     and geometry on the layer (evaluating the model takes ~30 us, a tenth of a small
@@ -158,7 +149,7 @@ def remembered_path(layer: Any, input: Tensor) -> ForwardPath:
     backward = torch.is_grad_enabled() and (
         input.requires_grad or any(p is not None and p.requires_grad for p in layer._parameters.values()))
     input_requires_grad = bool(input.requires_grad)
-    if _compiling():  # traced once per shape anyway; dynamo before torch 2.13 cannot trace the cache
+    if compiling():  # traced once per shape anyway; dynamo before torch 2.13 cannot trace the cache
         return cheaper_path(layer, tuple(input.shape), backward=backward, input_requires_grad=input_requires_grad)
     key = (tuple(input.shape), backward, input_requires_grad, layer.stride, layer.padding, layer.dilation,
            layer.ranks)

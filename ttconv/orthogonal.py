@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._compile import compiling
+
 __all__ = ["orthonormal_basis", "bcop_kernel", "compose_kernels", "bcop_parameter_count", "skew_matrix_exp"]
 
 
@@ -71,13 +73,16 @@ def skew_matrix_exp(skew: Tensor) -> Tensor:
     zero one product, where ``torch.linalg.matrix_exp`` forward plus its ``2r x 2r`` block
     backward costs dozens. Agrees with ``torch.linalg.matrix_exp`` and its gradient to
     round-off (``tests/test_orthogonal.py``). The input is not checked to be skew-symmetric
-    (the error bound assumes it). One host sync reads the norm, as ``matrix_exp`` does on CUDA
-    (on the meta device, which has no values, the plan is the cheapest).
+    (the error bound assumes it). One host sync reads the norm, as ``matrix_exp`` does on CUDA.
+    Where there are no values to read (meta tensors, ``torch.compile``'s tracing) it is
+    ``torch.linalg.matrix_exp``.
     """
+    if skew.is_meta or compiling():
+        # No values to size the polynomial by (meta tensors; torch.compile's tracing, which
+        # cannot branch on them): torch's own exponential, sized inside the operator.
+        return torch.linalg.matrix_exp(skew)
     square = skew @ skew
-    # Meta tensors carry no values (shape checks, tracing): any plan gives the same shapes.
-    readable = skew.numel() > 0 and not skew.is_meta
-    norm = math.sqrt(float(square.detach().abs().sum(-2).amax())) if readable else 0.0
+    norm = math.sqrt(float(square.detach().abs().sum(-2).amax())) if skew.numel() else 0.0
     degree, squarings = _taylor_plan(norm, skew.dtype)
     x, x2 = skew / 2.0 ** squarings, square / 4.0 ** squarings
     block = math.ceil(math.sqrt(degree + 1))
