@@ -20,7 +20,7 @@ from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table, median_seconds_on_copies  # noqa: E402
 
 import ttconv  # noqa: E402
-from ttconv.orthogonal import skew_matrix_exp  # noqa: E402
+from ttconv.orthogonal import orthonormal_basis, skew_matrix_exp  # noqa: E402
 
 # (dims, channels, input size): kernel 3 per axis, padding 1, batch 32.
 SHAPES = [(2, 64, 32), (2, 128, 16), (2, 256, 8), (1, 256, 64), (3, 64, 8)]
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
 
 
 def _run(options) -> None:
-    shapes, batch, repeats = ([(2, 8, 8), (1, 8, 8), (3, 4, 4)], 2, 1) if options.quick else (SHAPES, 32, 7)
+    shapes, batch, repeats = ([(2, 8, 8), (1, 8, 8), (3, 4, 4)], 2, 1) if options.quick else (SHAPES, 32, 15)
     rows, clip_rows = [], []
     for dims, channels, size in shapes:
         torch.manual_seed(0)
@@ -95,6 +95,28 @@ def _run(options) -> None:
           "layer's generator is 0; training moves it (scale: the generator's entries' standard deviation):\n")
     print(markdown_table(["generator scale", "torch.linalg.matrix_exp ms", "skew_matrix_exp ms", "speed-up"],
                          _exponential_rows(8 if options.quick else 256, repeats, options.device)))
+
+    print("\nThe core's factorisations against a product, r = 256, forward and backward (docs/orthogonal.md "
+          "counts the build in products of this size):\n")
+    print(markdown_table(["operation", "ms", "in r x r products"], _building_block_rows(8 if options.quick else 256,
+                                                                                         repeats, options.device)))
+
+
+def _building_block_rows(r, repeats, device):
+    torch.manual_seed(0)
+    left, right = torch.randn(2, 1, r, r, device="cpu").to(device)
+    square = torch.randn(1, r, r, device="cpu").to(device).requires_grad_()
+    half = torch.randn(1, r, r // 2, device="cpu").to(device).requires_grad_()
+
+    def basis_step(raw):
+        return lambda: torch.autograd.grad(orthonormal_basis(raw), raw, torch.ones_like(raw))
+
+    times = interleaved({"product": lambda: left @ right, "square": basis_step(square), "half": basis_step(half)},
+                        repeats)
+    labels = {"product": f"one {r} x {r} product (forward only)",
+              "square": f"orthonormal_basis of {r} x {r} (QR), forward + backward",
+              "half": f"orthonormal_basis of {r} x {r // 2} (QR), forward + backward"}
+    return [[labels[name], f"{times[name] * 1e3:.2f}", f"{times[name] / times['product']:.1f}"] for name in labels]
 
 
 def _exponential_rows(r, repeats, device):
