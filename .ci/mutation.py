@@ -439,6 +439,13 @@ MUTANTS: List[Mutant] = [
         "the skew exponential squares one time too few (exp(A/2) instead of exp(A))",
     ),
     Mutant(
+        "skew_exp_follows_autocast", "ttconv/orthogonal.py",
+        "@full_precision  # under autocast too: the squarings amplify a low-precision product's error",
+        "# (no full_precision)",
+        ("tests/test_orthogonal.py::test_skew_exp_keeps_its_precision_under_autocast_and_for_half_inputs",),
+        "the skew exponential's products follow autocast into bfloat16, and its squarings amplify the error",
+    ),
+    Mutant(
         "bcop_outputs_blocks_in_wrong_order", "ttconv/orthogonal.py",
         "    for axis, projector in reversed(list(zip(blocks, projectors))):  # the last block runs last",
         "    for axis, projector in zip(blocks, projectors):",

@@ -317,6 +317,23 @@ def test_skew_exp_equals_torchs_matrix_exp_and_its_gradient(r, scale):
     assert float((mine32.double() - truth).abs().max()) < 5e-5 * max(1.0, float(truth.abs().max()))
 
 
+def test_skew_exp_keeps_its_precision_under_autocast_and_for_half_inputs():
+    """Each squaring doubles the relative error, so the polynomial and its squarings run in
+    float32 whatever autocast says, and half-precision inputs are widened: a bfloat16 product
+    chain with 9 squarings would be off by order 1."""
+    torch.manual_seed(0)
+    raw = torch.randn(2, 16, 16) * 30
+    skew = raw - raw.mT
+    truth = torch.linalg.matrix_exp(skew.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = skew_matrix_exp(skew)
+    assert value.dtype == torch.float32
+    assert float((value.double() - truth).abs().max()) < 1e-4
+    half = skew_matrix_exp(skew.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, skew_matrix_exp(skew.bfloat16().float()).bfloat16())
+
+
 def test_skew_exp_is_twice_differentiable():
     """Written in torch operations, so autograd differentiates the backward too (second-order
     optimisers, gradient penalties), checked by finite differences in float64."""

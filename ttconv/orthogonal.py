@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._compile import compiling
+from ._precision import full_precision
 
 __all__ = ["orthonormal_basis", "bcop_kernel", "compose_kernels", "bcop_parameter_count", "skew_matrix_exp"]
 
@@ -81,6 +82,14 @@ def skew_matrix_exp(skew: Tensor) -> Tensor:
         # No values to size the polynomial by (meta tensors; torch.compile's tracing, which
         # cannot branch on them): torch's own exponential, sized inside the operator.
         return torch.linalg.matrix_exp(skew)
+    if skew.dtype in (torch.float16, torch.bfloat16):
+        # Each squaring doubles the relative error: half precision would not survive them.
+        return _sized_taylor_exp(skew.float()).to(skew.dtype)
+    return _sized_taylor_exp(skew)
+
+
+@full_precision  # under autocast too: the squarings amplify a low-precision product's error
+def _sized_taylor_exp(skew: Tensor) -> Tensor:
     square = skew @ skew
     norm = math.sqrt(float(square.detach().abs().sum(-2).amax())) if skew.numel() else 0.0
     degree, squarings = _taylor_plan(norm, skew.dtype)
