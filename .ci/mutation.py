@@ -446,6 +446,14 @@ MUTANTS: List[Mutant] = [
         "the skew exponential's products follow autocast into bfloat16, and its squarings amplify the error",
     ),
     Mutant(
+        "orthogonal_build_not_costed", "ttconv/_forward_paths.py",
+        '    if getattr(layer, "core_kind", "general") != "orthogonal":',
+        "    if True:",
+        ("tests/test_layer_nd.py::test_orthogonal_flop_costs_are_torchs_flop_count",),
+        "the path model charges an orthogonal core's BCOP build to neither path (auto then runs full-rank "
+        "orthogonal layers factored, which builds the core and adds two 1x1 convs)",
+    ),
+    Mutant(
         "bcop_outputs_blocks_in_wrong_order", "ttconv/orthogonal.py",
         "    for axis, projector in reversed(list(zip(blocks, projectors))):  # the last block runs last",
         "    for axis, projector in zip(blocks, projectors):",

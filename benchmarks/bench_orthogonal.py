@@ -35,6 +35,17 @@ def _train_step(module, x):
     return step
 
 
+def _inner_layer_step(module, x):
+    """A training step of a layer inside a network: its input needs a gradient too."""
+    x = x.detach().requires_grad_()
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+    return step
+
+
 def _forward(module, x):
     def run():
         with torch.no_grad():
@@ -69,12 +80,14 @@ def _run(options) -> None:
         }
         forward = interleaved({label: _forward(layer, x) for label, layer in layers.items()}, repeats)
         train = interleaved({label: _train_step(layer, x) for label, layer in layers.items()}, repeats)
+        inner = interleaved({label: _inner_layer_step(layer, x) for label, layer in layers.items()}, repeats)
         base = dense.__name__
         for label in layers:
             shape = f"{channels}x" + "x".join([str(size)] * dims)
             rows.append([shape if label == base else "", label, f"{forward[label] * 1e3:.1f}",
                          f"{forward[label] / forward[base]:.2f}", f"{train[label] * 1e3:.1f}",
-                         f"{train[label] / train[base]:.2f}"])
+                         f"{train[label] / train[base]:.2f}", f"{inner[label] * 1e3:.1f}",
+                         f"{inner[label] / inner[base]:.2f}"])
         if dims != 2:
             continue
         for rank_label in ("r=c/4", "r=c"):
@@ -87,7 +100,10 @@ def _run(options) -> None:
                               f"{fft / exact:.0f}x"])
     print(f"torch {torch.__version__}, {describe(options.device)}, batch {batch}, kernel 3 per axis, "
           "padding 1; each shape's layers timed interleaved\n")
-    print(markdown_table(["input", "layer", "fwd ms", "/ torch", "fwd+bwd ms", "/ torch"], rows))
+    print("fwd+bwd: the input needs no gradient (a network's first layer: the weight gradients only); "
+          "inner layer: it does (every other layer), so the conv also computes its input gradient.\n")
+    print(markdown_table(["input", "layer", "fwd ms", "/ torch", "fwd+bwd ms", "/ torch", "inner layer fwd+bwd ms",
+                          "/ torch"], rows))
     print("\nOne clip to sigma <= 0.5 (includes the exact norm computed afterwards):\n")
     print(markdown_table(["layer", "general: FFT clip ms", "orthogonal: exact clip ms", "speed-up"], clip_rows))
     print("\nThe core's exponential H = exp(A - A^T), forward and backward, r = 256: ttconv's sized Taylor "

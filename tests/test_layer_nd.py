@@ -391,6 +391,38 @@ def test_flop_costs_are_the_measured_multiply_adds(cls, rank):
     assert factored == measured["factored"]
 
 
+@pytest.mark.parametrize("cls", list(CLASSES))
+# (Rank 1 is left out: torch contracts 1 x 1 einsums elementwise, which the counter does not see.)
+@pytest.mark.parametrize("rank, stride", [(None, 2), ((2, 3), 2), ((3, 2), 1), ((2, 2), 1)])
+def test_orthogonal_flop_costs_are_torchs_flop_count(cls, rank, stride):
+    """An orthogonal core is built from its BCOP blocks on both paths (the factored path builds
+    the ``r x r`` core, the dense path folds ``V^T`` and ``U S`` in, or composes the built core
+    when ``r_in`` is small). ``flop_costs`` must be what torch's own ``FlopCounterMode`` counts
+    for a whole forward (products, einsums and convs; QRs and elementwise work are not
+    counted), less the exponential, whose cost follows the generator's norm."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ttconv.orthogonal import skew_matrix_exp
+
+    _, dims, _ = CLASSES[cls]
+    layer = cls(4, 6, 3, stride=stride, padding=1, groups=2, rank=rank, core_kind="orthogonal",
+                dtype=torch.float64)
+    with torch.no_grad():
+        layer.core.normal_()  # a generator away from zero: the exponential is counted apart
+        generator = layer.core[:, 0]
+        with FlopCounterMode(display=False) as exponential:
+            skew_matrix_exp(generator - generator.mT)
+    x = torch.randn(2, 4, *(5,) * dims, dtype=torch.float64)
+    measured = {}
+    for path in ("dense", "factored"):
+        layer.path = path
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            layer(x)
+        measured[path] = (counter.get_total_flops() - exponential.get_total_flops()) // 2
+    dense, factored = layer.flop_costs(tuple(x.shape))
+    assert (dense, factored) == (measured["dense"], measured["factored"])
+
+
 @pytest.mark.parametrize("cls, config", _configs()[::7])
 def test_conv_spec_is_the_torch_layers_geometry_with_the_core(cls, config):
     from ttconv.bounds import exact_spectral_norm

@@ -5,7 +5,8 @@ An SVD conv can run ``'dense'`` (compose ``W = U diag(S) core V^T``, then one co
 layer). Both compute the same function; which is faster depends on the ranks, the kernel
 and the input shape. The model adds, in multiply-add units:
 
-* the multiply-adds of each path (``flop_costs``);
+* the multiply-adds of each path (``flop_costs``), building its kernels included
+  (``build_costs``: an orthogonal core is built from its BCOP blocks on both paths);
 * ``element`` per tensor element read or written (``path_elements``: maps with few
   channels are memory-bound);
 * ``mixing_call`` per 1x1 channel mixing (the factored path makes two, the dense path of a
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -70,6 +71,55 @@ def pixel_costs(layer: Any) -> Tuple[int, int, int, int]:
     return compose_cost, dense, cols * r_in, g * r_out * r_in * taps + rows * r_out
 
 
+def _bcop_macs(kernel_size: Tuple[int, ...], r: int, inputs: int, outputs: Optional[int] = None,
+               folded: int = 0) -> int:
+    """Multiply-adds of ``ttconv.orthogonal.bcop_kernel`` for one group, less the exponential
+    (sized to the generator's norm, the same on every path): ``H[:, :folded] @ inputs`` when
+    a matrix is folded in, the blocks' projectors, each block's product with the taps built
+    so far (``inputs`` columns), and with ``outputs`` the last axis's blocks composed onto it
+    and the one product that joins the halves."""
+    d = len(kernel_size)
+    blocks = [axis for axis, k in enumerate(kernel_size) for _ in range(k - 1)]
+    macs = len(blocks) * r * (r // 2) * r + r * folded * inputs  # projectors Q Q^T; H[:, :m] @ inputs
+    last = d - 1 if outputs is not None else d
+    sizes = [1] * d
+    for axis in blocks:
+        if axis < last:
+            macs += math.prod(sizes) * r * r * inputs
+            sizes[axis] += 1
+    if outputs is None:
+        return macs
+    taps = 1
+    for axis in blocks:
+        if axis == last:
+            macs += taps * outputs * r * r
+            taps += 1
+    return macs + taps * outputs * r * inputs * math.prod(sizes)
+
+
+def build_costs(layer: Any) -> Tuple[int, int]:
+    """Multiply-adds of building each path's kernels, once per call: ``(dense, factored)``.
+
+    A general core: composing the dense kernel (the dense path); the factored path uses the
+    factors as they are. An orthogonal core (``core_kind='orthogonal'``) is built from its BCOP
+    blocks on both paths: the factored path builds the ``r x r`` core, the dense path folds
+    ``V^T`` and ``U S`` into the blocks (``SVDConv.dense_weight``, from ``2 r_in >= c_in/g``)
+    or composes the built core like a general one. The QRs and the exponential, the same on
+    both paths, are left out."""
+    r_out, r_in = layer.ranks
+    g, taps = layer.groups, math.prod(layer.kernel_size)
+    rows, cols = layer._weight_channels()
+    in_g = cols // g
+    compose = g * r_out * r_in * taps * in_g + rows * r_out * in_g * taps
+    if getattr(layer, "core_kind", "general") != "orthogonal":
+        return compose, 0
+    r = max(r_out, r_in)
+    core = g * _bcop_macs(layer.kernel_size, r, r)
+    if 2 * r_in >= in_g:
+        return g * _bcop_macs(layer.kernel_size, r, in_g, outputs=rows // g, folded=r_in), core
+    return core + compose, core
+
+
 def _pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
     """Input and output positions of a (batched or unbatched) input, batch included."""
     d = layer._dims
@@ -81,13 +131,14 @@ def _pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
 def flop_costs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
     """Multiply-adds of the ``(dense, factored)`` paths (see ``SVDConv.flop_costs``)."""
     in_pixels, out_pixels = _pixels(layer, input_shape)
-    compose_cost, dense, factored_in, factored_out = pixel_costs(layer)
+    _, dense, factored_in, factored_out = pixel_costs(layer)
+    dense_build, factored_build = build_costs(layer)
     if layer._transposed:
         # The adjoint of a conv from out_channels to in_channels: the kernel taps and the
         # core run at input resolution, U^T on the input, V on the output.
         in_pixels, out_pixels = out_pixels, in_pixels
-    return (compose_cost + out_pixels * dense,
-            in_pixels * factored_in + out_pixels * factored_out)
+    return (dense_build + out_pixels * dense,
+            factored_build + in_pixels * factored_in + out_pixels * factored_out)
 
 
 def path_elements(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
@@ -112,7 +163,7 @@ def _first_operation_macs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int
     dense_macs, _ = flop_costs(layer, input_shape)
     in_pixels, _ = _pixels(layer, input_shape)
     r_out, r_in = layer.ranks
-    return dense_macs - pixel_costs(layer)[0], in_pixels * layer.in_channels * (r_out if layer._transposed else r_in)
+    return dense_macs - build_costs(layer)[0], in_pixels * layer.in_channels * (r_out if layer._transposed else r_in)
 
 
 def path_costs(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
