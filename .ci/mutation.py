@@ -154,8 +154,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "flop_costs_drop_compose", "ttconv/_forward_paths.py",
-        "return (compose_cost + out_pixels * dense,",
-        "return (out_pixels * dense,",
+        "    return (dense_build + out_pixels * dense,",
+        "    return (out_pixels * dense,",
         ("tests/test_forward_path.py::test_auto_runs_the_cheaper_path",),
         "the FLOP model forgets the cost of composing the dense kernel (tiny images go dense)",
     ),
@@ -454,6 +454,21 @@ MUTANTS: List[Mutant] = [
         "orthogonal layers factored, which builds the core and adds two 1x1 convs)",
     ),
     Mutant(
+        "skew_exp_returns_unusable_matrices", "ttconv/orthogonal.py",
+        "    return torch.where(usable[..., None, None], result, torch.nan)",
+        "    return result",
+        ("tests/test_orthogonal.py::test_skew_exp_sizes_each_matrix_alone_and_never_returns_a_wrong_finite_matrix",),
+        "an exponential whose squarings ate every digit (or whose norm overflowed) comes back finite and "
+        "not orthogonal instead of NaN",
+    ),
+    Mutant(
+        "pointwise_fold_not_costed", "ttconv/_forward_paths.py",
+        "    fold = rows * r_out * r_in if layer._is_pointwise() else 0",
+        "    fold = 0",
+        ("tests/test_layer_nd.py::test_pointwise_flop_costs_are_torchs_flop_count",),
+        "the path model leaves out the 1x1 factored path's (U S) @ core product",
+    ),
+    Mutant(
         "bcop_outputs_blocks_in_wrong_order", "ttconv/orthogonal.py",
         "    for axis, projector in reversed(list(zip(blocks, projectors))):  # the last block runs last",
         "    for axis, projector in zip(blocks, projectors):",
@@ -462,8 +477,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "bcop_block_not_complementary", "ttconv/orthogonal.py",
-        "    return F.pad(taps_first, pad_after) + F.pad(kernel - taps_first, pad_before)",
-        "    return F.pad(taps_first, pad_after) + F.pad(kernel, pad_before)",
+        "    return F.pad(first_taps, pad_after) + F.pad(kernel - first_taps, pad_before)",
+        "    return F.pad(first_taps, pad_after) + F.pad(kernel, pad_before)",
         ("tests/test_orthogonal.py::test_bcop_circular_operator_is_orthogonal_in_every_dimension",),
         "a BCOP two-tap block is [P, I] instead of [P, I - P] (not orthogonal)",
     ),

@@ -391,10 +391,29 @@ def test_flop_costs_are_the_measured_multiply_adds(cls, rank):
     assert factored == measured["factored"]
 
 
+@pytest.mark.parametrize("cls", [c for c in CLASSES if not CLASSES[c][2]])
+def test_pointwise_flop_costs_are_torchs_flop_count(cls):
+    """A 1x1 layer's factored path folds the core into ``U`` (``(U S) @ core``) before its two
+    channel mixings; ``flop_costs`` counts that product (torch's ``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, dims, _ = CLASSES[cls]
+    layer = cls(4, 6, 1, groups=2, rank=(3, 2), dtype=torch.float64)
+    x = torch.randn(2, 4, *(5,) * dims, dtype=torch.float64)
+    measured = {}
+    for path in ("dense", "factored"):
+        layer.path = path
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            layer(x)
+        measured[path] = counter.get_total_flops() // 2
+    assert layer.flop_costs(tuple(x.shape)) == (measured["dense"], measured["factored"])
+
+
 @pytest.mark.parametrize("cls", list(CLASSES))
 # (Rank 1 is left out: torch contracts 1 x 1 einsums elementwise, which the counter does not see.)
 @pytest.mark.parametrize("rank, stride", [(None, 2), ((2, 3), 2), ((3, 2), 1), ((2, 2), 1)])
-def test_orthogonal_flop_costs_are_torchs_flop_count(cls, rank, stride):
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_orthogonal_flop_costs_are_torchs_flop_count(cls, rank, stride, kernel_size):
     """An orthogonal core is built from its BCOP blocks on both paths (the factored path builds
     the ``r x r`` core, the dense path folds ``V^T`` and ``U S`` in, or composes the built core
     when ``r_in`` is small). ``flop_costs`` must be what torch's own ``FlopCounterMode`` counts
@@ -405,7 +424,8 @@ def test_orthogonal_flop_costs_are_torchs_flop_count(cls, rank, stride):
     from ttconv.orthogonal import skew_matrix_exp
 
     _, dims, _ = CLASSES[cls]
-    layer = cls(4, 6, 3, stride=stride, padding=1, groups=2, rank=rank, core_kind="orthogonal",
+    padding = kernel_size // 2  # kernel 1 at stride 1: a pointwise layer (two channel mixings)
+    layer = cls(4, 6, kernel_size, stride=stride, padding=padding, groups=2, rank=rank, core_kind="orthogonal",
                 dtype=torch.float64)
     with torch.no_grad():
         layer.core.normal_()  # a generator away from zero: the exponential is counted apart

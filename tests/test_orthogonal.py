@@ -100,6 +100,9 @@ def test_bcop_uses_every_generator_and_builds_a_full_kernel():
         assert not torch.allclose(bcop_kernel(moved, kernel_size), kernel)
     with pytest.raises(ValueError, match=r"expected 5 generators for kernel \(2, 3, 2\), got 4"):
         bcop_kernel(generators[:, :4], kernel_size)
+    for name in ("inputs", "outputs"):  # at most r channels: more would be cropped silently
+        with pytest.raises(ValueError, match=f"{name} acts on at most r = 4 channels"):
+            bcop_kernel(generators, kernel_size, **{name: torch.randn(1, 5, 5, dtype=torch.float64)})
 
 
 @pytest.mark.parametrize("kernel_size", [(3,), (4,), (3, 3), (2, 4), (3, 1), (1, 3), (1, 1), (3, 2, 3)])
@@ -332,6 +335,39 @@ def test_skew_exp_keeps_its_precision_under_autocast_and_for_half_inputs():
     half = skew_matrix_exp(skew.bfloat16())
     assert half.dtype == torch.bfloat16
     assert torch.equal(half, skew_matrix_exp(skew.bfloat16().float()).bfloat16())
+
+
+def test_skew_exp_sizes_each_matrix_alone_and_never_returns_a_wrong_finite_matrix():
+    """Each matrix of a batch is scaled by its own power of two: a large or broken one costs the
+    others nothing. A matrix that is not finite, or too large for its dtype's digits to survive
+    the squarings, is NaN (as from torch.linalg.matrix_exp), never a finite non-orthogonal one."""
+    torch.manual_seed(0)
+    raw = torch.randn(4, 6, 6, dtype=torch.float64)
+    raw[1] *= 1e3  # many squarings
+    raw[2, 0, 1] = float("nan")
+    raw[3] *= 1e30  # beyond float64's digits
+    skew = raw - raw.mT
+    value = skew_matrix_exp(skew)
+    alone = skew_matrix_exp(skew[:1])
+    # The large one did not cost the small one its accuracy (one plan's degree, its own squarings).
+    assert float((value[0] - alone[0]).abs().max()) < 1e-14
+    assert float((value[0] - torch.linalg.matrix_exp(skew[0])).abs().max()) < 1e-14
+    assert float((value[1] - torch.linalg.matrix_exp(skew[1])).abs().max()) < 1e-10
+    assert bool(value[2].isnan().all()) and bool(value[3].isnan().all())
+    upper = torch.full((1, 6, 6), 1e30).triu(1)
+    assert bool(skew_matrix_exp(upper - upper.mT).isnan().all())  # float32: its square overflows
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_skew_exp_is_not_frozen_by_jit_trace():
+    """torch.jit.trace records Python numbers as constants, so a traced layer would keep the
+    Taylor plan of its example's generator: it takes torch's exponential instead."""
+    layer = SVDConv(4, 4, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    traced = torch.jit.trace(layer, x, check_trace=False)
+    with torch.no_grad():
+        layer.core.normal_(std=3.0)  # trained-like generators, after tracing
+    assert float((traced(x) - layer(x)).abs().max()) < 1e-12
 
 
 def test_skew_exp_is_twice_differentiable():

@@ -111,13 +111,15 @@ def build_costs(layer: Any) -> Tuple[int, int]:
     rows, cols = layer._weight_channels()
     in_g = cols // g
     compose = g * r_out * r_in * taps * in_g + rows * r_out * in_g * taps
+    # A 1x1 layer's factored path folds the core into U: (U S) @ core.
+    fold = rows * r_out * r_in if layer._is_pointwise() else 0
     if getattr(layer, "core_kind", "general") != "orthogonal":
-        return compose, 0
+        return compose, fold
     r = max(r_out, r_in)
     core = g * _bcop_macs(layer.kernel_size, r, r)
     if 2 * r_in >= in_g:
-        return g * _bcop_macs(layer.kernel_size, r, in_g, outputs=rows // g, folded=r_in), core
-    return core + compose, core
+        return g * _bcop_macs(layer.kernel_size, r, in_g, outputs=rows // g, folded=r_in), core + fold
+    return core + compose, core + fold
 
 
 def _pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:

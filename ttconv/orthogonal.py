@@ -42,6 +42,12 @@ def _taylor_products(degree: int) -> int:
     return max(0, block - 2) + chunks - 1 - int(last_is_one_coefficient)
 
 
+def _taylor_theta(degree: int, dtype: torch.dtype) -> float:
+    """Largest scaled norm ``theta`` with ``2 theta^m / m! <= unit / 2`` (``_taylor_plan``)."""
+    unit = torch.finfo(dtype).eps / 2
+    return (math.factorial(degree) * unit / 4) ** (1.0 / degree)
+
+
 def _taylor_plan(norm: float, dtype: torch.dtype) -> Tuple[int, int]:
     """``(degree, squarings)`` of the cheapest scaling-and-squaring Taylor approximant of
     ``exp(X)`` for ``||X||_2 <= norm`` (``X`` skew-symmetric, so ``||exp(X)||_2 = 1``) whose
@@ -49,11 +55,9 @@ def _taylor_plan(norm: float, dtype: torch.dtype) -> Tuple[int, int]:
     its derivative: the derivative's tail, ``sum_{k > m} t^(k-1) / (k-1)!`` at the scaled norm
     ``t = norm / 2^s`` (at most twice its first term ``t^m / m!`` for these degrees and
     scaled norms), is the larger of the two."""
-    unit = torch.finfo(dtype).eps / 2
     best: Optional[Tuple[int, int, int]] = None
     for degree in _TAYLOR_DEGREES:
-        # Largest scaled norm theta with 2 theta^m / m! <= unit / 2.
-        theta = (math.factorial(degree) * unit / 4) ** (1.0 / degree)
+        theta = _taylor_theta(degree, dtype)
         squarings = max(0, math.ceil(math.log2(norm / theta))) if norm > 0 else 0
         cost = _taylor_products(degree) + squarings
         if best is None or cost < best[0]:
@@ -78,9 +82,10 @@ def skew_matrix_exp(skew: Tensor) -> Tensor:
     Where there are no values to read (meta tensors, ``torch.compile``'s tracing) it is
     ``torch.linalg.matrix_exp``.
     """
-    if skew.is_meta or compiling():
+    if skew.is_meta or compiling() or torch.jit.is_tracing():
         # No values to size the polynomial by (meta tensors; torch.compile's tracing, which
-        # cannot branch on them): torch's own exponential, sized inside the operator.
+        # cannot branch on them; torch.jit.trace, which would freeze one plan for every later
+        # input): torch's own exponential, sized inside the operator.
         return torch.linalg.matrix_exp(skew)
     if skew.dtype in (torch.float16, torch.bfloat16):
         # Each squaring doubles the relative error: half precision would not survive them.
@@ -90,10 +95,24 @@ def skew_matrix_exp(skew: Tensor) -> Tensor:
 
 @full_precision  # under autocast too: the squarings amplify a low-precision product's error
 def _sized_taylor_exp(skew: Tensor) -> Tensor:
+    if skew.shape[-1] == 0:
+        return skew.clone()
     square = skew @ skew
-    norm = math.sqrt(float(square.detach().abs().sum(-2).amax())) if skew.numel() else 0.0
-    degree, squarings = _taylor_plan(norm, skew.dtype)
-    x, x2 = skew / 2.0 ** squarings, square / 4.0 ** squarings
+    norms = square.detach().abs().sum(-2).amax(-1).sqrt()  # per matrix: ||A^2||_1^(1/2) >= ||A||_2
+    finite = torch.isfinite(norms)
+    largest = float(torch.where(finite, norms, 0).amax()) if norms.numel() else 0.0  # the one host read
+    degree, squarings = _taylor_plan(largest, skew.dtype)
+    # Each matrix is scaled by its own power of two (``own`` squarings, at most ``squarings``),
+    # so a large one in the batch costs the others no accuracy. Past ``digits`` squarings the
+    # doubling round-off has eaten every digit: such a matrix, and one that is not finite, gets
+    # NaN, as from torch.linalg.matrix_exp, never a finite non-orthogonal matrix.
+    digits = round(-math.log2(torch.finfo(skew.dtype).eps))
+    # (Capped at the plan's count, which rounding in another precision could exceed by one:
+    # each matrix must be squared exactly as often as it was halved.)
+    own = torch.clamp(torch.ceil(torch.log2(norms / _taylor_theta(degree, skew.dtype))), min=0, max=squarings)
+    own = torch.where(finite, own, 0)
+    scale = torch.exp2(-own)[..., None, None]
+    x, x2 = skew * scale, square * scale * scale
     block = math.ceil(math.sqrt(degree + 1))
     eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
     powers = [eye, x, x2]
@@ -115,9 +134,10 @@ def _sized_taylor_exp(skew: Tensor) -> Tensor:
         result, rest = chunk(chunks[-1]), chunks[:-1]
     for values in reversed(rest):  # Horner's rule in X^block
         result = chunk(values) + powers[block] @ result
-    for _ in range(squarings):
-        result = result @ result
-    return result
+    for k in range(min(squarings, digits)):
+        result = torch.where((own > k)[..., None, None], result @ result, result)
+    usable = finite & (own <= digits)
+    return torch.where(usable[..., None, None], result, torch.nan)
 
 
 def orthonormal_basis(raw: Tensor) -> Tensor:
@@ -213,6 +233,10 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional
     g, count, r, _ = generators.shape
     if count != bcop_parameter_count(kernel_size):
         raise ValueError(f"expected {bcop_parameter_count(kernel_size)} generators for kernel {kernel_size}, got {count}")
+    for name, matrix, axis in (("inputs", inputs, -2), ("outputs", outputs, -1)):
+        if matrix is not None and matrix.shape[axis] > r:
+            raise ValueError(f"{name} acts on at most r = {r} channels of the orthogonal conv, got shape "
+                             f"{tuple(matrix.shape)}")
     skew = generators[:, 0] - generators[:, 0].transpose(-1, -2)
     first = skew_matrix_exp(skew)
     if inputs is not None:
