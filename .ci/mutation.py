@@ -426,15 +426,15 @@ MUTANTS: List[Mutant] = [
     # ------------------------------------------------------------ orthogonal core, N-d
     Mutant(
         "skew_exp_degree_sized_for_the_value_only", "ttconv/orthogonal.py",
-        "        theta = (math.factorial(degree) * unit / 4) ** (1.0 / degree)",
-        "        theta = (math.factorial(degree + 1) * unit / 4) ** (1.0 / (degree + 1))",
+        "    return (math.factorial(degree) * unit / 4) ** (1.0 / degree)",
+        "    return (math.factorial(degree + 1) * unit / 4) ** (1.0 / (degree + 1))",
         ("tests/test_orthogonal.py::test_skew_exp_equals_torchs_matrix_exp_and_its_gradient",),
         "the skew exponential's Taylor degree bounds the value's error but not the gradient's",
     ),
     Mutant(
         "skew_exp_one_squaring_short", "ttconv/orthogonal.py",
-        "    for _ in range(squarings):",
-        "    for _ in range(squarings - 1):",
+        "        result = torch.where((own > k)[..., None, None], result @ result, result)",
+        "        result = torch.where((own > k + 1)[..., None, None], result @ result, result)",
         ("tests/test_orthogonal.py::test_skew_exp_equals_torchs_matrix_exp_and_its_gradient",),
         "the skew exponential squares one time too few (exp(A/2) instead of exp(A))",
     ),
