@@ -57,18 +57,16 @@ TRAINING = PathConstants(element=24, mixing_call=1_500_000, compose=50_000)
 _CACHE_SIZE = 64
 
 
-def pixel_costs(layer: Any) -> Tuple[int, int, int, int]:
-    """Multiply-adds ``(compose the kernel, dense per output pixel, factored per input
-    pixel, factored per output pixel)``."""
+def pixel_costs(layer: Any) -> Tuple[int, int, int]:
+    """Multiply-adds ``(dense per output pixel, factored per input pixel, factored per output
+    pixel)``; building the kernels, once per call, is ``build_costs``."""
     r_out, r_in = layer.ranks
     g, taps = layer.groups, math.prod(layer.kernel_size)
     rows, cols = layer._weight_channels()
-    in_g = cols // g
-    compose_cost = g * r_out * r_in * taps * in_g + rows * r_out * in_g * taps
-    dense = rows * in_g * taps
+    dense = rows * (cols // g) * taps
     if layer._is_pointwise():  # the factored path folds the core into U: two channel mixings
-        return compose_cost, dense, cols * r_in, rows * r_in
-    return compose_cost, dense, cols * r_in, g * r_out * r_in * taps + rows * r_out
+        return dense, cols * r_in, rows * r_in
+    return dense, cols * r_in, g * r_out * r_in * taps + rows * r_out
 
 
 def _bcop_macs(kernel_size: Tuple[int, ...], r: int, inputs: int, outputs: Optional[int] = None,
@@ -133,7 +131,7 @@ def _pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
 def flop_costs(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
     """Multiply-adds of the ``(dense, factored)`` paths (see ``SVDConv.flop_costs``)."""
     in_pixels, out_pixels = _pixels(layer, input_shape)
-    _, dense, factored_in, factored_out = pixel_costs(layer)
+    dense, factored_in, factored_out = pixel_costs(layer)
     dense_build, factored_build = build_costs(layer)
     if layer._transposed:
         # The adjoint of a conv from out_channels to in_channels: the kernel taps and the
@@ -220,5 +218,5 @@ def dense_is_cheaper_per_pixel(layer: Any) -> bool:
     """For a ``torch.fx`` trace (symbolic shapes): per output pixel, leaving out composing
     the kernel (the input has ``prod(stride)`` pixels per output pixel; transposed: per
     input pixel, which has ``prod(stride)`` output pixels)."""
-    _, dense, factored_in, factored_out = pixel_costs(layer)
+    dense, factored_in, factored_out = pixel_costs(layer)
     return dense <= math.prod(layer.stride) * factored_in + factored_out
