@@ -79,8 +79,8 @@ def skew_matrix_exp(skew: Tensor) -> Tensor:
     backward costs dozens. Agrees with ``torch.linalg.matrix_exp`` and its gradient to
     round-off (``tests/test_orthogonal.py``). The input is not checked to be skew-symmetric
     (the error bound assumes it). One host sync reads the norm, as ``matrix_exp`` does on CUDA.
-    Where there are no values to read (meta tensors, ``torch.compile``'s tracing) it is
-    ``torch.linalg.matrix_exp``.
+    Where there are no values to read, or a plan read once would be frozen (meta tensors,
+    ``torch.compile``'s tracing, ``torch.jit.trace``), it is ``torch.linalg.matrix_exp``.
     """
     if skew.is_meta or compiling() or torch.jit.is_tracing():
         # No values to size the polynomial by (meta tensors; torch.compile's tracing, which
@@ -176,22 +176,22 @@ def bcop_parameter_count(kernel_size: Sequence[int]) -> int:
     return 1 + sum(k - 1 for k in kernel_size)
 
 
-def _two_tap(first_taps: Tensor, kernel: Tensor, axis: int) -> Tensor:
-    """A kernel composed with a block ``[P, I - P]`` along ``axis`` (of the ``d`` spatial axes
-    of ``kernel: (g, o, i, *k)``), given ``first_taps``, its taps times ``P``: those land at
-    offset 0 and ``kernel - first_taps`` (the taps times ``I - P``) at offset 1."""
-    d = kernel.dim() - 3
-    pad_after = [0, 0] * d
-    pad_before = [0, 0] * d
-    # F.pad lists the last axis first.
-    pad_after[2 * (d - 1 - axis) + 1] = 1
-    pad_before[2 * (d - 1 - axis)] = 1
+def _two_tap(first_taps: Tensor, kernel: Tensor, dim: int) -> Tensor:
+    """A kernel composed with a block ``[P, I - P]`` whose taps run along tensor dimension
+    ``dim``, given ``first_taps``, the kernel's taps times ``P``: those land at offset 0 and
+    ``kernel - first_taps`` (the taps times ``I - P``) at offset 1."""
+    pad_after = [0, 0] * (kernel.dim() - dim)
+    pad_before = list(pad_after)
+    # F.pad lists the last dimension first.
+    pad_after[-1] = 1
+    pad_before[-2] = 1
     return F.pad(first_taps, pad_after) + F.pad(kernel - first_taps, pad_before)
 
 
 def _compose_two_tap(projector: Tensor, kernel: Tensor, axis: int) -> Tensor:
-    """``compose_kernels([P, I - P] along axis, kernel)`` with one matrix product per tap."""
-    return _two_tap(torch.einsum("gom,gmi...->goi...", projector, kernel), kernel, axis)
+    """``compose_kernels([P, I - P] along axis, kernel)`` with one matrix product per tap, for
+    ``kernel: (g, o, i, *k)`` (``axis`` one of its spatial axes)."""
+    return _two_tap(torch.einsum("gom,gmi...->goi...", projector, kernel), kernel, 3 + axis)
 
 
 def _compose_two_tap_after(taps: Tensor, projector: Tensor) -> Tensor:
@@ -199,8 +199,7 @@ def _compose_two_tap_after(taps: Tensor, projector: Tensor) -> Tensor:
     first, for ``taps: (g, t, o, m)`` (tap-major, so that ``taps P`` is one batched product
     without a transpose); returns ``(g, t + 1, o, m)``."""
     g, t, o, m = taps.shape
-    first = (taps.reshape(g, t * o, m) @ projector).reshape(g, t, o, m)
-    return F.pad(first, (0, 0, 0, 0, 0, 1)) + F.pad(taps - first, (0, 0, 0, 0, 1, 0))
+    return _two_tap((taps.reshape(g, t * o, m) @ projector).reshape(g, t, o, m), taps, 1)
 
 
 def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional[Tensor] = None,
