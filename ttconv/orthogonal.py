@@ -236,17 +236,18 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional
         if matrix is not None and matrix.shape[axis] > r:
             raise ValueError(f"{name} acts on at most r = {r} channels of the orthogonal conv, got shape "
                              f"{tuple(matrix.shape)}")
-    skew = generators[:, 0] - generators[:, 0].transpose(-1, -2)
+    # Split, not index: each index's gradient would be a zero-filled copy of every generator.
+    head, tails = generators.split([1, count - 1], dim=1)
+    skew = head.squeeze(1) - head.squeeze(1).transpose(-1, -2)
     first = skew_matrix_exp(skew)
     if inputs is not None:
         first = first[..., : inputs.shape[-2]] @ inputs
     d = len(kernel_size)
     kernel = first.reshape(g, r, first.shape[-1], *(1,) * d)
     blocks = [axis for axis, k in enumerate(kernel_size) for _ in range(k - 1)]  # generator j + 1's axis
-    projectors = []
-    for j in range(len(blocks)):
-        basis = orthonormal_basis(generators[:, j + 1, :, : r // 2])
-        projectors.append(basis @ basis.transpose(-1, -2))
+    # One batched QR for every block. A projector depends on the span only: no sign fixing.
+    bases = torch.linalg.qr(tails[..., : r // 2]).Q  # (g, blocks, r, r // 2)
+    projectors = (bases @ bases.transpose(-1, -2)).unbind(1)
     last = d - 1 if outputs is not None else d  # the axis composed onto outputs, if any
     for axis, projector in zip(blocks, projectors):
         if axis < last:
