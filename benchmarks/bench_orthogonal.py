@@ -46,6 +46,16 @@ def _inner_layer_step(module, x):
     return step
 
 
+def _paths_taken(layer, x) -> str:
+    if not hasattr(layer, "choose_path"):  # a torch layer
+        return ""
+    if layer.path != "auto":
+        return layer.path
+    shape = tuple(x.shape)
+    return " / ".join(layer.choose_path(shape, backward=backward, input_requires_grad=grad)
+                      for backward, grad in ((False, False), (True, False), (True, True)))
+
+
 def _forward(module, x):
     def run():
         with torch.no_grad():
@@ -77,14 +87,16 @@ def _run(options) -> None:
                                             core_kind="orthogonal", max_singular_value=1.0),
             f"{name} general r=c": svd(channels, channels, 3, padding=1),
             f"{name} orthogonal r=c": svd(channels, channels, 3, padding=1, core_kind="orthogonal", max_singular_value=1.0),
+            f"{name} orthogonal r=c, dense path": svd(channels, channels, 3, padding=1, core_kind="orthogonal",
+                                                       max_singular_value=1.0, path="dense"),
         }
         forward = interleaved({label: _forward(layer, x) for label, layer in layers.items()}, repeats)
         train = interleaved({label: _train_step(layer, x) for label, layer in layers.items()}, repeats)
         inner = interleaved({label: _inner_layer_step(layer, x) for label, layer in layers.items()}, repeats)
         base = dense.__name__
-        for label in layers:
+        for label, layer in layers.items():
             shape = f"{channels}x" + "x".join([str(size)] * dims)
-            rows.append([shape if label == base else "", label, f"{forward[label] * 1e3:.1f}",
+            rows.append([shape if label == base else "", label, _paths_taken(layer, x), f"{forward[label] * 1e3:.1f}",
                          f"{forward[label] / forward[base]:.2f}", f"{train[label] * 1e3:.1f}",
                          f"{train[label] / train[base]:.2f}", f"{inner[label] * 1e3:.1f}",
                          f"{inner[label] / inner[base]:.2f}"])
@@ -102,8 +114,10 @@ def _run(options) -> None:
           "padding 1; each shape's layers timed interleaved\n")
     print("fwd+bwd: the input needs no gradient (a network's first layer: the weight gradients only); "
           "inner layer: it does (every other layer), so the conv also computes its input gradient.\n")
-    print(markdown_table(["input", "layer", "fwd ms", "/ torch", "fwd+bwd ms", "/ torch", "inner layer fwd+bwd ms",
-                          "/ torch"], rows))
+    print("paths: the forward path each SVD layer takes in the three measurements (fwd / fwd+bwd / inner "
+          "layer): its path, or what path='auto' chose.\n")
+    print(markdown_table(["input", "layer", "paths", "fwd ms", "/ torch", "fwd+bwd ms", "/ torch",
+                          "inner layer fwd+bwd ms", "/ torch"], rows))
     print("\nOne clip to sigma <= 0.5 (includes the exact norm computed afterwards):\n")
     print(markdown_table(["layer", "general: FFT clip ms", "orthogonal: exact clip ms", "speed-up"], clip_rows))
     print("\nThe core's exponential H = exp(A - A^T), forward and backward, r = 256: ttconv's sized Taylor "

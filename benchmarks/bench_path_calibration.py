@@ -63,7 +63,8 @@ def layer_inputs(name: str, shape, batch: int, rank) -> List[Dict[str, Any]]:
     return [dict(model=name, layer=key, module=m, input=tuple(s), input_grad=g) for key, (m, s, g) in seen.items()]
 
 
-def time_paths(layer, shape, mode: str, rounds: int, input_grad: bool = False) -> Dict[str, float]:
+def time_paths(layer, shape, mode: str, rounds: int, input_grad: bool = False,
+               paths=("dense", "factored")) -> Dict[str, float]:
     x = torch.randn(shape, requires_grad=input_grad and mode == "fwd+bwd")
 
     def run(path):
@@ -79,7 +80,52 @@ def time_paths(layer, shape, mode: str, rounds: int, input_grad: bool = False) -
         return call
 
     layer.train(mode == "fwd+bwd")
-    return interleaved({p: run(p) for p in ("dense", "factored")}, rounds, statistic=min)
+    return interleaved({p: run(p) for p in paths}, rounds, statistic=min)
+
+
+# Orthogonal cores have a third path, 'separable' (the kernel's halves as two convs): a grid of
+# 3 x 3 layers (channels, map size, rank c, c/2, c/4, stride 1 and 2) at batch 8 instead of
+# the models' convs, in three modes: eval forward, and forward+backward with and without an
+# input gradient (a model's first layer).
+ORTHOGONAL_GRID = [(c, n) for c in (16, 32, 64, 128, 256, 512) for n in (7, 14, 28, 56)
+                   if 16 * 14 * 14 <= c * n * n <= 256 * 28 * 28]
+PATHS3 = ("dense", "factored", "separable")
+
+
+def measure_orthogonal(rounds: int, quick: bool) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    for c, n in ORTHOGONAL_GRID[:2] if quick else ORTHOGONAL_GRID:
+        for fraction in (1, 2, 4):
+            for stride in (1, 2):
+                geometry = dict(in_channels=c, out_channels=c, kernel_size=(3, 3), stride=(stride, stride),
+                                padding=(1, 1), dilation=(1, 1), groups=1, padding_mode="zeros")
+                layer = ttconv.SVDConv(**geometry, rank=c // fraction, core_kind="orthogonal")
+                for mode, input_grad in (("fwd eval", False), ("fwd+bwd", False), ("fwd+bwd", True)):
+                    t = time_paths(layer, (8, c, n, n), mode, rounds, input_grad, PATHS3)
+                    rows.append(dict(model="orthogonal grid", rank=f"c/{fraction}", batch=8, layer="3x3",
+                                     geometry=geometry, core_kind="orthogonal", ranks=list(layer.ranks),
+                                     input=[8, c, n, n], input_grad=input_grad, mode=mode, **t))
+                    print(f"{c:4d} {n:3d} r={layer.ranks[0]:4d} stride {stride} {mode:8s} grad {input_grad!s:5s} "
+                          + " ".join(f"{p} {t[p] * 1e3:8.3f}" for p in PATHS3), file=sys.stderr, flush=True)
+    return rows
+
+
+def orthogonal_regret(rows, paths=PATHS3) -> Dict[str, float]:
+    """The cost model on orthogonal rows: the mean and worst ratio of the chosen path's time to
+    the fastest of ``paths`` (three, or the two there were before 'separable'), and how many
+    rows are more than 10% over. With two paths the model's choice is the faster of those two
+    in its own estimate."""
+    ratios = []
+    for row in rows:
+        layer = build_layer(row)
+        backward, grad = row["mode"] == "fwd+bwd", row["input_grad"]
+        if len(paths) == 3:
+            chosen = choose(row, layer)
+        else:
+            dense, factored = layer.path_costs(tuple(row["input"]), backward=backward, input_requires_grad=grad)
+            chosen = "dense" if dense <= factored else "factored"
+        ratios.append(row[chosen] / min(row[p] for p in PATHS3))
+    return dict(mean=sum(ratios) / len(ratios), worst=max(ratios), over=sum(r > 1.10 for r in ratios))
 
 
 def measure(rounds: int, quick: bool) -> List[Dict[str, Any]]:
@@ -116,7 +162,8 @@ def build_layer(row: Dict[str, Any]) -> ttconv.SVDConv:
         geometry[key] = tuple(geometry[key])
     if not isinstance(geometry["padding"], str):
         geometry["padding"] = tuple(geometry["padding"])
-    return ttconv.SVDConv(**geometry, rank=tuple(row["ranks"]))
+    return ttconv.SVDConv(**geometry, rank=tuple(row["ranks"]), core_kind=row.get("core_kind", "general"),
+                          device="meta")
 
 
 def choose(row: Dict[str, Any], layer: ttconv.SVDConv) -> str:
@@ -181,6 +228,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer (default 9; 1 quick)")
     parser.add_argument("--dump", metavar="JSON")
     parser.add_argument("--fit", metavar="JSON", help="search the cost model's constants on a dump")
+    parser.add_argument("--orthogonal", action="store_true",
+                        help="time the orthogonal-core grid on its three paths instead of the models' convs")
     add_device_argument(parser)
     options = parser.parse_args(argv)
     with on_device(options.device):
@@ -194,6 +243,17 @@ def _run(options) -> None:
         return
     load = open("/proc/loadavg").read().split()[0]
     start = time.perf_counter()
+    if options.orthogonal:
+        rows = measure_orthogonal(options.rounds or (1 if options.quick else 5), options.quick)
+        if options.dump:
+            with open(options.dump, "w") as handle:
+                handle.write("[\n" + ",\n".join(json.dumps(row, separators=(",", ":")) for row in rows) + "\n]\n")
+        three, two = orthogonal_regret(rows), orthogonal_regret(rows, ("dense", "factored"))
+        print(f"load average at start {load}; {len(rows)} rows in {time.perf_counter() - start:.0f} s; auto's "
+              f"path against the fastest of the three: mean {three['mean']:.3f}x, worst {three['worst']:.2f}x, "
+              f"{three['over']} rows over 10% (choosing from dense and factored only: mean {two['mean']:.3f}x, "
+              f"worst {two['worst']:.2f}x, {two['over']} over)")
+        return
     rows = measure(options.rounds or (1 if options.quick else 9), options.quick)
     if options.dump:
         with open(options.dump, "w") as handle:  # one row per line, times in seconds

@@ -338,7 +338,8 @@ def _recorded_layer(row):
     padding = g["padding"] if isinstance(g["padding"], str) else tuple(g["padding"])
     return SVDConv(g["in_channels"], g["out_channels"], tuple(g["kernel_size"]), stride=tuple(g["stride"]),
                    padding=padding, dilation=tuple(g["dilation"]), groups=g["groups"],
-                   padding_mode=g["padding_mode"], rank=tuple(row["ranks"]), device="meta")
+                   padding_mode=g["padding_mode"], rank=tuple(row["ranks"]), device="meta",
+                   core_kind=row.get("core_kind", "general"))
 
 
 def test_auto_is_within_ten_percent_of_the_better_fixed_path_on_measured_timings():
@@ -373,3 +374,45 @@ def test_auto_is_within_ten_percent_of_the_better_fixed_path_on_measured_timings
     assert max(ratios.values()) <= 1.10, {k: round(v, 3) for k, v in ratios.items() if v > 1.10}
     for fixed in ("dense", "factored"):  # the rows tell the paths apart
         assert max(totals(lambda row: fixed).values()) > 1.3
+
+
+_ORTHOGONAL_TIMINGS = pathlib.Path(__file__).parent / "data" / "orthogonal_path_timings.json"
+
+
+def test_auto_takes_the_separable_path_where_measured_timings_favour_it():
+    """An orthogonal core's third path, held to measurements like the two others.
+
+    ``tests/data/orthogonal_path_timings.json`` times all three paths on a grid of 3 x 3
+    orthogonal layers (16-512 channels, maps 7-56, rank c, c/2 and c/4, stride 1 and 2,
+    batch 8) in eval forward and in training steps with and without an input gradient
+    (``benchmarks/bench_path_calibration.py --orthogonal --dump``, one CPU thread). The
+    separable path's constants were fitted on another run. Per regime, the path ``auto``
+    picks must take on average at most 1.05x the fastest of the three; a model choosing from
+    dense and factored only must do measurably worse (so the separable path is chosen where
+    it pays); and every fixed path must do worse still (the rows tell the paths apart)."""
+    rows = json.loads(_ORTHOGONAL_TIMINGS.read_text())
+    paths = ("dense", "factored", "separable")
+    assert {r["mode"] for r in rows} == {"fwd eval", "fwd+bwd"} and len(rows) > 300
+
+    def mean_ratio(choose):
+        ratios = {}
+        for row in rows:
+            ratios.setdefault((row["mode"], row["input_grad"]), []).append(
+                row[choose(row)] / min(row[p] for p in paths))
+        return {key: sum(values) / len(values) for key, values in ratios.items()}
+
+    def auto(row):
+        return _recorded_layer(row).choose_path(tuple(row["input"]), backward=row["mode"] == "fwd+bwd",
+                                                input_requires_grad=row["input_grad"])
+
+    def two_paths(row):
+        dense, factored = _recorded_layer(row).path_costs(
+            tuple(row["input"]), backward=row["mode"] == "fwd+bwd", input_requires_grad=row["input_grad"])
+        return "dense" if dense <= factored else "factored"
+
+    chosen, without = mean_ratio(auto), mean_ratio(two_paths)
+    assert len(chosen) == 3 and max(chosen.values()) <= 1.05, chosen
+    for regime, ratio in chosen.items():
+        assert without[regime] >= ratio + 0.01, (regime, ratio, without[regime])
+        for fixed in paths:
+            assert mean_ratio(lambda row: fixed)[regime] >= ratio + 0.02, (regime, fixed)

@@ -318,11 +318,27 @@ def test_skip_init_and_meta_device():
         (dict(in_channels=4, out_channels=4, kernel_size=3, padding="full"), ValueError, "padding must be 'same'"),
         (dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding="same"), ValueError, "strided"),
         (dict(in_channels=4, out_channels=4, kernel_size=3, path="fast"), ValueError, "path must be one of"),
+        (dict(in_channels=4, out_channels=4, kernel_size=3, path="separable"), ValueError,
+         "path='separable' .* needs core_kind='orthogonal' .* core_kind='general' has paths 'auto', 'dense' and "
+         "'factored'"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         SVDConv(**kwargs)
+
+
+def test_the_separable_path_is_refused_where_the_layer_has_none():
+    from ttconv import SVDConvTranspose2d
+
+    with pytest.raises(ValueError, match="non-transposed layer; SVDConvTranspose2d"):
+        SVDConvTranspose2d(4, 4, 3, core_kind="orthogonal", path="separable")
+    layer = SVDConv(4, 4, 3)
+    layer.path = "separable"  # set after construction: refused at the call, not run as something else
+    with pytest.raises(ValueError, match="needs core_kind='orthogonal'"):
+        layer(torch.randn(1, 4, 5, 5))
+    orthogonal = SVDConv(4, 4, 3, core_kind="orthogonal", path="separable")
+    assert "path='separable'" in repr(orthogonal)
 
 
 def test_forward_errors():
@@ -435,6 +451,8 @@ def test_extra_state_stores_ranks_core_bound_and_path():
     assert _decode_extra_state(state) == dict(rank=(3, 3), core_kind="orthogonal", max_singular_value=0.7, path="dense")
     assert _decode_extra_state(SVDConv(4, 6, 3, rank=(5, 2)).get_extra_state()) == dict(
         rank=(5, 2), core_kind="general", max_singular_value=None, path="auto")
+    assert _decode_extra_state(SVDConv(4, 4, 3, core_kind="orthogonal", path="separable").get_extra_state()) == dict(
+        rank=(4, 4), core_kind="orthogonal", max_singular_value=None, path="separable")
     with pytest.raises(RuntimeError, match=r"rank=\(3, 3\), this layer rank=\(4, 4\)"):
         SVDConv(4, 4, 3, core_kind="orthogonal").set_extra_state(state)
     other_path = SVDConv(4, 4, 3, rank=3, core_kind="orthogonal", max_singular_value=0.7)

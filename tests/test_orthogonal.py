@@ -12,7 +12,7 @@ from configs import config_id, random_conv_configs
 from oracle import circular_singular_values, layer_operator, operator_matrix
 from ttconv import SVDConv, clip_singular_values_, scale_to_spectral_norm_
 from ttconv.activations import ChannelPad, MaxMin
-from ttconv.orthogonal import bcop_kernel, bcop_parameter_count, compose_kernels, skew_matrix_exp
+from ttconv.orthogonal import bcop_halves, bcop_kernel, bcop_parameter_count, compose_kernels, skew_matrix_exp
 from ttconv.report import spectral_report
 
 CONFIGS = random_conv_configs(80, seed=5, max_in_numel=700)
@@ -122,6 +122,11 @@ def test_bcop_outputs_are_the_kernel_composed_after_the_core(kernel_size, r, m_i
     joined = bcop_kernel(generators, kernel_size, inputs=inputs, outputs=outputs)
     assert joined.shape == (2, 9, 7, *kernel_size)
     assert float((joined - expected).abs().max()) < 1e-13 * float(expected.abs().max())
+    # Unjoined: the second half convolved after the first is the same kernel.
+    first, second = bcop_halves(generators, kernel_size, inputs=inputs, outputs=outputs)
+    assert first.shape == (2, r, 7, *kernel_size[:-1], 1) and second.shape == (2, 9, r, *(1,) * (d - 1), kernel_size[-1])
+    halves = compose_kernels(second, first)
+    assert float((halves - expected).abs().max()) < 1e-13 * float(expected.abs().max())
 
 
 @pytest.mark.parametrize("d", [1, 2, 3])

@@ -139,6 +139,56 @@ def test_singular_values_are_exactly_s_on_the_explicit_operator(cls, config):
         assert torch.allclose(layer(x), conv(x), rtol=0, atol=1e-12 * (1 + float(conv(x).abs().max())))
 
 
+def _outputs_and_gradients(layer, x):
+    y = layer(x)
+    layer.zero_grad(set_to_none=True)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+    y.square().sum().backward()
+    return [y.detach(), grad_x] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("cls, config", [case for case in _configs() if not CLASSES[case.values[0]][1]])
+def test_separable_path_is_the_torch_layer_with_the_dense_paths_gradients(cls, config):
+    """``path='separable'`` (the kernel's halves as two convs, each axis's stride, dilation and
+    padding on the conv whose taps run along it) computes the torch layer that ``to_conv()``
+    returns, and every gradient equals the dense path's (which composes the joined kernel)."""
+    layer = _layer(cls, config)
+    x = torch.randn(2, layer.in_channels, *_large_enough(layer, config["size"]), dtype=torch.float64,
+                    requires_grad=True)
+    layer.path = "dense"
+    dense = _outputs_and_gradients(layer, x)
+    layer.path = "separable"
+    separable = _outputs_and_gradients(layer, x)
+    scale = 1 + float(dense[0].abs().max())
+    with torch.no_grad():
+        assert torch.allclose(separable[0], layer.to_conv()(x), rtol=0, atol=1e-12 * scale)
+        assert torch.allclose(layer(x[0]), separable[0][0], rtol=0, atol=1e-12 * scale)  # unbatched
+    for a, b in zip(separable[1:], dense[1:]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-11 * (1 + float(b.abs().max())))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", ["same", "valid", "asymmetric"])
+def test_separable_path_splits_every_padding_by_axis(dims, padding_mode, padding):
+    """String paddings (``'same'`` with even kernels pads one side more), per-axis amounts
+    that differ, and every padding mode: the separable path is the torch layer."""
+    cls = {1: SVDConv1d, 2: SVDConv, 3: SVDConv3d}[dims]
+    kernel = (2, 3, 2)[:dims]
+    dilation = (1, 2, 1)[:dims]
+    amount = "same" if padding == "same" else "valid" if padding == "valid" else (2, 0, 1)[:dims]
+    torch.manual_seed(dims)
+    layer = cls(4, 6, kernel, padding=amount, dilation=dilation, groups=2, padding_mode=padding_mode,
+                core_kind="orthogonal", path="separable", dtype=torch.float64)
+    with torch.no_grad():
+        for p in (layer.U, layer.V, layer.core, layer.S, layer.bias):
+            p.copy_(torch.randn_like(p))
+    x = torch.randn(2, 4, *(5, 6, 4)[:dims], dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer.to_conv()(x)
+        assert torch.allclose(layer(x), expected, rtol=0, atol=1e-12 * (1 + float(expected.abs().max())))
+
+
 @pytest.mark.parametrize("cls, config", [case for case in _configs() if case.values[1]["layer"].get(
     "padding_mode", "zeros") == "zeros"][::3])
 def test_max_s_bounds_the_zero_padded_operator(cls, config):
@@ -290,8 +340,8 @@ def test_dense_weight_with_v_folded_into_bcop_is_the_composed_factors(cls, rank)
     assert torch.allclose(layer._orthogonal_dense_weight().reshape(composed.shape), composed, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("cls", list(CLASSES))
-@pytest.mark.parametrize("path", ["dense", "factored", "auto"])
+@pytest.mark.parametrize("cls, path", [(cls, path) for cls in CLASSES for path in ("dense", "factored", "auto", "separable")
+                                       if path != "separable" or not CLASSES[cls][1]])  # transposed: no such path
 def test_fx_symbolic_trace_computes_the_same(cls, path):
     dims, _ = CLASSES[cls]
     layer = cls(4, 6, 3, rank=(3, 2), core_kind="orthogonal", path=path, dtype=torch.float64)

@@ -44,15 +44,18 @@ from ._typing import ForwardPath
 
 @dataclass(frozen=True)
 class PathConstants:
-    """Costs in multiply-add units: per tensor element, per 1x1 mixing call, for composing."""
+    """Costs in multiply-add units: per tensor element, per 1x1 mixing call, for composing;
+    and what one multiply-add of the separable path's two convolutions (taps along one
+    part of the axes each) costs against one of a dense ``k x k`` conv."""
 
     element: float
     mixing_call: float
     compose: float
+    separable_conv: float = 1.0
 
 
-INFERENCE = PathConstants(element=5, mixing_call=1_400_000, compose=50_000)
-TRAINING = PathConstants(element=24, mixing_call=1_500_000, compose=50_000)
+INFERENCE = PathConstants(element=5, mixing_call=1_400_000, compose=50_000, separable_conv=1.5)
+TRAINING = PathConstants(element=24, mixing_call=1_500_000, compose=50_000, separable_conv=1.2)
 
 _CACHE_SIZE = 64
 
@@ -70,12 +73,12 @@ def pixel_costs(layer: Any) -> Tuple[int, int, int]:
 
 
 def _bcop_macs(kernel_size: Tuple[int, ...], r: int, inputs: int, outputs: Optional[int] = None,
-               folded: int = 0) -> int:
+               folded: int = 0, join: bool = True) -> int:
     """Multiply-adds of ``ttconv.orthogonal.bcop_kernel`` for one group, less the exponential
     (sized to the generator's norm, the same on every path): ``H[:, :folded] @ inputs`` when
     a matrix is folded in, the blocks' projectors, each block's product with the taps built
     so far (``inputs`` columns), and with ``outputs`` the last axis's blocks composed onto it
-    and the one product that joins the halves."""
+    and (``join``; not for ``bcop_halves``) the one product that joins the halves."""
     d = len(kernel_size)
     blocks = [axis for axis, k in enumerate(kernel_size) for _ in range(k - 1)]
     macs = len(blocks) * r * (r // 2) * r + r * folded * inputs  # projectors Q Q^T; H[:, :m] @ inputs
@@ -92,7 +95,7 @@ def _bcop_macs(kernel_size: Tuple[int, ...], r: int, inputs: int, outputs: Optio
         if axis == last:
             macs += taps * outputs * r * r
             taps += 1
-    return macs + taps * outputs * r * inputs * math.prod(sizes)
+    return macs + (taps * outputs * r * inputs * math.prod(sizes) if join else 0)
 
 
 def build_costs(layer: Any) -> Tuple[int, int]:
@@ -187,10 +190,15 @@ def path_costs(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = Fal
 
 def cheaper_path(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
                  input_requires_grad: bool = True) -> ForwardPath:
-    """``'dense'`` or ``'factored'``, whichever ``path_costs`` models as cheaper."""
+    """``'dense'``, ``'factored'`` or (orthogonal cores) ``'separable'``, whichever
+    ``path_costs`` and ``separable_cost`` model as cheapest (ties to the earlier)."""
     dense_cost, factored_cost = path_costs(layer, input_shape, backward=backward,
                                            input_requires_grad=input_requires_grad)
-    return "dense" if dense_cost <= factored_cost else "factored"
+    path: ForwardPath = "dense" if dense_cost <= factored_cost else "factored"
+    separable = separable_cost(layer, input_shape, backward=backward, input_requires_grad=input_requires_grad)
+    if separable is not None and separable < min(dense_cost, factored_cost):
+        path = "separable"
+    return path
 
 
 def remembered_path(layer: Any, input: Tensor) -> ForwardPath:
@@ -212,6 +220,54 @@ def remembered_path(layer: Any, input: Tensor) -> ForwardPath:
         path = cache[key] = cheaper_path(layer, tuple(input.shape), backward=backward,
                                          input_requires_grad=input_requires_grad)
     return path
+
+
+def separable_applies(layer: Any) -> bool:
+    """Whether the layer has the ``'separable'`` path: an orthogonal core, not transposed."""
+    return getattr(layer, "core_kind", "general") == "orthogonal" and not layer._transposed
+
+
+def _separable_pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """Positions of the hidden map (the output's on every axis but the last, the input's on
+    the last) and of the output, batch included."""
+    d = layer._dims
+    batch = input_shape[0] if len(input_shape) == d + 2 else 1
+    size = tuple(input_shape[-d:])
+    out = layer._output_size(size)
+    return batch * math.prod(out[:-1]) * size[-1], batch * math.prod(out)
+
+
+def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
+    """Multiply-adds of the ``'separable'`` path: ``(build, first conv, second conv)``. Building
+    the halves (``bcop_halves``: ``bcop_kernel`` less the joining product), then a conv with
+    the taps of every axis but the last (``c_in/g -> r`` per group) and one with the last
+    axis's (``r -> c_out/g``)."""
+    r_out, r_in = layer.ranks
+    r, g, k = max(r_out, r_in), layer.groups, layer.kernel_size
+    rows, cols = layer._weight_channels()
+    hidden, out = _separable_pixels(layer, input_shape)
+    build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in, join=False)
+    return build, hidden * g * r * (cols // g) * math.prod(k[:-1]), out * rows * r * k[-1]
+
+
+def separable_cost(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
+                   input_requires_grad: bool = True) -> Optional[float]:
+    """Modelled cost of the ``'separable'`` path in ``path_costs``' units (``None`` where the
+    layer has no such path): its multiply-adds (the convolutions' weighted by
+    ``separable_conv``: convolving along some axes only runs at a lower rate than a
+    ``k x k`` conv), the hidden map written and read, composing, and one call more than the
+    dense path (charged as a channel mixing's)."""
+    if not separable_applies(layer):
+        return None
+    constants = TRAINING if backward else INFERENCE
+    build, first_macs, second_macs = separable_flops(layer, input_shape)
+    first, second = first_macs * constants.separable_conv, second_macs * constants.separable_conv
+    macs = build + first + second
+    if backward:
+        macs = 3 * macs - (0 if input_requires_grad else first)
+    hidden, _ = _separable_pixels(layer, input_shape)
+    elements = path_elements(layer, input_shape)[0] + 2 * hidden * layer.groups * max(layer.ranks)
+    return macs + constants.element * elements + constants.mixing_call + constants.compose
 
 
 def dense_is_cheaper_per_pixel(layer: Any) -> bool:

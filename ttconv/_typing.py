@@ -15,6 +15,6 @@ PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 RankSpec = Union[None, int, Tuple[int, int]]
 """``None`` (full rank), one ``int`` for both ranks, or ``(r_out, r_in)``."""
 
-ForwardPath = Literal["auto", "dense", "factored"]
+ForwardPath = Literal["auto", "dense", "factored", "separable"]
 
 CoreKind = Literal["general", "orthogonal"]

@@ -29,7 +29,7 @@ from . import _forward_paths, _functional
 from ._precision import full_precision
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
 from .geometry import ConvSpec
-from .orthogonal import bcop_kernel, bcop_parameter_count, orthonormal_basis
+from .orthogonal import bcop_halves, bcop_kernel, bcop_parameter_count, orthonormal_basis
 from .spectra import check_spectral_input_size, conv_singular_values, conv_spectral_norm, spectral_dtype
 from .tt import TTFactors, canonicalize, compose, decompose, orthonormal_core, random_factors, resolve_ranks
 
@@ -40,9 +40,10 @@ __all__ = ["SVDConv", "SVDConv1d", "SVDConv2d", "SVDConv3d", "SVDConvTranspose1d
 # shape arithmetic (which needs concrete sizes).
 torch.fx.wrap("compose")
 torch.fx.wrap("bcop_kernel")
+torch.fx.wrap("bcop_halves")
 torch.fx.wrap("orthonormal_basis")
 
-_PATHS = ("auto", "dense", "factored")
+_PATHS = ("auto", "dense", "factored", "separable")  # appended only: checkpoints store the index
 
 _CORES = ("general", "orthogonal")
 
@@ -165,6 +166,7 @@ class _SVDConvNd(nn.Module):
                 )
             max_singular_value = args.positive_finite(max_singular_value, "max_singular_value")
         self.max_singular_value = max_singular_value
+        self._check_path(self.path)
         self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
             self.padding, self.kernel_size, self.dilation
         )
@@ -499,7 +501,9 @@ class _SVDConvNd(nn.Module):
 
     def choose_path(self, input_shape: Tuple[int, ...], *, backward: bool = False,
                     input_requires_grad: bool = True) -> str:
-        """The path ``forward`` takes with ``path='auto'`` for this input shape (see ``path_costs``):
+        """The path ``forward`` takes with ``path='auto'`` for this input shape (see ``path_costs``;
+        an orthogonal core's ``'separable'`` path is modelled alike, its two convs' multiply-adds
+        weighted by their measured lower rate, ``ttconv._forward_paths.separable_cost``):
         ``backward=False`` under ``torch.no_grad()`` or when nothing requires grad, else
         ``backward=True`` with the input's ``requires_grad``."""
         return _forward_paths.cheaper_path(self, input_shape, backward=backward,
@@ -519,11 +523,53 @@ class _SVDConvNd(nn.Module):
             self._check_input(input)
             if path == "auto":
                 path = _forward_paths.remembered_path(self, input)
+        if path == "separable":
+            self._check_path(path)  # the attribute may have been set after construction
+            return self._separable_forward(input)
         if path == "dense":
             if self._is_pointwise():
                 return self._pointwise_forward(input, self.dense_weight())
             return self._conv(input, self.dense_weight(), self.bias, output_padding)
         return self._factored_forward(input, output_padding)
+
+    def _check_path(self, path: str) -> None:
+        if path == "separable" and (self.core_kind != "orthogonal" or self._transposed):
+            raise ValueError(
+                f"path='separable' runs an orthogonal core's kernel as two convolutions and needs "
+                f"core_kind='orthogonal' on a non-transposed layer; {type(self).__name__} with "
+                f"core_kind={self.core_kind!r} has paths 'auto', 'dense' and 'factored'")
+
+    def _separable_forward(self, input: Tensor) -> Tensor:
+        """The orthogonal core's dense kernel as two convolutions (``bcop_halves``): the taps of
+        every axis but the last (``c_in -> r`` channels), then the last axis's (``r -> c_out``).
+        The stride, dilation and padding of each axis go to the convolution whose taps run
+        along it; padding one axis commutes with convolving along the others, whatever the
+        padding mode."""
+        d, g, (r_out, r_in) = self._dims, self.groups, self.ranks
+        r = max(r_out, r_in)
+        U = orthonormal_basis(self.U.reshape(g, -1, r_out))
+        V = orthonormal_basis(self.V.reshape(g, -1, r_in))
+        S = self.effective_S().reshape(g, -1)
+        inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, c_in/g)
+        outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, c_out/g, r_out)
+        halves = bcop_halves(self.core, self.kernel_size, inputs=inputs, outputs=outputs)
+        # Shapes from the geometry, not the tensors: torch.fx traces this with proxies.
+        first = halves[0].reshape(g * r, self.in_channels // g, *self.kernel_size[:-1], 1)
+        second = halves[1].reshape(self.out_channels, r, *(1,) * (d - 1), self.kernel_size[-1])
+        pads = self._reversed_padding_repeated_twice  # F.pad order: the last axis first
+        if isinstance(self.padding, str):  # 'same' or 'valid' mean the same for each half
+            first_padding: Union[str, Tuple[int, ...]] = self.padding
+            second_padding: Union[str, Tuple[int, ...]] = self.padding
+        else:
+            first_padding = (*self.padding[:-1], 0)
+            second_padding = (*(0,) * (d - 1), self.padding[-1])
+        ones = (1,) * (d - 1)
+        hidden = _functional.conv_nd(
+            input, first, None, (*self.stride[:-1], 1), first_padding, (*self.dilation[:-1], 1), g,
+            self.padding_mode, [0, 0, *pads[2:]])
+        return _functional.conv_nd(
+            hidden, second, self.bias, (*ones, self.stride[-1]), second_padding, (*ones, self.dilation[-1]), g,
+            self.padding_mode, [*pads[:2], *(0,) * (2 * d - 2)])
 
     def _is_pointwise(self) -> bool:
         """A 1x1 kernel, stride 1, no padding: the conv only mixes channels (dilation is moot)."""
@@ -980,13 +1026,16 @@ class SVDConv(_SVDConvNd):
         representable), one int sets both. Values above what the shape allows are
         clamped to ``r_out <= min(c_out/g, r_in*kh*kw)``, ``r_in <= min(c_in/g, r_out*kh*kw)``;
         the effective ranks are in ``ranks`` and ``repr``.
-    path : {'auto', 'dense', 'factored'}, keyword-only
+    path : {'auto', 'dense', 'factored', 'separable'}, keyword-only
         How ``forward`` computes: ``'dense'`` composes the kernel and runs one conv,
-        ``'factored'`` runs three (1x1, core, 1x1; a 1x1 layer two channel mixings), ``'auto'``
-        picks the one of lower modelled cost for the actual input shape (``path_costs``:
-        multiply-adds, memory traffic and per-call overhead, calibrated on CPU timings;
-        ``choose_path`` says which). All give the same result. On large inputs the 1x1
-        channel mixings run as batched matmuls.
+        ``'factored'`` runs three (1x1, core, 1x1; a 1x1 layer two channel mixings),
+        ``'separable'`` (``core_kind='orthogonal'``, not transposed) runs the orthogonal
+        kernel's two halves as two convs, the taps of every axis but the last and then the
+        last axis's (``ttconv.orthogonal.bcop_halves``: fewer multiply-adds per position and
+        no joining product), ``'auto'`` picks the one of lower modelled cost for the actual
+        input shape (``path_costs``: multiply-adds, memory traffic and per-call overhead,
+        calibrated on CPU timings; ``choose_path`` says which). All give the same result.
+        On large inputs the 1x1 channel mixings run as batched matmuls.
     core_kind : {'general', 'orthogonal'}, keyword-only
         ``'general'`` (default): any kernel of the given ranks. ``'orthogonal'``: a core cut
         from an exactly orthogonal convolution (BCOP, ``ttconv.orthogonal``), with ``U``, ``V``

@@ -226,6 +226,40 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional
     ``r x r``-sized products where composing onto ``H`` alone and then applying ``outputs``
     takes 9 + 12 + 1.
     """
+    if outputs is None:
+        kernel, _ = _bcop_halves(generators, kernel_size, inputs, None)
+        return kernel
+    right, left = _bcop_halves(generators, kernel_size, inputs, outputs)
+    # Every tap of the left half times every tap of the right half: one batched product.
+    return torch.einsum("gtcm,gmi...->gci...t", left, right.squeeze(-1))
+
+
+def bcop_halves(generators: Tensor, kernel_size: Sequence[int], inputs: Optional[Tensor],
+                outputs: Tensor) -> Tuple[Tensor, Tensor]:
+    """``bcop_kernel(generators, kernel_size, inputs, outputs)`` as two convolutions, unjoined.
+
+    Returns ``(first, second)``: ``first`` ``(g, r, n, *kernel_size[:-1], 1)`` is ``H`` after
+    ``inputs`` with every block of the axes before the last; ``second`` ``(g, c, r, 1, ...,
+    1, kernel_size[-1])`` is ``outputs`` after the last axis's blocks. Convolving with
+    ``first`` and then ``second`` (taps along different axes, so the taps of the
+    composition are the products of theirs) is convolving with the joined kernel, for
+    every padding mode, stride and dilation split by axis: padding or striding one axis
+    commutes with a convolution along the others. Per position that is
+    ``r (n prod(k[:-1]) + c k[-1])`` multiply-adds instead of ``c n prod(k)``, and building
+    the halves skips the product that joins them.
+    """
+    right, left = _bcop_halves(generators, kernel_size, inputs, outputs)
+    assert left is not None
+    g, t, c, r = left.shape
+    second = left.permute(0, 2, 3, 1).reshape(g, c, r, *(1,) * (len(kernel_size) - 1), t)
+    return right, second
+
+
+def _bcop_halves(generators: Tensor, kernel_size: Sequence[int], inputs: Optional[Tensor],
+                 outputs: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """``bcop_kernel``'s two halves: the right one ``(g, r, n, *k)`` (every axis composed
+    without ``outputs``; the last axis at size 1 with them) and, with ``outputs``, the left
+    one as taps ``(g, k[-1], c, r)`` (tap-major, so that ``taps P`` is one batched product)."""
     kernel_size = tuple(int(k) for k in kernel_size)
     if not kernel_size or any(k < 1 for k in kernel_size):
         raise ValueError(f"kernel_size must be a non-empty sequence of positive ints, got {kernel_size!r}")
@@ -253,11 +287,10 @@ def bcop_kernel(generators: Tensor, kernel_size: Sequence[int], inputs: Optional
         if axis < last:
             kernel = _compose_two_tap(projector, kernel, axis)
     if outputs is None:
-        return kernel
+        return kernel, None
     # outputs times the first m rows of the operator: zero columns up to r.
     left = F.pad(outputs, (0, r - outputs.shape[-1])).unsqueeze(1)  # (g, 1 tap, c, r) along the last axis
     for axis, projector in reversed(list(zip(blocks, projectors))):  # the last block runs last
         if axis == last:
             left = _compose_two_tap_after(left, projector)
-    # Every tap of the left half times every tap of the right half: one batched product.
-    return torch.einsum("gtcm,gmi...->gci...t", left, kernel.squeeze(-1))
+    return kernel, left
