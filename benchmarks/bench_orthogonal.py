@@ -46,6 +46,33 @@ def _inner_layer_step(module, x):
     return step
 
 
+def _stored_path_rows():
+    import json
+
+    from bench_path_calibration import PATHS3, build_layer
+
+    rows = json.load(open(os.path.join(os.path.dirname(__file__), os.pardir, "tests", "data",
+                                       "orthogonal_path_timings.json")))
+    regimes = {("fwd eval", False): "eval forward", ("fwd+bwd", False): "fwd+bwd, first layer",
+               ("fwd+bwd", True): "fwd+bwd, inner layer"}
+    table = []
+    for (mode, grad), name in regimes.items():
+        ratios = {key: [] for key in ("auto", "two", *PATHS3)}
+        for row in rows:
+            if (row["mode"], row["input_grad"]) != (mode, grad):
+                continue
+            layer, shape, backward = build_layer(row), tuple(row["input"]), mode == "fwd+bwd"
+            dense, factored = layer.path_costs(shape, backward=backward, input_requires_grad=grad)
+            chosen = {"auto": layer.choose_path(shape, backward=backward, input_requires_grad=grad),
+                      "two": "dense" if dense <= factored else "factored", **{p: p for p in PATHS3}}
+            best = min(row[p] for p in PATHS3)
+            for key, path in chosen.items():
+                ratios[key].append(row[path] / best)
+        table.append([name, str(len(ratios["auto"]))] + [
+            f"{sum(r) / len(r):.3f} ({sum(x > 1.1 for x in r)})" for r in ratios.values()])
+    return table
+
+
 def _paths_taken(layer, x) -> str:
     if not hasattr(layer, "choose_path"):  # a torch layer
         return ""
@@ -126,6 +153,13 @@ def _run(options) -> None:
     print(markdown_table(["generator scale", "torch.linalg.matrix_exp ms", "skew_matrix_exp ms", "speed-up"],
                          _exponential_rows(8 if options.quick else 256, repeats, options.device)))
 
+    print("\nThe forward path of orthogonal cores on the stored grid of tests/data/orthogonal_path_timings.json "
+          "(3 x 3 layers, 16-512 channels, maps 7-56, rank c, c/2, c/4, stride 1 and 2, batch 8; all three paths "
+          "timed by `bench_path_calibration.py --orthogonal --dump`, one thread; evaluated here, not re-timed): "
+          "the mean over the rows of each choice's time / the fastest path's, and the rows where it is more than "
+          "10% over. 'auto, two paths': the model choosing from dense and factored only, as before 'separable'.\n")
+    print(markdown_table(["regime", "rows", "auto", "auto, two paths", "always dense", "always factored",
+                          "always separable"], _stored_path_rows()))
     print("\nThe core's factorisations against a product, r = 256, forward and backward (docs/orthogonal.md "
           "counts the build in products of this size):\n")
     print(markdown_table(["operation", "ms", "in r x r products"], _building_block_rows(8 if options.quick else 256,
