@@ -21,6 +21,7 @@ def _cnn():
         SVDConv(3, 8, 3, padding=1, rank=2), nn.ReLU(),
         SVDConv(8, 8, 3, padding=1, path="factored"), MaxMin(),
         SVDConv(8, 8, 3, stride=2, padding=1, core_kind="orthogonal", max_singular_value=1.0),
+        SVDConv(8, 8, 3, padding=1, padding_mode="circular", core_kind="orthogonal", path="separable"),
         SVDConv(8, 8, (3, 2), padding=1, padding_mode="reflect", groups=2, path="dense"), ChannelPad(10),
         nn.Flatten(), nn.LazyLinear(4),
     )
