@@ -497,6 +497,13 @@ MUTANTS: List[Mutant] = [
         "the separable path's second conv leaves the last axis unpadded under reflect/replicate/circular padding",
     ),
     Mutant(
+        "separable_transposed_loses_output_padding", "ttconv/layer.py",
+        "                               (*zeros, output_padding[-1]), g, (*ones, self.dilation[-1]))",
+        "                               (*zeros, 0), g, (*ones, self.dilation[-1]))",
+        ("tests/test_orthogonal_nd.py::test_separable_path_is_the_torch_layer_with_the_dense_paths_gradients",),
+        "a transposed layer's separable path drops the last axis's output padding (a wrong output size)",
+    ),
+    Mutant(
         "separable_path_never_chosen", "ttconv/_forward_paths.py",
         "    if separable is not None and separable < min(dense_cost, factored_cost):",
         "    if separable is not None and separable < 0:",

@@ -113,6 +113,14 @@ def _cases() -> List[Any]:
                                        if p != "auto" or g is _TRANSPOSED_GEOMETRIES[0]]:
             kwargs = dict(geometry, path=path, rank=3)
             cases.append(pytest.param(d, True, kwargs, id=f"ConvTranspose{d}d-{name}-{path}"))
+        # An orthogonal core's separable path (two convs) on every geometry of both kinds.
+        for name, geometry in _PLAIN_GEOMETRIES:
+            kwargs = dict(geometry, padding_mode="reflect" if geometry.get("padding") else "zeros",
+                          path="separable", core_kind="orthogonal")
+            cases.append(pytest.param(d, False, kwargs, id=f"Conv{d}d-{name}-separable-orthogonal"))
+        for name, geometry in _TRANSPOSED_GEOMETRIES:
+            kwargs = dict(geometry, path="separable", core_kind="orthogonal")
+            cases.append(pytest.param(d, True, kwargs, id=f"ConvTranspose{d}d-{name}-separable-orthogonal"))
     return cases
 
 

@@ -319,8 +319,8 @@ def test_skip_init_and_meta_device():
         (dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding="same"), ValueError, "strided"),
         (dict(in_channels=4, out_channels=4, kernel_size=3, path="fast"), ValueError, "path must be one of"),
         (dict(in_channels=4, out_channels=4, kernel_size=3, path="separable"), ValueError,
-         "path='separable' .* needs core_kind='orthogonal' .* core_kind='general' has paths 'auto', 'dense' and "
-         "'factored'"),
+         "path='separable' .* needs core_kind='orthogonal'; SVDConv with core_kind='general' has paths 'auto', "
+         "'dense' and 'factored'"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):
@@ -331,8 +331,8 @@ def test_constructor_errors(kwargs, error, match):
 def test_the_separable_path_is_refused_where_the_layer_has_none():
     from ttconv import SVDConvTranspose2d
 
-    with pytest.raises(ValueError, match="non-transposed layer; SVDConvTranspose2d"):
-        SVDConvTranspose2d(4, 4, 3, core_kind="orthogonal", path="separable")
+    with pytest.raises(ValueError, match="needs core_kind='orthogonal'; SVDConvTranspose2d with"):
+        SVDConvTranspose2d(4, 4, 3, path="separable")
     layer = SVDConv(4, 4, 3)
     layer.path = "separable"  # set after construction: refused at the call, not run as something else
     with pytest.raises(ValueError, match="needs core_kind='orthogonal'"):

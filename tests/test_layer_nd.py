@@ -427,6 +427,7 @@ def test_orthogonal_flop_costs_are_torchs_flop_count(cls, rank, stride, kernel_s
     counted), less the exponential, whose cost follows the generator's norm."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ttconv._forward_paths import separable_flops
     from ttconv.orthogonal import skew_matrix_exp
 
     _, dims, _ = CLASSES[cls]
@@ -440,21 +441,19 @@ def test_orthogonal_flop_costs_are_torchs_flop_count(cls, rank, stride, kernel_s
             skew_matrix_exp(generator - generator.mT)
     x = torch.randn(2, 4, *(5,) * dims, dtype=torch.float64)
     assert layer.flop_costs(tuple(x.shape)) == _counted_macs_per_path(layer, x, exponential.get_total_flops() // 2)
-    if not layer._transposed:  # the separable path: the halves built, then two convs
-        from ttconv._forward_paths import separable_flops
-
-        layer.path = "separable"
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            layer(x)
-        build, first, second = separable_flops(layer, tuple(x.shape))
-        assert counter.get_total_flops() // 2 - exponential.get_total_flops() // 2 == build + first + second
-        # The first conv's multiply-adds are what its input gradient costs in a backward pass.
-        backward = []
-        for requires_grad in (True, False):
-            with FlopCounterMode(display=False) as counter:
-                layer(x.clone().requires_grad_(requires_grad)).sum().backward()
-            backward.append(counter.get_total_flops() // 2)
-        assert backward[0] - backward[1] == first > 0
+    # The separable path: the halves built, then two convs (their adjoints, transposed).
+    layer.path = "separable"
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(x)
+    build, first, second = separable_flops(layer, tuple(x.shape))
+    assert counter.get_total_flops() // 2 - exponential.get_total_flops() // 2 == build + first + second
+    # The first conv's multiply-adds are what its input gradient costs in a backward pass.
+    backward = []
+    for requires_grad in (True, False):
+        with FlopCounterMode(display=False) as counter:
+            layer(x.clone().requires_grad_(requires_grad)).sum().backward()
+        backward.append(counter.get_total_flops() // 2)
+    assert backward[0] - backward[1] == first > 0
 
 
 @pytest.mark.parametrize("cls, config", _configs()[::7])

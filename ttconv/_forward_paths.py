@@ -223,31 +223,38 @@ def remembered_path(layer: Any, input: Tensor) -> ForwardPath:
 
 
 def separable_applies(layer: Any) -> bool:
-    """Whether the layer has the ``'separable'`` path: an orthogonal core, not transposed."""
-    return getattr(layer, "core_kind", "general") == "orthogonal" and not layer._transposed
+    """Whether the layer has the ``'separable'`` path: an orthogonal core."""
+    return getattr(layer, "core_kind", "general") == "orthogonal"
 
 
-def _separable_pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
-    """Positions of the hidden map (the output's on every axis but the last, the input's on
-    the last) and of the output, batch included."""
+def _separable_pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
+    """Positions of the input, the hidden map and the output, batch included. The hidden map
+    has the output's size on the axes the first conv runs along and the input's on the
+    others: every axis but the last for a conv, the last for a transposed conv (which runs
+    the last axis's adjoint first)."""
     d = layer._dims
     batch = input_shape[0] if len(input_shape) == d + 2 else 1
     size = tuple(input_shape[-d:])
     out = layer._output_size(size)
-    return batch * math.prod(out[:-1]) * size[-1], batch * math.prod(out)
+    hidden = (*size[:-1], out[-1]) if layer._transposed else (*out[:-1], size[-1])
+    return batch * math.prod(size), batch * math.prod(hidden), batch * math.prod(out)
 
 
 def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
     """Multiply-adds of the ``'separable'`` path: ``(build, first conv, second conv)``. Building
     the halves (``bcop_halves``: ``bcop_kernel`` less the joining product), then a conv with
-    the taps of every axis but the last (``c_in/g -> r`` per group) and one with the last
-    axis's (``r -> c_out/g``)."""
+    the taps of every axis but the last (``B/g -> r`` per group) and one with the last axis's
+    (``r -> A/g``); a transposed layer runs their adjoints in the reverse order, each costing
+    its input positions times its kernel."""
     r_out, r_in = layer.ranks
     r, g, k = max(r_out, r_in), layer.groups, layer.kernel_size
     rows, cols = layer._weight_channels()
-    hidden, out = _separable_pixels(layer, input_shape)
+    inputs, hidden, out = _separable_pixels(layer, input_shape)
     build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in, join=False)
-    return build, hidden * g * r * (cols // g) * math.prod(k[:-1]), out * rows * r * k[-1]
+    other_axes, last_axis = g * r * (cols // g) * math.prod(k[:-1]), rows * r * k[-1]
+    if layer._transposed:
+        return build, inputs * last_axis, hidden * other_axes
+    return build, hidden * other_axes, out * last_axis
 
 
 def separable_cost(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
@@ -265,7 +272,7 @@ def separable_cost(layer: Any, input_shape: Tuple[int, ...], *, backward: bool =
     macs = build + first + second
     if backward:
         macs = 3 * macs - (0 if input_requires_grad else first)
-    hidden, _ = _separable_pixels(layer, input_shape)
+    hidden = _separable_pixels(layer, input_shape)[1]
     elements = path_elements(layer, input_shape)[0] + 2 * hidden * layer.groups * max(layer.ranks)
     return macs + constants.element * elements + constants.mixing_call + constants.compose
 

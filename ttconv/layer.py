@@ -525,7 +525,7 @@ class _SVDConvNd(nn.Module):
                 path = _forward_paths.remembered_path(self, input)
         if path == "separable":
             self._check_path(path)  # the attribute may have been set after construction
-            return self._separable_forward(input)
+            return self._separable_forward(input, output_padding)
         if path == "dense":
             if self._is_pointwise():
                 return self._pointwise_forward(input, self.dense_weight())
@@ -533,37 +533,47 @@ class _SVDConvNd(nn.Module):
         return self._factored_forward(input, output_padding)
 
     def _check_path(self, path: str) -> None:
-        if path == "separable" and (self.core_kind != "orthogonal" or self._transposed):
+        if path == "separable" and self.core_kind != "orthogonal":
             raise ValueError(
                 f"path='separable' runs an orthogonal core's kernel as two convolutions and needs "
-                f"core_kind='orthogonal' on a non-transposed layer; {type(self).__name__} with "
-                f"core_kind={self.core_kind!r} has paths 'auto', 'dense' and 'factored'")
+                f"core_kind='orthogonal'; {type(self).__name__} with core_kind={self.core_kind!r} has paths "
+                "'auto', 'dense' and 'factored'")
 
-    def _separable_forward(self, input: Tensor) -> Tensor:
+    def _separable_forward(self, input: Tensor, output_padding: Optional[Tuple[int, ...]]) -> Tensor:
         """The orthogonal core's dense kernel as two convolutions (``bcop_halves``): the taps of
-        every axis but the last (``c_in -> r`` channels), then the last axis's (``r -> c_out``).
-        The stride, dilation and padding of each axis go to the convolution whose taps run
-        along it; padding one axis commutes with convolving along the others, whatever the
-        padding mode."""
+        every axis but the last (``B -> r`` channels, ``B`` the kernel's input side), then the
+        last axis's (``r -> A``). The stride, dilation and padding of each axis go to the
+        convolution whose taps run along it; padding one axis commutes with convolving along
+        the others, whatever the padding mode. A transposed layer runs the adjoints in the
+        reverse order, each with its axes' output padding."""
         d, g, (r_out, r_in) = self._dims, self.groups, self.ranks
         r = max(r_out, r_in)
+        rows, cols = self._weight_channels()
         U = orthonormal_basis(self.U.reshape(g, -1, r_out))
         V = orthonormal_basis(self.V.reshape(g, -1, r_in))
         S = self.effective_S().reshape(g, -1)
-        inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, c_in/g)
-        outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, c_out/g, r_out)
+        inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)
+        outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, A/g, r_out)
         halves = bcop_halves(self.core, self.kernel_size, inputs=inputs, outputs=outputs)
         # Shapes from the geometry, not the tensors: torch.fx traces this with proxies.
-        first = halves[0].reshape(g * r, self.in_channels // g, *self.kernel_size[:-1], 1)
-        second = halves[1].reshape(self.out_channels, r, *(1,) * (d - 1), self.kernel_size[-1])
+        first = halves[0].reshape(g * r, cols // g, *self.kernel_size[:-1], 1)
+        second = halves[1].reshape(rows, r, *(1,) * (d - 1), self.kernel_size[-1])
+        ones, zeros = (1,) * (d - 1), (0,) * (d - 1)
+        if self._transposed:
+            # __init__ refuses string padding for these layers and _forward passes their output_padding.
+            assert not isinstance(self.padding, str) and output_padding is not None
+            transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+            hidden = transpose(input, second, None, (*ones, self.stride[-1]), (*zeros, self.padding[-1]),
+                               (*zeros, output_padding[-1]), g, (*ones, self.dilation[-1]))
+            return transpose(hidden, first, self.bias, (*self.stride[:-1], 1), (*self.padding[:-1], 0),
+                             (*output_padding[:-1], 0), g, (*self.dilation[:-1], 1))
         pads = self._reversed_padding_repeated_twice  # F.pad order: the last axis first
         if isinstance(self.padding, str):  # 'same' or 'valid' mean the same for each half
             first_padding: Union[str, Tuple[int, ...]] = self.padding
             second_padding: Union[str, Tuple[int, ...]] = self.padding
         else:
             first_padding = (*self.padding[:-1], 0)
-            second_padding = (*(0,) * (d - 1), self.padding[-1])
-        ones = (1,) * (d - 1)
+            second_padding = (*zeros, self.padding[-1])
         hidden = _functional.conv_nd(
             input, first, None, (*self.stride[:-1], 1), first_padding, (*self.dilation[:-1], 1), g,
             self.padding_mode, [0, 0, *pads[2:]])
@@ -1029,7 +1039,7 @@ class SVDConv(_SVDConvNd):
     path : {'auto', 'dense', 'factored', 'separable'}, keyword-only
         How ``forward`` computes: ``'dense'`` composes the kernel and runs one conv,
         ``'factored'`` runs three (1x1, core, 1x1; a 1x1 layer two channel mixings),
-        ``'separable'`` (``core_kind='orthogonal'``, not transposed) runs the orthogonal
+        ``'separable'`` (``core_kind='orthogonal'``) runs the orthogonal
         kernel's two halves as two convs, the taps of every axis but the last and then the
         last axis's (``ttconv.orthogonal.bcop_halves``: fewer multiply-adds per position and
         no joining product), ``'auto'`` picks the one of lower modelled cost for the actual
