@@ -334,11 +334,40 @@ def test_the_separable_path_is_refused_where_the_layer_has_none():
     with pytest.raises(ValueError, match="needs core_kind='orthogonal'; SVDConvTranspose2d with"):
         SVDConvTranspose2d(4, 4, 3, path="separable")
     layer = SVDConv(4, 4, 3)
-    layer.path = "separable"  # set after construction: refused at the call, not run as something else
+    # Assigned after construction: refused at once, so no state dict can record it.
+    with pytest.raises(ValueError, match="needs core_kind='orthogonal'"):
+        layer.path = "separable"
+    with pytest.raises(ValueError, match="path must be one of"):
+        layer.path = "fast"
+    assert layer.path == "auto"
+    layer.__dict__["_path"] = "separable"  # forced past the setter: forward still refuses, never runs another path
     with pytest.raises(ValueError, match="needs core_kind='orthogonal'"):
         layer(torch.randn(1, 4, 5, 5))
     orthogonal = SVDConv(4, 4, 3, core_kind="orthogonal", path="separable")
     assert "path='separable'" in repr(orthogonal)
+
+
+def test_path_survives_pickling_and_an_old_pickle_loads():
+    import pickle
+
+    layer = SVDConv(4, 4, 3, core_kind="orthogonal", path="separable")
+    assert pickle.loads(pickle.dumps(layer)).path == "separable"
+    state = dict(layer.__dict__)  # as a module pickled while path was a plain attribute
+    state["path"] = state.pop("_path")
+    old = SVDConv.__new__(SVDConv)
+    old.__setstate__(state)
+    x = torch.randn(1, 4, 6, 6)
+    assert old.path == "separable" and torch.equal(old(x), layer(x))
+
+
+def test_the_separable_path_names_the_layers_kernel_when_the_input_is_too_small():
+    layer = SVDConv(8, 8, (3, 5), dilation=(1, 2), core_kind="orthogonal", path="separable")
+    with pytest.raises(RuntimeError, match=r"input size \(40, 3\) padded to 3 on spatial axis 1 is smaller than the "
+                                           r"dilated kernel \(9: kernel_size=\(3, 5\), dilation=\(1, 2\)\)"):
+        layer(torch.randn(1, 8, 40, 3))
+    layer.path = "dense"
+    with pytest.raises(RuntimeError):  # torch's own message, naming the same kernel
+        layer(torch.randn(1, 8, 40, 3))
 
 
 def test_forward_errors():

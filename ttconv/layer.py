@@ -157,8 +157,8 @@ class _SVDConvNd(nn.Module):
             self.output_padding = args.output_padding_arg(output_padding, self.stride, self.dilation)
         elif output_padding != 0:
             raise TypeError(f"output_padding is an argument of the transposed layers only, not of {name}")
-        self.path = cast(ForwardPath, args.choice(path, "path", _PATHS))
         self.core_kind = cast(CoreKind, args.choice(core_kind, "core_kind", _CORES))
+        self.path = path
         if max_singular_value is not None:
             if core_kind != "orthogonal":
                 raise ValueError(
@@ -166,7 +166,6 @@ class _SVDConvNd(nn.Module):
                 )
             max_singular_value = args.positive_finite(max_singular_value, "max_singular_value")
         self.max_singular_value = max_singular_value
-        self._check_path(self.path)
         self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
             self.padding, self.kernel_size, self.dilation
         )
@@ -532,6 +531,22 @@ class _SVDConvNd(nn.Module):
             return self._conv(input, self.dense_weight(), self.bias, output_padding)
         return self._factored_forward(input, output_padding)
 
+    @property
+    def path(self) -> ForwardPath:
+        """The forward path (see the class docstring); assigning checks it as the constructor does."""
+        return cast(ForwardPath, self.__dict__["_path"])
+
+    @path.setter
+    def path(self, value: ForwardPath) -> None:
+        value = cast(ForwardPath, args.choice(value, "path", _PATHS))
+        self._check_path(value)
+        self.__dict__["_path"] = value
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        if "path" in state:  # a module pickled before ``path`` was a property
+            state["_path"] = state.pop("path")
+        super().__setstate__(state)
+
     def _check_path(self, path: str) -> None:
         if path == "separable" and self.core_kind != "orthogonal":
             raise ValueError(
@@ -568,6 +583,16 @@ class _SVDConvNd(nn.Module):
             return transpose(hidden, first, self.bias, (*self.stride[:-1], 1), (*self.padding[:-1], 0),
                              (*output_padding[:-1], 0), g, (*self.dilation[:-1], 1))
         pads = self._reversed_padding_repeated_twice  # F.pad order: the last axis first
+        if not isinstance(input, torch.fx.Proxy):
+            # Each half would name its own kernel in torch's error; name the layer's, as the dense path does.
+            extents = args.dilated_extent(self.kernel_size, self.dilation)
+            for axis, (n, extent) in enumerate(zip(input.shape[-d:], extents)):
+                padded = n + pads[2 * (d - 1 - axis)] + pads[2 * (d - 1 - axis) + 1]
+                if padded < extent:
+                    raise RuntimeError(
+                        f"input size {tuple(input.shape[-d:])} padded to {padded} on spatial axis {axis} is smaller "
+                        f"than the dilated kernel ({extent}: kernel_size={self.kernel_size}, "
+                        f"dilation={self.dilation}); use a larger input or more padding")
         if isinstance(self.padding, str):  # 'same' or 'valid' mean the same for each half
             first_padding: Union[str, Tuple[int, ...]] = self.padding
             second_padding: Union[str, Tuple[int, ...]] = self.padding

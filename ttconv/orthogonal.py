@@ -25,7 +25,8 @@ from torch import Tensor
 from ._compile import compiling
 from ._precision import full_precision
 
-__all__ = ["orthonormal_basis", "bcop_kernel", "compose_kernels", "bcop_parameter_count", "skew_matrix_exp"]
+__all__ = ["orthonormal_basis", "bcop_kernel", "bcop_halves", "compose_kernels", "bcop_parameter_count",
+           "skew_matrix_exp"]
 
 
 # Taylor degrees the exponential chooses from (``skew_matrix_exp``).
