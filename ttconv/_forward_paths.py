@@ -2,8 +2,9 @@
 
 An SVD conv can run ``'dense'`` (compose ``W = U diag(S) core V^T``, then one conv) or
 ``'factored'`` (three convs: ``V`` 1x1, the core, ``U`` 1x1; two channel mixings for a 1x1
-layer). Both compute the same function; which is faster depends on the ranks, the kernel
-and the input shape. The model adds, in multiply-add units:
+layer); an orthogonal core also ``'separable'`` (its dense kernel's two halves as two convs,
+``separable_cost`` below). All compute the same function; which is faster depends on the
+ranks, the kernel and the input shape. The model adds, in multiply-add units:
 
 * the multiply-adds of each path (``flop_costs``), building its kernels included
   (``build_costs``: an orthogonal core is built from its BCOP blocks on both paths);
