@@ -147,8 +147,8 @@ MUTANTS: List[Mutant] = [
     # ------------------------------------------------------------------- layer.py
     Mutant(
         "forward_costlier_path", "ttconv/_forward_paths.py",
-        'return "dense" if dense_cost <= factored_cost else "factored"',
-        'return "dense" if dense_cost > factored_cost else "factored"',
+        'path: ForwardPath = "dense" if dense_cost <= factored_cost else "factored"',
+        'path: ForwardPath = "dense" if dense_cost > factored_cost else "factored"',
         ("tests/test_forward_path.py::test_auto_runs_the_cheaper_path",),
         "`forward` with `path='auto'` takes the costlier path",
     ),
@@ -161,8 +161,8 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "path_costs_no_elements", "ttconv/_forward_paths.py",
-        "INFERENCE = PathConstants(element=5, mixing_call=1_400_000, compose=50_000)",
-        "INFERENCE = PathConstants(element=0, mixing_call=1_400_000, compose=50_000)",
+        "INFERENCE = PathConstants(element=5, mixing_call=1_400_000, compose=50_000, separable_conv=1.5)",
+        "INFERENCE = PathConstants(element=0, mixing_call=1_400_000, compose=50_000, separable_conv=1.5)",
         ("tests/test_forward_path.py::test_auto_follows_the_cost_model_measured_on_the_forced_paths",),
         "the path cost model counts multiply-adds only (memory traffic ignored)",
     ),
@@ -536,7 +536,7 @@ MUTANTS: List[Mutant] = [
         "        inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)",
         "        inputs = V.mT  # (g, r_in, B/g)",
         ("tests/test_orthogonal_nd.py::test_dense_weight_with_v_folded_into_bcop_is_the_composed_factors",),
-        "the orthogonal dense_weight with V folded into BCOP drops the input-side S",
+        "the orthogonal dense_weight (and the separable path) with V folded into BCOP drops the input-side S",
     ),
     Mutant(
         "hidden_cpu_scalar_in_forward", "ttconv/layer.py",

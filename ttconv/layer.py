@@ -356,14 +356,21 @@ class _SVDConvNd(nn.Module):
         (``bcop_kernel(..., inputs=)``): one kernel product of ``r^2 c k`` fewer than composing
         the core and then ``V``. Worth it when ``r_in`` is near ``c_in/g`` (``dense_weight``
         uses it from ``2 r_in >= c_in/g``)."""
+        inputs, outputs = self._orthogonal_outer_factors()
+        kernel = bcop_kernel(self.core, self.kernel_size, inputs=inputs, outputs=outputs)  # (g, A/g, B/g, *k)
+        return kernel.flatten(2)  # (g, A/g, B/g * taps)
+
+    def _orthogonal_outer_factors(self) -> Tuple[Tensor, Tensor]:
+        """What an orthogonal core's kernel is built between: ``(V^T, U S)``, as
+        ``(g, r_in, B/g)`` and ``(g, A/g, r_out)``; with ``r_out > r_in``, ``S`` scales the input
+        side instead (``(diag(S) V^T, U)``: see ``factors``)."""
         g, (r_out, r_in) = self.groups, self.ranks
         U = orthonormal_basis(self.U.reshape(g, -1, r_out))
         V = orthonormal_basis(self.V.reshape(g, -1, r_in))
         S = self.effective_S().reshape(g, -1)
         inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)
         outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, A/g, r_out)
-        kernel = bcop_kernel(self.core, self.kernel_size, inputs=inputs, outputs=outputs)  # (g, A/g, B/g, *k)
-        return kernel.flatten(2)  # (g, A/g, B/g * taps)
+        return inputs, outputs
 
     @property
     def weight(self) -> Tensor:
@@ -561,14 +568,9 @@ class _SVDConvNd(nn.Module):
         convolution whose taps run along it; padding one axis commutes with convolving along
         the others, whatever the padding mode. A transposed layer runs the adjoints in the
         reverse order, each with its axes' output padding."""
-        d, g, (r_out, r_in) = self._dims, self.groups, self.ranks
-        r = max(r_out, r_in)
+        d, g, r = self._dims, self.groups, max(self.ranks)
         rows, cols = self._weight_channels()
-        U = orthonormal_basis(self.U.reshape(g, -1, r_out))
-        V = orthonormal_basis(self.V.reshape(g, -1, r_in))
-        S = self.effective_S().reshape(g, -1)
-        inputs = V.mT if r_out <= r_in else S[:, :, None] * V.mT  # (g, r_in, B/g)
-        outputs = U * S[:, None, :] if r_out <= r_in else U  # (g, A/g, r_out)
+        inputs, outputs = self._orthogonal_outer_factors()
         halves = bcop_halves(self.core, self.kernel_size, inputs=inputs, outputs=outputs)
         # Shapes from the geometry, not the tensors: torch.fx traces this with proxies.
         first = halves[0].reshape(g * r, cols // g, *self.kernel_size[:-1], 1)
