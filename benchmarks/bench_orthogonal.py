@@ -49,7 +49,7 @@ def _inner_layer_step(module, x):
 def _stored_path_rows():
     import json
 
-    from bench_path_calibration import PATHS3, build_layer
+    from bench_path_calibration import PATHS3, orthogonal_choices
 
     rows = json.load(open(os.path.join(os.path.dirname(__file__), os.pardir, "tests", "data",
                                        "orthogonal_path_timings.json")))
@@ -57,17 +57,12 @@ def _stored_path_rows():
                ("fwd+bwd", True): "fwd+bwd, inner layer"}
     table = []
     for (mode, grad), name in regimes.items():
-        ratios = {key: [] for key in ("auto", "two", *PATHS3)}
+        ratios: dict = {policy: [] for policy in ("auto", "two", *PATHS3)}
         for row in rows:
-            if (row["mode"], row["input_grad"]) != (mode, grad):
-                continue
-            layer, shape, backward = build_layer(row), tuple(row["input"]), mode == "fwd+bwd"
-            dense, factored = layer.path_costs(shape, backward=backward, input_requires_grad=grad)
-            chosen = {"auto": layer.choose_path(shape, backward=backward, input_requires_grad=grad),
-                      "two": "dense" if dense <= factored else "factored", **{p: p for p in PATHS3}}
-            best = min(row[p] for p in PATHS3)
-            for key, path in chosen.items():
-                ratios[key].append(row[path] / best)
+            if (row["mode"], row["input_grad"]) == (mode, grad):
+                best = min(row[p] for p in PATHS3)
+                for policy, path in orthogonal_choices(row).items():
+                    ratios[policy].append(row[path] / best)
         table.append([name, str(len(ratios["auto"]))] + [
             f"{sum(r) / len(r):.3f} ({sum(x > 1.1 for x in r)})" for r in ratios.values()])
     return table

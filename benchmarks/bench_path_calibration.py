@@ -110,22 +110,28 @@ def measure_orthogonal(rounds: int, quick: bool) -> List[Dict[str, Any]]:
     return rows
 
 
-def orthogonal_regret(rows, paths=PATHS3) -> Dict[str, float]:
-    """The cost model on orthogonal rows: the mean and worst ratio of the chosen path's time to
-    the fastest of ``paths`` (three, or the two there were before 'separable'), and how many
-    rows are more than 10% over. With two paths the model's choice is the faster of those two
-    in its own estimate."""
-    ratios = []
-    for row in rows:
-        layer = build_layer(row)
-        backward, grad = row["mode"] == "fwd+bwd", row["input_grad"]
-        if len(paths) == 3:
-            chosen = choose(row, layer)
-        else:
-            dense, factored = layer.path_costs(tuple(row["input"]), backward=backward, input_requires_grad=grad)
-            chosen = "dense" if dense <= factored else "factored"
-        ratios.append(row[chosen] / min(row[p] for p in PATHS3))
+def orthogonal_choices(row: Dict[str, Any]) -> Dict[str, str]:
+    """The path each policy takes on an orthogonal row: ``'auto'`` (the cost model over the three
+    paths), ``'two'`` (the model choosing from dense and factored only, as before 'separable')
+    and each fixed path."""
+    layer = build_layer(row)
+    dense, factored = layer.path_costs(tuple(row["input"]), backward=row["mode"] == "fwd+bwd",
+                                       input_requires_grad=row["input_grad"])
+    return {"auto": choose(row, layer), "two": "dense" if dense <= factored else "factored",
+            **{path: path for path in PATHS3}}
+
+
+def orthogonal_regret(rows, policy: str = "auto") -> Dict[str, float]:
+    """A policy of ``orthogonal_choices`` on orthogonal rows: the mean and worst ratio of its
+    path's time to the fastest of the three, and how many rows are more than 10% over."""
+    ratios = [row[orthogonal_choices(row)[policy]] / min(row[p] for p in PATHS3) for row in rows]
     return dict(mean=sum(ratios) / len(ratios), worst=max(ratios), over=sum(r > 1.10 for r in ratios))
+
+
+def write_rows(path: str, rows: List[Dict[str, Any]]) -> None:
+    """A dump: one row per line, times in seconds."""
+    with open(path, "w") as handle:
+        handle.write("[\n" + ",\n".join(json.dumps(row, separators=(",", ":")) for row in rows) + "\n]\n")
 
 
 def measure(rounds: int, quick: bool) -> List[Dict[str, Any]]:
@@ -246,9 +252,8 @@ def _run(options) -> None:
     if options.orthogonal:
         rows = measure_orthogonal(options.rounds or (1 if options.quick else 5), options.quick)
         if options.dump:
-            with open(options.dump, "w") as handle:
-                handle.write("[\n" + ",\n".join(json.dumps(row, separators=(",", ":")) for row in rows) + "\n]\n")
-        three, two = orthogonal_regret(rows), orthogonal_regret(rows, ("dense", "factored"))
+            write_rows(options.dump, rows)
+        three, two = orthogonal_regret(rows), orthogonal_regret(rows, "two")
         print(f"load average at start {load}; {len(rows)} rows in {time.perf_counter() - start:.0f} s; auto's "
               f"path against the fastest of the three: mean {three['mean']:.3f}x, worst {three['worst']:.2f}x, "
               f"{three['over']} rows over 10% (choosing from dense and factored only: mean {two['mean']:.3f}x, "
@@ -256,8 +261,7 @@ def _run(options) -> None:
         return
     rows = measure(options.rounds or (1 if options.quick else 9), options.quick)
     if options.dump:
-        with open(options.dump, "w") as handle:  # one row per line, times in seconds
-            handle.write("[\n" + ",\n".join(json.dumps(row, separators=(",", ":")) for row in rows) + "\n]\n")
+        write_rows(options.dump, rows)
     layers = [build_layer(row) for row in rows]
     totals = model_totals(rows, [choose(row, layer) for row, layer in zip(rows, layers)])
     print(markdown_table(["model", "rank", "batch", "mode", "dense ms", "factored ms", "auto ms", "auto / best"],

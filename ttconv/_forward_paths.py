@@ -124,11 +124,15 @@ def build_costs(layer: Any) -> Tuple[int, int]:
     return core + compose, core + fold
 
 
+def _batch_and_size(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, Tuple[int, ...]]:
+    """The batch (1 when unbatched) and the spatial size of an input shape."""
+    d = layer._dims
+    return (input_shape[0] if len(input_shape) == d + 2 else 1), tuple(input_shape[-d:])
+
+
 def _pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int]:
     """Input and output positions of a (batched or unbatched) input, batch included."""
-    d = layer._dims
-    batch = input_shape[0] if len(input_shape) == d + 2 else 1
-    size = tuple(input_shape[-d:])
+    batch, size = _batch_and_size(layer, input_shape)
     return batch * math.prod(size), batch * math.prod(layer._output_size(size))
 
 
@@ -228,17 +232,13 @@ def separable_applies(layer: Any) -> bool:
     return getattr(layer, "core_kind", "general") == "orthogonal"
 
 
-def _separable_pixels(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
-    """Positions of the input, the hidden map and the output, batch included. The hidden map
-    has the output's size on the axes the first conv runs along and the input's on the
-    others: every axis but the last for a conv, the last for a transposed conv (which runs
-    the last axis's adjoint first)."""
-    d = layer._dims
-    batch = input_shape[0] if len(input_shape) == d + 2 else 1
-    size = tuple(input_shape[-d:])
+def _hidden_pixels(layer: Any, input_shape: Tuple[int, ...]) -> int:
+    """Positions of the separable path's hidden map, batch included: the output's size on the
+    axes the first conv runs along and the input's on the others (every axis but the last
+    for a conv, the last for a transposed conv, which runs the last axis's adjoint first)."""
+    batch, size = _batch_and_size(layer, input_shape)
     out = layer._output_size(size)
-    hidden = (*size[:-1], out[-1]) if layer._transposed else (*out[:-1], size[-1])
-    return batch * math.prod(size), batch * math.prod(hidden), batch * math.prod(out)
+    return batch * math.prod((*size[:-1], out[-1]) if layer._transposed else (*out[:-1], size[-1]))
 
 
 def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
@@ -250,7 +250,7 @@ def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int,
     r_out, r_in = layer.ranks
     r, g, k = max(r_out, r_in), layer.groups, layer.kernel_size
     rows, cols = layer._weight_channels()
-    inputs, hidden, out = _separable_pixels(layer, input_shape)
+    (inputs, out), hidden = _pixels(layer, input_shape), _hidden_pixels(layer, input_shape)
     build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in, join=False)
     other_axes, last_axis = g * r * (cols // g) * math.prod(k[:-1]), rows * r * k[-1]
     if layer._transposed:
@@ -273,7 +273,7 @@ def separable_cost(layer: Any, input_shape: Tuple[int, ...], *, backward: bool =
     macs = build + first + second
     if backward:
         macs = 3 * macs - (0 if input_requires_grad else first)
-    hidden = _separable_pixels(layer, input_shape)[1]
+    hidden = _hidden_pixels(layer, input_shape)
     elements = path_elements(layer, input_shape)[0] + 2 * hidden * layer.groups * max(layer.ranks)
     return macs + constants.element * elements + constants.mixing_call + constants.compose
 
