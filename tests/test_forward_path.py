@@ -416,3 +416,59 @@ def test_auto_takes_the_separable_path_where_measured_timings_favour_it():
         assert without[regime] >= ratio + 0.01, (regime, ratio, without[regime])
         for fixed in paths:
             assert mean_ratio(lambda row: fixed)[regime] >= ratio + 0.02, (regime, fixed)
+
+
+class _WeightLayouts(TorchFunctionMode):
+    """Whether each convolution called inside the block got a channels-last weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _CONV_NAMES | {"conv_transpose3d"}:
+            weight = args[1]
+            layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+            self.channels_last.append(weight.is_contiguous(memory_format=layout) and not weight.is_contiguous())
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("cls, stride, shape, dtype, layout, expected", [
+    ("SVDConv", 1, (4, 8, 8, 8), torch.float32, None, True),             # 64 positions per image
+    ("SVDConv", 1, (4, 8, 8, 9), torch.float32, None, False),            # 72
+    ("SVDConv", 1, (8, 8, 8), torch.float32, None, True),                # unbatched
+    ("SVDConv", 1, (4, 8, 8, 8), torch.float64, None, False),            # oneDNN runs float32 only
+    ("SVDConv", 1, (4, 8, 8, 8), torch.float32, "channels_last", False),  # already channels-last
+    ("SVDConv", 2, (4, 8, 16, 8), torch.float32, None, True),            # hidden map 8 x 8, output 8 x 4
+    ("SVDConv", 2, (4, 8, 16, 16), torch.float32, None, False),          # hidden map 8 x 16: 128
+    ("SVDConvTranspose2d", 2, (4, 8, 4, 4), torch.float32, None, True),  # output 7 x 7: 49
+    ("SVDConvTranspose2d", 2, (4, 8, 5, 5), torch.float32, None, False),  # output 9 x 9: 81
+    ("SVDConv3d", 1, (2, 8, 4, 4, 4), torch.float32, None, True),
+    ("SVDConv3d", 1, (2, 8, 4, 4, 5), torch.float32, None, False),
+    ("SVDConv1d", 1, (4, 8, 8), torch.float32, None, False),             # one axis: never separable
+])
+def test_the_separable_path_runs_channels_last_exactly_on_small_float32_cpu_maps(cls, stride, shape, dtype, layout,
+                                                                                   expected):
+    """The rule (``CHANNELS_LAST_MAX_POSITIONS``, measured in docs/orthogonal.md) on its
+    boundaries, and the convolutions the layer then runs: channels-last weights exactly where
+    the rule says so (the separable path's equivalence in that layout is tested in
+    test_orthogonal_nd.py)."""
+    import ttconv
+
+    assert _forward_paths.CHANNELS_LAST_MAX_POSITIONS == 64
+    layer = getattr(ttconv, cls)(8, 8, 3, stride=stride, padding=1, core_kind="orthogonal", dtype=dtype,
+                                 **({} if cls == "SVDConv1d" else {"path": "separable"}))
+    x = torch.randn(shape, dtype=dtype)
+    if layout:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert _forward_paths.separable_channels_last(layer, x) is expected
+    if cls == "SVDConv1d":
+        return
+    with _WeightLayouts() as seen, torch.no_grad():
+        layer(x)
+    assert seen.channels_last == [expected, expected]
+    meta = getattr(ttconv, cls)(8, 8, 3, stride=stride, padding=1, core_kind="orthogonal", device="meta")
+    assert not _forward_paths.separable_channels_last(meta, x.to("meta"))  # nor on any other device
+    traced = torch.fx.symbolic_trace(layer)  # nor on a proxy, whose shape is unknown
+    assert torch.allclose(traced(x), layer(x), atol=1e-5)

@@ -487,17 +487,19 @@ _MEMORY_FORMAT_CASES = [  # (class, channels in, out, kernel, extra kwargs, inpu
 ]
 
 
-@pytest.mark.parametrize("path", ["dense", "factored", "auto"])
+@pytest.mark.parametrize("path", ["dense", "factored", "auto", "separable"])
 @pytest.mark.parametrize("case", range(len(_MEMORY_FORMAT_CASES)))
 @pytest.mark.parametrize("rank", [None, 2])
 def test_output_memory_format_is_torchs(case, path, rank):
     """Drop-in includes the layout: the output is contiguous exactly when torch's layer's is
     (and channels-last exactly when torch's is), so ``y.view(n, -1)`` works wherever it works
     after torch's conv. A composed kernel returned as a transposed view made convs answer in
-    channels-last."""
+    channels-last; the separable path (an orthogonal core) runs channels-last on small maps
+    and must hand back torch's layout."""
     cls, c_in, c_out, k, extra, shape = _MEMORY_FORMAT_CASES[case]
     torch.manual_seed(0)
-    layer = cls(c_in, c_out, k, rank=rank, path=path, **extra)
+    core_kind = "orthogonal" if path == "separable" else "general"
+    layer = cls(c_in, c_out, k, rank=rank, path=path, core_kind=core_kind, **extra)
     reference = layer.to_conv()
     inputs = [torch.randn(shape)]
     if len(shape) == 4:

@@ -9,6 +9,7 @@ exactly ``|S|``, each once per output position of that operator, and the rest ar
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -25,6 +26,7 @@ from ttconv import (
     SVDConvTranspose1d,
     SVDConvTranspose2d,
     SVDConvTranspose3d,
+    _forward_paths,
     clip_singular_values_,
     scale_to_spectral_norm_,
 )
@@ -361,3 +363,39 @@ def test_bcop_inputs_fold_into_the_first_matrix():
     full = bcop_kernel(generators, (3, 2))
     expected = compose_kernels(full[:, :, :3], inputs[..., None, None])
     assert torch.allclose(bcop_kernel(generators, (3, 2), inputs=inputs), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("cls, input_size, stride", [
+    (SVDConv, (8, 7), 1), (SVDConv, (15, 8), 2), (SVDConv3d, (4, 3, 4), 1),
+    (SVDConvTranspose2d, (4, 4), 2), (SVDConvTranspose3d, (2, 3, 2), 1)])
+def test_separable_path_runs_channels_last_on_small_float32_maps_and_is_the_same_layer(cls, input_size, stride):
+    """On small float32 CPU maps the separable path runs its two convs channels-last
+    (``_forward_paths.separable_channels_last``). That branch must be the same layer: the
+    float32 output and every gradient agree with the float64 dense path to float32
+    round-off (batched and unbatched, reflect padding, groups), and the output has the
+    layout torch's own conv returns for the input's (channels-first for a channels-first
+    input, channels-last for a channels-last one)."""
+    torch.manual_seed(len(input_size) + stride)
+    dims = len(input_size)
+    options = {} if CLASSES[cls][1] else {"padding_mode": "reflect"}
+    reference = cls(6, 4, 3, stride=stride, padding=1, groups=2, core_kind="orthogonal", path="dense",
+                    dtype=torch.float64, **options)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn_like(p))
+    layer = copy.deepcopy(reference).float()
+    layer.path = "separable"
+    x64 = torch.randn(3, 6, *input_size, dtype=torch.float64, requires_grad=True)
+    x32 = x64.detach().float().requires_grad_()
+    assert _forward_paths.separable_channels_last(layer, x32)
+    expected, got = _outputs_and_gradients(reference, x64), _outputs_and_gradients(layer, x32)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a.double(), b, rtol=0, atol=2e-5 * (1 + float(b.abs().max())))
+    torch_layer = layer.to_conv()
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    for x in (x32.detach(), x32.detach().contiguous(memory_format=layout)):
+        with torch.no_grad():
+            y, y_torch = layer(x), torch_layer(x)
+        assert y.stride() == y_torch.stride() and torch.allclose(y, y_torch, rtol=0, atol=2e-5)
+        with torch.no_grad():
+            assert torch.allclose(layer(x[0]), y[0], rtol=0, atol=2e-6)  # unbatched

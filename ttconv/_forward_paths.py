@@ -258,6 +258,35 @@ def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int,
     return build, hidden * other_axes, out * last_axis
 
 
+# The separable path runs its two convolutions channels-last on CPU in float32 where every
+# image's map is this small (positions per image, the larger of the hidden and output maps).
+# There oneDNN's channels-first kernels for convs that are 1 along some axes run image by
+# image, and its channels-last (brgemm) ones over the whole batch: measured at 1 thread
+# (docs/orthogonal.md), channels-last took 0.81-0.98x the time, reorders included, of the
+# channels-first convs on 7x7 and 8x8 maps (2-D, 128-512 channels) and 4x4x4 maps (3-D),
+# forward and both training regimes; on larger maps it went 15-30% either way.
+CHANNELS_LAST_MAX_POSITIONS = 64
+
+
+def separable_channels_last(layer: Any, input: Any) -> bool:
+    """Whether ``layer``'s separable path runs its convolutions channels-last on ``input``
+    (``CHANNELS_LAST_MAX_POSITIONS``): a float32 CPU input, channels-first (a channels-last
+    one already runs so), with at most that many positions per image. Never for a
+    ``torch.fx`` proxy, whose shape is unknown."""
+    d = layer._dims
+    if isinstance(input, torch.fx.Proxy) or d not in (2, 3) or input.device.type != "cpu" \
+            or input.dtype != torch.float32:
+        return False
+    batched = input.dim() == d + 2
+    layout = torch.channels_last if d == 2 else torch.channels_last_3d
+    if batched and input.is_contiguous(memory_format=layout) and not input.is_contiguous():
+        return False
+    batch, size = _batch_and_size(layer, tuple(input.shape))
+    per_image = max(_hidden_pixels(layer, tuple(input.shape)) // max(batch, 1),
+                    math.prod(layer._output_size(size)))
+    return per_image <= CHANNELS_LAST_MAX_POSITIONS
+
+
 def separable_cost(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
                    input_requires_grad: bool = True) -> Optional[float]:
     """Modelled cost of the ``'separable'`` path in ``path_costs``' units (``None`` where the
