@@ -260,11 +260,13 @@ def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int,
 
 # The separable path runs its two convolutions channels-last on CPU in float32 where every
 # image's map is this small (positions per image, the larger of the hidden and output maps).
-# There oneDNN's channels-first kernels for convs that are 1 along some axes run image by
-# image, and its channels-last (brgemm) ones over the whole batch: measured at 1 thread
-# (docs/orthogonal.md), channels-last took 0.81-0.98x the time, reorders included, of the
-# channels-first convs on 7x7 and 8x8 maps (2-D, 128-512 channels) and 4x4x4 maps (3-D),
-# forward and both training regimes; on larger maps it went 15-30% either way.
+# oneDNN (torch's CPU convs) runs such thin convs through its blocked direct kernels
+# channels-first (with reorders to and from the blocked layout) and through brgemm kernels
+# channels-last (ONEDNN_VERBOSE=1 shows which). Measured at 1 thread (the layout table of
+# bench_orthogonal.py, docs/orthogonal.md): at or under this size channels-last took
+# 0.76-0.97x the channels-first time, reorders included, forward and in both training
+# regimes (2-D at 8 x 8 with 64-256 channels, 3-D at 4 x 4 x 4, a transposed layer); above
+# it the results were mixed, up to 1.19x at 64 x 32 x 32.
 CHANNELS_LAST_MAX_POSITIONS = 64
 
 
