@@ -18,7 +18,7 @@ mutant survives. No dependency beyond pytest.
 
 Usage::
 
-    python .ci/mutation.py              # all mutants (about 2 minutes on 2 cores)
+    python .ci/mutation.py              # all mutants (about 5 minutes on 2 cores)
     python .ci/mutation.py --list       # the mutants and their tests
     python .ci/mutation.py --list --markdown   # the table in docs/testing.md
     python .ci/mutation.py --only ff_scale --only spatial_10x
