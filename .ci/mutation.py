@@ -511,20 +511,6 @@ MUTANTS: List[Mutant] = [
         "auto never takes an orthogonal core's separable path, however much cheaper the model says it is",
     ),
     Mutant(
-        "separable_answers_in_channels_last", "ttconv/layer.py",
-        "        return output.contiguous() if channels_last else output",
-        "        return output",
-        ("tests/test_orthogonal_nd.py::test_separable_path_runs_channels_last_on_small_float32_maps_and_is_the_same_layer",),
-        "the separable path hands back its channels-last output for a channels-first input (y.view(n, -1) breaks)",
-    ),
-    Mutant(
-        "separable_channels_last_boundary_moved", "ttconv/_forward_paths.py",
-        "    return per_image <= CHANNELS_LAST_MAX_POSITIONS",
-        "    return per_image < CHANNELS_LAST_MAX_POSITIONS",
-        ("tests/test_forward_path.py::test_the_separable_path_runs_channels_last_exactly_on_small_float32_cpu_maps",),
-        "the separable path's layout rule misses maps of exactly 64 positions (the measured boundary)",
-    ),
-    Mutant(
         "separable_build_costed_with_the_join", "ttconv/_forward_paths.py",
         "    build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in, join=False)",
         "    build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in)",

@@ -9,10 +9,8 @@ and one 3-D shape (``SVDConv1d`` / ``SVDConv3d`` with ``core_kind='orthogonal'``
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
-from unittest import mock
 
 import torch
 from torch import nn
@@ -22,7 +20,6 @@ from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table, median_seconds_on_copies  # noqa: E402
 
 import ttconv  # noqa: E402
-from ttconv import _forward_paths  # noqa: E402
 from ttconv.orthogonal import orthonormal_basis, skew_matrix_exp  # noqa: E402
 
 # (dims, channels, input size): kernel 3 per axis, padding 1, batch 32.
@@ -71,52 +68,7 @@ def _stored_path_rows():
     return table
 
 
-class _ChannelsFirst(nn.Module):
-    """An orthogonal layer on its separable path with the channels-last rule forced
-    (``_forward_paths.separable_channels_last``): off by default, both convs channels-first,
-    as before the rule, to time what it buys in the same run."""
-
-    def __init__(self, layer, channels_last: bool = False):
-        super().__init__()
-        self.layer = copy.deepcopy(layer)
-        self.layer.path = "separable"
-        self.channels_last = channels_last
-
-    def forward(self, x):
-        with mock.patch.object(_forward_paths, "separable_channels_last", lambda layer, input: self.channels_last):
-            return self.layer(x)
-
-
-# The layout rule's evidence, on both sides of its boundary: (class, channels, map side, batch, stride).
-LAYOUT_CASES = [(ttconv.SVDConv, 256, 8, 32, 1), (ttconv.SVDConv, 128, 8, 32, 1), (ttconv.SVDConv, 64, 8, 32, 1),
-                (ttconv.SVDConv, 256, 16, 32, 2), (ttconv.SVDConvTranspose2d, 256, 8, 32, 1),
-                (ttconv.SVDConv3d, 128, 4, 32, 1), (ttconv.SVDConv3d, 64, 4, 32, 1),
-                (ttconv.SVDConv, 256, 14, 8, 1), (ttconv.SVDConv, 128, 16, 32, 1), (ttconv.SVDConv, 64, 32, 32, 1),
-                (ttconv.SVDConv3d, 64, 8, 8, 1)]
-
-
-def _layout_rows(quick: bool, repeats: int):
-    rows = []
-    for cls, channels, size, batch, stride in LAYOUT_CASES[:2] if quick else LAYOUT_CASES:
-        channels, batch = (8, 2) if quick else (channels, batch)
-        torch.manual_seed(0)
-        layer = cls(channels, channels, 3, padding=1, stride=stride, core_kind="orthogonal", max_singular_value=1.0)
-        dims = layer._dims
-        x = torch.randn(batch, channels, *(size,) * dims)
-        variants = {"first": _ChannelsFirst(layer), "last": _ChannelsFirst(layer, channels_last=True)}
-        cells = []
-        for step in (_forward, _train_step, _inner_layer_step):
-            times = interleaved({name: step(module, x) for name, module in variants.items()}, repeats)
-            cells += [f"{times['first'] * 1e3:.1f}", f"{times['last'] / times['first']:.2f}"]
-        rule = "channels-last" if _forward_paths.separable_channels_last(layer, x) else "channels-first"
-        geometry = f"{channels}x" + "x".join([str(size)] * dims) + (f", stride {stride}" if stride > 1 else "")
-        rows.append([cls.__name__, geometry, str(batch), rule, *cells])
-    return rows
-
-
 def _paths_taken(layer, x) -> str:
-    if isinstance(layer, _ChannelsFirst):
-        return "separable, channels-first"
     if not hasattr(layer, "choose_path"):  # a torch layer
         return ""
     if layer.path != "auto":
@@ -160,9 +112,6 @@ def _run(options) -> None:
             f"{name} orthogonal r=c, dense path": svd(channels, channels, 3, padding=1, core_kind="orthogonal",
                                                        max_singular_value=1.0, path="dense"),
         }
-        orthogonal = layers[f"{name} orthogonal r=c"]
-        if _forward_paths.separable_channels_last(orthogonal, x):
-            layers[f"{name} orthogonal r=c, channels-first"] = _ChannelsFirst(orthogonal)
         forward = interleaved({label: _forward(layer, x) for label, layer in layers.items()}, repeats)
         train = interleaved({label: _train_step(layer, x) for label, layer in layers.items()}, repeats)
         inner = interleaved({label: _inner_layer_step(layer, x) for label, layer in layers.items()}, repeats)
@@ -206,12 +155,6 @@ def _run(options) -> None:
           "10% over. 'auto, two paths': the model choosing from dense and factored only, as before 'separable'.\n")
     print(markdown_table(["regime", "rows", "auto", "auto, two paths", "always dense", "always factored",
                           "always separable"], _stored_path_rows()))
-    print("\nThe separable path's layout (full rank, padding 1): its two convs channels-first against "
-          "channels-last, timed interleaved; the rule (`_forward_paths.separable_channels_last`) takes "
-          "channels-last on float32 CPU maps of at most 64 positions per image. cl / cf: the channels-last "
-          "time over the channels-first one, the input's reorder and the output's included.\n")
-    print(markdown_table(["layer", "input", "batch", "rule takes", "fwd cf ms", "cl / cf", "fwd+bwd cf ms",
-                          "cl / cf", "inner cf ms", "cl / cf"], _layout_rows(options.quick, repeats)))
     print("\nThe core's factorisations against a product, r = 256, forward and backward (docs/orthogonal.md "
           "counts the build in products of this size):\n")
     print(markdown_table(["operation", "ms", "in r x r products"], _building_block_rows(8 if options.quick else 256,

@@ -494,8 +494,8 @@ def test_output_memory_format_is_torchs(case, path, rank):
     """Drop-in includes the layout: the output is contiguous exactly when torch's layer's is
     (and channels-last exactly when torch's is), so ``y.view(n, -1)`` works wherever it works
     after torch's conv. A composed kernel returned as a transposed view made convs answer in
-    channels-last; the separable path (an orthogonal core) runs channels-last on small maps
-    and must hand back torch's layout."""
+    channels-last; the separable path (an orthogonal core) runs two convs and must hand back
+    torch's layout too."""
     cls, c_in, c_out, k, extra, shape = _MEMORY_FORMAT_CASES[case]
     torch.manual_seed(0)
     core_kind = "orthogonal" if path == "separable" else "general"

@@ -26,7 +26,6 @@ from ttconv import (
     SVDConvTranspose1d,
     SVDConvTranspose2d,
     SVDConvTranspose3d,
-    _forward_paths,
     clip_singular_values_,
     scale_to_spectral_norm_,
 )
@@ -368,13 +367,12 @@ def test_bcop_inputs_fold_into_the_first_matrix():
 @pytest.mark.parametrize("cls, input_size, stride", [
     (SVDConv, (8, 7), 1), (SVDConv, (15, 8), 2), (SVDConv3d, (4, 3, 4), 1),
     (SVDConvTranspose2d, (4, 4), 2), (SVDConvTranspose3d, (2, 3, 2), 1)])
-def test_separable_path_runs_channels_last_on_small_float32_maps_and_is_the_same_layer(cls, input_size, stride):
-    """On small float32 CPU maps the separable path runs its two convs channels-last
-    (``_forward_paths.separable_channels_last``). That branch must be the same layer: the
-    float32 output and every gradient agree with the float64 dense path to float32
-    round-off (batched and unbatched, reflect padding, groups), and the output has the
-    layout torch's own conv returns for the input's (channels-first for a channels-first
-    input, channels-last for a channels-last one)."""
+def test_separable_path_in_float32_is_the_same_layer_in_torchs_layout(cls, input_size, stride):
+    """The separable path in float32 (the dtype oneDNN runs, where the float64 sweeps above
+    run torch's reference kernels) is the same layer: the output and every gradient agree
+    with the float64 dense path to float32 round-off (batched and unbatched, reflect padding,
+    groups), and the output has the layout torch's own conv returns for the input's
+    (channels-first for a channels-first input, channels-last for a channels-last one)."""
     torch.manual_seed(len(input_size) + stride)
     dims = len(input_size)
     options = {} if CLASSES[cls][1] else {"padding_mode": "reflect"}
@@ -387,7 +385,6 @@ def test_separable_path_runs_channels_last_on_small_float32_maps_and_is_the_same
     layer.path = "separable"
     x64 = torch.randn(3, 6, *input_size, dtype=torch.float64, requires_grad=True)
     x32 = x64.detach().float().requires_grad_()
-    assert _forward_paths.separable_channels_last(layer, x32)
     expected, got = _outputs_and_gradients(reference, x64), _outputs_and_gradients(layer, x32)
     for a, b in zip(got, expected):
         assert torch.allclose(a.double(), b, rtol=0, atol=2e-5 * (1 + float(b.abs().max())))

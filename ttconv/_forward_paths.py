@@ -258,37 +258,6 @@ def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int,
     return build, hidden * other_axes, out * last_axis
 
 
-# The separable path runs its two convolutions channels-last on CPU in float32 where every
-# image's map is this small (positions per image, the larger of the hidden and output maps).
-# oneDNN (torch's CPU convs) runs such thin convs through its blocked direct kernels
-# channels-first (with reorders to and from the blocked layout) and through brgemm kernels
-# channels-last (ONEDNN_VERBOSE=1 shows which). Measured at 1 thread (the layout table of
-# bench_orthogonal.py, docs/orthogonal.md): at or under this size channels-last took
-# 0.76-0.97x the channels-first time, reorders included, forward and in both training
-# regimes (2-D at 8 x 8 with 64-256 channels, 3-D at 4 x 4 x 4, a transposed layer); above
-# it the results were mixed, up to 1.19x at 64 x 32 x 32.
-CHANNELS_LAST_MAX_POSITIONS = 64
-
-
-def separable_channels_last(layer: Any, input: Any) -> bool:
-    """Whether ``layer``'s separable path runs its convolutions channels-last on ``input``
-    (``CHANNELS_LAST_MAX_POSITIONS``): a float32 CPU input, channels-first (a channels-last
-    one already runs so), with at most that many positions per image. Never for a
-    ``torch.fx`` proxy, whose shape is unknown."""
-    d = layer._dims
-    if isinstance(input, torch.fx.Proxy) or d not in (2, 3) or input.device.type != "cpu" \
-            or input.dtype != torch.float32:
-        return False
-    batched = input.dim() == d + 2
-    layout = torch.channels_last if d == 2 else torch.channels_last_3d
-    if batched and input.is_contiguous(memory_format=layout) and not input.is_contiguous():
-        return False
-    batch, size = _batch_and_size(layer, tuple(input.shape))
-    per_image = max(_hidden_pixels(layer, tuple(input.shape)) // max(batch, 1),
-                    math.prod(layer._output_size(size)))
-    return per_image <= CHANNELS_LAST_MAX_POSITIONS
-
-
 def separable_cost(layer: Any, input_shape: Tuple[int, ...], *, backward: bool = False,
                    input_requires_grad: bool = True) -> Optional[float]:
     """Modelled cost of the ``'separable'`` path in ``path_costs``' units (``None`` where the

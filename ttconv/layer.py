@@ -567,9 +567,7 @@ class _SVDConvNd(nn.Module):
         last axis's (``r -> A``). The stride, dilation and padding of each axis go to the
         convolution whose taps run along it; padding one axis commutes with convolving along
         the others, whatever the padding mode. A transposed layer runs the adjoints in the
-        reverse order, each with its axes' output padding. On small float32 CPU maps the two
-        convolutions run channels-last (``_forward_paths.separable_channels_last``) and the
-        output comes back channels-first, as torch's conv returns it."""
+        reverse order, each with its axes' output padding."""
         d, g, r = self._dims, self.groups, max(self.ranks)
         rows, cols = self._weight_channels()
         inputs, outputs = self._orthogonal_outer_factors()
@@ -577,16 +575,6 @@ class _SVDConvNd(nn.Module):
         # Shapes from the geometry, not the tensors: torch.fx traces this with proxies.
         first = halves[0].reshape(g * r, cols // g, *self.kernel_size[:-1], 1)
         second = halves[1].reshape(rows, r, *(1,) * (d - 1), self.kernel_size[-1])
-        channels_last = _forward_paths.separable_channels_last(self, input)
-        if channels_last:  # faster on small CPU maps; the output is returned channels-first, as torch's
-            layout = torch.channels_last if d == 2 else torch.channels_last_3d
-            first, second = first.contiguous(memory_format=layout), second.contiguous(memory_format=layout)
-        output = self._separable_convs(input, first, second, output_padding)
-        return output.contiguous() if channels_last else output
-
-    def _separable_convs(self, input: Tensor, first: Tensor, second: Tensor,
-                         output_padding: Optional[Tuple[int, ...]]) -> Tensor:
-        d, g = self._dims, self.groups
         ones, zeros = (1,) * (d - 1), (0,) * (d - 1)
         if self._transposed:
             # __init__ refuses string padding for these layers and _forward passes their output_padding.
