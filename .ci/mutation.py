@@ -511,6 +511,22 @@ MUTANTS: List[Mutant] = [
         "auto never takes an orthogonal core's separable path, however much cheaper the model says it is",
     ),
     Mutant(
+        "separable_strides_a_one_tap_last_axis_late", "ttconv/layer.py",
+        '        if self.kernel_size[-1] == 1 and self.padding != "same":',
+        '        if False:',
+        ("tests/test_orthogonal_nd.py::test_a_one_tap_last_axis_is_strided_by_the_separable_paths_first_conv",),
+        "a one-tap last axis is strided by the separable path's second conv: every position computed, "
+        "and a 1 x 1 conv strided along one axis that oneDNN's channels-last backward corrupts memory on",
+    ),
+    Mutant(
+        "bcop_halves_second_half_a_view", "ttconv/orthogonal.py",
+        "    return right.contiguous(), second.contiguous()",
+        "    return right.contiguous(), second",
+        ("tests/test_layer_nd.py::test_output_memory_format_is_torchs",),
+        "the separable path's second half stays a permuted view, whose strides can read as channels-last: "
+        "its conv answers channels-last",
+    ),
+    Mutant(
         "separable_build_costed_with_the_join", "ttconv/_forward_paths.py",
         "    build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in, join=False)",
         "    build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in)",

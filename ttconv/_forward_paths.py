@@ -235,10 +235,16 @@ def separable_applies(layer: Any) -> bool:
 def _hidden_pixels(layer: Any, input_shape: Tuple[int, ...]) -> int:
     """Positions of the separable path's hidden map, batch included: the output's size on the
     axes the first conv runs along and the input's on the others (every axis but the last
-    for a conv, the last for a transposed conv, which runs the last axis's adjoint first)."""
+    for a conv, the last for a transposed conv, which runs the last axis's adjoint first);
+    a conv whose kernel has one tap along the last axis strides and pads it in the first
+    conv too."""
     batch, size = _batch_and_size(layer, input_shape)
     out = layer._output_size(size)
-    return batch * math.prod((*size[:-1], out[-1]) if layer._transposed else (*out[:-1], size[-1]))
+    if layer._transposed:
+        return batch * math.prod((*size[:-1], out[-1]))
+    if layer.kernel_size[-1] == 1:  # the first conv takes the last axis's stride and padding too
+        return batch * math.prod(out)
+    return batch * math.prod((*out[:-1], size[-1]))
 
 
 def separable_flops(layer: Any, input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:

@@ -595,6 +595,17 @@ class _SVDConvNd(nn.Module):
                         f"input size {tuple(input.shape[-d:])} padded to {padded} on spatial axis {axis} is smaller "
                         f"than the dilated kernel ({extent}: kernel_size={self.kernel_size}, "
                         f"dilation={self.dilation}); use a larger input or more padding")
+        if self.kernel_size[-1] == 1 and self.padding != "same":
+            # One tap along the last axis: neither half has taps there, so its stride and padding
+            # commute with the first conv too. The first conv takes them and computes only the
+            # kept positions; the second is a plain channel mixing. (As a 1 x 1 conv strided
+            # along the last axis alone, with the rank's 2-4 input channels, it also met a
+            # oneDNN memory corruption in the channels-last backward, torch 2.13 on one thread.)
+            padding = (0,) * d if self.padding == "valid" else self.padding
+            hidden = _functional.conv_nd(input, first, None, self.stride, padding, (*self.dilation[:-1], 1), g,
+                                         self.padding_mode, pads)
+            return _functional.conv_nd(hidden, second, self.bias, (1,) * d, (0,) * d, (1,) * d, g, "zeros",
+                                       [0] * (2 * d))
         if isinstance(self.padding, str):  # 'same' or 'valid' mean the same for each half
             first_padding: Union[str, Tuple[int, ...]] = self.padding
             second_padding: Union[str, Tuple[int, ...]] = self.padding

@@ -247,13 +247,15 @@ def bcop_halves(generators: Tensor, kernel_size: Sequence[int], inputs: Optional
     every padding mode, stride and dilation split by axis: padding or striding one axis
     commutes with a convolution along the others. Per position that is
     ``r (n prod(k[:-1]) + c k[-1])`` multiply-adds instead of ``c n prod(k)``, and building
-    the halves skips the product that joins them.
+    the halves skips the product that joins them. Both are contiguous.
     """
     right, left = _bcop_halves(generators, kernel_size, inputs, outputs)
     assert left is not None
     g, t, c, r = left.shape
     second = left.permute(0, 2, 3, 1).reshape(g, c, r, *(1,) * (len(kernel_size) - 1), t)
-    return right, second
+    # Contiguous, as torch's conv weights are: a conv takes its output's memory format from its
+    # weight's strides, and a permuted view can read as channels-last.
+    return right.contiguous(), second.contiguous()
 
 
 def _bcop_halves(generators: Tensor, kernel_size: Sequence[int], inputs: Optional[Tensor],
