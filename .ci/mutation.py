@@ -527,6 +527,14 @@ MUTANTS: List[Mutant] = [
         "its conv answers channels-last",
     ),
     Mutant(
+        "factored_one_tap_core_strided_in_the_conv", "ttconv/layer.py",
+        "            if all(k == 1 for k in self.kernel_size) and any(s > 1 for s in self.stride):",
+        "            if False:",
+        ("tests/test_layer_nd.py::test_a_strided_one_tap_core_is_padded_and_subsampled_then_unstrided",),
+        "the factored path's strided 1 x 1 core runs as a strided conv, which oneDNN's channels-last backward "
+        "corrupts memory on (2-4 channels, stride along the last axis alone)",
+    ),
+    Mutant(
         "separable_build_costed_with_the_join", "ttconv/_forward_paths.py",
         "    build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in, join=False)",
         "    build = g * _bcop_macs(k, r, cols // g, outputs=rows // g, folded=r_in)",

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -518,3 +521,53 @@ def test_output_memory_format_is_torchs(case, path, rank):
                 channels_last = torch.channels_last
                 assert y.is_contiguous(memory_format=channels_last) == expected.is_contiguous(memory_format=channels_last)
             torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+class _ConvStrides(torch.overrides.TorchFunctionMode):
+    """The stride of every conv1d/2d/3d called inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.strides = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("conv1d", "conv2d", "conv3d"):
+            stride = args[3] if len(args) > 3 else (kwargs or {}).get("stride", 1)
+            self.strides.append(tuple(stride) if isinstance(stride, (tuple, list)) else (stride,))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", [SVDConv1d, SVDConv2d, SVDConv3d])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_a_strided_one_tap_core_is_padded_and_subsampled_then_unstrided(cls, padding_mode):
+    """The factored path's core conv of a strided 1 x 1 layer runs as pad, subsample, then a
+    stride-1 conv: the torch layer's output and gradients for every padding mode and amount,
+    and no strided conv left (a strided 1 x 1 conv with a low rank's 2-4 channels, stride
+    along the last axis alone, corrupted memory in oneDNN's channels-last backward on one
+    thread; that case runs in a subprocess, where a crash cannot take the test run down)."""
+    dims = {SVDConv1d: 1, SVDConv2d: 2, SVDConv3d: 3}[cls]
+    for stride, padding in [(2, 0), (3, 1), ((1,) * (dims - 1) + (2,), 2)]:
+        torch.manual_seed(0)
+        layer = cls(4, 6, 1, stride=stride, padding=padding, padding_mode=padding_mode, rank=(2, 3),
+                    path="factored", dtype=torch.float64)
+        x = torch.randn(2, 4, *(7,) * dims, dtype=torch.float64, requires_grad=True)
+        with _ConvStrides() as seen:
+            y = layer(x)
+        assert all(all(s == 1 for s in strides) for strides in seen.strides), seen.strides
+        expected = layer.to_conv()(x)
+        assert y.shape == expected.shape
+        assert torch.allclose(y, expected, rtol=0, atol=1e-12)
+        (grad,), (grad_torch,) = torch.autograd.grad(y.sum(), [x]), torch.autograd.grad(expected.sum(), [x])
+        assert torch.allclose(grad, grad_torch, rtol=0, atol=1e-12)
+    if cls is not SVDConv2d or padding_mode != "zeros":
+        return
+    script = (
+        "import torch, ttconv\n"
+        "torch.set_num_threads(1); torch.manual_seed(0)\n"
+        "layer = ttconv.SVDConv(64, 64, 1, stride=(1, 2), rank=4, path='factored')\n"
+        "x = torch.randn(16, 64, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()\n"
+        "for _ in range(30):\n"
+        "    layer(x).sum().backward()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -30,6 +30,16 @@ def conv_nd(
     return conv(x, weight, bias, stride, padding, dilation, groups)
 
 
+def pad_and_subsample(x: Tensor, reversed_padding: Sequence[int], padding_mode: str,
+                      stride: Tuple[int, ...]) -> Tensor:
+    """What a strided conv with one tap per axis reads: ``x`` padded as ``nn.Conv{d}d`` pads it
+    (``reversed_padding`` in ``F.pad`` order), then every ``stride``-th position per axis. A
+    conv with stride 1 on the result is the strided one-tap conv."""
+    if any(reversed_padding):
+        x = F.pad(x, tuple(reversed_padding), mode="constant" if padding_mode == "zeros" else padding_mode)
+    return x[(Ellipsis, *(slice(None, None, s) for s in stride))]
+
+
 # Positions (batch * spatial) from which a 1x1 convolution runs as a batched matmul: on one
 # CPU thread, torch 2.13's 1x1 conv2d measured up to 14x slower than the same matmul on
 # large maps with few channels (batch 16, 160 x 160, 8 -> 2 channels: 27 ms vs 2 ms), and

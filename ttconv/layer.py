@@ -654,7 +654,17 @@ class _SVDConvNd(nn.Module):
             y = _functional.mix_channels(hidden, V.reshape(g, -1, r_in), self.bias, g, d)
         else:
             hidden = _functional.mix_channels(x, V.reshape(g, -1, r_in).transpose(1, 2), None, g, d)
-            hidden = self._conv(hidden, scaled_core, None)
+            if all(k == 1 for k in self.kernel_size) and any(s > 1 for s in self.stride):
+                # A strided one-tap core: pad and subsample, then an unstrided conv (the same
+                # positions and multiply-adds). As a strided 1 x 1 conv with a low rank's 2-4
+                # channels it met a oneDNN memory corruption in the channels-last backward
+                # (torch 2.13, one thread, stride along the last axis alone).
+                hidden = _functional.pad_and_subsample(hidden, self._reversed_padding_repeated_twice,
+                                                       self.padding_mode, self.stride)
+                hidden = _functional.conv_nd(hidden, scaled_core, None, (1,) * d, (0,) * d, (1,) * d, g, "zeros",
+                                             [0] * (2 * d))
+            else:
+                hidden = self._conv(hidden, scaled_core, None)
             y = _functional.mix_channels(hidden, U.reshape(g, -1, r_out), self.bias, g, d)
         return y.squeeze(0) if unbatched else y
 
