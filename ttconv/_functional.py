@@ -4,7 +4,7 @@ the per-group channel mixing (a 1x1 convolution) of the factored forward path.""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,8 @@ def pad_and_subsample(x: Tensor, reversed_padding: Sequence[int], padding_mode: 
     conv with stride 1 on the result is the strided one-tap conv."""
     if any(reversed_padding):
         x = F.pad(x, tuple(reversed_padding), mode="constant" if padding_mode == "zeros" else padding_mode)
-    return x[(Ellipsis, *(slice(None, None, s) for s in stride))]
+    every: Tuple[Any, ...] = (Ellipsis,) + tuple(slice(None, None, s) for s in stride)
+    return x[every]
 
 
 # Positions (batch * spatial) from which a 1x1 convolution runs as a batched matmul: on one
