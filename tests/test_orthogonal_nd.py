@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from circular_oracle import circular_conv_any_size
+from conv_calls import ConvCalls, channels_last_backward_survives
 from oracle import deterministic_cudnn, operator_matrix, svdvals_cpu
 from ttconv import (
     SVDConv,
@@ -401,19 +399,6 @@ def test_separable_path_in_float32_is_the_same_layer_in_torchs_layout(cls, input
             assert torch.allclose(layer(x[0]), y[0], rtol=0, atol=2e-6)  # unbatched
 
 
-class _ConvStrides(torch.overrides.TorchFunctionMode):
-    """The (kernel shape, stride) of every conv2d called inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") == "conv2d":
-            self.calls.append((tuple(args[1].shape[2:]), tuple(args[3])))
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_one_tap_last_axis_is_strided_by_the_separable_paths_first_conv():
     """With one tap along the last axis neither half has taps there, so the first conv takes
     that axis's stride (and padding) and the second is a stride-1 channel mixing: fewer
@@ -425,18 +410,11 @@ def test_a_one_tap_last_axis_is_strided_by_the_separable_paths_first_conv():
     layer = SVDConv(8, 8, (3, 1), stride=2, padding=(1, 1), rank=4, core_kind="orthogonal", path="separable",
                     padding_mode="reflect", dtype=torch.float64)
     x = torch.randn(2, 8, 9, 8, dtype=torch.float64)
-    with _ConvStrides() as seen, torch.no_grad():
+    with ConvCalls() as seen, torch.no_grad():
         y = layer(x)
     assert seen.calls == [((3, 1), (2, 2)), ((1, 1), (1, 1))]
     with torch.no_grad():
         assert torch.allclose(y, layer.to_conv()(x), rtol=0, atol=1e-12 * (1 + float(y.abs().max())))
-    script = (
-        "import torch, ttconv\n"
-        "torch.set_num_threads(1); torch.manual_seed(0)\n"
-        "layer = ttconv.SVDConv(64, 64, 1, stride=2, rank=4, core_kind='orthogonal', path='separable')\n"
-        "x = torch.randn(16, 64, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()\n"
-        "for _ in range(30):\n"
-        "    layer(x).sum().backward()\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = channels_last_backward_survives(
+        "ttconv.SVDConv(64, 64, 1, stride=2, rank=4, core_kind='orthogonal', path='separable')")
     assert done.returncode == 0, done.stderr[-2000:]
