@@ -124,6 +124,13 @@ MUTANTS: List[Mutant] = [
         "exact spectral norm takes the smallest singular value per frequency (`ord=2` -> `-2`)",
     ),
     Mutant(
+        "cpu_batches_uncapped", "ttconv/spectra.py",
+        'if kernel.device.type == "cpu":',
+        'if kernel.device.type == "cuda":',
+        ("tests/test_spectra_fast_paths.py::test_cpu_batches_stay_cache_sized_and_give_the_same_spectrum",),
+        "CPU transfer batches fill max_memory instead of staying cache-sized (`cpu` -> `cuda`)",
+    ),
+    Mutant(
         "polyphase_contiguous_phases", "ttconv/spectra.py",
         "phases = padded.reshape(c_out, c_in, *(size for pair_ in zip(t, stride) for size in pair_)).permute(0, 1, *order)",
         "phases = padded.reshape(c_out, c_in, *(size for pair_ in zip(stride, t) for size in pair_)).permute(0, 1, *order)",

@@ -21,9 +21,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
 from _device import add_device_argument, describe, on_device  # noqa: E402
-from _timing import markdown_table, timed_call  # noqa: E402
+from _timing import interleaved, markdown_table, timed_call  # noqa: E402
 
-from ttconv import bounds  # noqa: E402
+from ttconv import bounds, conv_singular_values, conv_spectral_norm, spectra  # noqa: E402
 
 # (name, c_in, c_out, kernel, stride, input size) of ResNet-18 on 224x224 inputs.
 RESNET18 = [
@@ -63,6 +63,38 @@ def _measure(conv, n):
     return cells
 
 
+def _batching_rows(options):
+    """Exact norm and exact spectrum of each multi-tap ResNet-18 layer with the CPU's cache-sized
+    frequency batches and with the cap lifted (one batch up to ``max_memory``), interleaved."""
+    torch.manual_seed(0)
+    shapes = [("tiny", 4, 8, 3, 1, 8)] if options.quick else [s for s in RESNET18 if s[3] > 1]
+    capped = spectra._CPU_BATCH_BYTES
+
+    def lifted(fn):
+        def run():
+            spectra._CPU_BATCH_BYTES = 1 << 60
+            try:
+                return fn()
+            finally:
+                spectra._CPU_BATCH_BYTES = capped
+        return run
+
+    rows = []
+    for name, c_in, c_out, k, stride, n in shapes:
+        weight = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2).weight.detach()
+        norm = lambda: conv_spectral_norm(weight, n, stride=stride)  # noqa: E731
+        values = lambda: conv_singular_values(weight, n, stride=stride)  # noqa: E731
+        with torch.no_grad():
+            times = interleaved({"norm": norm, "norm one": lifted(norm), "values": values,
+                                 "values one": lifted(values)}, 1 if options.quick else 3, rotate=True)
+        rows.append([f"{name} {c_in}->{c_out} k{k} s{stride} n{n}",
+                     f"{times['norm'] * 1e3:.0f}", f"{times['norm one'] * 1e3:.0f}",
+                     f"{times['norm'] / times['norm one']:.2f}", f"{times['values'] * 1e3:.0f}",
+                     f"{times['values one'] * 1e3:.0f}", f"{times['values'] / times['values one']:.2f}"])
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)  # progress: a row survives a timeout
+    return rows
+
+
 def _trained_cnn_layers(epochs):
     try:
         from _digits import load_digits, small_cnn, train
@@ -87,8 +119,15 @@ def main(argv=None) -> None:
     options = parser.parse_args(argv)
     with on_device(options.device):
         rows = _rows(options)
+        batching = _batching_rows(options) if torch.empty(0).device.type == "cpu" else []
     print(f"torch {torch.__version__}, {describe(options.device)}, float32; cells: value / exact (time)\n")
     print(markdown_table(["layer", *[m[0] for m in METHODS]], rows))
+    if batching:
+        print("\nThe exact methods' frequency batches on the CPU: at most "
+              f"{spectra._CPU_BATCH_BYTES >> 20} MiB of matrices (cache-sized, the default) against one batch as "
+              "large as max_memory (1 GiB) allows, the same kernel, median of 3 interleaved rounds:\n")
+        print(markdown_table(["layer", "norm: cache-sized ms", "one batch ms", "ratio",
+                              "all values: cache-sized ms", "one batch ms", "ratio"], batching))
 
 
 def _rows(options):

@@ -428,3 +428,24 @@ def test_two_d_transfer_batches_keep_their_u_v_layout():
     assert u.tolist() == [a for a in range(4) for _ in range(3)] and v.tolist() == [0, 1, 2] * 4
     expected = torch.fft.fft2(kernel, s=(4, 5))[..., :3].permute(3, 4, 0, 1, 2).reshape(12, 1, 2, 3)
     _close(matrices, expected)
+
+
+@pytest.mark.cpu_only  # the cap is the CPU's; a GPU keeps one large batch
+def test_cpu_batches_stay_cache_sized_and_give_the_same_spectrum(monkeypatch):
+    """A CPU batch holds at most ``_CPU_BATCH_BYTES`` of matrices, whatever ``max_memory``
+    allows, and at least one frequency; the values are those of one large batch."""
+    kernel = torch.randn(1, 128, 128, 3, 3)  # one frequency: 128 KiB of complex64 matrices
+    per_frequency = 128 * 128 * 8
+    sizes = [len(b[0]) for b in spectra.transfer_batches(kernel, (32, 32), 1 << 30)]
+    assert max(sizes) == spectra._CPU_BATCH_BYTES // per_frequency == 64
+    assert sum(sizes) == 32 * 17
+    huge = torch.randn(1, 2048, 1024, 1, 2)  # one frequency: 16 MiB, more than the cap
+    assert [len(b[0]) for b in spectra.transfer_batches(huge, (1, 2), 1 << 30)] == [1, 1]
+    # The same spectrum and norm as with the cap lifted (one batch of every frequency).
+    weight = torch.randn(64, 64, 3, 3, dtype=torch.float64)
+    capped = (conv_singular_values(weight, (24, 24)), conv_spectral_norm(weight, (24, 24)))
+    assert len(list(spectra.transfer_batches(weight.reshape(1, 64, 64, 3, 3), (24, 24), 1 << 30))) > 1
+    monkeypatch.setattr(spectra, "_CPU_BATCH_BYTES", 1 << 40)
+    whole = (conv_singular_values(weight, (24, 24)), conv_spectral_norm(weight, (24, 24)))
+    torch.testing.assert_close(capped[0], whole[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(capped[1], whole[1], rtol=1e-13, atol=0)
