@@ -7,9 +7,10 @@
    model. The last column is the largest norm the plain clip pass leaves, over the
    target (``clip_scale`` ends at the target by construction).
 2. The limit: per layer, the FLOP ratio of the per-frequency work (dense vs core
-   matrices) and, timed in the same run, the bare kernels each pass is made of: the
-   batched SVD of every half-plane frequency (the floor of a clip) and the Gram product
-   plus Cholesky factorisation of every frequency (the floor of the certified norm).
+   matrices) and, timed in the same run, the bare kernels each pass is made of, in the
+   batches the pass uses (on the CPU at most 8 MiB of matrices): the batched SVD of every
+   half-plane frequency (the floor of a clip) and the Gram product plus Cholesky
+   factorisation of every frequency (the floor of the certified norm).
 3. One clip step on one SVDConv layer (float32, target half its norm) against the
    paper's code, Senderovich et al. (2022), ``Clip_AssignOperatorNorm`` of
    github.com/WhiteTeaDragon/practical_svd_conv run on the same orthonormal core. It is
@@ -52,7 +53,7 @@ from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import markdown_table, median_seconds, timed_call  # noqa: E402
 
 import ttconv  # noqa: E402
-from ttconv import control  # noqa: E402
+from ttconv import control, spectra  # noqa: E402
 from ttconv.spectra import transfer_batches  # noqa: E402
 
 MODES = ("scale", "clip", "clip_scale")
@@ -137,6 +138,15 @@ def _gram_cholesky(matrices):
     return torch.linalg.cholesky_ex(2 * gram.diagonal(dim1=-2, dim2=-1).real.sum(-1)[:, None, None] * eye - gram)
 
 
+def _in_pass_batches(kernel, matrices):
+    """``kernel`` over ``matrices`` in the batches a pass decomposes them in (on the CPU at most
+    ``spectra._CPU_BATCH_BYTES`` of matrices: cache-sized, ``transfer_batches``)."""
+    size = matrices[0].numel() * matrices.element_size()
+    cap = spectra._CPU_BATCH_BYTES if matrices.device.type == "cpu" else matrices.numel() * matrices.element_size()
+    for part in matrices.split(max(1, cap // size)):
+        kernel(part)
+
+
 def limit_table(dense, low, size):
     """Per layer: FLOP ratio and bare-kernel time ratios (dense / core), each timed once, interleaved."""
     example = torch.zeros(1, 3, size, size)
@@ -147,8 +157,9 @@ def limit_table(dense, low, size):
         for (name, d_layer, n), (_, c_layer, _) in pairs:
             d_mat, c_mat = _half_plane_matrices(d_layer, n), _half_plane_matrices(c_layer, n)
             flops = [m.shape[0] * m.shape[1] * m.shape[2] * min(m.shape[1:]) for m in (d_mat, c_mat)]
-            svd = [timed_call(lambda m=m: torch.linalg.svd(_tall(m), full_matrices=False)) for m in (d_mat, c_mat)]
-            chol = [timed_call(lambda m=m: _gram_cholesky(m)) for m in (d_mat, c_mat)]
+            svd = [timed_call(lambda m=m: _in_pass_batches(lambda p: torch.linalg.svd(_tall(p), full_matrices=False),
+                                                           m)) for m in (d_mat, c_mat)]
+            chol = [timed_call(lambda m=m: _in_pass_batches(_gram_cholesky, m)) for m in (d_mat, c_mat)]
             for index, value in enumerate(flops + svd + chol):
                 totals[index] += value
             rows.append([name, f"{n[0]}x{n[1]}", str(d_mat.shape[0]), "x".join(map(str, d_mat.shape[1:])),
@@ -394,7 +405,8 @@ def _run(options: argparse.Namespace) -> None:
           f"batch {batch}, target 1e-3\n")
     print(control_costs(dense, low, size, batch, repeats))
     print("\nThe limit, per controlled layer: FLOP ratio of the per-frequency work (matrices o x i, "
-          "o i min(o, i) each) and the bare kernels, dense / core, timed once in this run:\n")
+          "o i min(o, i) each) and the bare kernels, dense / core, in the batches a pass uses (on the CPU "
+          f"at most {spectra._CPU_BATCH_BYTES >> 20} MiB of matrices), timed once in this run:\n")
     print(limit_table(dense, low, size))
     source, table = paper_table(shapes, options.paper_repo, runs)
     print(f"\nOne clip step at half the layer's norm vs the paper's clip of the same core ({source}; "
