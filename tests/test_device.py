@@ -339,8 +339,8 @@ def test_the_finiteness_check_is_the_one_host_read_of_the_sync_free_spectra():
     param if "orthogonal" not in param.id else pytest.param(
         *param.values, id=param.id, marks=pytest.mark.xfail(
             strict=True, raises=RuntimeError,
-            reason="the BCOP core's torch.linalg.matrix_exp copies its norms to the host on CUDA "
-                   "(see docs/testing.md, Devices)"))
+            reason="the BCOP core's exponential reads the generator's norm on the host to size its "
+                   "Taylor polynomial, and its QRs run on cuSOLVER (see docs/testing.md, Devices)"))
     for param in _cases()
 ])
 def test_forward_and_backward_on_cuda_do_not_synchronize(d, transposed, kwargs, session_device):
