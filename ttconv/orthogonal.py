@@ -148,7 +148,9 @@ def orthonormal_basis(raw: Tensor) -> Tensor:
     non-negative diagonal: the unique, continuous choice for full-column-rank input.
     """
     q, r = torch.linalg.qr(raw)
-    signs = torch.sgn(torch.diagonal(r, dim1=-2, dim2=-1))
+    # The signs are piecewise constant: detached, so the QR's backward gets no (all-zero) gradient
+    # for R and skips its R-side product.
+    signs = torch.sgn(torch.diagonal(r.detach(), dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return q * signs.unsqueeze(-2)
 
