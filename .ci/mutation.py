@@ -60,6 +60,13 @@ class Mutant:
 MUTANTS: List[Mutant] = [
     # ------------------------------------------------------------------ bounds.py
     Mutant(
+        "gram_frobenius_over_rows", "ttconv/bounds.py",
+        "return torch.linalg.vector_norm(real, dim=(-3, -2, -1))",
+        "return torch.linalg.vector_norm(real, dim=(-2, -1))",
+        ("tests/test_bounds.py::test_gram_iterations_frobenius_norm_is_torchs_with_its_gradient",),
+        "the Gram iteration's complex Frobenius norm reduces each row only (`dim=(-3, -2, -1)` -> `(-2, -1)`)",
+    ),
+    Mutant(
         "ff_scale", "ttconv/bounds.py",
         "math.sqrt(taps) * padding_factor(spec)",
         "taps * padding_factor(spec)",

