@@ -63,6 +63,10 @@ def _measure(conv, n):
     return cells
 
 
+def _batching_rounds(options):
+    return 1 if options.quick else 3
+
+
 def _batching_rows(options):
     """Exact norm and exact spectrum of each multi-tap ResNet-18 layer with the CPU's cache-sized
     frequency batches and with the cap lifted (one batch up to ``max_memory``), interleaved."""
@@ -86,7 +90,7 @@ def _batching_rows(options):
         values = lambda: conv_singular_values(weight, n, stride=stride)  # noqa: E731
         with torch.no_grad():
             times = interleaved({"norm": norm, "norm one": lifted(norm), "values": values,
-                                 "values one": lifted(values)}, 1 if options.quick else 3, rotate=True)
+                                 "values one": lifted(values)}, _batching_rounds(options), rotate=True)
         rows.append([f"{name} {c_in}->{c_out} k{k} s{stride} n{n}",
                      f"{times['norm'] * 1e3:.0f}", f"{times['norm one'] * 1e3:.0f}",
                      f"{times['norm'] / times['norm one']:.2f}", f"{times['values'] * 1e3:.0f}",
@@ -125,7 +129,8 @@ def main(argv=None) -> None:
     if batching:
         print("\nThe exact methods' frequency batches on the CPU: at most "
               f"{spectra._CPU_BATCH_BYTES >> 20} MiB of matrices (cache-sized, the default) against one batch as "
-              "large as max_memory (1 GiB) allows, the same kernel, median of 3 interleaved rounds:\n")
+              f"large as max_memory (1 GiB) allows, the same kernel, median of {_batching_rounds(options)} "
+              "interleaved rounds:\n")
         print(markdown_table(["layer", "norm: cache-sized ms", "one batch ms", "ratio",
                               "all values: cache-sized ms", "one batch ms", "ratio"], batching))
 

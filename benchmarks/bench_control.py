@@ -118,13 +118,16 @@ def control_costs(dense, low, size, batch, repeats):
     return f"Runs (dense / SVDConv): {runs}.\n\n{table}"
 
 
-def _half_plane_matrices(layer, size):
-    """The matrices a control pass decomposes for ``layer``: ``(F, o, i)`` (orthonormal core for SVDConv)."""
+def _half_plane_matrices(layer, size, per_frequency_factor=4):
+    """The matrices a control pass decomposes for ``layer``, in the batches the pass decomposes them
+    in (``transfer_batches`` with the pass's memory limit: on the CPU at most
+    ``spectra._CPU_BATCH_BYTES`` of matrices): a list of ``(B g, o, i)`` (orthonormal core for SVDConv)."""
     kernel = control._kernel(layer).detach()
     stride = control._effective_stride(layer, size)
     grouped = control._stride1(kernel, stride, layer.dilation, layer.groups)
     grid = (size[0] // stride[0], size[1] // stride[1])
-    return torch.cat([m for _, _, m in transfer_batches(grouped, grid, 1 << 30)]).flatten(0, 1)
+    return [m.flatten(0, 1) for _, _, m in transfer_batches(grouped, grid, spectra.DEFAULT_MAX_MEMORY,
+                                                             per_frequency_factor=per_frequency_factor)]
 
 
 def _tall(matrices):
@@ -138,15 +141,6 @@ def _gram_cholesky(matrices):
     return torch.linalg.cholesky_ex(2 * gram.diagonal(dim1=-2, dim2=-1).real.sum(-1)[:, None, None] * eye - gram)
 
 
-def _in_pass_batches(kernel, matrices):
-    """``kernel`` over ``matrices`` in the batches a pass decomposes them in (on the CPU at most
-    ``spectra._CPU_BATCH_BYTES`` of matrices: cache-sized, ``transfer_batches``)."""
-    size = matrices[0].numel() * matrices.element_size()
-    cap = spectra._CPU_BATCH_BYTES if matrices.device.type == "cpu" else matrices.numel() * matrices.element_size()
-    for part in matrices.split(max(1, cap // size)):
-        kernel(part)
-
-
 def limit_table(dense, low, size):
     """Per layer: FLOP ratio and bare-kernel time ratios (dense / core), each timed once, interleaved."""
     example = torch.zeros(1, 3, size, size)
@@ -155,11 +149,14 @@ def limit_table(dense, low, size):
     rows, totals = [], [0.0] * 6
     with torch.no_grad():
         for (name, d_layer, n), (_, c_layer, _) in pairs:
-            d_mat, c_mat = _half_plane_matrices(d_layer, n), _half_plane_matrices(c_layer, n)
+            # The clip's batches (room for 8 copies of a frequency's matrices) and the norm's (4).
+            d_clip, c_clip = _half_plane_matrices(d_layer, n, 8), _half_plane_matrices(c_layer, n, 8)
+            d_norm, c_norm = _half_plane_matrices(d_layer, n), _half_plane_matrices(c_layer, n)
+            d_mat, c_mat = torch.cat(d_norm), torch.cat(c_norm)
             flops = [m.shape[0] * m.shape[1] * m.shape[2] * min(m.shape[1:]) for m in (d_mat, c_mat)]
-            svd = [timed_call(lambda m=m: _in_pass_batches(lambda p: torch.linalg.svd(_tall(p), full_matrices=False),
-                                                           m)) for m in (d_mat, c_mat)]
-            chol = [timed_call(lambda m=m: _in_pass_batches(_gram_cholesky, m)) for m in (d_mat, c_mat)]
+            svd = [timed_call(lambda b=b: [torch.linalg.svd(_tall(m), full_matrices=False) for m in b])
+                   for b in (d_clip, c_clip)]
+            chol = [timed_call(lambda b=b: [_gram_cholesky(m) for m in b]) for b in (d_norm, c_norm)]
             for index, value in enumerate(flops + svd + chol):
                 totals[index] += value
             rows.append([name, f"{n[0]}x{n[1]}", str(d_mat.shape[0]), "x".join(map(str, d_mat.shape[1:])),

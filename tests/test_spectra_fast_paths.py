@@ -441,6 +441,12 @@ def test_cpu_batches_stay_cache_sized_and_give_the_same_spectrum(monkeypatch):
     assert sum(sizes) == 32 * 17
     huge = torch.randn(1, 2048, 1024, 1, 2)  # one frequency: 16 MiB, more than the cap
     assert [len(b[0]) for b in spectra.transfer_batches(huge, (1, 2), 1 << 30)] == [1, 1]
+    grouped = torch.randn(4, 64, 64, 3, 3)  # one frequency: 4 groups' matrices, 128 KiB
+    sizes = [len(b[0]) for b in spectra.transfer_batches(grouped, (32, 32), 1 << 30)]
+    assert max(sizes) == spectra._CPU_BATCH_BYTES // (4 * 64 * 64 * 8) == 64 and sum(sizes) == 32 * 17
+    # Another device keeps the one large batch (there every batch is a launch).
+    on_meta = list(spectra.transfer_batches(kernel.to("meta"), (32, 32), 1 << 30))
+    assert [len(b[0]) for b in on_meta] == [32 * 17]
     # The same spectrum and norm as with the cap lifted (one batch of every frequency).
     weight = torch.randn(64, 64, 3, 3, dtype=torch.float64)
     capped = (conv_singular_values(weight, (24, 24)), conv_spectral_norm(weight, (24, 24)))

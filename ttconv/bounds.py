@@ -387,8 +387,8 @@ def gram_iteration_bound(
     the stride; for a transposed spec the adjoint of the one on ``s n``); provable for
     every ``n_iter``, decreasing in ``n_iter`` and converging to the exact value
     (measured worst ratio 1.0012 at t=3, ``bounds.md``). Only matmuls: on this
-    project's CPU it is slower than the exact SVDs (docs/performance.md); its use is GPU
-    matmul throughput and a smooth gradient. Differentiable.
+    project's CPU it is slower than the exact SVDs on multi-tap kernels (docs/performance.md);
+    its use is GPU matmul throughput and a smooth gradient. Differentiable.
 
     Any ``n`` divisible by the stride: smaller than the kernel, the kernel folds modulo
     ``n`` (``conv_singular_values``). Fast path: when the folded polyphase kernel has a

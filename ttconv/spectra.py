@@ -226,10 +226,12 @@ def single_tap_matrices(kernel: Tensor) -> Optional[Tensor]:
 
 _CPU_BATCH_BYTES = 8 << 20
 """Most bytes of transfer matrices in one CPU batch (whatever ``max_memory`` allows): a batch
-that stays in the last-level cache is decomposed in 0.5-0.7x the time of one large batch on
-the norm path (measured on a 2-core EPYC with a 32 MiB L3: a fresh 70 MB buffer alone takes
-~55 ms to fault in, and the Gram, power-iteration and Cholesky passes each stream it again).
-GPUs keep the large batch: there every batch is a launch."""
+that stays in the last-level cache is decomposed faster. Measured at 1 thread on a 2-core EPYC
+with a 32 MiB L3 (docs/performance.md, bounds section): the exact norm of ResNet-18's layers
+up to 256 channels in 0.53-0.65x the time of one large batch, 0.98-1.01x at 512 channels,
+where a few frequencies fill a batch anyway (a fresh 70 MB buffer alone takes ~55 ms to fault
+in, and the Gram, power-iteration and Cholesky passes each stream it again). GPUs keep the
+large batch: there every batch is a launch."""
 
 
 def transfer_batches(
@@ -259,7 +261,7 @@ def transfer_batches(
     per_frequency = (per_frequency_factor * g * o * i + math.prod(taps)) * element
     batch = max(1, min(total, max_memory // max(1, per_frequency)))
     if kernel.device.type == "cpu":
-        batch = max(1, min(batch, _CPU_BATCH_BYTES // (g * o * i * element)))
+        batch = max(1, min(batch, _CPU_BATCH_BYTES // max(1, g * o * i * element)))
     if per_frequency > max_memory:
         raise MemoryLimitError(
             f"one frequency's {g} x {o} x {i} matrices need {format_bytes(per_frequency)}, more than "
