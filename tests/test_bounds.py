@@ -8,6 +8,7 @@ from configs import config_id, random_conv_configs
 from oracle import circular_singular_values, layer_operator, operator_matrix
 from ttconv import SVDConv
 from ttconv.bounds import (
+    _frobenius,
     conv_spec,
     exact_spectral_norm,
     fantastic_four_bound,
@@ -279,8 +280,6 @@ def test_gram_iterations_frobenius_norm_is_torchs_with_its_gradient(dtype):
     """The Gram iteration's Frobenius norm (complex: over the real view, for speed) equals
     ``torch.linalg.matrix_norm(., "fro")``, on lazily conjugated views (``.mH``) too, with
     the same gradient, 0 on an all-zero matrix."""
-    from ttconv.bounds import _frobenius
-
     torch.manual_seed(0)
     matrices = torch.randn(5, 3, 4, dtype=dtype)
     matrices[2] = 0

@@ -30,6 +30,12 @@ def conv_nd(
     return conv(x, weight, bias, stride, padding, dilation, groups)
 
 
+def unstrided_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int, dims: int) -> Tensor:
+    """``conv{dims}d`` with stride 1, no padding and no dilation (the input is already padded or
+    subsampled as the layer needs)."""
+    return conv_nd(x, weight, bias, (1,) * dims, (0,) * dims, (1,) * dims, groups, "zeros", [0] * (2 * dims))
+
+
 def pad_and_subsample(x: Tensor, reversed_padding: Sequence[int], padding_mode: str,
                       stride: Tuple[int, ...]) -> Tensor:
     """What a strided conv with one tap per axis reads: ``x`` padded as ``nn.Conv{d}d`` pads it

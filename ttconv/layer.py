@@ -604,8 +604,7 @@ class _SVDConvNd(nn.Module):
             padding = (0,) * d if self.padding == "valid" else self.padding
             hidden = _functional.conv_nd(input, first, None, self.stride, padding, (*self.dilation[:-1], 1), g,
                                          self.padding_mode, pads)
-            return _functional.conv_nd(hidden, second, self.bias, (1,) * d, (0,) * d, (1,) * d, g, "zeros",
-                                       [0] * (2 * d))
+            return _functional.unstrided_conv(hidden, second, self.bias, g, d)
         if isinstance(self.padding, str):  # 'same' or 'valid' mean the same for each half
             first_padding: Union[str, Tuple[int, ...]] = self.padding
             second_padding: Union[str, Tuple[int, ...]] = self.padding
@@ -661,8 +660,7 @@ class _SVDConvNd(nn.Module):
                 # (torch 2.13, one thread, stride along the last axis alone).
                 hidden = _functional.pad_and_subsample(hidden, self._reversed_padding_repeated_twice,
                                                        self.padding_mode, self.stride)
-                hidden = _functional.conv_nd(hidden, scaled_core, None, (1,) * d, (0,) * d, (1,) * d, g, "zeros",
-                                             [0] * (2 * d))
+                hidden = _functional.unstrided_conv(hidden, scaled_core, None, g, d)
             else:
                 hidden = self._conv(hidden, scaled_core, None)
             y = _functional.mix_channels(hidden, U.reshape(g, -1, r_out), self.bias, g, d)
