@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from circular_oracle import circular_singular_values_any_size
-from oracle import circular_singular_values, layer_operator, operator_matrix
+from oracle import circular_singular_values, layer_operator, operator_matrix, svdvals_cpu
 from ttconv import SVDConv
 from ttconv.cli import main
 from ttconv.control import SpectralControl
@@ -22,7 +22,7 @@ REL = 1e-10  # float64 throughout
 
 
 def _top(matrix):
-    return float(torch.linalg.svdvals(matrix)[0])
+    return float(svdvals_cpu(matrix)[0])
 
 
 # ------------------------------------------------------------------ ConvTranspose2d
@@ -182,8 +182,7 @@ def test_every_unanalysed_module_with_parameters_is_listed_with_a_reason():
 def _chain_truth(model, x_shape):
     """Norm of the model with every ReLU removed (the linear chain the product bounds)."""
     linear = nn.Sequential(*[m for m in model if not isinstance(m, nn.ReLU)])
-    return float(torch.linalg.matrix_norm(operator_matrix(
-        lambda x: linear(x) - linear(torch.zeros_like(x[:1])), x_shape), 2))
+    return float(svdvals_cpu(operator_matrix(lambda x: linear(x) - linear(torch.zeros_like(x[:1])), x_shape))[0])
 
 
 def test_a_plain_chain_is_verified_and_its_product_bounds_it():
@@ -345,7 +344,8 @@ def test_1x1_memory_estimate_is_one_matrix_not_every_frequency():
     conv = nn.Conv2d(256, 256, 1)
     row = spectral_report(nn.Sequential(conv), torch.zeros(1, 256, 64, 64), max_memory=24 * 2**20,
                           power_iters=1).layers[0]
-    assert row.exact == pytest.approx(float(torch.linalg.matrix_norm(conv.weight.detach()[..., 0, 0], 2)), rel=1e-5)
+    # LAPACK in float64 (cuSOLVER's float32 SVD of this 256 x 256 matrix is ~3e-5 off on an H100).
+    assert row.exact == pytest.approx(float(svdvals_cpu(conv.weight[..., 0, 0])[0]), rel=1e-5)
     assert row.upper_bound == pytest.approx(row.exact, rel=1e-5)
     assert row.note.startswith("power own not computed")  # activations, the only thing that does not fit
 

@@ -899,9 +899,9 @@ class SpectrumHistogram:
     name : str
     input_size : (int, int)
     counts : Tensor
-        ``(bins,)`` int64 counts.
+        ``(bins,)`` int64 counts, on the CPU (a summary, whatever the model's device).
     edges : Tensor
-        ``(bins + 1,)`` float64 bin edges.
+        ``(bins + 1,)`` float64 bin edges, on the CPU.
     largest : float
         The layer's spectral norm (largest singular value).
     """
@@ -969,7 +969,7 @@ def singular_value_histograms(model: nn.Module, example_input: Tensor, *, bins: 
         top = max(float(values.max()) for _, _, values in spectra)
         range = (0.0, top if top > 0 else 1.0)
     low, high = args.interval(range, "range", "of the histogram bins")
-    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64, device="cpu")  # beside counts
     result = []
     for name, size, values in spectra:
         counts = torch.histc(values.cpu(), bins=bins, min=low, max=high).long()
