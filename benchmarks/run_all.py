@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     page = "performance.md" if device.type == "cpu" else f"performance-{device.type}.md"
     output = options.output or os.path.join(ROOT, "docs", page)
     if options.collect:
-        return _write(output, _collected_page(options.collect, device), quick=False)
+        return _write(output, _collected_page(options.collect, device, output), quick=False)
     extra = ["--quick"] if options.quick else []
     known = {script for _, script, _ in SECTIONS}
     for script in options.only or ():
@@ -205,8 +205,7 @@ def gpu_summary(cuda_page: str) -> str:
         return "\n".join(parts + ["No GPU run yet: `.ci/cuda-check` runs the suite and the benchmarks on a CUDA "
                                    "machine, `run_all.py --collect` makes docs/performance-cuda.md from its output."])
     text = open(cuda_page).read()
-    line = next((line for line in text.splitlines() if "Machine:" in line), "Machine: a CUDA machine.")
-    machine = line.split("Machine:", 1)[1].split(". Every ratio")[0].strip()
+    machine = _page_machine(text)
     first = text.split("\n## ", 2)[1]
     parts += [f"`.ci/cuda-check` ran the suite and the benchmarks on {machine}; every table is on "
               "[the CUDA page](performance-cuda.md). Its first, the layers against `nn.Conv2d` (batch 32, fwd+bwd "
@@ -242,25 +241,55 @@ def _write(output: str, text: str, quick: bool) -> None:
     print(f"wrote {os.path.relpath(output, ROOT)}", file=sys.stderr)
 
 
-def _collected_page(folder: str, device: torch.device) -> str:
-    """The page for outputs ``.ci/cuda-check`` saved in ``folder`` (its ``env.txt`` names the machine)."""
+_KEPT = "*Kept from an earlier run on "
+
+
+def _machine(folder: str) -> str:
+    """The machine a ``.ci/cuda-check`` folder was measured on (its ``env.txt``), in one line."""
     env_path = os.path.join(folder, "env.txt")
-    machine = "; ".join(line.strip() for line in open(env_path) if line.strip()) if os.path.exists(env_path) \
-        else "not recorded"
+    if not os.path.exists(env_path):
+        return "not recorded"
+    return "; ".join(line.strip() for line in open(env_path) if line.strip())
+
+
+def _page_machine(text: str) -> str:
+    """The machine named in a collected page's header (``Machine: ...``)."""
+    line = next((line for line in text.splitlines() if "Machine:" in line), "Machine: an unrecorded machine.")
+    return line.split("Machine:", 1)[1].split(". Every ratio")[0].split(". Sections")[0].strip()
+
+
+def _collected_page(folder: str, device: torch.device, previous_page: Optional[str] = None) -> str:
+    """The page for outputs ``.ci/cuda-check`` saved in ``folder`` (its ``env.txt`` names the machine).
+
+    A section this run has no output for keeps its text from ``previous_page`` (the page being
+    replaced), marked with the machine it was measured on: a short GPU lease rarely reaches every
+    benchmark, and a run should add to the page rather than erase what an earlier one measured.
+    """
+    machine = _machine(folder)
+    previous_text = open(previous_page).read() if previous_page and os.path.exists(previous_page) else ""
+    previous = _sections(previous_page) if previous_text else {}
+    earlier = _page_machine(previous_text) if previous_text else ""
     parts = [f"# Performance on {device.type}", "",
              "Collected by `python benchmarks/run_all.py --device cuda --collect DIR` from the outputs of "
-             f"`.ci/cuda-check` (each script run on its own, with a time limit). Machine: {machine}. Every ratio "
-             "is against the baseline timed in the same run of the same script."]
+             f"`.ci/cuda-check` (each script run on its own, with a time limit). Machine: {machine}. Sections "
+             "marked as kept come from an earlier run on the machine they name. Every ratio is against the baseline "
+             "timed in the same run of the same script."]
     for heading, script, blurb in SECTIONS:
         printed = _collected(folder, script) if script.startswith("benchmarks/") else \
             _Missing("the examples run on the CPU only")
-        if isinstance(printed, _Missing):
-            parts += ["", f"## {heading}", "", f"Not run to the end on {device.type}: {printed.why}. Its CPU "
-                      "numbers are in docs/performance.md."]
+        if not isinstance(printed, _Missing):
+            parts += ["", _section(heading, blurb, script, device, printed)]
             continue
-        parts += ["", _section(heading, blurb, script, device, printed)]
+        kept = previous.get(heading, "")
+        if "|" in kept:  # an earlier run's tables: keep them, saying where they were measured
+            lines = kept.splitlines()
+            if not any(line.startswith(_KEPT) for line in lines):
+                lines[1:1] = ["", f"{_KEPT}{earlier}*; the latest run: {printed.why}."]
+            parts += ["", "\n".join(lines)]
+            continue
+        parts += ["", f"## {heading}", "", f"Not run to the end on {device.type}: {printed.why}. Its CPU "
+                  "numbers are in docs/performance.md."]
     return "\n".join(parts) + "\n"
-
 
 if __name__ == "__main__":
     main()
