@@ -426,3 +426,30 @@ def test_lipschitz_bound_of_n_d_orthogonal_layers_is_max_abs_s(cls, shape):
         layer.set_singular_values_(torch.linspace(0.5, 2.5, layer.S.numel()))
     model = torch.nn.Sequential(layer, torch.nn.ReLU()).eval()
     assert ttconv.evaluate.lipschitz_bound(model, torch.randn(shape)) == pytest.approx(2.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["Conv2d", "Conv3d", "ConvTranspose2d", "SVDConv1d", "SVDConvTranspose3d"])
+def test_upper_own_reuses_the_rows_fantastic_four_and_equals_operator_norm_bound(kind, monkeypatch):
+    """The report hands its own Fantastic Four value (of the zero-padded conv whose singular
+    values the layer has) to the operator bound instead of computing it twice; 'upper own' is
+    still exactly ``operator_norm_bound`` of the layer."""
+    import ttconv.bounds as bounds_module
+
+    layer, n = _make(kind, 70 + sorted(CASES).index(kind))
+    handed = []
+    original = bounds_module._operator_norm_bound
+
+    def spy(target, size, fantastic_four, **kwargs):
+        handed.append(fantastic_four)
+        return original(target, size, fantastic_four, **kwargs)
+
+    monkeypatch.setattr(bounds_module, "_operator_norm_bound", spy)
+    row = spectral_report(nn.Sequential(layer), torch.zeros(1, layer.in_channels, *n, dtype=D)).layers[0]
+    assert len(handed) == 1 and handed[0] is not None
+    assert float(handed[0]) == pytest.approx(_ff_oracle(_dense_kernel(layer), layer.groups), rel=1e-9)
+    assert row.upper_bound == pytest.approx(float(bounds_module.operator_norm_bound(layer, n)), rel=1e-12)
+    # Handed a smaller value, the bound uses it (the minimum of its candidates): the value is read.
+    # (A size-preserving circular layer returns its exact circular norm before any candidate.)
+    if layer.padding_mode != "circular":
+        small = original(layer, n, handed[0] * 1e-3)
+        assert float(small) < float(handed[0]) * 1e-2  # times the padding's factor, a few at most

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from . import _conv_args as args
 from . import _functional
+from ._linalg import matrix_two_norm
 from ._precision import full_precision
 from .geometry import ConvLike, ConvSpec, conv_spec, size_arg
 from .spectra import (
@@ -230,7 +231,7 @@ def _reshape(kernel: Tensor, rows: Tuple[int, ...]) -> Tensor:
 
 def _exact_matrix_norm(matrix: Tensor, n_iter: int, state: Optional[Dict[str, Tensor]], key: str) -> Tensor:
     """Largest singular value of a batch of matrices ``(..., m, k)``, max over the batch."""
-    return torch.linalg.matrix_norm(matrix, ord=2).amax()
+    return matrix_two_norm(matrix).amax()
 
 
 def _power_matrix_norm(matrix: Tensor, n_iter: int, state: Optional[Dict[str, Tensor]], key: str) -> Tensor:
@@ -319,7 +320,7 @@ def fantastic_four_reshape_bounds(
     reshapes = {name: _reshape(k, subset) for name, subset in zip(names, subsets)}
     factor = math.sqrt(taps) * padding_factor(spec) * scale
     if taps == 1 and method == "exact":  # every reshape is the (g, o, i) matrix
-        norms = torch.linalg.matrix_norm(k.reshape(k.shape[:3]), ord=2)
+        norms = matrix_two_norm(k.reshape(k.shape[:3]))
         value = factor * (norms if per_group else norms.amax())
         return torch.stack([value] * len(subsets), dim=-1)
     values = []
@@ -539,7 +540,7 @@ def _one_by_one_norm(spec: ConvSpec, n: Tuple[int, ...]) -> Tensor:
     kernel, scale = _grouped_kernel(spec, dilated=False)
     copies = math.prod(_selected_copies(spec.padding_mode, before, after, n_i, s)
                        for (before, after), n_i, s in zip(spec.axis_padding, n, spec.stride))
-    return torch.linalg.matrix_norm(kernel.reshape(kernel.shape[:3]), ord=2).amax() * (math.sqrt(copies) * scale)
+    return matrix_two_norm(kernel.reshape(kernel.shape[:3])).amax() * (math.sqrt(copies) * scale)
 
 
 @full_precision
@@ -573,6 +574,18 @@ def operator_norm_bound(
 
     Raises ``ValueError`` for sizes the layer refuses. Differentiable almost everywhere.
     """
+    return _operator_norm_bound(target, input_size, None, max_memory=max_memory, **geometry)
+
+
+@full_precision
+def _operator_norm_bound(
+    target: ConvLike, input_size: SizeArg, fantastic_four: Optional[Tensor], *,
+    max_memory: int = DEFAULT_MAX_MEMORY, **geometry
+) -> Tensor:
+    """``operator_norm_bound``, reusing ``fantastic_four``: ``fantastic_four_bound`` of the conv
+    the layer's operator is bounded by (for a transposed spec, its adjoint) with zero padding,
+    as ``spectral_report`` has computed it already (at 512 channels it is half the bound's
+    cost). ``None``: computed here."""
     spec, n = _operator_size(conv_spec(target, **geometry), input_size)
     if _is_one_by_one(spec):
         return _one_by_one_norm(spec, n)  # exact: nothing can be smaller
@@ -595,7 +608,8 @@ def operator_norm_bound(
                                    for (b, a), n_i in zip(axes, n)))
     grid = tuple(s * -(-(n_i + b + a) // s) for (b, a), n_i, s in zip(axes, n, spec.stride))
     candidates.append(pad_norm * conv_spectral_norm(spec.kernel, grid, stride=spec.stride, **geometry))
-    ff = fantastic_four_bound(spec.kernel, dilation=spec.dilation, groups=spec.groups)
+    ff = fantastic_four if fantastic_four is not None else \
+        fantastic_four_bound(spec.kernel, dilation=spec.dilation, groups=spec.groups)
     candidates.append(padding_factor(spec, n) * ff)
     return torch.stack([torch.as_tensor(c, dtype=ff.dtype) for c in candidates]).amin()
 

@@ -36,6 +36,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import _conv_args as args
 from ._hooks import record_input_sizes
+from ._linalg import matrix_two_norm
 from ._table import render_table
 from .layer import SVDConv, _SVDConvNd
 from .spectra import check_spectral_input_size, conv_singular_values
@@ -585,7 +586,7 @@ def _module_bound(name: str, module: nn.Module, row_bounds: Dict[str, float]) ->
         return row_bounds[name]
     if isinstance(module, nn.Linear):
         with torch.no_grad():
-            return float(torch.linalg.matrix_norm(module.weight.detach().double(), ord=2))
+            return float(matrix_two_norm(module.weight.detach().double()))
     if isinstance(module, (MaxMin, ChannelPad, *_ONE_LIPSCHITZ)):
         return 1.0
     if isinstance(module, (nn.LeakyReLU,)):

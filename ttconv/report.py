@@ -39,6 +39,7 @@ from . import _conv_args as args
 from . import bounds, spectra
 from ._conv_args import dilated_extent
 from ._hooks import find_conv_layers
+from ._linalg import tall
 from ._progress import ProgressArg, interactive, progress_for
 from ._table import render_table
 from ._trace import BATCH_NORMS, SIZE_FREE, batch_norm_problem, find_layers, sequential_problem, trace
@@ -605,7 +606,7 @@ def _analyse(
         value = budget.run("upper own (exact norm on the padded grid)",
                            _EXACT_FACTOR * _transfer_bytes(tuple(kernel.shape), spec.stride, padded, itemsize,
                                                            spec.dilation),
-                           bounds.operator_norm_bound, own_spec, own_size)
+                           bounds._operator_norm_bound, own_spec, own_size, ff_value)
         if value is not None:
             upper = float(value)
         else:  # size-independent bounds of the full convolution, times the padding's factor
@@ -669,7 +670,7 @@ def _analyse_linear(name: str, weight: Tensor, *, note: str = "", keep_spectra: 
     notes = [note] if note else []
     estimate = 3 * matrix.numel() * itemsize + (min(matrix.shape) * _LIST_BYTES if keep_spectra else 0)
     # float64 SVD: float32 backends differ in accuracy (spectra.largest_singular_values)
-    values = budget.run("exact (matrix SVD)", estimate, lambda m: torch.linalg.svdvals(m.double()).to(m.dtype),
+    values = budget.run("exact (matrix SVD)", estimate, lambda m: torch.linalg.svdvals(tall(m.double())).to(m.dtype),
                         matrix / scale, gate=True)
     spectrum = None
     if values is not None:

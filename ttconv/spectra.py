@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._conv_args import check_kernel, dilated_extent, input_size_arg, pair
+from ._linalg import matrix_two_norm, tall
 from ._precision import full_precision
 
 SizeArg = Union[int, Sequence[int]]
@@ -377,7 +378,7 @@ def conv_singular_values(
         )
     single = single_tap_matrices(kernel)
     if single is not None:  # every frequency holds this matrix: decompose it once
-        values = torch.linalg.svdvals(single)  # (g, min(o, i))
+        values = torch.linalg.svdvals(tall(single))  # (g, min(o, i))
         return values.flatten().repeat(math.prod(m)).sort(descending=True).values * scale
     batches = [torch.linalg.svdvals(batch[-1]) for batch in transfer_batches(kernel, m, max_memory)]
     last = len(m) - 1
@@ -412,6 +413,8 @@ def largest_singular_values(matrices: Tensor) -> Tensor:
     """
     wide = torch.complex128 if matrices.is_complex() else torch.float64
     real = matrices.real.dtype if matrices.is_complex() else matrices.dtype
+    if not matrices.is_complex():  # single-tap kernels' matrices: the faster orientation
+        matrices = tall(matrices)
     if matrices.dtype == wide or matrices.dim() < 3:
         return torch.linalg.svdvals(matrices.to(wide))[..., 0].to(real)
     # In quarters of the batch: the widened copy stays within half the batch's own memory,
@@ -516,7 +519,7 @@ def conv_spectral_norm(
     single = single_tap_matrices(kernel)
     differentiable = torch.is_grad_enabled() and weight.requires_grad
     if single is not None:  # every frequency holds this matrix
-        top = torch.linalg.matrix_norm(single, ord=2) if differentiable else largest_singular_values(single)
+        top = matrix_two_norm(single) if differentiable else largest_singular_values(single)
         return top.amax() * scale
     best = None
     for *_, matrices in transfer_batches(kernel, m, max_memory):
