@@ -58,6 +58,14 @@ class Mutant:
 
 
 MUTANTS: List[Mutant] = [
+    # ------------------------------------------------------------------ _linalg.py
+    Mutant(
+        "wide_matrices_kept_wide", "ttconv/_linalg.py",
+        "    return matrix.mT if matrix.shape[-2] < matrix.shape[-1] else matrix",
+        "    return matrix",
+        ("tests/test_linalg.py::test_tall_transposes_only_wide_matrices_as_a_view",),
+        "single real matrices keep their wide orientation (LAPACK's slow SVD; same values)",
+    ),
     # ------------------------------------------------------------------ bounds.py
     Mutant(
         "gram_frobenius_over_rows", "ttconv/bounds.py",
@@ -344,6 +352,20 @@ MUTANTS: List[Mutant] = [
         "        if previous is None or received[0] is not previous[0]:",
         ("tests/test_report_coverage.py::test_a_residual_model_gets_no_unlabelled_product",),
         "an in-place residual (y += x, same tensor, new version) passes as a plain chain",
+    ),
+    Mutant(
+        "report_recomputes_fantastic_four", "ttconv/report.py",
+        "bounds._operator_norm_bound, own_spec, own_size, ff_value)",
+        "bounds._operator_norm_bound, own_spec, own_size, None)",
+        ("tests/test_report_nd.py::test_upper_own_reuses_the_rows_fantastic_four_and_equals_operator_norm_bound",),
+        "the report's operator bound computes Fantastic Four again instead of reusing the row's (cost only)",
+    ),
+    Mutant(
+        "operator_bound_ignores_given_ff", "ttconv/bounds.py",
+        "    ff = fantastic_four if fantastic_four is not None else \\\n",
+        "    ff = fantastic_four if fantastic_four is None else \\\n",
+        ("tests/test_report_nd.py::test_upper_own_reuses_the_rows_fantastic_four_and_equals_operator_norm_bound",),
+        "the operator bound computes Fantastic Four itself instead of using the value it is handed",
     ),
     Mutant(
         "product_printed_for_any_model", "ttconv/report.py",
