@@ -207,9 +207,13 @@ def gpu_summary(cuda_page: str) -> str:
     text = open(cuda_page).read()
     machine = _page_machine(text)
     first = text.split("\n## ", 2)[1]
-    parts += [f"`.ci/cuda-check` ran the suite and the benchmarks on {machine}; every table is on "
-              "[the CUDA page](performance-cuda.md). Its first, the layers against `nn.Conv2d` (batch 32, fwd+bwd "
-              "with an input that requires grad):", "", _first_table(first)]
+    kept = next((line for line in first.splitlines() if line.startswith(_KEPT)), None)
+    if kept is not None:  # the first section is an earlier run's
+        machine = kept[len(_KEPT):].split("*")[0]
+    parts += [f"`.ci/cuda-check` ran the suite and the benchmarks on a GPU; the tables are on "
+              "[the CUDA page](performance-cuda.md) (a section kept from an earlier run names its machine). Its "
+              f"first, the layers against `nn.Conv2d` on {machine} (batch 32, fwd+bwd with an input that requires "
+              "grad):", "", _first_table(first)]
     return "\n".join(parts)
 
 

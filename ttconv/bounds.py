@@ -585,7 +585,8 @@ def _operator_norm_bound(
     """``operator_norm_bound``, reusing ``fantastic_four``: ``fantastic_four_bound`` of the conv
     the layer's operator is bounded by (for a transposed spec, its adjoint) with zero padding,
     as ``spectral_report`` has computed it already (at 512 channels it is half the bound's
-    cost). ``None``: computed here."""
+    cost). ``None``: computed here. The value is trusted: it must be that bound (a smaller one
+    would make this bound unsound), which is why the function is private."""
     spec, n = _operator_size(conv_spec(target, **geometry), input_size)
     if _is_one_by_one(spec):
         return _one_by_one_norm(spec, n)  # exact: nothing can be smaller

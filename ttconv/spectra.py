@@ -413,7 +413,7 @@ def largest_singular_values(matrices: Tensor) -> Tensor:
     """
     wide = torch.complex128 if matrices.is_complex() else torch.float64
     real = matrices.real.dtype if matrices.is_complex() else matrices.dtype
-    if not matrices.is_complex():  # single-tap kernels' matrices: the faster orientation
+    if not matrices.is_complex():  # real matrices (single-tap kernels'): the faster orientation
         matrices = tall(matrices)
     if matrices.dtype == wide or matrices.dim() < 3:
         return torch.linalg.svdvals(matrices.to(wide))[..., 0].to(real)
