@@ -90,10 +90,6 @@ def report_header(device: torch.device) -> List[str]:
 
 def forward_rows(names: Sequence[str], tiny: bool, repeats: int) -> List[List[str]]:
     rows = []
-    # Untimed: one-time start-up (on CUDA the solver handles and lazily loaded kernels; the H100
-    # run without it timed ResNet-18, the first model, at 2.54 s and the larger ResNet-50 at
-    # 0.38 s) is paid by a tiny copy of the first model.
-    ttconv.densify(ttconv.convert(real_shapes.build(names[0], tiny=True)[0]))
     for name in names:
         model, x = real_shapes.build(name, tiny=tiny)
         x8 = _batch(x, 8)
