@@ -428,14 +428,19 @@ def test_lipschitz_bound_of_n_d_orthogonal_layers_is_max_abs_s(cls, shape):
     assert ttconv.evaluate.lipschitz_bound(model, torch.randn(shape)) == pytest.approx(2.5, rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["Conv2d", "Conv3d", "ConvTranspose2d", "SVDConv1d", "SVDConvTranspose3d"])
+@pytest.mark.parametrize("kind", ["Conv2d", "Conv3d", "ConvTranspose2d", "SVDConv1d", "SVDConvTranspose3d",
+                                  "reflect"])
 def test_upper_own_reuses_the_rows_fantastic_four_and_equals_operator_norm_bound(kind, monkeypatch):
     """The report hands its own Fantastic Four value (of the zero-padded conv whose singular
     values the layer has) to the operator bound instead of computing it twice; 'upper own' is
     still exactly ``operator_norm_bound`` of the layer."""
     import ttconv.bounds as bounds_module
 
-    layer, n = _make(kind, 70 + sorted(CASES).index(kind))
+    if kind == "reflect":  # a padding factor above 1, grouped and dilated: applied once, inside the bound
+        torch.manual_seed(77)
+        layer, n = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="reflect", dtype=D), (7, 7)
+    else:
+        layer, n = _make(kind, 70 + sorted(CASES).index(kind))
     handed = []
     original = bounds_module._operator_norm_bound
 
