@@ -354,18 +354,12 @@ MUTANTS: List[Mutant] = [
         "an in-place residual (y += x, same tensor, new version) passes as a plain chain",
     ),
     Mutant(
-        "report_recomputes_fantastic_four", "ttconv/report.py",
-        "bounds._operator_norm_bound, own_spec, own_size, ff_value)",
-        "bounds._operator_norm_bound, own_spec, own_size, None)",
-        ("tests/test_report_nd.py::test_upper_own_reuses_the_rows_fantastic_four_and_equals_operator_norm_bound",),
-        "the report's operator bound computes Fantastic Four again instead of reusing the row's (cost only)",
-    ),
-    Mutant(
-        "operator_bound_ignores_given_ff", "ttconv/bounds.py",
-        "    ff = fantastic_four if fantastic_four is not None else \\\n",
-        "    ff = fantastic_four if fantastic_four is None else \\\n",
-        ("tests/test_report_nd.py::test_upper_own_reuses_the_rows_fantastic_four_and_equals_operator_norm_bound",),
-        "the operator bound computes Fantastic Four itself instead of using the value it is handed",
+        "operator_bound_copies_unrooted", "ttconv/bounds.py",
+        "    pad_norm = math.sqrt(math.prod(_copies(",
+        "    pad_norm = (math.prod(_copies(",
+        ("tests/test_bounds_values.py::test_operator_norm_bound_never_exceeds_fantastic_four_times_the_padding_factor",),
+        "operator_norm_bound multiplies by the padding map's largest copy count, not its square root: "
+        "valid, but looser than Fantastic Four times the padding factor",
     ),
     Mutant(
         "product_printed_for_any_model", "ttconv/report.py",

@@ -344,6 +344,49 @@ def test_operator_norm_bound_counts_the_padding_copies(mode, n, kind, seed):
     assert float(operator_norm_bound(conv, n)) >= real * SAFE
 
 
+# The Fantastic Four candidate operator_norm_bound leaves out (its docstring's argument):
+# (padding_mode, kernel, stride, dilation, padding, groups, n), 2-D; strides that do and do
+# not divide n, padding up to twice the extent, folded kernels (n below the extent).
+REDUNDANT_FF_CASES = [
+    (mode, kernel, stride, dilation, padding, groups, n)
+    for mode in ("zeros", "circular", "reflect", "replicate")
+    for kernel, stride, dilation, padding, groups, n in (
+        ((3, 3), (1, 1), (1, 1), (1, 1), 1, (6, 6)),
+        ((3, 2), (2, 1), (1, 2), (2, 1), 2, (6, 5)),
+        ((2, 3), (2, 3), (1, 1), (1, 2), 1, (5, 7)),
+        ((3, 3), (3, 2), (2, 1), (4, 3), 1, (5, 4)),
+        ((4, 1), (1, 2), (1, 1), (3, 0), 2, (4, 6)),
+        ((3, 3), (2, 2), (2, 2), (2, 2), 1, (4, 4)),
+    )
+]
+
+
+@pytest.mark.parametrize("case", REDUNDANT_FF_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_operator_norm_bound_never_exceeds_fantastic_four_times_the_padding_factor(case, monkeypatch):
+    """``operator_norm_bound`` no longer computes Fantastic Four: FF times ``padding_factor``
+    is a valid bound but never below the candidates it keeps. Checked against FF computed
+    independently (numpy reshapes), at every padding mode, with strides that do and do not
+    divide ``n``, dilation, groups and inputs smaller than the kernel; and the bound never
+    calls ``fantastic_four_bound`` (the cost the change saves)."""
+    import ttconv.bounds as bounds_module
+
+    mode, kernel_size, stride, dilation, padding, groups, n = case
+    torch.manual_seed(sum(map(sum, (kernel_size, stride, padding, n))) + groups)
+    conv = nn.Conv2d(2 * groups, 2 * groups, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, padding_mode=mode, bias=False, dtype=torch.float64)
+    def forbidden(*args, **kwargs):
+        raise AssertionError("operator_norm_bound computed Fantastic Four")
+
+    monkeypatch.setattr(bounds_module, "fantastic_four_bound", forbidden)
+    with torch.no_grad():
+        bound = float(operator_norm_bound(conv, n))
+    ff = float(_ff_independent(conv.weight.detach(), groups).min(axis=1).max())
+    factor = bounds_module.padding_factor(bounds_module.conv_spec(conv), n)
+    assert bound <= ff * factor * (1 + 1e-12)
+    real = float(svdvals_cpu(operator_matrix(layer_operator(conv), (2 * groups, *n)))[0])
+    assert bound >= real * SAFE
+
+
 # ----------------------------------------------------------- the lower estimate
 def test_power_estimate_of_a_float32_layer_is_rounded_down():
     """Documented: the final ||A x|| is evaluated in float64 and rounded *toward zero* to

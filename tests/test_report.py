@@ -183,7 +183,7 @@ def test_max_memory_reaches_every_streaming_function(monkeypatch):
 
     seen = {}
     for module, name in ((spectra_module, "conv_spectral_norm"), (bounds_module, "gram_iteration_bound"),
-                         (bounds_module, "_operator_norm_bound")):
+                         (bounds_module, "operator_norm_bound")):
         original = getattr(module, name)
 
         def spy(*args, max_memory, _original=original, _name=name, **kwargs):
@@ -192,7 +192,7 @@ def test_max_memory_reaches_every_streaming_function(monkeypatch):
 
         monkeypatch.setattr(module, name, spy)
     spectral_report(nn.Sequential(nn.Conv2d(2, 2, 3)), torch.randn(1, 2, 6, 6), max_memory=123_456)
-    assert seen == {"conv_spectral_norm": 123_456, "gram_iteration_bound": 123_456, "_operator_norm_bound": 123_456}
+    assert seen == {"conv_spectral_norm": 123_456, "gram_iteration_bound": 123_456, "operator_norm_bound": 123_456}
 
 
 def test_a_function_without_max_memory_is_gated_on_the_estimate(monkeypatch):
@@ -215,7 +215,7 @@ def test_upper_bound_falls_back_when_the_operator_norm_does_not_fit(monkeypatch,
     def too_big(*args, max_memory, **kwargs):
         raise MemoryLimitError("one frequency's 1 x 3 x 3 matrices need 9.0 GB, more than max_memory=1.0 KB")
 
-    monkeypatch.setattr(bounds_module, "_operator_norm_bound", too_big)
+    monkeypatch.setattr(bounds_module, "operator_norm_bound", too_big)
     conv = nn.Conv2d(3, 3, 3, padding=2, padding_mode=padding_mode).double()
     row = spectral_report(nn.Sequential(conv), torch.randn(1, 3, 6, 6, dtype=torch.float64)).layers[0]
     assert "upper own (exact norm on the padded grid) not computed: one frequency's" in row.note

@@ -550,7 +550,7 @@ def operator_norm_bound(
     """Provable upper bound on the norm of the layer's *actual* operator on an input of size ``n``.
 
     Uses the layer's own padding amount and mode, stride and dilation (``n``: one size
-    per spatial axis); the minimum of these valid bounds:
+    per spatial axis); the smaller of these valid bounds:
 
     * every mode: the padding map (norm ``sqrt(max copies of a pixel)``, 1 for zeros)
       followed by a valid strided conv on the padded grid ``N = n + padding``, which is a
@@ -560,8 +560,15 @@ def operator_norm_bound(
       circular conv on ``n`` itself (strided along axes the stride divides, else stride
       1), repeated at most ``c`` times when the padding exceeds the extent minus one;
       ``sqrt(c)`` times that exact norm bounds it, and equals it for a size-preserving
-      circular layer with ``n`` divisible by the stride;
-    * ``fantastic_four_bound`` times ``padding_factor`` at this size.
+      circular layer with ``n`` divisible by the stride.
+
+    ``fantastic_four_bound`` times ``padding_factor`` at this size is valid too but never
+    smaller, so it is not computed. Fantastic Four bounds the transfer matrix at every
+    frequency, hence the strided circular norm on every grid (a strided conv keeps rows of
+    the stride-1 one). For zeros, reflect and replicate the padded-grid candidate's factor
+    is ``padding_factor``; in circular mode the first candidate's repeat count is
+    ``padding_factor``'s (at a stride dividing ``n`` the strided count equals the stride-1
+    one). ``tests/test_bounds_values.py`` checks this on a sweep of every mode.
 
     A transposed spec: the layer on ``n`` is the adjoint of its zero-padded conv on
     ``N = ConvSpec.conv_input_size(n)`` (first ``n`` outputs kept), bounded as above.
@@ -574,19 +581,6 @@ def operator_norm_bound(
 
     Raises ``ValueError`` for sizes the layer refuses. Differentiable almost everywhere.
     """
-    return _operator_norm_bound(target, input_size, None, max_memory=max_memory, **geometry)
-
-
-@full_precision
-def _operator_norm_bound(
-    target: ConvLike, input_size: SizeArg, fantastic_four: Optional[Tensor], *,
-    max_memory: int = DEFAULT_MAX_MEMORY, **geometry
-) -> Tensor:
-    """``operator_norm_bound``, reusing ``fantastic_four``: ``fantastic_four_bound`` of the conv
-    the layer's operator is bounded by (for a transposed spec, its adjoint) with zero padding,
-    as ``spectral_report`` has computed it already (at 512 channels it is half the bound's
-    cost). ``None``: computed here. The value is trusted: it must be that bound (a smaller one
-    would make this bound unsound), which is why the function is private."""
     spec, n = _operator_size(conv_spec(target, **geometry), input_size)
     if _is_one_by_one(spec):
         return _one_by_one_norm(spec, n)  # exact: nothing can be smaller
@@ -609,10 +603,7 @@ def _operator_norm_bound(
                                    for (b, a), n_i in zip(axes, n)))
     grid = tuple(s * -(-(n_i + b + a) // s) for (b, a), n_i, s in zip(axes, n, spec.stride))
     candidates.append(pad_norm * conv_spectral_norm(spec.kernel, grid, stride=spec.stride, **geometry))
-    ff = fantastic_four if fantastic_four is not None else \
-        fantastic_four_bound(spec.kernel, dilation=spec.dilation, groups=spec.groups)
-    candidates.append(padding_factor(spec, n) * ff)
-    return torch.stack([torch.as_tensor(c, dtype=ff.dtype) for c in candidates]).amin()
+    return torch.stack(candidates).amin()
 
 
 def _round_down(value: Tensor, dtype: torch.dtype) -> Tensor:

@@ -606,7 +606,7 @@ def _analyse(
         value = budget.run("upper own (exact norm on the padded grid)",
                            _EXACT_FACTOR * _transfer_bytes(tuple(kernel.shape), spec.stride, padded, itemsize,
                                                            spec.dilation),
-                           bounds._operator_norm_bound, own_spec, own_size, ff_value)
+                           bounds.operator_norm_bound, own_spec, own_size)
         if value is not None:
             upper = float(value)
         else:  # size-independent bounds of the full convolution, times the padding's factor
