@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _conv_args as args
+from ._effective_kernel import TORCH_CONVS
 from ._hooks import run_example, unwrap
 from ._precision import full_precision
 from ._progress import ProgressArg, progress_for
@@ -77,12 +78,11 @@ if TYPE_CHECKING:  # Python 3.10+; only read by the type checker (annotations ar
 __all__ = ["clip_singular_values_", "scale_to_spectral_norm_", "spectral_norm", "SpectralControl"]
 
 ConvLayer = Union[nn.modules.conv._ConvNd, _SVDConvNd]
-_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _KINDS = "an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, SVDConv1d/2d/3d or SVDConvTranspose1d/2d/3d"
 
 
 def _is_controllable(module: Any) -> bool:
-    return isinstance(module, _TORCH_CONVS + (_SVDConvNd,))
+    return isinstance(module, TORCH_CONVS + (_SVDConvNd,))
 
 
 def _check_layer(layer: Any) -> None:

@@ -26,6 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import _conv_args as args
 from . import _forward_paths, _functional
+from ._effective_kernel import _effective_kernel
 from ._precision import full_precision
 from ._typing import CoreKind, ForwardPath, IntOrPair, Padding, PaddingMode, RankSpec
 from .geometry import ConvSpec
@@ -825,10 +826,6 @@ class _SVDConvNd(nn.Module):
         if not isinstance(conv, cls._torch_class):
             raise TypeError(f"conv must be a torch.nn.{cls._torch_class.__name__} for {cls.__name__}, "
                             f"got {type(conv).__name__}")
-        # convert.py imports this module; the kernel resolution lives there with the rest
-        # of the knowledge about torch's reparametrizations.
-        from .convert import _effective_kernel
-
         kernel = _effective_kernel(conv, strict=False)
         if kernel.folded:
             warnings.warn(f"{caller}: {'; '.join(kernel.folded)}", UserWarning, stacklevel=3)
