@@ -287,7 +287,11 @@ def _collected_page(folder: str, device: torch.device, previous_page: Optional[s
         kept = previous.get(heading, "")
         if "|" in kept:  # an earlier run's tables: keep them, saying where they were measured
             lines = kept.splitlines()
-            if not any(line.startswith(_KEPT) for line in lines):
+            marks = [i for i, line in enumerate(lines) if line.startswith(_KEPT)]
+            if marks:  # kept again: the machine it was measured on stays, the reason is this run's
+                head = lines[marks[0]].split("; the latest run: ")[0]
+                lines[marks[0]] = f"{head}; the latest run: {printed.why}."
+            else:
                 lines[1:1] = ["", f"{_KEPT}{earlier}*; the latest run: {printed.why}."]
             parts += ["", "\n".join(lines)]
             continue

@@ -75,3 +75,14 @@ def test_collect_builds_the_gpu_page_and_keeps_sections_the_new_run_did_not_reac
         assert "**Stopped before the end** (`bench_control: exit 124" in sections[control]
         assert "| new control, first table | 4 |" in sections[control]
         assert "Not run to the end on cuda" in sections[headings["benchmarks/bench_convert.py"]]
+    # A later run that stops in the bounds script before its first table keeps the tables again: the machine
+    # they were measured on stays, the reason becomes the later run's.
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "env.txt").write_text("Newer GPU\n")
+    (later / "bench_bounds.log").write_text("bench_bounds: exit 124 after 9 s (limit 9 s)\n")
+    run_all.main(["--collect", str(later), "--output", str(page)])
+    kept = run_all._sections(str(page))[bounds]
+    assert kept.count("*Kept from an earlier run on ") == 1 and "Old GPU; 8 CPU cores" in kept
+    assert "the latest run: `bench_bounds: exit 124 after 9 s (limit 9 s)`." in kept and "no output saved" not in kept
+    assert "| old bounds | 2 |" in kept
