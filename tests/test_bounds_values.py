@@ -361,30 +361,80 @@ REDUNDANT_FF_CASES = [
 ]
 
 
+def _copies_independent(mode, before, after, n):
+    """Largest number of times one pixel of a length-``n`` row appears after numpy padding."""
+    if mode in ("zeros", "circular") or before == after == 0:
+        return 1
+    padded = np.pad(np.arange(n), (before, after), mode={"reflect": "reflect", "replicate": "edge"}[mode])
+    return int(np.bincount(padded, minlength=n).max())
+
+
+@pytest.mark.parametrize("kind", ["normal", "ones"])
 @pytest.mark.parametrize("case", REDUNDANT_FF_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
-def test_operator_norm_bound_never_exceeds_fantastic_four_times_the_padding_factor(case, monkeypatch):
+def test_operator_norm_bound_never_exceeds_fantastic_four_times_the_padding_factor(case, kind, monkeypatch):
     """``operator_norm_bound`` no longer computes Fantastic Four: FF times ``padding_factor``
     is a valid bound but never below the candidates it keeps. Checked against FF computed
     independently (numpy reshapes), at every padding mode, with strides that do and do not
-    divide ``n``, dilation, groups and inputs smaller than the kernel; and the bound never
-    calls ``fantastic_four_bound`` (the cost the change saves)."""
+    divide ``n``, dilation, groups and inputs smaller than the kernel, on random kernels and
+    on all-ones ones (where FF is tight: the transfer matrix at frequency 0 reaches it); the
+    bound never calls ``fantastic_four_bound`` (the cost the change saves). Outside circular
+    mode the bound is pinned to its one candidate computed independently: the largest copy
+    count of the padding (numpy) times the dense circular operator's norm on the padded grid."""
     import ttconv.bounds as bounds_module
+    from circular_oracle import circular_singular_values_any_size
 
     mode, kernel_size, stride, dilation, padding, groups, n = case
     torch.manual_seed(sum(map(sum, (kernel_size, stride, padding, n))) + groups)
     conv = nn.Conv2d(2 * groups, 2 * groups, kernel_size, stride=stride, padding=padding, dilation=dilation,
                      groups=groups, padding_mode=mode, bias=False, dtype=torch.float64)
+    if kind == "ones":
+        with torch.no_grad():
+            conv.weight.fill_(1.0)
+
     def forbidden(*args, **kwargs):
         raise AssertionError("operator_norm_bound computed Fantastic Four")
 
     monkeypatch.setattr(bounds_module, "fantastic_four_bound", forbidden)
     with torch.no_grad():
         bound = float(operator_norm_bound(conv, n))
-    ff = float(_ff_independent(conv.weight.detach(), groups).min(axis=1).max())
+    weight = conv.weight.detach()
+    ff = float(_ff_independent(weight, groups).min(axis=1).max())
     factor = bounds_module.padding_factor(bounds_module.conv_spec(conv), n)
     assert bound <= ff * factor * (1 + 1e-12)
     real = float(svdvals_cpu(operator_matrix(layer_operator(conv), (2 * groups, *n)))[0])
     assert bound >= real * SAFE
+    if mode != "circular":
+        copies = math.prod(_copies_independent(mode, p, p, n_i) for p, n_i in zip(padding, n))
+        grid = [s * -(-(n_i + 2 * p) // s) for n_i, p, s in zip(n, padding, stride)]
+        padded = float(circular_singular_values_any_size(weight, grid, stride, dilation, groups)[0])
+        assert bound == pytest.approx(math.sqrt(copies) * padded, rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_left_out_fantastic_four_candidate_is_never_smaller_in_1d_3d_and_transposed(kind, dtype):
+    """The same inequality for the other conv kinds (Fantastic Four from the library, whose
+    values ``test_bounds_nd.py`` checks), in float64 and float32, on random and all-ones kernels."""
+    import ttconv.bounds as bounds_module
+
+    torch.manual_seed(len(kind))
+    d = int(kind[-2])
+    n = {1: (7,), 2: (5, 6), 3: (4, 5, 3)}[d]
+    for ones in (False, True):
+        for mode in (("zeros",) if kind.startswith("ConvTranspose") else ("zeros", "circular", "reflect", "replicate")):
+            extra = {} if kind.startswith("ConvTranspose") else {"padding_mode": mode}
+            conv = getattr(nn, kind)(2, 4, 3, stride=2, padding=2 if mode != "zeros" else 1, dilation=1,
+                                     groups=2, bias=False, dtype=dtype, **extra)
+            if ones:
+                with torch.no_grad():
+                    conv.weight.fill_(1.0)
+            with torch.no_grad():
+                bound = float(operator_norm_bound(conv, n))
+                spec = bounds_module.conv_spec(conv)
+                ff = float(bounds_module.fantastic_four_bound(spec.adjoint() if spec.transposed else spec))
+                factor = bounds_module.padding_factor(spec, n)
+            tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+            assert bound <= ff * factor * (1 + tolerance), (mode, ones)
 
 
 # ----------------------------------------------------------- the lower estimate

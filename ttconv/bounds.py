@@ -550,7 +550,8 @@ def operator_norm_bound(
     """Provable upper bound on the norm of the layer's *actual* operator on an input of size ``n``.
 
     Uses the layer's own padding amount and mode, stride and dilation (``n``: one size
-    per spatial axis); the smaller of these valid bounds:
+    per spatial axis); the smaller of these valid bounds (the first holds in every mode, the second
+    in circular mode only):
 
     * every mode: the padding map (norm ``sqrt(max copies of a pixel)``, 1 for zeros)
       followed by a valid strided conv on the padded grid ``N = n + padding``, which is a

@@ -69,7 +69,6 @@ SVD_CLASSES: Mapping[Type[_ConvNd], Type[_SVDConvNd]] = {
 """The torch conv classes ``convert`` replaces, and the ttconv class each becomes
 (``densify`` goes back through the layer's ``to_conv``, which builds this torch class)."""
 
-_TORCH_CONVS: Tuple[Type[_ConvNd], ...] = TORCH_CONVS
 
 RankChoice = Union[None, int, float, Tuple[int, int]]
 Exclude = Union[Iterable[str], Callable[[nn.Module, str], bool]]
@@ -759,7 +758,7 @@ def convert(
     skipped: List[Tuple[str, str]] = []
     kept: List[KeptDense] = []
     for name, module in model.named_modules():  # each shared module once
-        if not isinstance(module, _TORCH_CONVS):
+        if not isinstance(module, TORCH_CONVS):
             continue
         if is_excluded(module, name):
             excluded.append(name)
@@ -1016,7 +1015,7 @@ def load_converted(
             kernel = _Kernel(module.U, module.bias,
                              not any(p.requires_grad for p in _kernel_parameters(module)),
                              module.bias is None or not module.bias.requires_grad, [], [])
-        elif isinstance(module, _TORCH_CONVS):
+        elif isinstance(module, TORCH_CONVS):
             cls = _svd_class(module)
             kernel = _effective_kernel(module, strict=False)
         else:

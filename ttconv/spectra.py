@@ -229,7 +229,7 @@ _CPU_BATCH_BYTES = 8 << 20
 """Most bytes of transfer matrices in one CPU batch (whatever ``max_memory`` allows): a batch
 that stays in the last-level cache is decomposed faster. Measured at 1 thread on a 2-core EPYC
 with a 32 MiB L3 (docs/performance.md, bounds section): the exact norm of ResNet-18's layers
-up to 256 channels in 0.53-0.65x the time of one large batch, 0.98-1.01x at 512 channels,
+up to 256 channels in 0.55-0.72x the time of one large batch, 0.85-1.04x at 512 channels,
 where a few frequencies fill a batch anyway (a fresh 70 MB buffer alone takes ~55 ms to fault
 in, and the Gram, power-iteration and Cholesky passes each stream it again). GPUs keep the
 large batch: there every batch is a launch."""
