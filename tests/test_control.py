@@ -167,6 +167,58 @@ def test_models_without_convs_and_bad_layers_are_refused():
         scale_to_spectral_norm_(nn.Linear(3, 3), 1.0, 8)
 
 
+def _deprecated_weight_norm(conv):
+    import warnings
+
+    with warnings.catch_warnings():  # torch 2.13 deprecates the hook-based weight_norm; models still use it
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.nn.utils.weight_norm(conv)
+
+
+def _reparametrized_convs():
+    """Convs whose weight a reparametrization recomputes before every forward, by name."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    def conv():
+        return nn.Conv2d(3, 3, 3, padding=1).double()
+
+    custom = conv()
+    parametrize.register_parametrization(custom, "weight", Doubled())
+    svd = SVDConv(3, 3, 3, padding=1, dtype=torch.float64)
+    parametrize.register_parametrization(svd, "S", Doubled())
+    return {"parametrizations.weight_norm": parametrizations.weight_norm(conv()),
+            "parametrizations.spectral_norm": parametrizations.spectral_norm(conv()),
+            "nn.utils.weight_norm": _deprecated_weight_norm(conv()),
+            "nn.utils.spectral_norm": torch.nn.utils.spectral_norm(conv()),
+            "pruning": torch.nn.utils.prune.random_unstructured(conv(), "weight", amount=0.3),
+            "parametrize(2 w)": custom, "SVDConv with S parametrized": svd}
+
+
+@pytest.mark.parametrize("kind", sorted(_reparametrized_convs()))
+def test_control_refuses_reparametrized_layers_and_leaves_them_unchanged(kind):
+    """Control writes the stored tensors; a reparametrization recomputes the ones a forward uses,
+    so a scale or clip would report a norm the layer does not have (measured before this check:
+    'scaled' to 0.1, norm 1.1 after the next forward). Each write path refuses, names the layer
+    and the fix, and changes nothing; the read-only ``spectral_norm`` still answers."""
+    layer = _reparametrized_convs()[kind].eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for call in (lambda: scale_to_spectral_norm_(layer, 0.1, 6), lambda: clip_singular_values_(layer, 0.1, 6)):
+        with pytest.raises(ValueError, match="layer is reparametrized .*remove_parametrizations"):
+            call()
+    with pytest.raises(ValueError, match=r"layer '0' is reparametrized .*ttconv.convert folds it"):
+        SpectralControl(nn.Sequential(layer), 0.1, every=1, example_input=x)
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        layer(x)  # hook-based ones refresh .weight here
+        assert float(spectral_norm(layer, 6)) > 0
+
+
 @pytest.mark.parametrize("mode, norms_per_layer", [("scale", 1), ("clip", 2), ("clip_scale", 2)])
 def test_a_control_pass_computes_each_norm_once(mode, norms_per_layer, monkeypatch):
     """One exact norm per layer before (passed on to the scale), one after a clip (passed on to

@@ -428,6 +428,91 @@ def test_lipschitz_bound_refuses_what_it_cannot_certify():
     assert ev.lipschitz_bound(nn.Sequential(Scaled(), nn.ReLU()).eval(), example) == 4.0
 
 
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+def test_orthogonal_layers_bound_includes_their_padding(mode):
+    """An orthogonal core's circular operator has norm ``max |S|``; padding other than zeros can
+    make the layer's own operator larger (a padding map that copies pixels, circular rows
+    repeated), so the bound is ``max |S|`` times the padding's factor, never ``max |S|`` alone:
+    checked against the explicit operator (padding 2 on a 4x4 input, where the copies matter)."""
+    torch.manual_seed(3)
+    layer = ttconv.SVDConv(4, 4, 3, padding=2, padding_mode=mode, bias=False, core_kind="orthogonal",
+                           dtype=torch.float64)
+    model = nn.Sequential(layer).eval()
+    bound = ev.lipschitz_bound(model, torch.zeros(1, 4, 4, 4, dtype=torch.float64))
+    truth = matrix_norm(layer_operator(layer), (4, 4, 4))
+    max_s = float(layer.effective_S().detach().abs().max())
+    assert bound >= truth * (1 - 1e-12)
+    # Per axis, by hand on a row of 4 padded by 2: circular 6 outputs over 4 rows (2 repeats), reflect
+    # 2 1 [0 1 2 3] 2 1 and replicate 0 0 [0 1 2 3] 3 3 (3 copies); the factor is sqrt(copies^2).
+    copies = {"zeros": 1, "circular": 2, "reflect": 3, "replicate": 3}[mode]
+    assert bound == pytest.approx(max_s * (copies if mode != "zeros" else 1), rel=1e-12)
+
+
+def test_a_module_registered_twice_counts_at_every_use():
+    """``nn.Sequential(lin, relu, lin)`` applies ``lin`` twice: the bound is ``||W||^2``, not
+    ``||W||``; a conv registered twice is refused (its bound depends on each call's input size)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 6).double()
+    model = nn.Sequential(linear, nn.ReLU(), linear).eval()
+    norm = float(svdvals_cpu(linear.weight.detach())[0])
+    assert ev.lipschitz_bound(model, torch.zeros(1, 6, dtype=torch.float64)) == pytest.approx(norm ** 2, rel=1e-12)
+    conv = nn.Conv2d(2, 2, 3, padding=1, bias=False).double()
+    with pytest.raises(ValueError, match="applied 2 times"):
+        ev.lipschitz_bound(nn.Sequential(conv, nn.Identity(), conv).eval(), torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("where", ["conv output", "relu output", "conv input", "root output", "nested output"])
+def test_hooks_that_can_change_a_layer_are_refused_and_never_certified(where):
+    """A forward hook (or pre-hook) can replace what a module computes: neither
+    ``lipschitz_bound`` nor the report's chain product certifies such a model, with or without
+    an example input. The reparametrization pre-hooks (``spectral_norm``) only recompute the
+    kernel the bound reads: a chain with one is still certified, above the explicit norm."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.ReLU())
+    model = nn.Sequential(inner, nn.Conv2d(2, 2, 3, padding=1, bias=False)).double().eval()
+    target, hook = {
+        "conv output": (inner[0], lambda m, i, o: o * 100.0),
+        "relu output": (inner[1], lambda m, i, o: o * 100.0),
+        "conv input": (model[1], None),
+        "root output": (model, lambda m, i, o: o * 100.0),
+        "nested output": (inner, lambda m, i, o: o * 100.0),
+    }[where]
+    if hook is None:
+        target.register_forward_pre_hook(lambda m, args: (args[0] * 100.0,))
+    else:
+        target.register_forward_hook(hook)
+    x = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match="hook"):
+        ev.lipschitz_bound(model, x)
+    assert ttconv.spectral_report(model, x).lipschitz_bound is None
+    assert ttconv.spectral_report(model).lipschitz_bound is None
+
+
+def test_spectral_norm_pre_hooks_still_certify():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(2, 3, 3, padding=1, bias=False)), nn.ReLU(),
+                          nn.Conv2d(3, 2, 3, padding=1, bias=False)).double()
+    model(torch.randn(1, 2, 6, 6, dtype=torch.float64))  # one training-mode step of the power iteration
+    model.eval()
+    x = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    explicit = matrix_norm(layer_operator(model[0]), (2, 6, 6)) * matrix_norm(layer_operator(model[2]), (3, 6, 6))
+    bound = ev.lipschitz_bound(model, x)
+    assert bound >= explicit * (1 - 1e-12)
+    assert ttconv.spectral_report(model, x).lipschitz_bound is not None
+
+
+def test_global_forward_hooks_block_the_certificate():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False)).double().eval()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(TypeError, match="global forward hooks"):
+            ev.lipschitz_bound(model, torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+        assert ttconv.spectral_report(model, torch.zeros(1, 2, 5, 5, dtype=torch.float64)).lipschitz_bound is None
+    finally:
+        handle.remove()
+    assert ev.lipschitz_bound(model, torch.zeros(1, 2, 5, 5, dtype=torch.float64)) > 0
+
+
 # ----------------------------------------------------------------- empirical Lipschitz
 def test_empirical_lipschitz_of_a_linear_model_is_its_spectral_norm():
     torch.manual_seed(4)

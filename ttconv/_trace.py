@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._effective_kernel import _REPARAMETRIZATION_HOOKS
 from ._hooks import run_example, unwrap
 from .activations import ChannelPad, MaxMin
 from .geometry import conv_spec
@@ -218,7 +219,9 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
                 result.transposed_outputs.setdefault(name, tuple(int(s) for s in output.shape[-specs[name].dims:]))
 
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(module.register_forward_hook(after))
+        # First of the module's forward hooks: it records what the module computed, so a later
+        # hook that replaces or edits the output breaks the chain check instead of hiding in it.
+        handles.append(module.register_forward_hook(after, prepend=True))
     try:
         output = run_example(model, example_input)
     finally:
@@ -230,6 +233,9 @@ def trace(model: nn.Module, analysed: List[Tuple[str, nn.Module]], example_input
 
 
 def _chain_problem(calls, analysed_ids, example_input, output) -> Optional[str]:
+    problem = global_hook_problem()
+    if problem:
+        return problem
     if isinstance(example_input, (tuple, list)):
         if len(example_input) != 1:
             return "the model takes several inputs"
@@ -264,6 +270,28 @@ def _chain_problem(calls, analysed_ids, example_input, output) -> Optional[str]:
     return None
 
 
+def global_hook_problem() -> Optional[str]:
+    """Why torch's global module hooks may change what the layers compute, or None."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook): " \
+               "they can change what every layer computes"
+    return None
+
+
+def hook_problem(name: str, module: nn.Module) -> Optional[str]:
+    """Why a forward hook on ``module`` may change what it computes, or None. The pre-hooks of
+    torch's reparametrizations (spectral_norm, weight_norm, pruning) only recompute a conv's
+    kernel, which is what the analysis reads."""
+    label = repr(name) if name else "the model"
+    if module._forward_hooks:
+        return f"{label} has a forward hook, which can change its output"
+    if any(not isinstance(hook, _REPARAMETRIZATION_HOOKS) for hook in module._forward_pre_hooks.values()):
+        return f"{label} has a forward pre-hook, which can change its input"
+    return None
+
+
 def sequential_problem(model: nn.Module, analysed: List[Tuple[str, nn.Module]]) -> Optional[str]:
     """Without an example input: None when ``model`` is an ``nn.Sequential`` (nested
     Sequentials flattened) of analysed layers and 1-Lipschitz maps, else why not."""
@@ -273,10 +301,16 @@ def sequential_problem(model: nn.Module, analysed: List[Tuple[str, nn.Module]]) 
                 "trace how its layers connect")
     ids = {id(m) for _, m in analysed}
     seen: set = set()
+    problem = global_hook_problem() or hook_problem("", model) or (hook_problem("", root) if root is not model else None)
+    if problem:
+        return problem
 
     def walk(sequential: nn.Sequential, prefix: str) -> Optional[str]:
         for name, module in sequential._modules.items():  # named_children() would hide a repeated module
             full = prefix + name
+            problem = hook_problem(full, module) if module is not None else None
+            if problem:
+                return problem
             if type(module) is nn.Sequential:
                 problem = walk(module, full + ".")
                 if problem:

@@ -46,13 +46,14 @@ one matrix norm and its clip one SVD, exact.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import _conv_args as args
-from ._effective_kernel import TORCH_CONVS
+from ._effective_kernel import _REPARAMETRIZATION_HOOKS, TORCH_CONVS
 from ._hooks import run_example, unwrap
 from ._precision import full_precision
 from ._progress import ProgressArg, progress_for
@@ -88,6 +89,30 @@ def _is_controllable(module: Any) -> bool:
 def _check_layer(layer: Any) -> None:
     if not _is_controllable(layer):
         raise TypeError(f"layer must be {_KINDS}, got {type(layer).__name__}")
+
+
+def _check_writable(layer: Any, name: str = "layer") -> None:
+    """``_check_layer``, and refuse a layer whose tensors a reparametrization recomputes: writing
+    them would report a norm the next forward does not have."""
+    _check_layer(layer)
+    problem = _reparametrized(layer)
+    if problem:
+        raise ValueError(
+            f"{name} is reparametrized ({problem}): its tensors are recomputed before every forward, so "
+            "control would rewrite a value the next forward discards. Remove the reparametrization first "
+            "(torch.nn.utils.parametrize.remove_parametrizations, nn.utils.remove_spectral_norm / "
+            "remove_weight_norm), or convert the model (ttconv.convert folds it into the kernel)")
+
+
+def _reparametrized(layer: nn.Module) -> str:
+    """What recomputes a tensor of ``layer`` that control writes ('' when nothing does):
+    ``torch.nn.utils.parametrize`` or a hook-based reparametrization (spectral_norm,
+    weight_norm, pruning)."""
+    if parametrize.is_parametrized(layer):
+        return "torch.nn.utils.parametrize on " + ", ".join(cast(nn.ModuleDict, layer.parametrizations).keys())
+    hooks = [type(hook).__name__ for hook in layer._forward_pre_hooks.values()
+             if isinstance(hook, _REPARAMETRIZATION_HOOKS)]
+    return ", ".join(hooks)
 
 
 def _dims(layer: ConvLayer) -> int:
@@ -215,7 +240,7 @@ def scale_to_spectral_norm_(layer: ConvLayer, max_singular_value: float, input_s
     float
         The spectral norm afterwards, ``min(sigma_max, max_singular_value)`` up to rounding.
     """
-    _check_layer(layer)
+    _check_writable(layer)
     max_singular_value = _check_max_singular_value(max_singular_value)
     return _scale_from(layer, _norm(layer, _operator_grid(layer, input_size)), max_singular_value)
 
@@ -457,7 +482,7 @@ def clip_singular_values_(layer: ConvLayer, max_singular_value: float, input_siz
     matrix at every frequency: the clip is one SVD of it, and exact (its singular values
     clamped), whatever the size.
     """
-    _check_layer(layer)
+    _check_writable(layer)
     max_singular_value = _check_max_singular_value(max_singular_value)
     n_iter = args.positive_int(n_iter, "n_iter")
     grid = _operator_grid(layer, input_size)
@@ -628,6 +653,8 @@ class SpectralControl:
         self.progress: ProgressArg = progress
         self.orthonormality_tol: float = float(orthonormality_tol)
         layers = [(name, m) for name, m in unwrap(model).named_modules() if _is_controllable(m)]
+        for name, layer in layers:
+            _check_writable(layer, f"layer '{name}'")
         if not layers:
             raise ValueError(f"model ({type(model).__name__}) has no conv layers to control (nn.Conv1d/2d/3d, "
                              "nn.ConvTranspose1d/2d/3d or their SVD layers)")

@@ -38,6 +38,9 @@ from . import _conv_args as args
 from ._hooks import record_input_sizes
 from ._linalg import matrix_two_norm
 from ._table import render_table
+from ._trace import global_hook_problem, hook_problem
+from .bounds import padding_factor
+from .geometry import conv_spec
 from .layer import SVDConv, _SVDConvNd
 from .spectra import check_spectral_input_size, conv_singular_values
 
@@ -568,22 +571,32 @@ def _pair(value: Any) -> Tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def _module_bound(name: str, module: nn.Module, row_bounds: Dict[str, float]) -> float:
-    """Upper bound of one module's L2 Lipschitz constant, or TypeError naming it."""
+def _module_bound(name: str, module: nn.Module, rows: Dict[str, Any], uses: int = 1) -> float:
+    """Upper bound of one module's L2 Lipschitz constant, or TypeError naming it. ``rows``: the
+    report's rows by name; ``uses``: how often the chain applies ``module``."""
     from .activations import ChannelPad, MaxMin
 
     custom = getattr(module, "lipschitz_bound", None)
     if callable(custom):
         return float(custom())
     if isinstance(module, _SVDConvNd) and module.core_kind == "orthogonal":
-        with torch.no_grad():  # the layer's singular values are exactly |S| (docs/orthogonal.md)
-            return float(module.effective_S().detach().double().abs().max())
+        # Its circular operator's singular values are exactly |S| (docs/orthogonal.md); zero padding
+        # crops it, other padding multiplies it by the padding's factor (at the one size the
+        # report saw, else the worst case over sizes).
+        row = rows.get(name) if uses == 1 else None
+        with torch.no_grad():
+            factor = padding_factor(conv_spec(module), row.input_size if row is not None else None)
+            return float(module.effective_S().detach().double().abs().max()) * factor
     if isinstance(module, (_ConvNd, _SVDConvNd)):
-        if name not in row_bounds:
+        if uses > 1:
+            raise ValueError(f"layer '{name}' is applied {uses} times in the chain (registered under several names); "
+                             "its bound depends on the input size of each call and the report analyses one: give "
+                             "each position its own module, or bound the constant yourself")
+        if name not in rows:
             raise ValueError(f"layer '{name}' has no certified bound in the spectral report: it was not reached by "
                              "example_input's forward pass (its operator norm depends on its input size) or its "
                              "analysis exceeded the report's memory budget")
-        return row_bounds[name]
+        return rows[name].upper_bound
     if isinstance(module, nn.Linear):
         with torch.no_grad():
             return float(matrix_two_norm(module.weight.detach().double()))
@@ -619,8 +632,17 @@ def _module_bound(name: str, module: nn.Module, row_bounds: Dict[str, float]) ->
 
 
 def _chain(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
-    for name, child in module.named_children():
+    """The modules a Sequential applies, in order, nested Sequentials flattened. A module
+    registered twice is applied twice, so it is listed twice (``named_children`` would hide it).
+    Raises ``TypeError`` where a hook can change what a module or a container computes."""
+    for name, child in module._modules.items():
+        if child is None:  # torch's Sequential skips a None entry
+            continue
         path = f"{prefix}{name}"
+        problem = hook_problem(path, child)
+        if problem:
+            raise TypeError(f"cannot certify the chain: {problem}; remove the hook, or bound the constant "
+                            "yourself and pass it to certified_accuracy")
         if type(child) is nn.Sequential:
             yield from _chain(child, path + ".")
         else:
@@ -676,15 +698,24 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
             "concatenations; bound the constant yourself and pass it to certified_accuracy"
         )
     _check_eval(model)
+    problem = global_hook_problem() or hook_problem("", model)
+    if problem:
+        raise TypeError(f"cannot certify the chain: {problem}; remove the hook, or bound the constant yourself "
+                        "and pass it to certified_accuracy")
     modules = list(_chain(model))
-    rows: Dict[str, float] = {}
+    rows: Dict[str, Any] = {}
     if any(isinstance(m, (nn.Conv2d, SVDConv)) for _, m in modules):
         if report is None:
             report = spectral_report(model, example_input, gram_iters=1, power_iters=1)
-        rows = {row.name: row.upper_bound for row in report.layers if row.input_size is not None}
+        rows = {row.name: row for row in report.layers if row.input_size is not None}
+    # The report names a module by its first registered name; count how often each is applied.
+    first_name = {id(m): name for name, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+    uses: Dict[int, int] = {}
+    for _, module in modules:
+        uses[id(module)] = uses.get(id(module), 0) + 1
     bound = 1.0
     for name, module in modules:
-        bound *= _module_bound(name, module, rows)
+        bound *= _module_bound(first_name.get(id(module), name), module, rows, uses[id(module)])
     return bound
 
 
