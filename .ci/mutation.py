@@ -635,6 +635,63 @@ MUTANTS: List[Mutant] = [
         ("tests/test_spectra.py::test_certifying_values_are_decomposed_in_float64",),
         "certified norms are decomposed in float32: their accuracy is the SVD backend's (cuSOLVER: 8e-6)",
     ),
+    # ------------------------------------------------------------ red-team findings, stop 24
+    Mutant(
+        "trace_sees_hooked_outputs", "ttconv/_trace.py",
+        "        handles.append(module.register_forward_hook(after, prepend=True))",
+        "        handles.append(module.register_forward_hook(after))",
+        ("tests/test_evaluate.py::test_hooks_that_can_change_a_layer_are_refused_and_never_certified",),
+        "the trace records a layer's output after the user's forward hooks, which can replace it unseen",
+    ),
+    Mutant(
+        "evaluate_chain_hides_repeats", "ttconv/evaluate.py",
+        "    for name, child in module._modules.items():",
+        "    for name, child in module.named_children():",
+        ("tests/test_evaluate.py::test_a_module_registered_twice_counts_at_every_use",),
+        "lipschitz_bound counts a module registered twice in the chain once",
+    ),
+    Mutant(
+        "orthogonal_bound_ignores_padding", "ttconv/evaluate.py",
+        "            return float(module.effective_S().detach().double().abs().max()) * factor",
+        "            return float(module.effective_S().detach().double().abs().max())",
+        ("tests/test_evaluate.py::test_orthogonal_layers_bound_includes_their_padding",),
+        "an orthogonal core is bounded by max |S| whatever its padding (reflect/replicate copy pixels)",
+    ),
+    Mutant(
+        "control_writes_reparametrized_layers", "ttconv/control.py",
+        "    problem = _reparametrized(layer)\n    if problem:",
+        "    problem = _reparametrized(layer)\n    if False:",
+        ("tests/test_control.py::test_control_refuses_reparametrized_layers_and_leaves_them_unchanged",),
+        "control scales a tensor a reparametrization recomputes before the next forward",
+    ),
+    Mutant(
+        "weight_norm_read_with_dim_0", "ttconv/report.py",
+        "        axes = [axis for axis in range(w.dim()) if axis not in kept]",
+        "        axes = list(range(1, w.dim()))",
+        ("tests/test_cli_checkpoints.py::test_square_reparametrized_kernels_are_rebuilt_with_their_own_dim",),
+        "a state dict's weight_norm is rebuilt with dim=0 whatever g's shape says",
+    ),
+    Mutant(
+        "spectral_norm_first_layout", "ttconv/report.py",
+        "        layouts = [matrix for matrix in layouts if _iterated_pair(matrix, u64, v64)]",
+        "        layouts = layouts[:1]",
+        ("tests/test_cli_checkpoints.py::test_square_reparametrized_kernels_are_rebuilt_with_their_own_dim",),
+        "a square kernel's spectral_norm is read with dim=0 (wrong for ConvTranspose and dim=1)",
+    ),
+    Mutant(
+        "padding_cache_unchecked", "ttconv/_conv_args.py",
+        "    if tuple(int(p) for p in cached) != expected:",
+        "    if False:",
+        ("tests/test_validation.py::test_padding_changed_after_construction_is_refused_where_the_forward_ignores_it",),
+        "a padding attribute changed after construction is analysed, while the forward pads by the old one",
+    ),
+    Mutant(
+        "patched_forward_converted", "ttconv/_effective_kernel.py",
+        '    if strict and "forward" in vars(conv):',
+        "    if False:",
+        ("tests/test_convert_reparametrized.py::test_what_cannot_convert_exactly_is_left_and_listed",),
+        "convert replaces a conv whose forward was replaced on the instance",
+    ),
 ]
 
 

@@ -199,6 +199,58 @@ def test_reparametrized_kernels_are_rebuilt_as_used_in_eval_mode(make):
     assert report.layers[0].exact == pytest.approx(float(circular_singular_values(weight, SIZE)[0]), rel=1e-9)
 
 
+SQUARE_REPARAMETRIZATIONS = {  # square kernels (c_out == c_in): the tensors' lengths alone do not say the dim
+    "weight_norm dim=0": (nn.Conv2d, lambda m: nn.utils.weight_norm(m, dim=0)),
+    "weight_norm dim=1": (nn.Conv2d, lambda m: nn.utils.weight_norm(m, dim=1)),
+    "weight_norm dim=None": (nn.Conv2d, lambda m: nn.utils.weight_norm(m, dim=None)),
+    "parametrizations.weight_norm dim=1": (nn.Conv2d, lambda m: nn.utils.parametrizations.weight_norm(m, dim=1)),
+    "spectral_norm dim=0": (nn.Conv2d, lambda m: nn.utils.spectral_norm(m, dim=0)),
+    "spectral_norm dim=1": (nn.Conv2d, lambda m: nn.utils.spectral_norm(m, dim=1)),
+    "spectral_norm of a ConvTranspose2d (dim=1)": (nn.ConvTranspose2d, nn.utils.spectral_norm),
+    "parametrizations.spectral_norm dim=1": (nn.Conv2d, lambda m: nn.utils.parametrizations.spectral_norm(m, dim=1)),
+    "parametrizations.spectral_norm of a ConvTranspose2d": (nn.ConvTranspose2d,
+                                                             nn.utils.parametrizations.spectral_norm),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SQUARE_REPARAMETRIZATIONS))
+def test_square_reparametrized_kernels_are_rebuilt_with_their_own_dim(kind):
+    """weight_norm's dim is read from g's shape, spectral_norm's from which layout the stored
+    (u, v) pair was iterated in (u = normalize(W v)); before, a square kernel was read with dim 0
+    whatever its dim: 13.7 instead of 20 for weight_norm(dim=1), sigma 1.19x off for spectral_norm
+    of a ConvTranspose2d. The report's exact value is the circular norm of the kernel the module
+    computes with in eval mode (a ConvTranspose2d weight read as the kernel of the conv it is the
+    adjoint of: the same singular values)."""
+    cls, make = SQUARE_REPARAMETRIZATIONS[kind]
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old-style weight_norm is deprecated
+        layer = make(cls(4, 4, 3, padding=1).double())
+    with torch.no_grad():  # a different magnitude per channel, so that the dim matters
+        for name in ("weight_g", "parametrizations.weight.original0"):
+            if name in dict(layer.named_parameters()):
+                layer.get_parameter(name).mul_(torch.linspace(0.5, 3.0, layer.get_parameter(name).numel())
+                                               .reshape(layer.get_parameter(name).shape))
+    layer.train()
+    layer(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+    layer.eval()
+    layer(torch.randn(1, 4, 6, 6, dtype=torch.float64))
+    weight = layer.weight.detach().clone()
+    report = state_dict_report({"conv." + k: v for k, v in layer.state_dict().items()}, SIZE)
+    assert [row.name for row in report.layers] == ["conv"] and not report.skipped
+    assert report.layers[0].exact == pytest.approx(float(circular_singular_values(weight, SIZE)[0]), rel=1e-9)
+
+
+def test_a_never_iterated_square_spectral_norm_is_skipped_not_guessed():
+    """A hook-based spectral_norm that never ran in training mode holds random (u, v): on a square
+    kernel neither layout fits them, so the dim is unknown and the layer is listed as skipped."""
+    torch.manual_seed(3)
+    layer = nn.utils.spectral_norm(nn.Conv2d(4, 4, 3, padding=1).double()).eval()
+    report = state_dict_report({"conv." + k: v for k, v in layer.state_dict().items()}, SIZE)
+    assert report.layers == [] and [s.key for s in report.skipped] == ["conv.weight_orig"]
+    assert "cannot be rebuilt" in report.skipped[0].reason
+
+
 def test_svdconv_factors_inside_a_training_checkpoint():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), SVDConv(6, 6, 3, padding=1, rank=3)).double()

@@ -275,3 +275,35 @@ def test_documented_choices_are_the_dispatch_tables_keys(function, name, table):
     assert f"{name} : {{{listed}}}" in function.__doc__
     assert list(table)[0] == inspect.signature(function).parameters[name].default or name == "norm" and (
         inspect.signature(function).parameters[name].default in table)
+
+
+# ------------------------------------------------------------------ state the layer does not use
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate", "zeros"])
+@pytest.mark.parametrize("svd", [False, True])
+def test_padding_changed_after_construction_is_refused_where_the_forward_ignores_it(mode, svd):
+    """torch's convs (every mode but zeros) and ttconv's layers (every mode) pad by the amount
+    fixed at construction; a ``padding`` set afterwards would be analysed while the layer computes
+    with the old one (measured: every bound 18.0 for a true norm 27-31). Analysis and conversion
+    refuse, naming the padding; where the forward does read ``padding`` (a torch conv with zero
+    padding) the new value is used and the bound holds against the explicit operator."""
+    from oracle import layer_operator, operator_matrix, svdvals_cpu
+
+    torch.manual_seed(0)
+    cls = ttconv.SVDConv if svd else nn.Conv2d
+    conv = cls(2, 2, 3, padding=2, padding_mode=mode, bias=False, dtype=torch.float64)
+    conv.padding = (0, 0)
+    if mode == "zeros" and not svd:
+        truth = float(svdvals_cpu(operator_matrix(layer_operator(conv), (2, 4, 4)))[0])
+        with torch.no_grad():
+            assert float(bounds.operator_norm_bound(conv, 4)) >= truth * (1 - 1e-12)
+        return
+    pattern = r"padding=\(0, 0\) is not the padding its forward applies \(\(2, 2, 2, 2\)"
+    for call in (lambda: bounds.operator_norm_bound(conv, 4), lambda: bounds.fantastic_four_bound(conv),
+                 lambda: bounds.power_iteration_estimate(conv, 4),
+                 lambda: ttconv.spectral_report(nn.Sequential(conv), torch.zeros(1, 2, 4, 4, dtype=torch.float64))):
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    if not svd:
+        with pytest.raises(ValueError, match=pattern):
+            ttconv.SVDConv.from_conv(conv)
+

@@ -186,6 +186,33 @@ def channels_and_groups(in_channels: Any, out_channels: Any, groups: Any) -> Tup
     return in_channels, out_channels, groups
 
 
+def padding_in_effect_problem(module: Any) -> Optional[str]:
+    """Why ``module.padding`` is not the padding the conv's forward applies, or None.
+
+    torch's convs (for every padding mode but zeros) and ttconv's layers (for every mode) pad
+    by ``_reversed_padding_repeated_twice``, fixed at construction: a ``padding`` attribute
+    set afterwards changes what analysis and conversion read, not what the layer computes.
+    """
+    cached = getattr(module, "_reversed_padding_repeated_twice", None)
+    padding = getattr(module, "padding", None)
+    if cached is None or padding is None or getattr(module, "transposed", False):
+        return None  # (torch's ConvTranspose pads by output cropping, from .padding itself)
+    from torch.nn.modules.conv import _ConvNd
+
+    if isinstance(module, _ConvNd) and module.padding_mode == "zeros":
+        return None  # torch passes .padding to the conv itself
+    try:
+        expected = reversed_padding_repeated_twice(
+            padding if isinstance(padding, str) else tuple(padding), tuple(module.kernel_size), tuple(module.dilation))
+    except (TypeError, ValueError, IndexError):
+        return f"its padding={padding!r} is not a padding the layer could have been built with"
+    if tuple(int(p) for p in cached) != expected:
+        return (f"its padding={padding!r} is not the padding its forward applies ({tuple(cached)} in F.pad order, "
+                f"fixed when the layer was built for padding_mode={module.padding_mode!r}): padding was changed "
+                "after construction; build the layer with the padding you mean")
+    return None
+
+
 def reversed_padding_repeated_twice(
     padding: Union[str, Tuple[int, ...]],
     kernel_size: Tuple[int, ...],

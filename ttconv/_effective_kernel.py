@@ -20,6 +20,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
 from torch.nn.utils.weight_norm import WeightNorm
 
+from . import _conv_args as args
+
 TORCH_CONVS: Tuple[Type[_ConvNd], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 """The torch conv classes ttconv converts (the keys of ``ttconv.convert.SVD_CLASSES``)."""
@@ -107,6 +109,14 @@ def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
     base_name = "a torch conv" if base is None else f"an nn.{base.__name__}"
     if isinstance(conv, LazyModuleMixin) and conv.has_uninitialized_params():
         raise _Unconvertible(f"uninitialized lazy conv: run one forward pass first (it then becomes {base_name})")
+    problem = args.padding_in_effect_problem(conv)
+    if problem:
+        raise _Unconvertible(problem)
+    if strict and "forward" in vars(conv):
+        raise _Unconvertible("its forward is replaced on the instance (conv.forward = ...) and may compute more than "
+                             "a convolution; convert it by hand with "
+                             f"{'the matching SVD layer' if base is None else SVD_NAMES[base]}.from_conv if it "
+                             "computes a plain one")
     cls = _original_class(conv)
     if strict and cls not in TORCH_CONVS:
         svd = "the matching SVD layer" if base is None else SVD_NAMES[base]

@@ -281,10 +281,13 @@ def global_hook_problem() -> Optional[str]:
 
 
 def hook_problem(name: str, module: nn.Module) -> Optional[str]:
-    """Why a forward hook on ``module`` may change what it computes, or None. The pre-hooks of
+    """Why a forward hook (or a forward replaced on the instance) may change what ``module``
+    computes, or None. The pre-hooks of
     torch's reparametrizations (spectral_norm, weight_norm, pruning) only recompute a conv's
     kernel, which is what the analysis reads."""
     label = repr(name) if name else "the model"
+    if "forward" in vars(module):
+        return f"{label} has its forward replaced on the instance, which can change what it computes"
     if module._forward_hooks:
         return f"{label} has a forward hook, which can change its output"
     if any(not isinstance(hook, _REPARAMETRIZATION_HOOKS) for hook in module._forward_pre_hooks.values()):

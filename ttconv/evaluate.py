@@ -655,8 +655,9 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
     The product of per-layer bounds, valid because ``model`` is an ``nn.Sequential`` (nested
     ``nn.Sequential`` are flattened) that applies its layers one after the other:
 
-    * ``SVDConv(core_kind='orthogonal')``: ``max |S|``, its exact norm (circular padding) and an
-      upper bound with zero padding (``docs/orthogonal.md``);
+    * ``SVDConv(core_kind='orthogonal')``: ``max |S|`` (its circular operator's exact norm, an
+      upper bound with zero padding, ``docs/orthogonal.md``) times ``bounds.padding_factor`` of
+      its padding (1 for zeros; the copies of reflect/replicate, circular rows repeated);
     * other ``SVDConv`` / ``nn.Conv2d``: the report's certified bound of the layer's own
       operator at the input size seen in ``example_input``'s forward pass (the
       ``upper_bound`` column of ``ttconv.spectral_report``; exact for circular padding
@@ -666,9 +667,12 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
       ChannelPad, Flatten, PixelUnshuffle and other 1-Lipschitz maps: 1;
     * a module with a ``lipschitz_bound()`` method: its value.
 
-    Anything else, and any model that is not an ``nn.Sequential`` (residual connections,
-    concatenations), raises ``TypeError``: a product of layer bounds is *not* a certificate
-    there. For such a model, bound the constant yourself and pass it to
+    Anything else, any model that is not an ``nn.Sequential`` (residual connections,
+    concatenations), and a hook that can change what a module computes (a forward hook or
+    pre-hook other than the reparametrizations', a global module hook, a ``forward`` replaced
+    on the instance) raise ``TypeError``: a product of layer bounds is *not* a certificate
+    there. A module registered twice counts at each use; a conv so registered raises
+    ``ValueError`` (its bound depends on each call's input size). For such a model, bound the constant yourself and pass it to
     ``certified_accuracy``.
 
     Parameters

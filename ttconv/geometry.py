@@ -225,6 +225,9 @@ def conv_spec(
                         "(e.g. layer.weight) with the geometry you mean")
     if isinstance(target, ConvSpec):
         return target
+    problem = args.padding_in_effect_problem(target)
+    if problem:
+        raise ValueError(f"{type(target).__name__}: {problem}")
     method = getattr(target, "conv_spec", None)
     if callable(method):
         spec = method()

@@ -984,28 +984,60 @@ def _tensor_problem(tensor: Tensor, key: str) -> Optional[str]:
 
 
 def _spectral_normalised(weight: Tensor, u: Tensor, v: Tensor) -> Optional[Tensor]:
-    """``weight / sigma`` as ``torch.nn.utils.spectral_norm`` computes it in eval mode."""
+    """``weight / sigma`` as ``torch.nn.utils.spectral_norm`` computes it in eval mode, or ``None``.
+
+    ``sigma = u^T W v`` with ``W`` the weight with the normalised dimension first (0 for a conv,
+    1 for a ``ConvTranspose``), flattened. The vectors' lengths tell the dimension apart, except
+    for a square kernel (``c_out == c_in/g``: both fit); then the stored pair does, since torch's
+    power iteration ends with ``u = normalize(W v)`` or ``v = normalize(W^T u)`` for the right
+    ``W`` only (``_iterated_pair``). A square kernel
+    whose pair fits neither or both (never iterated) is ambiguous: ``None``."""
     w = weight.detach().to(torch.float64)
-    if u.numel() == w.shape[0] and v.numel() * w.shape[0] == w.numel():
-        matrix = w.reshape(w.shape[0], -1)
-    elif u.numel() == w.shape[1] and v.numel() * w.shape[1] == w.numel():  # ConvTranspose: dim=1
-        matrix = w.transpose(0, 1).reshape(w.shape[1], -1)
-    else:
+    u64, v64 = (t.detach().to(torch.float64).flatten() for t in (u, v))
+    layouts = [w.movedim(dim, 0).reshape(w.shape[dim], -1) for dim in (0, 1)
+               if u64.numel() == w.shape[dim] and v64.numel() * w.shape[dim] == w.numel()]
+    if len(layouts) == 2:
+        layouts = [matrix for matrix in layouts if _iterated_pair(matrix, u64, v64)]
+    if len(layouts) != 1:
         return None
-    sigma = torch.dot(u.detach().to(torch.float64).flatten(), matrix @ v.detach().to(torch.float64).flatten())
+    sigma = torch.dot(u64, layouts[0] @ v64)
     if not bool(torch.isfinite(sigma)) or float(sigma) == 0.0:
         return None
     return (w / sigma).to(weight.dtype)
 
 
+def _iterated_pair(matrix: Tensor, u: Tensor, v: Tensor) -> bool:
+    """Whether ``(u, v)`` ends a power iteration on ``matrix``: ``u = normalize(matrix v)`` (the
+    hook-based spectral_norm updates ``u`` last) or ``v = normalize(matrix^T u)`` (the
+    parametrization updates ``v`` last), to float32 rounding with margin."""
+    for target, product in ((u, matrix @ v), (v, matrix.T @ u)):
+        norm = torch.linalg.vector_norm(product)
+        if bool(norm > 0) and float(torch.linalg.vector_norm(target - product / norm)) <= 1e-3:
+            return True
+    return False
+
+
 def _weight_normalised(g: Tensor, v: Tensor) -> Optional[Tensor]:
-    """``g * v / ||v||`` (norm over all dims but 0), as ``torch.nn.utils.weight_norm`` with ``dim=0``."""
-    if g.numel() != v.shape[0]:
-        return None
+    """``g * v / ||v||`` as ``torch.nn.utils.weight_norm`` computes it, or ``None``.
+
+    The norm runs over every axis but ``dim``, which ``g``'s shape gives (``v``'s size on that
+    axis, 1 on the others; all ones for ``dim=None``, a norm over everything); a 1-D ``g`` of
+    ``c_out`` entries is taken as ``dim=0``."""
     w = v.detach().to(torch.float64)
-    ones = (1,) * (w.dim() - 1)
-    norm = w.flatten(1).norm(dim=1).reshape(-1, *ones)
-    return (g.detach().to(torch.float64).reshape(-1, *ones) * w / norm).to(v.dtype)
+    magnitude = g.detach().to(torch.float64)
+    if magnitude.dim() == w.dim():
+        kept = [axis for axis in range(w.dim()) if magnitude.shape[axis] != 1]
+        if len(kept) > 1 or any(magnitude.shape[axis] != w.shape[axis] for axis in kept):
+            return None
+        axes = [axis for axis in range(w.dim()) if axis not in kept]
+    elif magnitude.numel() == 1 and magnitude.dim() <= 1:
+        magnitude, axes = magnitude.reshape((1,) * w.dim()), list(range(w.dim()))
+    elif magnitude.dim() == 1 and magnitude.numel() == w.shape[0]:
+        magnitude, axes = magnitude.reshape(-1, *(1,) * (w.dim() - 1)), list(range(1, w.dim()))
+    else:
+        return None
+    norm = torch.linalg.vector_norm(w, dim=axes, keepdim=True)
+    return (magnitude * w / norm).to(v.dtype)
 
 
 _UNREBUILDABLE = ("a reparametrized weight (spectral_norm/weight_norm) whose effective kernel cannot be rebuilt: "
