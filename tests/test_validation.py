@@ -306,4 +306,8 @@ def test_padding_changed_after_construction_is_refused_where_the_forward_ignores
     if not svd:
         with pytest.raises(ValueError, match=pattern):
             ttconv.SVDConv.from_conv(conv)
+    else:  # back to torch: the conv built from .padding would compute something else than the layer
+        for call in (conv.to_conv, lambda: ttconv.densify(nn.Sequential(conv))):
+            with pytest.raises(ValueError, match=pattern):
+                call()
 

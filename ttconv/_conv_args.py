@@ -195,8 +195,8 @@ def padding_in_effect_problem(module: Any) -> Optional[str]:
     """
     cached = getattr(module, "_reversed_padding_repeated_twice", None)
     padding = getattr(module, "padding", None)
-    if cached is None or padding is None or getattr(module, "transposed", False):
-        return None  # (torch's ConvTranspose pads by output cropping, from .padding itself)
+    if cached is None or padding is None or getattr(module, "transposed", False) or getattr(module, "_transposed", False):
+        return None  # (a transposed conv crops its output by .padding itself, torch's and ttconv's)
     from torch.nn.modules.conv import _ConvNd
 
     if isinstance(module, _ConvNd) and module.padding_mode == "zeros":
