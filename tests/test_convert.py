@@ -196,3 +196,35 @@ def test_convert_refine_lowers_the_reported_error_and_reports_it_exactly():
         true = ((layer.dense_weight() - conv.weight).norm() / conv.weight.norm()).item()
         assert after.relative_error == pytest.approx(true, rel=1e-9)
     assert sum(a.relative_error for a in refined.layers) < sum(b.relative_error for b in plain.layers)
+
+
+def test_exclude_and_force_see_every_name_of_a_shared_conv():
+    """A conv registered under two names is converted once, under its first name; naming it by
+    its second name in exclude or force acts on it too (before: ignored, silently)."""
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential()
+    model.add_module("encoder", conv)
+    model.add_module("decoder", conv)
+    for pattern in (("decoder",), ("dec*",)):
+        converted, report = convert(model, exclude=pattern, return_report=True)
+        assert type(converted.encoder) is nn.Conv2d and converted.decoder is converted.encoder
+        assert report.excluded == ["encoder"] and report.layers == []
+    converted, report = convert(model, exclude=("other",), return_report=True)
+    assert type(converted.decoder) is SVDConv and converted.decoder is converted.encoder
+    depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # kept dense unless forced
+    shared = nn.Sequential()
+    shared.add_module("first", depthwise)
+    shared.add_module("second", depthwise)
+    for force in (("first",), ("second",)):
+        converted, report = convert(shared, force=force, return_report=True)
+        assert type(converted.second) is SVDConv and report.kept_dense == []
+
+
+@pytest.mark.parametrize("argument", ["exclude", "force"])
+def test_exclude_and_force_of_the_wrong_type_are_refused_by_name(argument):
+    model = nn.Sequential(nn.Conv2d(2, 2, 3))
+    with pytest.raises(TypeError, match=f"{argument} must be an iterable of names or patterns, or a predicate; got "
+                                        "NoneType: pass \\(\\) for none"):
+        convert(model, **{argument: None})
+    with pytest.raises(TypeError, match=f"{argument} must hold str names or fnmatch patterns, got int 1"):
+        convert(model, **{argument: [1]})

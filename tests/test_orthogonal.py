@@ -254,6 +254,13 @@ def test_stride_two_spectrum_and_bad_arguments():
         SVDConv(4, 4, 3).set_singular_values_(torch.ones(4))
     with pytest.raises(ValueError, match="must lie in"):
         SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=1.0).set_singular_values_(torch.full((4,), 2.0))
+    for bound in (1.0, None):  # NaN passes every comparison, inf the unbounded form's: refused, S unchanged
+        layer = SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=bound)
+        before = layer.S.detach().clone()
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="values must be finite"):
+                layer.set_singular_values_(torch.tensor([0.5, bad, 0.5, 0.5]))
+        assert torch.equal(layer.S.detach(), before)
     with pytest.raises(ValueError, match="even number of channels"):
         MaxMin()(torch.randn(1, 3, 2, 2))
     assert "core_kind='orthogonal'" in repr(SVDConv(4, 4, 3, core_kind="orthogonal", max_singular_value=1.0))

@@ -426,7 +426,13 @@ def _excluded(exclude: Exclude, argument: str = "exclude") -> Callable[[nn.Modul
     if isinstance(exclude, str):
         raise TypeError(f"{argument} must be an iterable of names or patterns, or a predicate; got a single str "
                         f"{exclude!r}: wrap it in a tuple")
+    if not isinstance(exclude, Iterable):
+        raise TypeError(f"{argument} must be an iterable of names or patterns, or a predicate; got "
+                        f"{type(exclude).__name__}: pass () for none")
     patterns = list(exclude)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{argument} must hold str names or fnmatch patterns, got {type(bad[0]).__name__} {bad[0]!r}")
     return lambda module, name: any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
 
 
@@ -757,10 +763,16 @@ def convert(
     excluded: List[str] = []
     skipped: List[Tuple[str, str]] = []
     kept: List[KeptDense] = []
+    # A module registered under several names (shared) is converted once, under its first name;
+    # exclude and force see every name, so naming any one of them acts on the shared module.
+    aliases: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
     for name, module in model.named_modules():  # each shared module once
         if not isinstance(module, TORCH_CONVS):
             continue
-        if is_excluded(module, name):
+        names = aliases[id(module)]
+        if any(is_excluded(module, alias) for alias in names):
             excluded.append(name)
             continue
         try:
@@ -771,7 +783,7 @@ def convert(
         except _Unconvertible as reason:
             skipped.append((name, str(reason)))
             continue
-        forced = bool(is_forced(module, name))
+        forced = any(bool(is_forced(module, alias)) for alias in names)
         never = None if forced else _never_smaller(module)
         if never is not None:
             kept.append(KeptDense(name, never, _params(module), _svd_params(module, (1, 1))))

@@ -327,6 +327,8 @@ class _SVDConvNd(nn.Module):
             raise ValueError(f"values must hold groups * min(r_out, r_in) = {self.S.numel()} singular values "
                              f"(groups={self.groups}, ranks={self.ranks}), got shape {tuple(values.shape)}")
         values = values.reshape(self.S.shape)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("values must be finite (singular values), got NaN or Inf")
         if self.max_singular_value is None:
             self.S.copy_(values)
         else:
