@@ -418,6 +418,31 @@ def test_state_dict_report_skips_orthogonal_cores_by_their_configuration(cls, ra
     assert [row.name for row in report.layers] == ["conv"] and report.skipped == []
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_factors_without_their_configuration_are_skipped_where_orthogonal_and_general_shapes_coincide(kernel):
+    """Without ``_extra_state`` (format 1) an orthogonal core is told apart by its shape; at rank 1
+    its generators ``(g, count, 1, 1)`` also fit a general core: read as one, a rank-1 grouped
+    orthogonal layer with ``max |S| = 0.5`` got 'upper own' 0.285 (k=1), or a crash (k=3). Both
+    are skipped now; a general layer whose shape cannot be an orthogonal core's is still
+    analysed, against the oracle."""
+    torch.manual_seed(0)
+    layer = ttconv.SVDConv(4, 4, kernel, groups=4, core_kind="orthogonal", rank=1)
+    with torch.no_grad():
+        layer.set_singular_values_(torch.tensor([0.5, 0.25, 0.1, 0.05]))
+    state = {"conv." + k: v for k, v in layer.state_dict().items() if k != "_extra_state"}
+    report = ttconv.state_dict_report(state, (8, 8))
+    assert report.layers == [] and [s.key for s in report.skipped] == ["conv.core"]
+    assert "orthogonal-core SVDConv" in report.skipped[0].reason
+    general = ttconv.SVDConv(4, 6, 3, rank=2).double()
+    state = {"conv." + k: v for k, v in general.state_dict().items() if k != "_extra_state"}
+    row = ttconv.state_dict_report(state, (8, 8)).layers[0]
+    expected = float(circular_singular_values_any_size(general.dense_weight().detach(), (8, 8), (1, 1), (1, 1))[0])
+    assert row.exact == pytest.approx(expected, rel=1e-9)
+    broken = dict(state, **{"conv.core": torch.randn(2, 5, 3, 3, dtype=torch.float64)})  # r_in 2, the core says 5
+    skipped = ttconv.state_dict_report(broken, (8, 8)).skipped
+    assert [s.key for s in skipped] == ["conv.core"] and "shapes do not fit together" in skipped[0].reason
+
+
 @pytest.mark.parametrize("cls, shape", [(ttconv.SVDConv1d, (1, 4, 16)), (ttconv.SVDConv3d, (1, 4, 6, 6, 6))])
 def test_lipschitz_bound_of_n_d_orthogonal_layers_is_max_abs_s(cls, shape):
     torch.manual_seed(0)

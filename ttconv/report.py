@@ -1059,6 +1059,19 @@ def _orthogonal_core(extra_state: Any) -> bool:
         return True
 
 
+def _orthogonal_by_shape(U: Tensor, S: Tensor, core: Tensor) -> Tuple[bool, str]:
+    """Whether SVD factors stored without their configuration may hold an orthogonal core (BCOP
+    generators ``(g, count, r, r)``, ``g r`` values in ``S``), and why: then they are not
+    analysed as a general core. Ambiguous at ``r = 1`` with a 1x1 general kernel, where the two
+    layouts coincide (``(g, 1, 1, 1)``): such factors are skipped too, never guessed."""
+    if core.shape[0] != S.numel():
+        return True, ""
+    r = U.shape[-1]
+    if core.dim() == 4 and core.shape[2] == core.shape[3] == r and core.shape[0] * r == S.numel():
+        return True, " or a general one (the shapes fit both)"
+    return False, ""
+
+
 def _conv_kind(kernel: Tensor) -> str:
     """``Conv1d``/``Conv2d``/``Conv3d`` from a kernel's rank. A ``ConvTranspose`` weight has the
     same layout as the kernel of the conv it is the adjoint of, so it is reported as that conv
@@ -1105,20 +1118,29 @@ def _discover(tensors: Dict[Tuple[str, ...], Tensor]) -> Tuple[List[Tuple[Tuple[
                                                                    "(not floating point, empty or not finite)"))
                 continue
             extra = get(prefix + "_extra_state")
-            if _orthogonal_core(extra) if extra is not None else core.shape[0] != S.numel():
-                # (Without the configuration, format 1, an orthogonal core is told apart by its shape.)
+            if extra is not None:
+                orthogonal, why = _orthogonal_core(extra), ""
+            else:  # (format 1, no configuration: told apart by the shapes where they differ)
+                orthogonal, why = _orthogonal_by_shape(U, S, core)
+            if orthogonal:
                 used.update(parts)
                 skipped.append(SkippedTensor(
-                    key, tuple(core.shape), "orthogonal-core SVDConv: its kernel size and S bound are not in the "
-                    "state dict; load the whole model instead"))
+                    key, tuple(core.shape), f"orthogonal-core SVDConv{why}: its kernel size and S bound are not in "
+                    "the state dict; load the whole model instead"))
                 continue
             groups = S.numel() // U.shape[1]
             # Stacked groups analysed as one ungrouped conv: an upper bound on their max. The
             # taps of a 1-D/3-D core are flattened for ttconv.tt (as the layers do) and restored.
-            taps = core.reshape(core.shape[0], core.shape[1], -1, 1)
-            U, S, taps, V = (f.detach().to(torch.float64) for f in (U, S, taps, V))
-            kernel = orthonormal_core(U, S, taps, V, groups)
-            kernel = kernel.reshape(core.shape)
+            try:
+                taps = core.reshape(core.shape[0], core.shape[1], -1, 1)
+                U, S, taps, V = (f.detach().to(torch.float64) for f in (U, S, taps, V))
+                kernel = orthonormal_core(U, S, taps, V, groups)
+                kernel = kernel.reshape(core.shape)
+            except (RuntimeError, ValueError) as error:
+                used.update(parts)
+                skipped.append(SkippedTensor(key, tuple(core.shape), "SVDConv factors whose shapes do not fit "
+                                                                   f"together ({error})"))
+                continue
             shape = (U.shape[0], V.shape[0] // groups, *core.shape[2:])
             used.update(parts)
             kind = "SVDConv" if core.dim() == 4 else f"SVDConv{core.dim() - 2}d"
