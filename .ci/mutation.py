@@ -692,6 +692,35 @@ MUTANTS: List[Mutant] = [
         ("tests/test_convert_reparametrized.py::test_what_cannot_convert_exactly_is_left_and_listed",),
         "convert replaces a conv whose forward was replaced on the instance",
     ),
+    Mutant(
+        "one_tap_kernel_keeps_transposed_strides", "ttconv/tt.py",
+        "    if taps == 1:",
+        "    if False:",
+        ("tests/test_layer_nd.py::test_output_memory_format_is_torchs",),
+        "a composed 1 x 1 kernel keeps a transpose's strides, read as channels-last: strided 1 x 1 layers answer "
+        "channels-last",
+    ),
+    Mutant(
+        "exclude_sees_first_name_only", "ttconv/convert.py",
+        "        if any(is_excluded(module, alias) for alias in names):",
+        "        if is_excluded(module, name):",
+        ("tests/test_convert.py::test_exclude_and_force_see_every_name_of_a_shared_conv",),
+        "exclude naming a shared conv by its second name is ignored",
+    ),
+    Mutant(
+        "singular_values_accept_nan", "ttconv/layer.py",
+        "        if not bool(torch.isfinite(values).all()):",
+        "        if False:",
+        ("tests/test_orthogonal.py::test_stride_two_spectrum_and_bad_arguments",),
+        "set_singular_values_ accepts NaN (it passes the range check) and Inf",
+    ),
+    Mutant(
+        "rank_one_orthogonal_read_as_general", "ttconv/report.py",
+        "    if core.dim() == 4 and core.shape[2] == core.shape[3] == r and core.shape[0] * r == S.numel():",
+        "    if False:",
+        ("tests/test_report_nd.py::test_factors_without_their_configuration_are_skipped_where_orthogonal_and_general_shapes_coincide",),
+        "factors without their configuration whose shapes fit a rank-1 orthogonal core are read as a general core",
+    ),
 ]
 
 

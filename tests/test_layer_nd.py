@@ -489,6 +489,13 @@ _MEMORY_FORMAT_CASES = [  # (class, channels in, out, kernel, extra kwargs, inpu
     # had strides that read as channels-last, so its conv answered channels-last
     (SVDConvTranspose2d, 4, 24, 3, dict(stride=3, padding=1, output_padding=(1, 2), groups=4, rank=(4, 8)),
      (1, 4, 4, 4)),
+    # one-tap kernels off the pointwise case: the composed 1 x 1 kernel kept a transpose's strides,
+    # which read as channels-last (a ResNet downsample shortcut answered channels-last)
+    (SVDConv2d, 4, 6, 1, dict(stride=2), (2, 4, 8, 8)),
+    (SVDConvTranspose1d, 4, 6, 1, dict(), (2, 4, 9)),
+    # 2^14 positions and more: the factored path mixes channels by matmul, which must keep
+    # a channels-last input's layout as torch's conv does
+    (SVDConv2d, 4, 6, 3, dict(padding=1, groups=2), (4, 4, 64, 64)),
 ]
 
 

@@ -279,35 +279,54 @@ def test_documented_choices_are_the_dispatch_tables_keys(function, name, table):
 
 # ------------------------------------------------------------------ state the layer does not use
 @pytest.mark.parametrize("mode", ["circular", "reflect", "replicate", "zeros"])
-@pytest.mark.parametrize("svd", [False, True])
-def test_padding_changed_after_construction_is_refused_where_the_forward_ignores_it(mode, svd):
-    """torch's convs (every mode but zeros) and ttconv's layers (every mode) pad by the amount
-    fixed at construction; a ``padding`` set afterwards would be analysed while the layer computes
-    with the old one (measured: every bound 18.0 for a true norm 27-31). Analysis and conversion
-    refuse, naming the padding; where the forward does read ``padding`` (a torch conv with zero
-    padding) the new value is used and the bound holds against the explicit operator."""
+def test_padding_changed_after_construction_is_refused_where_the_forward_ignores_it(mode):
+    """torch's convs pad by the amount fixed at construction for every mode but zeros; a
+    ``padding`` set afterwards would be analysed while the layer computes with the old one
+    (measured: every bound 18.0 for a true norm 27-31). Analysis and conversion refuse, naming
+    both paddings; where the forward does read ``padding`` (zero padding) the new value is used
+    and the bound holds against the explicit operator."""
     from oracle import layer_operator, operator_matrix, svdvals_cpu
 
     torch.manual_seed(0)
-    cls = ttconv.SVDConv if svd else nn.Conv2d
-    conv = cls(2, 2, 3, padding=2, padding_mode=mode, bias=False, dtype=torch.float64)
+    conv = nn.Conv2d(2, 2, 3, padding=2, padding_mode=mode, bias=False, dtype=torch.float64)
     conv.padding = (0, 0)
-    if mode == "zeros" and not svd:
+    if mode == "zeros":
         truth = float(svdvals_cpu(operator_matrix(layer_operator(conv), (2, 4, 4)))[0])
         with torch.no_grad():
             assert float(bounds.operator_norm_bound(conv, 4)) >= truth * (1 - 1e-12)
         return
     pattern = r"padding=\(0, 0\) is not the padding its forward applies \(\(2, 2, 2, 2\)"
     for call in (lambda: bounds.operator_norm_bound(conv, 4), lambda: bounds.fantastic_four_bound(conv),
-                 lambda: bounds.power_iteration_estimate(conv, 4),
+                 lambda: bounds.power_iteration_estimate(conv, 4), lambda: ttconv.SVDConv.from_conv(conv),
                  lambda: ttconv.spectral_report(nn.Sequential(conv), torch.zeros(1, 2, 4, 4, dtype=torch.float64))):
         with pytest.raises(ValueError, match=pattern):
             call()
-    if not svd:
-        with pytest.raises(ValueError, match=pattern):
-            ttconv.SVDConv.from_conv(conv)
-    else:  # back to torch: the conv built from .padding would compute something else than the layer
-        for call in (conv.to_conv, lambda: ttconv.densify(nn.Sequential(conv))):
-            with pytest.raises(ValueError, match=pattern):
-                call()
 
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate", "zeros"])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (1, 2)])
+def test_an_svd_layers_padding_set_after_construction_is_the_one_every_path_uses(mode, kernel, stride):
+    """ttconv's layers take a new ``padding`` everywhere: every forward path (before: the dense
+    path used the new value, the factored one the old, different output shapes), ``to_conv``
+    and the bounds, checked against the explicit operator; a bad value is refused as at
+    construction."""
+    from oracle import layer_operator, operator_matrix, svdvals_cpu
+
+    torch.manual_seed(1)
+    layer = ttconv.SVDConv(2, 2, kernel, stride=stride, padding=2, padding_mode=mode, bias=False, rank=1,
+                           dtype=torch.float64)
+    layer.padding = 1
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    reference = layer.to_conv()
+    assert reference.padding == (1, 1)
+    expected = reference(x)
+    for path in ("dense", "factored"):
+        layer.path = path
+        assert torch.allclose(layer(x), expected, rtol=0, atol=1e-12), path
+    truth = float(svdvals_cpu(operator_matrix(layer_operator(layer), (2, 6, 6)))[0])
+    with torch.no_grad():
+        assert float(bounds.operator_norm_bound(layer, 6)) >= truth * (1 - 1e-12)
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        ttconv.SVDConv(2, 2, 3, stride=2).padding = "same"
+    with pytest.raises(ValueError, match="padding as an int or a tuple"):
+        ttconv.SVDConvTranspose2d(2, 2, 3).padding = "same"

@@ -54,6 +54,17 @@ def pad_and_subsample(x: Tensor, reversed_padding: Sequence[int], padding_mode: 
 MATMUL_MIN_POSITIONS = 1 << 14
 
 
+def in_layout_of(x: Tensor, y: Tensor) -> Tensor:
+    """``y`` in the memory layout torch's conv gives an input ``x``: channels-last for a
+    channels-last ``x``, contiguous for a contiguous one. A chain of convs and mixings keeps it
+    on its own except through a one-channel hidden map, whose layout is ambiguous; then this
+    copies once."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return y if y.is_contiguous(memory_format=channels_last) else y.contiguous(memory_format=channels_last)
+    return y.contiguous() if x.is_contiguous() else y
+
+
 def mix_channels(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int, dims: int) -> Tensor:
     """A grouped 1x1 convolution over ``dims`` spatial axes.
 
@@ -67,8 +78,15 @@ def mix_channels(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int,
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         return conv(x, kernel, bias, 1, 0, 1, groups)
     batch, spatial = x.shape[0], tuple(x.shape[2:])
-    y = torch.matmul(weight, x.reshape(batch, groups, weight.shape[2], -1))
-    y = y.reshape(batch, -1, *spatial)
+    channels_last = {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims)
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        # Channels-last in, channels-last out, as torch's conv answers: mix along the last axis
+        # of the (batch, *spatial, channels) view, no copy of the input.
+        y = torch.matmul(x.movedim(1, -1).reshape(-1, groups, 1, weight.shape[2]), weight.transpose(1, 2))
+        y = y.reshape(batch, *spatial, -1).movedim(-1, 1)
+    else:
+        y = torch.matmul(weight, x.reshape(batch, groups, weight.shape[2], -1))
+        y = y.reshape(batch, -1, *spatial)
     if bias is not None:
         y = y + bias.reshape(-1, *(1,) * dims)
     return y

@@ -151,10 +151,7 @@ class _SVDConvNd(nn.Module):
         self.kernel_size = args.ntuple(kernel_size, "kernel_size", d)
         self.stride = args.ntuple(stride, "stride", d)
         self.dilation = args.ntuple(dilation, "dilation", d)
-        if self._transposed and isinstance(padding, str):
-            raise ValueError(f"{name} takes padding as an int or a tuple of {d} ints, got {padding!r} "
-                             "(torch's ConvTranspose layers have no 'same'/'valid')")
-        self.padding = args.padding_arg(padding, self.stride)
+        self.padding = padding  # validated, with the pads every path uses, by the setter
         self.padding_mode = args.padding_mode_arg(padding_mode)
         if self._transposed:
             if self.padding_mode != "zeros":
@@ -172,9 +169,6 @@ class _SVDConvNd(nn.Module):
                 )
             max_singular_value = args.positive_finite(max_singular_value, "max_singular_value")
         self.max_singular_value = max_singular_value
-        self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
-            self.padding, self.kernel_size, self.dilation
-        )
         rows, cols = self._weight_channels()
         out_g, in_g = rows // groups, cols // groups
         self.ranks: Tuple[int, int] = resolve_ranks(rank, out_g, in_g, self._tt_kernel_size())
@@ -367,6 +361,24 @@ class _SVDConvNd(nn.Module):
         inputs, outputs = self._orthogonal_outer_factors()
         kernel = bcop_kernel(self.core, self.kernel_size, inputs=inputs, outputs=outputs)  # (g, A/g, B/g, *k)
         return kernel.flatten(2)  # (g, A/g, B/g * taps)
+
+    @property
+    def padding(self) -> Union[str, Tuple[int, ...]]:
+        """As ``nn.Conv{d}d.padding``; assignable after construction, unlike torch's convs (which
+        keep padding by the amount they were built with for every mode but zeros): every forward
+        path, the spectra and ``to_conv`` then use the new value."""
+        # (A layer pickled whole before this was a property holds it under 'padding'.)
+        return self.__dict__["_padding"] if "_padding" in self.__dict__ else self.__dict__["padding"]
+
+    @padding.setter
+    def padding(self, value: Any) -> None:
+        if self._transposed and isinstance(value, str):
+            raise ValueError(f"{type(self).__name__} takes padding as an int or a tuple of {self._dims} ints, got "
+                             f"{value!r} (torch's ConvTranspose layers have no 'same'/'valid')")
+        padding = args.padding_arg(value, self.stride)
+        self.__dict__["_padding"] = padding
+        self._reversed_padding_repeated_twice = args.reversed_padding_repeated_twice(
+            padding, self.kernel_size, self.dilation)
 
     def _orthogonal_outer_factors(self) -> Tuple[Tensor, Tensor]:
         """What an orthogonal core's kernel is built between: ``(V^T, U S)``, as
@@ -672,6 +684,8 @@ class _SVDConvNd(nn.Module):
             else:
                 hidden = self._conv(hidden, scaled_core, None)
             y = _functional.mix_channels(hidden, U.reshape(g, -1, r_out), self.bias, g, d)
+        if not isinstance(x, torch.fx.Proxy):
+            y = _functional.in_layout_of(x, y)
         return y.squeeze(0) if unbatched else y
 
     def _check_input(self, input: Tensor) -> None:

@@ -145,7 +145,11 @@ def compose(U: Tensor, S: Tensor, core: Tensor, V: Tensor, groups: int = 1) -> T
     scaled_u = U.reshape(g, out_g, r_out) * S.reshape(g, 1, r_out)
     weight = torch.matmul(scaled_u, with_v.reshape(g, r_out, taps * in_g))  # (g, out_g, taps in_g)
     # Contiguous (torch's layout): a transposed view would make convs return channels-last
-    # outputs, which code written for nn.Conv2d (``y.view(n, -1)``) does not expect.
+    # outputs, which code written for nn.Conv2d (``y.view(n, -1)``) does not expect. With one
+    # tap ``weight`` is in that order already; the transpose's strides would survive
+    # ``.contiguous()`` (a size-1 axis) and read as channels-last to torch's conv.
+    if taps == 1:
+        return weight.reshape(g * out_g, in_g, kh, kw)
     return weight.reshape(g * out_g, taps, in_g).transpose(1, 2).contiguous().reshape(g * out_g, in_g, kh, kw)
 
 
