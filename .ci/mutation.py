@@ -721,6 +721,27 @@ MUTANTS: List[Mutant] = [
         ("tests/test_report_nd.py::test_factors_without_their_configuration_are_skipped_where_orthogonal_and_general_shapes_coincide",),
         "factors without their configuration whose shapes fit a rank-1 orthogonal core are read as a general core",
     ),
+    Mutant(
+        "complex_kernel_cast_to_real", "ttconv/spectra.py",
+        "    if not weight.is_floating_point():  # a complex kernel's imaginary part would be dropped in the casts",
+        "    if False:",
+        ("tests/test_spectra.py::test_complex_and_empty_kernels_are_refused_not_cast",),
+        "a complex kernel's spectrum is computed from its real part",
+    ),
+    Mutant(
+        "attack_accepts_x_outside_clamp", "ttconv/evaluate.py",
+        "    if clamp is not None and x.numel() and (float(x.min()) < clamp[0] or float(x.max()) > clamp[1]):",
+        "    if False:",
+        ("tests/test_evaluate.py::test_attacks_refuse_inputs_outside_clamp_and_labels_cross_entropy_cannot_take",),
+        "an attack clamps an x that lies outside clamp, moving it further than eps",
+    ),
+    Mutant(
+        "pair_quotient_in_float32", "ttconv/evaluate.py",
+        "                change = (_in_float64(model, adversarial) - _in_float64(model, x)).flatten(1).norm(dim=1)",
+        "                change = (model(adversarial) - model(x)).flatten(1).norm(dim=1).double()",
+        ("tests/test_evaluate.py::test_empirical_lipschitz_pairs_stay_below_the_constant_for_tiny_pairs_in_float32",),
+        "empirical_lipschitz's pair quotient in the model's float32: round-off lifts it above the true constant",
+    ),
 ]
 
 

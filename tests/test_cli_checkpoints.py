@@ -262,3 +262,16 @@ def test_svdconv_factors_inside_a_training_checkpoint():
     dense = net[1].dense_weight().detach()
     assert report.layers[1].exact == pytest.approx(float(circular_singular_values(dense, SIZE)[0]), rel=1e-9)
     assert {s.key.rsplit(".", 1)[-1] for s in report.skipped} == {"exp_avg", "exp_avg_sq"}
+
+
+def test_float8_and_meta_kernels_are_skipped_with_their_reason():
+    """A float8 kernel (torch has no isfinite for it) and a meta-device one (no values) made
+    `ttconv check` print a traceback and exit 1; they are skipped and listed like other
+    tensors the spectra cannot read."""
+    state = {"a.weight": torch.randn(2, 2, 3, 3).to(torch.float8_e4m3fn),
+             "b.weight": torch.empty(2, 2, 3, 3, device="meta"), "c.weight": torch.randn(2, 2, 3, 3)}
+    report = state_dict_report(state, SIZE)
+    assert [row.name for row in report.layers] == ["c"]
+    reasons = {s.key: s.reason for s in report.skipped}
+    assert "is not one the spectra compute in" in reasons["a.weight"]
+    assert reasons["b.weight"] == "on the meta device: it holds no values"

@@ -156,6 +156,14 @@ def test_default_mode_is_the_guaranteed_clip_then_scale():
     assert (control.mode, control.n_iter) == ("clip", 4)
 
 
+def test_complex_layers_are_refused_not_cast_to_real():
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular", dtype=torch.complex128)
+    for call in (lambda: spectral_norm(conv, 5), lambda: scale_to_spectral_norm_(conv, 0.1, 5),
+                 lambda: clip_singular_values_(conv, 0.1, 5)):
+        with pytest.raises(TypeError, match="layer must have a real floating-point weight, got torch.complex128"):
+            call()
+
+
 def test_models_without_convs_and_bad_layers_are_refused():
     with pytest.raises(ValueError, match="has no conv layers to control"):
         SpectralControl(nn.Linear(3, 3), 1.0, example_input=torch.zeros(1, 3))

@@ -184,6 +184,20 @@ def test_full_spectrum_beyond_max_memory_is_refused_but_the_norm_streams():
         conv_spectral_norm(weight, 64, max_memory=1000)
     with pytest.raises(ValueError, match="max_memory must be a positive int"):
         conv_spectral_norm(weight, 64, max_memory=-1)
+    for bad in ("1GB", True, 1.5):  # a wrong type is a TypeError, as everywhere else
+        with pytest.raises(TypeError, match="max_memory must be a positive int"):
+            conv_spectral_norm(weight, 64, max_memory=bad)
+
+
+def test_complex_and_empty_kernels_are_refused_not_cast():
+    """A complex kernel lost its imaginary part in the casts (0.977 for a true norm of 1.718,
+    the real part's); an empty one failed inside torch. Both are refused by name."""
+    complex_weight = torch.randn(3, 2, 3, 3, dtype=torch.complex128)
+    for call in (conv_spectral_norm, conv_singular_values):
+        with pytest.raises(TypeError, match="weight must be a real floating-point tensor, got torch.complex128"):
+            call(complex_weight, 5)
+        with pytest.raises(ValueError, match="weight is empty"):
+            call(torch.zeros(4, 2, 0, 3), 5)
 
 
 @torch.no_grad()

@@ -89,6 +89,9 @@ def _is_controllable(module: Any) -> bool:
 def _check_layer(layer: Any) -> None:
     if not _is_controllable(layer):
         raise TypeError(f"layer must be {_KINDS}, got {type(layer).__name__}")
+    weight = getattr(layer, "weight", None) if isinstance(layer, TORCH_CONVS) else layer.S
+    if isinstance(weight, Tensor) and not weight.is_floating_point():  # a complex one would be cast to real
+        raise TypeError(f"layer must have a real floating-point weight, got {weight.dtype}")
 
 
 def _check_writable(layer: Any, name: str = "layer") -> None:

@@ -397,9 +397,18 @@ def _check_attack_inputs(model: nn.Module, x: Any, y: Any) -> None:
     if not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"x must be a floating-point tensor (N, ...) of inputs, got {x.dtype} of shape {tuple(x.shape)}")
     args.tensor(y, "y", f"integer labels of shape ({x.shape[0]},)")
-    if y.shape != x.shape[:1] or y.is_floating_point():
-        raise ValueError(f"y must be an integer tensor of labels of shape ({x.shape[0]},), got {y.dtype} of shape "
-                         f"{tuple(y.shape)}")
+    if y.shape != x.shape[:1] or y.dtype not in (torch.int64, torch.uint8):  # what cross_entropy takes
+        raise ValueError(f"y must be an int64 tensor of labels of shape ({x.shape[0]},), got {y.dtype} of shape "
+                         f"{tuple(y.shape)}; e.g. y.long()")
+
+
+def _check_inside(x: Tensor, clamp: Optional[Tuple[float, float]]) -> None:
+    """An attack's points are clamped to ``clamp``: an ``x`` outside it would be moved further
+    than ``eps`` (normalised data with ``clamp=(0, 1)``)."""
+    if clamp is not None and x.numel() and (float(x.min()) < clamp[0] or float(x.max()) > clamp[1]):
+        raise ValueError(f"x lies outside clamp={clamp} (values in [{float(x.min()):.4g}, {float(x.max()):.4g}]): "
+                         "clamp is the range x lives in (e.g. (0, 1) for unnormalised images); pass the range of "
+                         "your normalised inputs, or clamp=None")
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf",
@@ -424,7 +433,8 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "lin
         Radius, >= 0.
     norm : {'linf', 'l2'}
     clamp : (float, float), optional
-        Valid input range; the result is clipped to it.
+        Valid input range; the result is clipped to it. ``x`` must lie inside it (``ValueError``
+        otherwise: clipping would move it further than ``eps``).
 
     Returns
     -------
@@ -433,6 +443,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "lin
     """
     _check_attack_inputs(model, x, y)
     eps, norm, clamp = _check_eps(eps), _check_norm(norm), _check_clamp(clamp)
+    _check_inside(x, clamp)
     if eps == 0:
         return _domain(x.detach().clone(), clamp)
     grad, _ = _input_gradient(model, x, y)
@@ -470,7 +481,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     random_start : bool
         Start each restart at a uniform random point of the ball.
     clamp : (float, float), optional
-        Valid input range.
+        Valid input range, which ``x`` must lie inside (``ValueError`` otherwise).
     seed : int
         Seed of the random starts (a private generator: the global RNG is untouched).
 
@@ -481,6 +492,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     """
     _check_attack_inputs(model, x, y)
     eps, norm, clamp = _check_eps(eps), _check_norm(norm), _check_clamp(clamp)
+    _check_inside(x, clamp)
     steps = args.positive_int(steps, "steps", "gradient steps per restart")
     restarts = args.positive_int(restarts, "restarts", "independent attack runs")
     random_start = args.boolean(random_start, "random_start")
@@ -813,6 +825,13 @@ def _jacobian_norms(model: nn.Module, x: Tensor, n_iter: int, generator: torch.G
     return value
 
 
+def _in_float64(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` evaluated in float64 (parameters and floating buffers cast for the call only)."""
+    state = {name: t.double() if t.is_floating_point() else t
+             for name, t in (*model.named_parameters(), *model.named_buffers())}
+    return torch.func.functional_call(model, state, (x.double(),)).double()
+
+
 def empirical_lipschitz(model: nn.Module, loader: Loader, *, n_iter: int = 20, pair_eps: Optional[float] = None,
                         pair_steps: int = 10, seed: int = 0) -> float:
     """Lower estimate of the model's L2 Lipschitz constant, to set beside a certified bound.
@@ -860,8 +879,10 @@ def empirical_lipschitz(model: nn.Module, loader: Loader, *, n_iter: int = 20, p
             adversarial = pgd(model, x, y, pair_eps, norm="l2", steps=pair_steps, seed=seed + index)
             best = max(best, float(_jacobian_norms(model, adversarial, n_iter, generator).max()))
             with torch.no_grad():
-                moved = (adversarial - x).flatten(1).norm(dim=1).double()
-                change = (model(adversarial) - model(x)).flatten(1).norm(dim=1).double()
+                # In float64: a float32 model's round-off in f(x') - f(x) can exceed the change
+                # itself for a small pair (1.24x the true constant at pair_eps=1e-6, 6x at 3e-7).
+                moved = (adversarial.double() - x.double()).flatten(1).norm(dim=1)
+                change = (_in_float64(model, adversarial) - _in_float64(model, x)).flatten(1).norm(dim=1)
             keep = moved > 0
             if bool(keep.any()):
                 best = max(best, float((change[keep] / moved[keep]).max()))

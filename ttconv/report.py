@@ -971,6 +971,10 @@ def _tensor_problem(tensor: Tensor, key: str) -> Optional[str]:
         return f"not a dense tensor ({tensor.layout})"
     if not tensor.is_floating_point():
         return f"dtype {tensor.dtype} is not floating point"
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {tensor.dtype} is not one the spectra compute in (float16, bfloat16, float32, float64)"
+    if tensor.device.type == "meta":
+        return "on the meta device: it holds no values"
     if tensor.numel() == 0:
         return "empty (a dimension is 0)"
     if tensor.numel() > MAX_KERNEL_ELEMENTS:

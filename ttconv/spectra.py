@@ -79,6 +79,11 @@ def _check_weight(weight: Any, groups: int) -> int:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 3-D, 4-D or 5-D tensor (c_out, c_in/groups, *kernel_size) "
                          f"for a 1-D, 2-D or 3-D convolution, got {shape}")
+    if not weight.is_floating_point():  # a complex kernel's imaginary part would be dropped in the casts
+        raise TypeError(f"weight must be a real floating-point tensor, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight is empty (shape {tuple(weight.shape)}): a conv with no taps or channels has no "
+                         "spectrum")
     if weight.dim() == 4:
         return check_kernel(weight, groups)
     return check_kernel(weight.reshape(*weight.shape[:2], -1, 1), groups)  # same checks, 2-D view
@@ -182,7 +187,9 @@ class MemoryLimitError(ValueError):
 
 
 def _memory_arg(max_memory: Any) -> int:
-    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral) or max_memory < 1:
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral):
+        raise TypeError(f"max_memory must be a positive int (bytes, e.g. 1 << 30), got {max_memory!r}")
+    if max_memory < 1:
         raise ValueError(f"max_memory must be a positive int (bytes), got {max_memory!r}")
     return int(max_memory)
 
