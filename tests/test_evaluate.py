@@ -646,3 +646,20 @@ def test_attacks_refuse_inputs_outside_clamp_and_labels_cross_entropy_cannot_tak
         for bad in (y.int(), y.bool()):
             with pytest.raises(ValueError, match="y must be an int64 tensor of labels"):
                 attack(model, x, bad, 0.01)
+
+
+def test_seeds_steps_and_bool_labels_are_checked_by_name():
+    """A float seed was truncated silently and a str one failed in int(); FGSM ignored bad PGD
+    options; bool labels reached gather()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    x, y = torch.rand(4, 1, 2, 2), torch.randint(0, 3, (4,))
+    for seed in (1.5, "a", None, -1):
+        with pytest.raises((TypeError, ValueError), match="seed must be an int >= 0"):
+            ev.pgd(model, x, y, 0.1, seed=seed)
+        with pytest.raises((TypeError, ValueError), match="seed must be an int >= 0"):
+            ev.attack_accuracy(model, [(x, y)], 0.1, seed=seed)
+    with pytest.raises(ValueError, match="steps must be"):
+        ev.attack_accuracy(model, [(x, y)], 0.1, attack="fgsm", steps=-3)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        ev.certified_radius(torch.randn(4, 3), torch.ones(4, dtype=torch.bool), 1.0)

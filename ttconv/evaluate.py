@@ -108,7 +108,8 @@ def _check_logits_and_labels(logits: Any, labels: Any) -> None:
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must be a (N, C) tensor with C >= 2 classes, got shape {tuple(logits.shape)}")
     args.tensor(labels, "labels", f"integer, of shape ({logits.shape[0]},) matching logits")
-    if labels.shape != logits.shape[:1] or labels.dtype.is_floating_point:
+    if labels.shape != logits.shape[:1] or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor of shape ({logits.shape[0]},) matching logits, got "
                          f"{labels.dtype} of shape {tuple(labels.shape)}")
 
@@ -500,7 +501,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     x = x.detach()
     if eps == 0:
         return _domain(x.clone(), clamp)
-    generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    generator = torch.Generator(device=x.device).manual_seed(args.non_negative_int(seed, "seed", "an RNG seed"))
     ball = _BALLS[norm]
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
@@ -563,7 +564,12 @@ def attack_accuracy(model: nn.Module, loader: Loader, eps: float, *, attack: str
     run = _ATTACKS[args.choice(attack, "attack", _ATTACKS)]
     _check_eval(model)
     eps, norm = _check_eps(eps), _check_norm(norm)
-    options = dict(steps=steps, step_size=step_size, restarts=restarts, random_start=random_start, seed=seed)
+    # Checked here whichever attack runs: a bad PGD option is a mistake with FGSM too.
+    options = dict(steps=args.positive_int(steps, "steps", "gradient steps per restart"),
+                   step_size=step_size if step_size is None else _check_eps(step_size, "step_size"),
+                   restarts=args.positive_int(restarts, "restarts", "independent attack runs"),
+                   random_start=args.boolean(random_start, "random_start"),
+                   seed=args.non_negative_int(seed, "seed", "an RNG seed"))
     correct = total = 0
     for index, (x, y) in enumerate(_batches(loader, _device(model))):
         adversarial = run(model, x, y, eps, norm, clamp, options, index)
@@ -869,6 +875,7 @@ def empirical_lipschitz(model: nn.Module, loader: Loader, *, n_iter: int = 20, p
     """
     _check_eval(model)
     n_iter = args.positive_int(n_iter, "n_iter", "power iterations per example")
+    seed = args.non_negative_int(seed, "seed", "an RNG seed")
     if pair_eps is not None:
         pair_eps = _check_eps(pair_eps, "pair_eps")
     best = 0.0
