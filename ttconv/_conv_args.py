@@ -187,20 +187,18 @@ def channels_and_groups(in_channels: Any, out_channels: Any, groups: Any) -> Tup
 
 
 def padding_in_effect_problem(module: Any) -> Optional[str]:
-    """Why ``module.padding`` is not the padding the conv's forward applies, or None.
+    """Why a torch conv's ``padding`` is not the padding its forward applies, or None.
 
-    torch's convs (for every padding mode but zeros) and ttconv's layers (for every mode) pad
-    by ``_reversed_padding_repeated_twice``, fixed at construction: a ``padding`` attribute
-    set afterwards changes what analysis and conversion read, not what the layer computes.
+    For every padding mode but zeros torch pads by ``_reversed_padding_repeated_twice``, fixed
+    at construction: a ``padding`` attribute set afterwards changes what analysis and
+    conversion read, not what the conv computes. (ttconv's layers recompute their pads when
+    ``padding`` is set; a transposed conv crops its output by ``padding`` itself.)
     """
-    cached = getattr(module, "_reversed_padding_repeated_twice", None)
-    padding = getattr(module, "padding", None)
-    if cached is None or padding is None or getattr(module, "transposed", False) or getattr(module, "_transposed", False):
-        return None  # (a transposed conv crops its output by .padding itself, torch's and ttconv's)
     from torch.nn.modules.conv import _ConvNd
 
-    if isinstance(module, _ConvNd) and module.padding_mode == "zeros":
-        return None  # torch passes .padding to the conv itself
+    if not isinstance(module, _ConvNd) or module.transposed or module.padding_mode == "zeros":
+        return None
+    cached, padding = module._reversed_padding_repeated_twice, module.padding
     try:
         expected = reversed_padding_repeated_twice(
             padding if isinstance(padding, str) else tuple(padding), tuple(module.kernel_size), tuple(module.dilation))

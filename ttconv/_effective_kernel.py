@@ -98,6 +98,12 @@ def _torch_conv_class(module: nn.Module) -> Optional[Type[_ConvNd]]:
     return next((cls for cls in type(module).__mro__ if cls in TORCH_CONVS), None)
 
 
+def _reparametrization_hooks(module: nn.Module) -> List[Tuple[int, Any]]:
+    """``(key, hook)`` of the forward pre-hooks of torch's hook-based reparametrizations on ``module``."""
+    return [(key, hook) for key, hook in module._forward_pre_hooks.items()
+            if isinstance(hook, _REPARAMETRIZATION_HOOKS)]
+
+
 def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
     """The kernel and bias ``conv`` computes with in eval mode, ready to convert.
 
@@ -107,6 +113,7 @@ def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
     """
     base = _torch_conv_class(conv)
     base_name = "a torch conv" if base is None else f"an nn.{base.__name__}"
+    svd = "the matching SVD layer" if base is None else SVD_NAMES[base]
     if isinstance(conv, LazyModuleMixin) and conv.has_uninitialized_params():
         raise _Unconvertible(f"uninitialized lazy conv: run one forward pass first (it then becomes {base_name})")
     problem = args.padding_in_effect_problem(conv)
@@ -114,19 +121,15 @@ def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
         raise _Unconvertible(problem)
     if strict and "forward" in vars(conv):
         raise _Unconvertible("its forward is replaced on the instance (conv.forward = ...) and may compute more than "
-                             "a convolution; convert it by hand with "
-                             f"{'the matching SVD layer' if base is None else SVD_NAMES[base]}.from_conv if it "
-                             "computes a plain one")
+                             f"a convolution; convert it by hand with {svd}.from_conv if it computes a plain one")
     cls = _original_class(conv)
     if strict and cls not in TORCH_CONVS:
-        svd = "the matching SVD layer" if base is None else SVD_NAMES[base]
         raise _Unconvertible(
             f"{cls.__qualname__} is a subclass of nn.{'Module' if base is None else base.__name__} and may "
             f"override forward or hold more state; convert it by hand with {svd}.from_conv if it computes a "
             "plain convolution"
         )
-    hooks = [(key, hook) for key, hook in conv._forward_pre_hooks.items()
-             if isinstance(hook, _REPARAMETRIZATION_HOOKS)]
+    hooks = _reparametrization_hooks(conv)
     parametrized = parametrize.is_parametrized(conv)
     if hooks and parametrized:
         raise _Unconvertible("reparametrized both by torch.nn.utils.parametrize and by a hook "

@@ -54,14 +54,23 @@ def pad_and_subsample(x: Tensor, reversed_padding: Sequence[int], padding_mode: 
 MATMUL_MIN_POSITIONS = 1 << 14
 
 
+def channels_last_format(x: Tensor) -> Optional[torch.memory_format]:
+    """``torch.channels_last`` (``_3d``) when a batched 2-D (3-D) ``x`` is laid out so and not
+    also contiguous (a layout some sizes make ambiguous), else None."""
+    memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if memory_format is not None and not x.is_contiguous() and x.is_contiguous(memory_format=memory_format):
+        return memory_format
+    return None
+
+
 def in_layout_of(x: Tensor, y: Tensor) -> Tensor:
     """``y`` in the memory layout torch's conv gives an input ``x``: channels-last for a
     channels-last ``x``, contiguous for a contiguous one. A chain of convs and mixings keeps it
     on its own except through a one-channel hidden map, whose layout is ambiguous; then this
     copies once."""
-    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
-        return y if y.is_contiguous(memory_format=channels_last) else y.contiguous(memory_format=channels_last)
+    memory_format = channels_last_format(x)
+    if memory_format is not None:
+        return y if y.is_contiguous(memory_format=memory_format) else y.contiguous(memory_format=memory_format)
     return y.contiguous() if x.is_contiguous() else y
 
 
@@ -78,8 +87,7 @@ def mix_channels(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int,
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         return conv(x, kernel, bias, 1, 0, 1, groups)
     batch, spatial = x.shape[0], tuple(x.shape[2:])
-    channels_last = {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims)
-    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+    if channels_last_format(x) is not None:
         # Channels-last in, channels-last out, as torch's conv answers: mix along the last axis
         # of the (batch, *spatial, channels) view, no copy of the input.
         y = torch.matmul(x.movedim(1, -1).reshape(-1, groups, 1, weight.shape[2]), weight.transpose(1, 2))

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _conv_args as args
-from ._effective_kernel import _REPARAMETRIZATION_HOOKS, TORCH_CONVS
+from ._effective_kernel import TORCH_CONVS, _reparametrization_hooks
 from ._hooks import run_example, unwrap
 from ._precision import full_precision
 from ._progress import ProgressArg, progress_for
@@ -113,9 +113,7 @@ def _reparametrized(layer: nn.Module) -> str:
     weight_norm, pruning)."""
     if parametrize.is_parametrized(layer):
         return "torch.nn.utils.parametrize on " + ", ".join(cast(nn.ModuleDict, layer.parametrizations).keys())
-    hooks = [type(hook).__name__ for hook in layer._forward_pre_hooks.values()
-             if isinstance(hook, _REPARAMETRIZATION_HOOKS)]
-    return ", ".join(hooks)
+    return ", ".join(type(hook).__name__ for _, hook in _reparametrization_hooks(layer))
 
 
 def _dims(layer: ConvLayer) -> int:

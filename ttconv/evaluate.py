@@ -649,6 +649,13 @@ def _module_bound(name: str, module: nn.Module, rows: Dict[str, Any], uses: int 
     )
 
 
+def _refuse_hook(problem: Optional[str]) -> None:
+    """``TypeError`` for a hook ``_trace.hook_problem`` found (None: nothing to refuse)."""
+    if problem:
+        raise TypeError(f"cannot certify the chain: {problem}; remove the hook, or bound the constant yourself "
+                        "and pass it to certified_accuracy")
+
+
 def _chain(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
     """The modules a Sequential applies, in order, nested Sequentials flattened. A module
     registered twice is applied twice, so it is listed twice (``named_children`` would hide it).
@@ -657,10 +664,7 @@ def _chain(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module
         if child is None:  # torch's Sequential skips a None entry
             continue
         path = f"{prefix}{name}"
-        problem = hook_problem(path, child)
-        if problem:
-            raise TypeError(f"cannot certify the chain: {problem}; remove the hook, or bound the constant "
-                            "yourself and pass it to certified_accuracy")
+        _refuse_hook(hook_problem(path, child))
         if type(child) is nn.Sequential:
             yield from _chain(child, path + ".")
         else:
@@ -720,10 +724,7 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
             "concatenations; bound the constant yourself and pass it to certified_accuracy"
         )
     _check_eval(model)
-    problem = global_hook_problem() or hook_problem("", model)
-    if problem:
-        raise TypeError(f"cannot certify the chain: {problem}; remove the hook, or bound the constant yourself "
-                        "and pass it to certified_accuracy")
+    _refuse_hook(global_hook_problem() or hook_problem("", model))
     modules = list(_chain(model))
     rows: Dict[str, Any] = {}
     if any(isinstance(m, (nn.Conv2d, SVDConv)) for _, m in modules):

@@ -61,12 +61,8 @@ _Layer = TypeVar("_Layer", bound="_SVDConvNd")
 
 def _conv_arguments(module: nn.Module) -> dict:
     """The constructor arguments shared by a torch conv (``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d``)
-    and its SVD counterpart (``output_padding`` only for the transposed ones). Refuses a layer
-    whose ``padding`` was changed after construction: its forward pads by the old amount, so
-    a layer built from these arguments would compute something else."""
-    problem = args.padding_in_effect_problem(module)
-    if problem:
-        raise ValueError(f"{type(module).__name__}: {problem}")
+    and its SVD counterpart (``output_padding`` only for the transposed ones). A torch conv's
+    padding is checked before (``_effective_kernel``): every caller resolves its kernel first."""
     arguments = dict(
         in_channels=module.in_channels, out_channels=module.out_channels, kernel_size=module.kernel_size,
         stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
