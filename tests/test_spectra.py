@@ -72,7 +72,7 @@ def test_spectrum_is_sorted_descending_and_norm_is_first():
     assert conv_spectral_norm(weight, 6, stride=2) == values[0]
 
 
-@pytest.mark.parametrize("n", [(5, 5), (6, 7), (7, 6), (1 + 2, 9)])
+@pytest.mark.parametrize("n", [(5, 5), (6, 7), (7, 6), (1 + 2, 9), (6, 8), (4, 4)])
 def test_odd_and_even_sizes_restore_conjugate_frequencies(n):
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     _assert_spectra_equal(conv_singular_values(weight, n), circular_singular_values(weight, n))

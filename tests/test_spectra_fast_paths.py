@@ -419,15 +419,19 @@ def test_nd_batches_within_max_memory_give_the_same_spectrum():
     _close(conv_singular_values(weight, n, max_memory=one_frequency), expected)
     kernel = weight.reshape(1, 3, 2, 3, 2, 2)
     batches = list(spectra.transfer_batches(kernel, n, 4 * 3 * 2 * 16 + 12 * 16))
-    assert len(batches) == 5 * 4 * (3 // 2 + 1) and all(len(b) == 4 for b in batches)
+    # One frequency per conjugate pair {f, -f}: (60 + 2) / 2, the 2 being those equal to their
+    # own conjugate, (0, 0, 0) and (0, 2, 0).
+    assert len(batches) == (5 * 4 * 3 + 2) // 2 and all(len(b) == 4 for b in batches)
 
 
 def test_two_d_transfer_batches_keep_their_u_v_layout():
     kernel = torch.randn(1, 2, 3, 3, 2, dtype=torch.float64)
     (u, v, matrices), = spectra.transfer_batches(kernel, (4, 5), 1 << 20)
-    assert u.tolist() == [a for a in range(4) for _ in range(3)] and v.tolist() == [0, 1, 2] * 4
-    expected = torch.fft.fft2(kernel, s=(4, 5))[..., :3].permute(3, 4, 0, 1, 2).reshape(12, 1, 2, 3)
-    _close(matrices, expected)
+    # Row-major over the half plane v <= 2, without (3, 0): the conjugate of (1, 0), kept.
+    pairs = [(a, b) for a in range(4) for b in range(3) if (a, b) != (3, 0)]
+    assert list(zip(u.tolist(), v.tolist())) == pairs
+    full = torch.fft.fft2(kernel, s=(4, 5)).permute(3, 4, 0, 1, 2)
+    _close(matrices, torch.stack([full[a, b] for a, b in pairs]))
 
 
 @pytest.mark.cpu_only  # the cap is the CPU's; a GPU keeps one large batch
@@ -438,15 +442,15 @@ def test_cpu_batches_stay_cache_sized_and_give_the_same_spectrum(monkeypatch):
     per_frequency = 128 * 128 * 8
     sizes = [len(b[0]) for b in spectra.transfer_batches(kernel, (32, 32), 1 << 30)]
     assert max(sizes) == spectra._CPU_BATCH_BYTES // per_frequency == 64
-    assert sum(sizes) == 32 * 17
+    assert sum(sizes) == (32 * 32 + 4) // 2  # a frequency per conjugate pair; 4 are their own
     huge = torch.randn(1, 2048, 1024, 1, 2)  # one frequency: 16 MiB, more than the cap
     assert [len(b[0]) for b in spectra.transfer_batches(huge, (1, 2), 1 << 30)] == [1, 1]
     grouped = torch.randn(4, 64, 64, 3, 3)  # one frequency: 4 groups' matrices, 128 KiB
     sizes = [len(b[0]) for b in spectra.transfer_batches(grouped, (32, 32), 1 << 30)]
-    assert max(sizes) == spectra._CPU_BATCH_BYTES // (4 * 64 * 64 * 8) == 64 and sum(sizes) == 32 * 17
+    assert max(sizes) == spectra._CPU_BATCH_BYTES // (4 * 64 * 64 * 8) == 64 and sum(sizes) == (32 * 32 + 4) // 2
     # Another device keeps the one large batch (there every batch is a launch).
     on_meta = list(spectra.transfer_batches(kernel.to("meta"), (32, 32), 1 << 30))
-    assert [len(b[0]) for b in on_meta] == [32 * 17]
+    assert [len(b[0]) for b in on_meta] == [(32 * 32 + 4) // 2]
     # The same spectrum and norm as with the cap lifted (one batch of every frequency).
     weight = torch.randn(64, 64, 3, 3, dtype=torch.float64)
     capped = (conv_singular_values(weight, (24, 24)), conv_spectral_norm(weight, (24, 24)))
@@ -455,3 +459,33 @@ def test_cpu_batches_stay_cache_sized_and_give_the_same_spectrum(monkeypatch):
     whole = (conv_singular_values(weight, (24, 24)), conv_spectral_norm(weight, (24, 24)))
     torch.testing.assert_close(capped[0], whole[0], rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(capped[1], whole[1], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("m", [(1,), (2,), (5,), (6,), (4, 4), (5, 4), (4, 5), (3, 3), (16, 16), (1, 4), (4, 1),
+                               (2, 3, 4), (3, 3, 3), (4, 2, 6)])
+def test_one_representative_per_conjugate_pair(m):
+    """``conjugate_representatives`` holds exactly one frequency of each class ``{f, -f mod m}``,
+    inside the half space the DFT batches index, and ``self_conjugate`` marks the classes of
+    one member: counted once or twice, they give every frequency of the grid once. Checked
+    against classes enumerated over the whole grid."""
+    import itertools
+
+    half = (*m[:-1], m[-1] // 2 + 1)
+    flat = spectra.conjugate_representatives(m).tolist()
+    assert flat == sorted(flat) and all(0 <= f < math.prod(half) for f in flat)
+    points = []
+    for f in flat:  # row-major over the half space
+        point = []
+        for size in reversed(half):
+            point.insert(0, f % size)
+            f //= size
+        points.append(tuple(point))
+
+    def conjugate(p):
+        return tuple((-a) % size for a, size in zip(p, m))
+
+    classes = {min(p, conjugate(p)) for p in itertools.product(*(range(size) for size in m))}
+    assert sorted(min(p, conjugate(p)) for p in points) == sorted(classes)
+    own = spectra.self_conjugate([torch.tensor([p[axis] for p in points]) for axis in range(len(m))], m)
+    assert own.tolist() == [p == conjugate(p) for p in points]
+    assert sum(1 if alone else 2 for alone in own.tolist()) == math.prod(m)

@@ -38,7 +38,7 @@ still the circular analogue, and ``ttconv.bounds.operator_norm_bound`` bounds th
 Cost: a pass computes each exact norm once (before, and after a clip) and passes it on.
 Those norms are certified rather than decomposed: per frequency one Gram product and one
 Cholesky factorisation, and an SVD only for the few frequencies the certificate cannot
-exclude. A clip decomposes the half space of frequencies only (the last axis halved). A 1x1 layer (any kernel
+exclude. A clip decomposes one frequency of each conjugate pair only. A 1x1 layer (any kernel
 whose polyphase form folds to a single tap) has one matrix at every frequency: its norm is
 one matrix norm and its clip one SVD, exact.
 """
@@ -67,6 +67,7 @@ from .spectra import (
     fold_kernel,
     kernel_scale,
     polyphase_kernel,
+    self_conjugate,
     single_tap_matrices,
     spectral_dtype,
     transfer_batches,
@@ -269,10 +270,10 @@ def _inverse_phases(frequencies: Sequence[Tensor], m: Tuple[int, ...], taps: Tup
 
     ``frequencies``: one index tensor per axis, ``(u, v)`` in 2-D (``d`` of them for ``d``
     axes: the sum in the exponent runs over every axis, the taps are the product grid).
-    ``w_v`` is 2 for a half-space index ``0 < v < m2 / 2`` of the last axis (it stands for
-    the frequency and its conjugate, ``m2 - v`` on the last axis and ``-u`` on the others)
-    and 1 for ``v = 0`` and ``v = m2 / 2``, whose conjugates are in the half space
-    themselves: the real part of the sum is the inverse DFT of the full Hermitian spectrum.
+    ``w`` is 2 for a frequency that stands for itself and its conjugate ``-f mod m`` (every
+    one ``transfer_batches`` yields) and 1 for one that is its own conjugate
+    (``self_conjugate``): the real part of the sum is the inverse DFT of the full
+    Hermitian spectrum.
     """
     d = len(m)
     angle = None
@@ -284,9 +285,8 @@ def _inverse_phases(frequencies: Sequence[Tensor], m: Tuple[int, ...], taps: Tup
         angle = term if angle is None else angle + term
     assert angle is not None  # at least one axis
     angle = (2 * math.pi) * angle
-    v, m2 = frequencies[-1], m[-1]  # the halved axis
-    weight = torch.where((v == 0) | (2 * v == m2), 1.0, 2.0).to(torch.float64) / math.prod(m)
-    return torch.polar(weight.reshape(-1, *[1] * d).expand_as(angle), angle).reshape(len(v), -1).to(dtype)
+    weight = torch.where(self_conjugate(frequencies, m), 1.0, 2.0).to(torch.float64) / math.prod(m)
+    return torch.polar(weight.reshape(-1, *[1] * d).expand_as(angle), angle).reshape(len(angle), -1).to(dtype)
 
 
 def _from_stride1(phases: Tensor, stride: Tuple[int, ...], dilation: Tuple[int, ...],
@@ -311,9 +311,9 @@ def _clip_kernel(kernel: Tensor, n: Tuple[int, ...], max_singular_value: float, 
     ``n / s`` grid (the ``s1*s2`` phases as extra input channels): its per-frequency
     matrices are clipped, the clipped kernel (full ``n / s`` support per phase) is read
     back at the polyphase taps and reassembled into the (dilated) kernel, and the
-    kernel's own taps are kept. Only the half space (last axis ``v <= m_d // 2``) is
-    decomposed: clipping commutes with complex conjugation, so the clipped spectrum stays
-    Hermitian and its inverse DFT real. The inverse DFT is evaluated at the taps only, a
+    kernel's own taps are kept. Only one frequency of each conjugate pair ``{f, -f}`` is
+    decomposed (``transfer_batches``): clipping commutes with complex conjugation, so the
+    clipped spectrum stays Hermitian and its inverse DFT real. The inverse DFT is evaluated at the taps only, a
     batch of frequencies at a time (memory bounded by ``DEFAULT_MAX_MEMORY``). Any number
     ``d`` of spatial axes (``kernel`` ``(c_out, c_in/g, *k)``).
     """
@@ -474,8 +474,8 @@ def clip_singular_values_(layer: ConvLayer, max_singular_value: float, input_siz
 
     Notes
     -----
-    Cost: one SVD per frequency of the half plane ``(n1 / s1) x (n2 / s2 // 2 + 1)`` (in
-    ``d``-D the last axis halved) of ``c_out/g x (c_in/g) s1 s2`` matrices
+    Cost: one SVD per conjugate pair of frequencies ``{f, -f}`` of the ``(n1 / s1) x (n2 / s2)``
+    grid (about half of them, in ``d``-D too) of ``c_out/g x (c_in/g) s1 s2`` matrices
     (``r_out x r_in s1 s2`` for an SVD layer)
     per round, and one exact norm afterwards, for which a Gram product and a Cholesky
     factorisation per frequency certify all but a few frequencies, which are decomposed.

@@ -43,10 +43,12 @@ __all__ = [
     "conv_singular_values",
     "conv_spectral_norm",
     "check_spectral_input_size",
+    "conjugate_representatives",
     "dilate_kernel",
     "fold_kernel",
     "kernel_scale",
     "polyphase_kernel",
+    "self_conjugate",
     "single_tap_matrices",
     "spectral_dtype",
     "transfer_batches",
@@ -242,15 +244,57 @@ in, and the Gram, power-iteration and Cholesky passes each stream it again). GPU
 large batch: there every batch is a launch."""
 
 
+def conjugate_representatives(m: Sequence[int]) -> Tensor:
+    """One frequency of each conjugate pair ``{f, -f mod m}`` of the grid ``m``, as row-major
+    indices into the half space ``(*m[:-1], m[-1] // 2 + 1)`` (last axis halved), ascending.
+
+    Every ``f`` with ``0 < f_d < m_d / 2`` on the last axis has its conjugate outside the
+    half space. On ``f_d = 0`` and ``f_d = m_d / 2`` both members lie inside: the one with
+    the smaller index is kept. About ``prod(m) / 2`` frequencies where the half space has
+    ``prod(m[:-1]) (m_d // 2 + 1)``: ``m1 (m2 / 2 - 1) + 2 (m1 / 2 + 1)`` instead of
+    ``m1 (m2 / 2 + 1)`` on an even 2-D grid (130 of 144 at 16 x 16).
+    """
+    half_shape = (*m[:-1], m[-1] // 2 + 1)
+    index = torch.arange(math.prod(half_shape))  # integer bookkeeping: on the CPU, whatever the kernel's device
+    conjugate = torch.zeros_like(index)
+    inside = torch.ones_like(index, dtype=torch.bool)
+    rest = index
+    stride = 1
+    for axis in reversed(range(len(m))):
+        size = half_shape[axis]
+        f = rest % size
+        rest = rest // size
+        negated = (-f) % m[axis]
+        if axis == len(m) - 1:
+            inside = negated < size  # f_d = 0 or f_d = m_d / 2
+        conjugate = conjugate + (negated % size) * stride
+        stride *= size
+    return index[~inside | (conjugate >= index)]
+
+
+def self_conjugate(frequencies: Sequence[Tensor], m: Sequence[int]) -> Tensor:
+    """Whether each frequency (one index tensor per axis) is its own conjugate, ``f = -f mod m``
+    on every axis (every index 0 or ``m_a / 2``): it stands for itself alone, where every other
+    representative ``transfer_batches`` yields stands for two frequencies."""
+    own = torch.ones_like(frequencies[0], dtype=torch.bool)
+    for f, m_a in zip(frequencies, m):
+        own &= (f == 0) | (2 * f == m_a)
+    return own
+
+
 def transfer_batches(
     kernel: Tensor, m: Sequence[int], max_memory: int, *, per_frequency_factor: int = 4
 ) -> Iterator[Tuple[Tensor, ...]]:
-    """The half-plane DFT of a stride-1 grouped kernel, a batch of frequencies at a time.
+    """The DFT of a stride-1 grouped kernel at one frequency of each conjugate pair, a batch
+    of frequencies at a time.
 
     ``kernel``: ``(g, o, i, t1, t2)`` real. Yields ``(u, v, matrices)`` with ``matrices``
-    ``(B, g, o, i)`` complex: ``P(u, v) = sum_{h, w} K[..., h, w] exp(-2 pi i (u h / m1 + v w / m2))``
-    for every ``u`` in ``[0, m1)`` and ``v`` in ``[0, m2 // 2]`` (the other half are
-    complex conjugates). Any number of spatial axes: ``kernel`` ``(g, o, i, *t)`` with
+    ``(B, g, o, i)`` complex: ``P(u, v) = sum_{h, w} K[..., h, w] exp(-2 pi i (u h / m1 + v w / m2))``.
+    A real kernel's ``P(-u, -v)`` (indices modulo ``m``) is the complex conjugate of
+    ``P(u, v)``, with the same singular values, so only one frequency of each pair is
+    yielded (``conjugate_representatives``): ``v`` in ``[0, m2 // 2]``, and on the
+    columns ``v = 0`` and ``v = m2 / 2``, which hold both members of their pairs, the one
+    with the smaller ``u`` (``self_conjugate`` says which stand for themselves alone). Any number of spatial axes: ``kernel`` ``(g, o, i, *t)`` with
     ``len(m) == len(t)`` yields one frequency index per axis, then the matrices (the last
     axis halved: ``(u,)`` for 1-D, ``(u, v, w)`` for 3-D). Taps beyond ``m`` need no folding first (the phases are
     periodic in the tap). A batch holds as many frequencies as fit ``max_memory`` with
@@ -276,9 +320,9 @@ def transfer_batches(
             f"max_memory={format_bytes(max_memory)}; raise max_memory"
         )
     flat = kernel.to(complex_dtype).reshape(g * o * i, -1).T
-    device = kernel.device
-    for start in range(0, total, batch):
-        index = torch.arange(start, min(start + batch, total), device=device)
+    representatives = conjugate_representatives(m).to(kernel.device)
+    for start in range(0, len(representatives), batch):
+        index = representatives[start:start + batch]
         frequencies: List[Tensor] = []
         for size in reversed(half_shape):  # row-major: the last axis varies fastest
             frequencies.insert(0, index % size)
@@ -357,8 +401,9 @@ def conv_singular_values(
     -----
     Exact (Sedghi et al. 2019, polyphase for stride). The padding amount does not enter:
     with circular padding it only shifts the output. Cost
-    ``O(n1 n2 c_out c_in min(c_out, c_in))``. Only the ``m1 (m2 // 2 + 1)`` frequencies
-    of one half plane are decomposed: the others hold complex-conjugate matrices.
+    ``O(n1 n2 c_out c_in min(c_out, c_in))``. Only one frequency of each conjugate pair
+    ``{f, -f}`` is decomposed (about ``m1 m2 / 2`` of them): a real kernel's matrices at
+    ``-f`` are the complex conjugates of those at ``f``.
 
     Fast path: when the polyphase kernel folded modulo ``m`` has a single tap (a 1x1
     kernel at any stride and dilation, a kernel equal to its stride, or ``m = (1, 1)``)
@@ -376,7 +421,7 @@ def conv_singular_values(
     kernel, scale, m, max_memory = _prepare(weight, input_size, stride, dilation, groups, max_memory)
     g, o, i = kernel.shape[:3]
     count = g * math.prod(m) * min(o, i)
-    needed = 3 * count * kernel.element_size()  # half-plane values, the mirrored copy, the sort
+    needed = 3 * count * kernel.element_size()  # the values decomposed, their conjugates' copy, the sort
     if needed > max_memory:
         raise MemoryLimitError(
             f"all {count} singular values need about {format_bytes(needed)}, more than "
@@ -387,18 +432,14 @@ def conv_singular_values(
     if single is not None:  # every frequency holds this matrix: decompose it once
         values = torch.linalg.svdvals(tall(single))  # (g, min(o, i))
         return values.flatten().repeat(math.prod(m)).sort(descending=True).values * scale
-    batches = [torch.linalg.svdvals(batch[-1]) for batch in transfer_batches(kernel, m, max_memory)]
-    last = len(m) - 1
-    values = torch.cat(batches).reshape(*m[:-1], m[-1] // 2 + 1, g, -1)
-    # Frequency (u, v) with v > m2 // 2 is the conjugate of (-u, m2 - v), which was computed
-    # (any number of axes: every index negated modulo its size).
-    device = values.device
-    mirrored = values
-    for axis, m_a in enumerate(m[:-1]):
-        mirrored = mirrored.index_select(axis, (-torch.arange(m_a, device=device)) % m_a)
-    mirrored = mirrored.index_select(last, m[-1] - torch.arange(m[-1] // 2 + 1, m[-1], device=device))
-    values = torch.cat([values, mirrored], dim=last)
-    return values.flatten().sort(descending=True).values * scale
+    batches, own = [], []
+    for *frequencies, matrices in transfer_batches(kernel, m, max_memory):
+        batches.append(torch.linalg.svdvals(matrices).flatten(1))
+        own.append(self_conjugate(frequencies, m))
+    values, stands_alone = torch.cat(batches), torch.cat(own)
+    # Every other frequency's conjugate has the same singular values: count them twice.
+    values = torch.cat([values.flatten(), values[~stands_alone].flatten()])
+    return values.sort(descending=True).values * scale
 
 
 # ------------------------------------------------------------------ certified maximum
