@@ -8,8 +8,8 @@
    target (``clip_scale`` ends at the target by construction).
 2. The limit: per layer, the FLOP ratio of the per-frequency work (dense vs core
    matrices) and, timed in the same run, the bare kernels each pass is made of, in the
-   batches the pass uses (on the CPU at most 8 MiB of matrices): the batched SVD of every
-   half-plane frequency (the floor of a clip) and the Gram product plus Cholesky
+   batches the pass uses (on the CPU at most 8 MiB of matrices): the batched SVD at one
+   frequency of each conjugate pair (the floor of a clip) and the Gram product plus Cholesky
    factorisation of every frequency (the floor of the certified norm).
 3. One clip step on one SVDConv layer (float32, target half its norm) against the
    paper's code, Senderovich et al. (2022), ``Clip_AssignOperatorNorm`` of
@@ -118,7 +118,7 @@ def control_costs(dense, low, size, batch, repeats):
     return f"Runs (dense / SVDConv): {runs}.\n\n{table}"
 
 
-def _half_plane_matrices(layer, size, per_frequency_factor=4):
+def _pass_matrices(layer, size, per_frequency_factor=4):
     """The matrices a control pass decomposes for ``layer``, in the batches the pass decomposes them
     in (``transfer_batches`` with the pass's memory limit: on the CPU at most
     ``spectra._CPU_BATCH_BYTES`` of matrices): a list of ``(B g, o, i)`` (orthonormal core for SVDConv)."""
@@ -150,8 +150,8 @@ def limit_table(dense, low, size):
     with torch.no_grad():
         for (name, d_layer, n), (_, c_layer, _) in pairs:
             # The clip's batches (room for 8 copies of a frequency's matrices) and the norm's (4).
-            d_clip, c_clip = _half_plane_matrices(d_layer, n, 8), _half_plane_matrices(c_layer, n, 8)
-            d_norm, c_norm = _half_plane_matrices(d_layer, n), _half_plane_matrices(c_layer, n)
+            d_clip, c_clip = _pass_matrices(d_layer, n, 8), _pass_matrices(c_layer, n, 8)
+            d_norm, c_norm = _pass_matrices(d_layer, n), _pass_matrices(c_layer, n)
             d_mat, c_mat = torch.cat(d_norm), torch.cat(c_norm)
             flops = [m.shape[0] * m.shape[1] * m.shape[2] * min(m.shape[1:]) for m in (d_mat, c_mat)]
             svd = [timed_call(lambda b=b: [torch.linalg.svd(_tall(m), full_matrices=False) for m in b])

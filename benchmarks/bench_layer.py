@@ -17,7 +17,6 @@ the factored path still needs it for its core conv (math in
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -29,6 +28,7 @@ from _device import add_device_argument, describe, on_device  # noqa: E402
 from _timing import interleaved, markdown_table  # noqa: E402
 
 from ttconv import SVDConv, SVDConv1d, SVDConv3d, SVDConvTranspose2d, conv_singular_values  # noqa: E402
+from ttconv.spectra import conjugate_representatives  # noqa: E402
 
 # (SVD class, torch class, channels, kernel, stride, padding, input spatial size)
 ND_SHAPES = [
@@ -115,9 +115,12 @@ def nd_table(shapes, batch, repeats):
 
 def spectrum_table(shapes, repeats):
     """Core vs dense exact spectrum, and the limit LAPACK sets on this machine: the time of
-    ``svdvals`` on the dense method's half-plane batch of ``c x c`` complex matrices over the
+    ``svdvals`` on the dense method's batch of ``c x c`` complex matrices (one frequency of each
+    conjugate pair) over the
     same batch of ``r x r`` ones (the SVDs are ~85% of either method; the FLOP ratio
-    ``(c/r)^3 = 64`` assumes equal efficiency, which small matrices do not get)."""
+    ``(c/r)^3 = 64`` assumes equal efficiency, which small matrices do not get). Each time is
+    the fastest of the rounds, the order rotating every round: on this shared 2-core machine
+    the medians of single runs moved the limit column between 28x and 36x."""
     rows = []
     header = ["layer", "c", "r", "n", "core ms", "dense FFT ms", "speed-up", "LAPACK limit (svdvals c / r)",
               "max abs diff"]
@@ -127,14 +130,15 @@ def spectrum_table(shapes, repeats):
         kernel = 5 if len(n) == 1 else 3
         layer = cls(channels, channels, kernel, padding=kernel // 2, rank=rank)
         weight = layer.dense_weight().detach()
-        batch = math.prod(n[:-1]) * (n[-1] // 2 + 1)
+        batch = len(conjugate_representatives(n))
         small = torch.randn(batch, rank, rank, dtype=torch.complex64)
         large = torch.randn(batch, channels, channels, dtype=torch.complex64)
         with torch.no_grad():
             times = interleaved({"core": lambda: layer.singular_values(n),
                                  "dense": lambda: conv_singular_values(weight, n),
                                  "svd r": lambda: torch.linalg.svdvals(small),
-                                 "svd c": lambda: torch.linalg.svdvals(large)}, repeats, warmup=1)
+                                 "svd c": lambda: torch.linalg.svdvals(large)}, repeats, warmup=1,
+                                statistic=min, rotate=True)
             diff = float((layer.singular_values(n) - conv_singular_values(weight, n)).abs().max())
         rows.append([cls.__name__, str(channels), str(rank), "x".join(map(str, n)), f"{times['core'] * 1e3:.1f}", f"{times['dense'] * 1e3:.1f}",
                      f"{times['dense'] / times['core']:.1f}x", f"{times['svd c'] / times['svd r']:.1f}x",

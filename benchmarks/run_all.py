@@ -32,7 +32,8 @@ SECTIONS = [  # (heading, script, blurb)
      "Forward and forward+backward at batch 32 (ResNet-like 3x3 convs; fwd+bwd with an input that requires grad, "
      "as for every layer inside a network, and for a first layer without it), the 1-D, 3-D and transposed layers "
      "against their torch counterparts, then the exact spectrum from the TT core vs the dense FFT method (rank c/4) "
-     "next to the limit LAPACK's batched SVD sets on this machine. Full-rank FLOP limit (performance-limits.md): "
+     "next to the limit LAPACK's batched SVD sets on this machine (fastest of the rounds, the order rotating "
+     "every round). Full-rank FLOP limit (performance-limits.md): "
      "1 + min(2c/(BHW), 2/k^2), i.e. 1.00/1.01/1.08/1.22 for the four 2-D shapes."),
     ("Forward path choice: dense vs factored vs auto", "benchmarks/bench_paths.py",
      "MTCNN-, MobileNet-v3- and OCR-like layer shapes at ranks full/0.5/0.25, batch 1 and 16, eval forward and "
