@@ -759,6 +759,55 @@ MUTANTS: List[Mutant] = [
         ("tests/test_evaluate.py::test_empirical_lipschitz_pairs_stay_below_the_constant_for_tiny_pairs_in_float32",),
         "empirical_lipschitz's pair quotient in the model's float32: round-off lifts it above the true constant",
     ),
+    Mutant(
+        "probe_without_the_convs_hooks", "ttconv/convert.py",
+        "        _carry_over(copied, layer, kernel.weight_frozen, kernel.bias_frozen, kernel.fold_hooks)",
+        "        layer.train(copied.training)",
+        ("tests/test_convert.py::test_output_search_runs_its_probes_with_the_convs_hooks",),
+        "the output search's probes run the SVD layers without the convs' forward hooks the reference ran",
+    ),
+    Mutant(
+        "convs_run_through_other_references_replaced", "ttconv/convert.py",
+        "        built = [(candidate, layer) for candidate, layer in built if candidate.name not in still_ran]",
+        "        built = list(built)",
+        ("tests/test_convert.py::test_convs_the_forward_calls_through_other_references_are_left_and_listed",),
+        "a conv the forward calls from a plain list is replaced anyway: the old conv keeps running, untrained",
+    ),
+    Mutant(
+        "jit_convs_not_listed", "ttconv/convert.py",
+        "        if isinstance(module, torch.jit.ScriptModule) and getattr(module, \"original_name\", None) in _CONV_NAMES:",
+        "        if False:",
+        ("tests/test_convert.py::test_convs_compiled_by_torch_jit_are_listed_not_silently_kept",),
+        "convert finds no conv in a scripted model and says nothing",
+    ),
+    Mutant(
+        "decompose_drops_the_scale", "ttconv/tt.py",
+        "            S=(S * self.scale).reshape(groups * r_out).to(like),",
+        "            S=S.reshape(groups * r_out).to(like),",
+        ("tests/test_tt.py::test_float64_kernels_at_the_ends_of_the_range_decompose_as_at_scale_one",),
+        "the kernel is decomposed at unit scale and S does not take the scale back",
+    ),
+    Mutant(
+        "half_factors_report_the_float64_error", "ttconv/tt.py",
+        "        if like.dtype in _HALF_DTYPES and norm_sq > 0:",
+        "        if False:",
+        ("tests/test_tt.py::test_half_precision_factors_report_the_error_of_their_rounding",),
+        "float16/bfloat16 factors report the float64 truncation's error, not their own (0 at full rank)",
+    ),
+    Mutant(
+        "fx_trace_drops_output_size", "ttconv/layer.py",
+        "        if output_size is None:\n            return self._forward(input, self.output_padding)",
+        "        if output_size is None or isinstance(input, torch.fx.Proxy):\n            return self._forward(input, self.output_padding)",
+        ("tests/test_layer_nd.py::test_fx_trace_of_output_size_is_refused_or_kept_by_a_leaf_tracer",),
+        "a symbolic trace of a transposed layer called with output_size records the default output size",
+    ),
+    Mutant(
+        "lipschitz_report_for_2d_convs_only", "ttconv/evaluate.py",
+        "    if any(isinstance(m, (_ConvNd, _SVDConvNd)) for _, m in modules):",
+        "    if any(isinstance(m, (nn.Conv2d, SVDConv)) for _, m in modules):",
+        ("tests/test_evaluate.py::test_lipschitz_bound_of_1d_3d_and_transposed_chains_against_explicit_operators",),
+        "evaluate.lipschitz_bound asks no report for a chain without a 2-D conv and refuses it as not reached",
+    ),
 ]
 
 

@@ -330,3 +330,21 @@ def test_spectral_control_keeps_every_layer_of_a_model_within_the_target(model_n
     for name in grids:
         assert all(p.grad is not None and bool(p.grad.abs().sum() > 0)
                    for p_name, p in layers[name].named_parameters() if p_name != "bias"), name
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("svd", [False, True], ids=["torch", "svd"])
+def test_read_only_norm_answers_where_the_transposed_output_is_empty(d, svd):
+    """``ttconv.spectral_norm`` is the value of ``layer.spectral_norm`` and
+    ``bounds.exact_spectral_norm`` on every size they answer (the circular operator exists
+    whatever the padding); only the control steps refuse a size torch's layer cannot take."""
+    from ttconv.bounds import exact_spectral_norm
+
+    layer, _ = _make((d, True, svd), "unpadded", seed=0)
+    layer.padding = (3,) * d
+    expected = float(exact_spectral_norm(layer, 1))
+    assert float(spectral_norm(layer, 1)) == pytest.approx(expected, rel=1e-9)
+    if svd:
+        assert float(layer.spectral_norm(1)) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="empty output"):
+        clip_singular_values_(layer, 1.0, 1)

@@ -228,3 +228,72 @@ def test_exclude_and_force_of_the_wrong_type_are_refused_by_name(argument):
         convert(model, **{argument: None})
     with pytest.raises(TypeError, match=f"{argument} must hold str names or fnmatch patterns, got int 1"):
         convert(model, **{argument: [1]})
+
+
+class _ListedConvs(nn.Module):
+    """Runs c1 and c2 from a plain list (not through their registered names), c3 directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1),
+                                     nn.Conv2d(6, 5, 3, padding=1))
+        self.order = [self.c1, self.c2]
+
+    def forward(self, x):
+        for conv in self.order:
+            x = torch.relu(conv(x))
+        return self.c3(x)
+
+
+def test_convs_the_forward_calls_through_other_references_are_left_and_listed():
+    """Replacing the registered child of a conv the forward reads from a plain list would leave
+    the old conv running while its parameters leave the model (an optimizer would train
+    nothing). With example_input convert finds such convs and leaves them, listed."""
+    torch.manual_seed(0)
+    model, x = _ListedConvs(), torch.randn(2, 4, 8, 8)
+    converted, report = convert(model, rank=2, force=("*",), example_input=x, return_report=True)
+    assert [name for name, _ in report.skipped] == ["c1", "c2"]
+    assert all("registered name" in reason for _, reason in report.skipped)
+    assert [row.name for row in report.layers] == ["c3"]
+    assert converted.order[0] is converted.c1 and type(converted.c1) is nn.Conv2d
+    assert isinstance(converted.c3, SVDConv)
+    # What runs is what the model holds: c1's kernel gets a gradient, and the reported output
+    # error is that of the truncated c3 alone (recomputed independently here).
+    converted(x).sum().backward()
+    assert converted.c1.weight.grad is not None
+    with torch.no_grad():
+        expected = model(x)
+        hidden = torch.relu(model.c2(torch.relu(model.c1(x))))
+        truncated = nn.functional.conv2d(hidden, converted.c3.weight, converted.c3.bias, padding=1)
+    assert report.output_error == pytest.approx(_relative(truncated, expected), rel=1e-5)
+    with pytest.warns(UserWarning, match="registered name"):
+        convert(model, example_input=x)
+
+
+@pytest.mark.parametrize("compile_with", ["script", "trace"])
+def test_convs_compiled_by_torch_jit_are_listed_not_silently_kept(compile_with):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 3, 6, 6)
+    compiled = torch.jit.script(model) if compile_with == "script" else torch.jit.trace(model, x)
+    converted, report = convert(compiled, return_report=True)
+    assert [name for name, _ in report.skipped] == ["0", "2"] and not report.layers
+    assert all("torch.jit" in reason for _, reason in report.skipped)
+    assert torch.equal(converted(x), model(x))
+    with pytest.warns(UserWarning, match="torch.jit"):
+        convert(compiled)
+
+
+def test_output_search_runs_its_probes_with_the_convs_hooks():
+    """The reference output runs the convs' forward hooks; so must every probe of the search
+    (a probe without the hook saw an error of 0.5 at an exact rank and gave up)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    with torch.no_grad():  # the last conv has rank 2 on its output side
+        model[2].weight.copy_((torch.randn(8, 2) @ torch.randn(2, 8 * 9)).reshape(8, 8, 3, 3))
+    model[2].register_forward_hook(lambda module, inputs, output: 2.0 * output)
+    x = torch.randn(2, 8, 6, 6)
+    converted, report = convert(model, output_tolerance=1e-3, example_input=x, return_report=True)
+    rows = {row.name: row for row in report.layers}
+    assert rows["2"].ranks[0] == 2 and report.output_error <= 1e-3
+    with torch.no_grad():
+        assert _relative(converted(x), model(x)) <= 1e-3

@@ -15,7 +15,7 @@ from torch import nn
 
 from models import SmallResNet
 from oracle import default_device
-from ttconv import SVDConv, convert, densify
+from ttconv import SVDConv, convert, decompose, densify
 from ttconv.convert import load_converted
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -269,3 +269,61 @@ def test_load_converted_errors():
         load_converted(nn.Sequential(nn.Conv2d(3, 4, 3)), state)
     with pytest.raises(RuntimeError, match=r"0: malformed SVDConv extra state"):
         convert(nn.Sequential(nn.Conv2d(3, 4, 3)), rank=2).load_state_dict(state)
+
+
+class _HalvedConv(nn.Conv2d):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def test_load_converted_names_convs_that_convert_would_have_left():
+    """A state dict with an SVD layer where the model has a conv subclass or a conv whose forward
+    was replaced on the instance: the layer is built (the saved model had one) and a warning
+    says what was dropped, never silently."""
+    saved = convert(nn.Sequential(nn.Conv2d(4, 8, 3)))
+    with pytest.warns(UserWarning, match=r"'0' \(_HalvedConv\) became a SVDConv.*subclass"):
+        restored = load_converted(nn.Sequential(_HalvedConv(4, 8, 3)), saved.state_dict())
+    assert isinstance(restored[0], SVDConv)
+    conv = nn.Conv2d(4, 8, 3)
+    plain_forward = conv.forward
+    conv.forward = lambda x: plain_forward(x) + 1.0
+    with pytest.warns(UserWarning, match=r"'0' \(Conv2d\) became a SVDConv.*replaced on the instance"):
+        load_converted(nn.Sequential(conv), saved.state_dict())
+
+
+def test_convs_with_nothing_to_decompose_are_left_with_the_reason():
+    """A kernel on the meta device, an empty one, one whose shape disagrees with the conv's own
+    arguments (pruned by hand) and one kept as a buffer: each is left and listed, by name,
+    with what is wrong, not a traceback from deep inside the decomposition."""
+    with torch.device("meta"):
+        on_meta = nn.Conv2d(8, 16, 3)
+    pruned = nn.Conv2d(8, 16, 3)
+    pruned.weight = nn.Parameter(pruned.weight[:12].detach())
+    pruned.bias = nn.Parameter(pruned.bias[:12].detach())
+    as_buffer = nn.Conv2d(4, 4, 3)
+    kernel = as_buffer.weight.detach()
+    del as_buffer.weight
+    as_buffer.register_buffer("weight", kernel)
+    model = nn.Sequential(on_meta, nn.Conv2d(0, 4, 3), pruned, as_buffer)
+    converted, report = convert(model, force=("*",), return_report=True)
+    reasons = dict(report.skipped)
+    assert sorted(reasons) == ["0", "1", "2", "3"] and not report.layers
+    assert "meta device" in reasons["0"] and "empty" in reasons["1"]
+    assert "(12, 8, 3, 3)" in reasons["2"] and "out_channels=16" in reasons["2"]
+    assert "buffer" in reasons["3"]
+    assert all(converted[i] is not model[i] and type(converted[i]) is nn.Conv2d for i in range(4))
+    with pytest.raises(ValueError, match="weight is empty"):
+        decompose(torch.randn(0, 4, 3, 3))
+
+
+def test_load_converted_names_what_does_not_fit_the_model():
+    saved = convert(nn.Sequential(nn.Conv2d(16, 16, 3)))
+    with pytest.raises(ValueError, match=r"layer '0'.*rank \(16, 16\), more than this Conv2d \(8 -> 8 channels"):
+        load_converted(nn.Sequential(nn.Conv2d(8, 8, 3)), saved.state_dict())
+    state = dict(saved.state_dict())
+    extra = state["0._extra_state"].clone()
+    extra[4] = 1  # bounded, with the bits of NaN
+    extra[5] = torch.tensor([float("nan")], dtype=torch.float64).view(torch.int64)[0]
+    state["0._extra_state"] = extra
+    with pytest.raises(ValueError, match=r"layer '0'.*max_singular_value nan is not a positive finite number"):
+        load_converted(nn.Sequential(nn.Conv2d(16, 16, 3)), state)

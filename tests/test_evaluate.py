@@ -373,6 +373,40 @@ def test_lipschitz_bound_of_an_orthogonal_chain_is_the_product_of_max_s():
     assert ev.empirical_lipschitz(model, data, n_iter=20, pair_eps=0.5) <= explicit * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("dims", [1, 3, "transposed"])
+def test_lipschitz_bound_of_1d_3d_and_transposed_chains_against_explicit_operators(dims):
+    """Every conv kind the report certifies is bounded (a chain without a 2-D conv had no report
+    rows and was refused as 'not reached'), and eval-mode BatchNorm3d like the 1-D and 2-D ones."""
+    torch.manual_seed(4)
+    if dims == "transposed":
+        convs = [nn.ConvTranspose2d(2, 3, 3, padding=1, bias=False), nn.ConvTranspose2d(3, 2, 3, padding=1, bias=False)]
+        norm, shapes = nn.BatchNorm2d(3), [(2, 6, 6), (3, 6, 6)]
+    else:
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d(3)) if dims == 1 else (nn.Conv3d, nn.BatchNorm3d(3))
+        convs = [conv(2, 3, 3, padding=1, padding_mode="circular", bias=False),
+                 conv(3, 2, 3, padding=1, padding_mode="circular", bias=False)]
+        shapes = [(2, 8), (3, 8)] if dims == 1 else [(2, 4, 4, 4), (3, 4, 4, 4)]
+    with torch.no_grad():
+        norm.running_var.copy_(torch.tensor([0.5, 2.0, 4.0]))
+        norm.weight.copy_(torch.tensor([1.0, -3.0, 0.5]))
+    model = nn.Sequential(convs[0], norm, nn.ReLU(), convs[1]).double().eval()
+    explicit = (matrix_norm(convs[0], shapes[0]) * 3 / math.sqrt(2.0 + norm.eps) * matrix_norm(convs[1], shapes[1]))
+    example = torch.zeros(1, *shapes[0], dtype=torch.float64)
+    bound = ev.lipschitz_bound(model, example)
+    if dims == "transposed":  # zero-padded: a bound of the explicit product
+        assert explicit * (1 - 1e-9) <= bound <= 2 * explicit
+    else:  # circular, every size divisible by the stride: the exact product
+        assert bound == pytest.approx(explicit, rel=1e-9)
+    assert ev.lipschitz_bound(ttconv.convert(model), example) == pytest.approx(bound, rel=1e-6)
+    if dims == 3:  # an orthogonal 3-D layer: max |S|, times the batch norm's
+        layer = ttconv.SVDConv3d(3, 3, 3, padding=1, padding_mode="circular", core_kind="orthogonal", bias=False,
+                                 max_singular_value=0.7).double()
+        orthogonal = nn.Sequential(layer, norm).eval()
+        example = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64)
+        expected = matrix_norm(layer, (3, 4, 4, 4)) * 3 / math.sqrt(2.0 + norm.eps)
+        assert ev.lipschitz_bound(orthogonal, example) == pytest.approx(expected, rel=1e-9)
+
+
 def test_lipschitz_bound_of_batch_norm_and_pooling_against_explicit_operators():
     bn = nn.BatchNorm2d(3).double()
     with torch.no_grad():

@@ -338,6 +338,39 @@ def test_fx_symbolic_trace_computes_the_same(cls):
     assert _relative(traced(x), layer.to_conv()(x)) < 1e-12
 
 
+class _Upsample(nn.Module):
+    def __init__(self, up):
+        super().__init__()
+        self.up = up
+
+    def forward(self, x, skip):
+        return self.up(x, output_size=skip.shape[2:])
+
+
+@pytest.mark.parametrize("cls", [SVDConvTranspose1d, SVDConvTranspose2d, SVDConvTranspose3d])
+def test_fx_trace_of_output_size_is_refused_or_kept_by_a_leaf_tracer(cls):
+    """A symbolic trace cannot know the input's size, which the output padding ``output_size``
+    asks for depends on: tracing through the layer would record the default output size (9
+    where 10 was asked for). It is refused, naming the ways that work; a tracer that keeps the
+    layer as a leaf (as torch's own convs are) records the call and computes what eager does."""
+    torch.manual_seed(11)
+    torch_class, dims, _ = CLASSES[cls]
+    layer = cls(2, 3, 3, stride=2, padding=1, dtype=torch.float64)
+    model = _Upsample(layer)
+    x, skip = torch.randn(1, 2, *(5,) * dims, dtype=torch.float64), torch.zeros(1, 1, *(10,) * dims)
+    eager = model(x, skip)
+    assert eager.shape[2:] == (10,) * dims
+    with pytest.raises(RuntimeError, match="output_size.*is_leaf_module"):
+        torch.fx.symbolic_trace(model)
+
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, cls) or super().is_leaf_module(module, name)
+
+    traced = torch.fx.GraphModule(model, LeafTracer().trace(model))
+    assert torch.equal(traced(x, skip), eager)
+
+
 @pytest.mark.parametrize("cls", [SVDConv1d, SVDConv3d, SVDConvTranspose2d])
 def test_set_dense_weight_exact_or_refused(cls):
     torch_class, dims, _ = CLASSES[cls]

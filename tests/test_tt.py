@@ -542,3 +542,35 @@ def test_random_factors_land_on_the_default_device_like_torch_factories():
         explicit = random_factors(4, 3, (3, 3), (2, 2), 1, device="cpu")
     assert {t.device.type for t in factors} == {"meta"}
     assert {t.device.type for t in explicit} == {"cpu"}
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-170, 1e160, 1e300])
+def test_float64_kernels_at_the_ends_of_the_range_decompose_as_at_scale_one(scale):
+    """The truncation is scale-free: the same errors, ranks and (scaled) factors at 1e-300 as at
+    1 (the squared norm underflowed to 0 below ~1e-165 and the error read 0; ~1e160 overflowed)."""
+    weight = seeded_randn(12, 10, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for options in ({"rank": 4}, {"energy": 0.9}, {"rank": (3, 5), "refine": 2}):
+        unit, scaled = tt.decompose(weight, **options), tt.decompose(weight * scale, **options)
+        assert scaled.ranks == unit.ranks
+        assert scaled.relative_error == pytest.approx(unit.relative_error, rel=1e-12)
+        composed = tt.compose(*scaled.factors)
+        assert torch.isfinite(composed).all()
+        assert torch.allclose(composed / scale, tt.compose(*unit.factors), rtol=0, atol=1e-12)
+        truth = float((weight - composed / scale).norm() / weight.norm())
+        assert scaled.relative_error == pytest.approx(truth, rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_factors_report_the_error_of_their_rounding(dtype):
+    """At full rank the truncation discards nothing, but the factors' rounding to 10 or 7 mantissa
+    bits moves the kernel by ~1e-3: the reported error is that of the factors returned,
+    recomputed here with numpy from the factors themselves."""
+    weight = seeded_randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
+    result = tt.decompose(weight)
+    U, S, core, V = (f.double().cpu().numpy() for f in result.factors)
+    composed = np.einsum("oa,a,abhw,ib->oihw", U, S, core, V)
+    reference = weight.double().cpu().numpy()
+    truth = np.linalg.norm(composed - reference) / np.linalg.norm(reference)
+    assert 1e-5 < truth < 1e-2
+    assert result.relative_error == pytest.approx(truth, rel=1e-9)
+    assert tt.decompose(weight.float()).relative_error == 0.0  # float32: the float64 truncation's (none)

@@ -104,6 +104,23 @@ def _reparametrization_hooks(module: nn.Module) -> List[Tuple[int, Any]]:
             if isinstance(hook, _REPARAMETRIZATION_HOOKS)]
 
 
+def _check_kernel_values(conv: _ConvNd, weight: Tensor) -> None:
+    """``_Unconvertible`` for a kernel there is nothing to decompose in: on the meta device, empty, or
+    of another shape than the conv's own arguments say (e.g. pruned by hand, channels not updated)."""
+    transposed = bool(getattr(conv, "transposed", False))
+    first, second = (conv.in_channels, conv.out_channels) if transposed else (conv.out_channels, conv.in_channels)
+    expected = (first, second // conv.groups, *conv.kernel_size)
+    if tuple(weight.shape) != expected:
+        raise _Unconvertible(f"its kernel has shape {tuple(weight.shape)}, but its arguments (in_channels="
+                             f"{conv.in_channels}, out_channels={conv.out_channels}, groups={conv.groups}, kernel_size="
+                             f"{tuple(conv.kernel_size)}) say {expected}: update them to match the kernel")
+    if weight.numel() == 0:
+        raise _Unconvertible(f"its kernel is empty (shape {tuple(weight.shape)}): nothing to decompose")
+    if weight.is_meta:
+        raise _Unconvertible("its kernel is on the meta device (no values to decompose): materialise the model "
+                             "first, e.g. model.to_empty(device='cpu') and load its weights")
+
+
 def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
     """The kernel and bias ``conv`` computes with in eval mode, ready to convert.
 
@@ -177,8 +194,12 @@ def _effective_kernel(conv: _ConvNd, strict: bool = True) -> _Kernel:
     if "weight" in values:
         weight, weight_frozen = values["weight"]
     else:
+        if "weight" in conv._buffers:
+            raise _Unconvertible("its kernel is a buffer, not a parameter (never trained); an SVD layer's factors are "
+                                 f"parameters: convert it by hand with {svd}.from_conv and freeze them if that is meant")
         weight = conv.weight
         weight_frozen = not weight.requires_grad
+    _check_kernel_values(conv, weight)
     bias: Optional[Tensor]
     if "bias" in values:
         bias, bias_frozen = values["bias"]

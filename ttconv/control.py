@@ -125,22 +125,25 @@ def _is_transposed(layer: ConvLayer) -> bool:
     return bool(layer.transposed if isinstance(layer, nn.modules.conv._ConvNd) else layer._transposed)
 
 
-def _operator_grid(layer: ConvLayer, input_size: Any) -> Tuple[int, ...]:
+def _operator_grid(layer: ConvLayer, input_size: Any, *, refuse_empty: bool = True) -> Tuple[int, ...]:
     """The grid of the circular conv whose norm is controlled, for a layer input of ``input_size``.
 
     A plain conv acts on its input grid. A transposed layer on ``n`` inputs is the adjoint of
     the strided circular conv with its weight on ``s n`` (the module docstring says when that
-    is the layer's output size).
+    is the layer's output size). ``refuse_empty``: refuse an ``n`` on which torch's layer
+    has an empty output (a control step would change a layer for an input it cannot take);
+    the read-only norm answers there, as ``layer.spectral_norm`` does.
     """
     d = _dims(layer)
     n = args.input_size_arg(input_size) if d == 2 else args.ntuple(input_size, "input_size", d)
     if not _is_transposed(layer):
         return n
-    output = tuple((n_a - 1) * s - 2 * p + dil * (k - 1) + op + 1 for n_a, s, p, dil, k, op in
-                   zip(n, layer.stride, layer.padding, layer.dilation, layer.kernel_size, layer.output_padding))
-    if min(output) < 1:
-        raise ValueError(f"input_size {n} gives the transposed layer an empty output {output}; "
-                         "use a larger input_size (torch refuses this input too)")
+    if refuse_empty:
+        output = tuple((n_a - 1) * s - 2 * p + dil * (k - 1) + op + 1 for n_a, s, p, dil, k, op in
+                       zip(n, layer.stride, layer.padding, layer.dilation, layer.kernel_size, layer.output_padding))
+        if min(output) < 1:
+            raise ValueError(f"input_size {n} gives the transposed layer an empty output {output}; "
+                             "use a larger input_size (torch refuses this input too)")
     return tuple(n_a * s for n_a, s in zip(n, layer.stride))
 
 
@@ -186,7 +189,7 @@ def spectral_norm(layer: ConvLayer, input_size: Any) -> Tensor:
         0-D, float64 for float64 parameters and float32 otherwise, differentiable.
     """
     _check_layer(layer)
-    n = _operator_grid(layer, input_size)
+    n = _operator_grid(layer, input_size, refuse_empty=False)
     check_spectral_input_size(n, layer.kernel_size, layer.stride, layer.dilation, fold=True)  # stride divides n
     return _grid_norm(layer, n)
 
@@ -578,9 +581,10 @@ class SpectralControl:
     float32 orthogonality of their core. It is a statement about circular padding at one
     input size: a layer seen at several sizes in the example pass is controlled at the
     first, and zero padding at size ``n`` is bounded by the circular norm at
-    ``n + padding`` (``docs/math.md``). For a transposed layer the recorded size is its
-    *output* size in the example pass (``output_size=`` included): the grid of the conv it is
-    the adjoint of, which has the transposed layer's singular values.
+    ``n + padding`` (``docs/math.md``). For a transposed layer the recorded grid is ``s n``
+    for its input size ``n`` in the example pass: the grid of the strided circular conv it is
+    the adjoint of, which has the transposed layer's singular values (its output size,
+    ``output_size=`` included, can differ: ``(n - 1) s - 2 p + d (k - 1) + output_padding + 1``).
 
     Parameters
     ----------

@@ -70,6 +70,9 @@ SVD_CLASSES: Mapping[Type[_ConvNd], Type[_SVDConvNd]] = {
 (``densify`` goes back through the layer's ``to_conv``, which builds this torch class)."""
 
 
+_CONV_NAMES = frozenset(cls.__name__ for cls in TORCH_CONVS)
+"""Class names of the torch convs, as ``torch.jit`` keeps them (``original_name``) on a compiled conv."""
+
 RankChoice = Union[None, int, float, Tuple[int, int]]
 Exclude = Union[Iterable[str], Callable[[nn.Module, str], bool]]
 ProgressFn = Callable[[int, int, str], None]
@@ -567,6 +570,48 @@ def _build_cached(cache: Dict[Tuple[str, Tuple[int, int]], _SVDConvNd], candidat
     return cache[key]
 
 
+def _probe(model: nn.Module, replacements: Sequence[Tuple[_Candidate, _SVDConvNd]],
+           example_input: Any) -> Tuple[List[Tensor], List[str]]:
+    """Run a copy of ``model`` with each candidate's conv replaced by its layer, as the
+    converted model will run: the layer takes the copied conv's hooks and flags
+    (``_carry_over`` from the copy; the model is not touched, and the final conversion
+    hands the layer the real conv's). Returns the outputs and the names of the candidates
+    whose conv still ran: the forward reaches it through a reference ``_replace`` cannot
+    see (a plain list or attribute), so replacing the registered child would not change
+    what runs."""
+    memo: Dict[int, Any] = {}
+    try:
+        probe = _copy_model(model, memo)
+    except RuntimeError as error:
+        raise RuntimeError(f"{error}. With example_input, convert also runs a copy of the converted model (to find "
+                           "convs the forward calls through other references, and for output_tolerance's search), "
+                           "inplace or not: make the model deep-copyable, or convert without example_input") from error
+    mapping: Dict[int, nn.Module] = {}
+    watched: Dict[int, str] = {}
+    for candidate, layer in replacements:
+        copied = memo.get(id(candidate.conv), candidate.conv)
+        kernel = candidate.kernel
+        _carry_over(copied, layer, kernel.weight_frozen, kernel.bias_frozen, kernel.fold_hooks)
+        mapping[id(copied)] = layer
+        watched[id(copied)] = candidate.name
+    probe = mapping.get(id(probe), probe)
+    _replace(probe, mapping)
+    ran: List[str] = []
+
+    def record(module: nn.Module, _: Any) -> None:
+        # A global hook: one on the copied conv would land in the hook dict its layer now shares.
+        name = watched.get(id(module))
+        if name is not None and name not in ran:
+            ran.append(name)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        outputs = _run(probe, example_input)
+    finally:
+        handle.remove()
+    return outputs, ran
+
+
 def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_input: Any,
                       reference: List[Tensor], tolerance: float, refine: int,
                       progress: Optional[ProgressFn],
@@ -587,15 +632,9 @@ def _tolerance_energy(model: nn.Module, candidates: List[_Candidate], example_in
         ranks = {c.name: _ranks_for(c, None, energy) for c in candidates}
         key = tuple(ranks[c.name] for c in candidates)
         if key not in errors:
-            memo: Dict[int, Any] = {}
-            probe = _copy_model(model, memo)
-            mapping: Dict[int, nn.Module] = {}
-            for c in candidates:
-                if c.forced or _svd_params(c.conv, ranks[c.name]) < _params(c.conv):
-                    mapping[id(memo.get(id(c.conv), c.conv))] = _build_cached(layers, c, ranks[c.name], refine)
-            probe = mapping.get(id(probe), probe)
-            _replace(probe, mapping)
-            errors[key] = _output_error(_run(probe, example_input), reference)
+            replacements = [(c, _build_cached(layers, c, ranks[c.name], refine)) for c in candidates
+                            if c.forced or _svd_params(c.conv, ranks[c.name]) < _params(c.conv)]
+            errors[key] = _output_error(_probe(model, replacements, example_input)[0], reference)
         return errors[key]
 
     def energy_of(exponent: float) -> float:
@@ -688,6 +727,13 @@ def convert(
     * Subclasses of the torch convs (they may override ``forward``), uninitialised lazy
       convs, convs holding parameters, buffers or submodules besides kernel and bias, and
       convs whose parameters are tied to another module are left as they are (skipped).
+    * Convs compiled by ``torch.jit`` (a scripted or traced model or submodule) are left and
+      listed: convert the eager model, then script or trace the converted one.
+    * A conv the forward calls through a reference other than its registered name (kept
+      in a plain list or attribute) would keep running after its registered child is
+      replaced. With ``example_input`` such convs are found (a probe run of the converted
+      model, in which they still run) and left as they are (skipped); without it they
+      cannot be seen.
     * State-dict hooks on a conv are dropped (they expect its parameter names); this is
       always warned about.
 
@@ -719,7 +765,10 @@ def convert(
         An input (or a tuple of positional inputs) for ``model``, e.g. a small batch. When
         given, ``report.output_error`` is the relative output error of the converted
         model on it (eval mode, no grad; every module's training flag is restored; the
-        outputs' floating-point tensors are compared together).
+        outputs' floating-point tensors are compared together), and convs the forward
+        calls through other references are found and left (above). The model then runs
+        twice more (the probe and the converted model), with ``output_tolerance`` once per
+        search probe besides.
     exclude : iterable of str, or callable(module, name) -> bool
         Qualified names or ``fnmatch`` patterns (a name also excludes the layers inside
         it), or a predicate returning True for layers to keep dense.
@@ -769,6 +818,10 @@ def convert(
     for name, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(name)
     for name, module in model.named_modules():  # each shared module once
+        if isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) in _CONV_NAMES:
+            skipped.append((name, "compiled by torch.jit (scripted or traced): its code cannot be replaced; "
+                                  "convert the eager model, then script or trace the converted one"))
+            continue
         if not isinstance(module, TORCH_CONVS):
             continue
         names = aliases[id(module)]
@@ -837,8 +890,16 @@ def convert(
             raise type(error)(f"layer {candidate.name!r}: {error}") from error
         if progress is not None:
             progress(index + 1, len(candidates), candidate.name + (" (kept dense)" if keep else ""))
+    if example_input is not None and built:
+        _, still_ran = _probe(model, built, example_input)
+        for name in still_ran:
+            skipped.append((name, "the model's forward calls it through a reference other than its registered name "
+                                  "(e.g. a plain list or attribute), which replacing the registered child would "
+                                  "leave running; register the conv where the forward reads it"))
+        built = [(candidate, layer) for candidate, layer in built if candidate.name not in still_ran]
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
     kept.sort(key=lambda k: order[k.name])
+    skipped.sort(key=lambda item: order.get(item[0], len(order)))
 
     mapping: Dict[int, nn.Module] = {}
     rows: List[LayerConversion] = []
@@ -983,6 +1044,9 @@ def load_converted(
     -------
     nn.Module
         The model with the state dict loaded; computes what the saved model computed.
+        Where the state dict holds an SVD layer at a conv ``convert`` would leave (a
+        subclass, a ``forward`` replaced on the instance, extra state), the layer is
+        built all the same, as the saved model had one, and a ``UserWarning`` names it.
 
     Raises
     ------
@@ -1015,6 +1079,7 @@ def load_converted(
         model = _copy_model(model)
     mapping: Dict[int, nn.Module] = {}
     built: List[Tuple[str, nn.Module, _SVDConvNd, _Kernel]] = []
+    replaced: List[str] = []
     for name, module in model.named_modules():
         if name not in configs or id(module) in mapping:
             continue
@@ -1029,7 +1094,15 @@ def load_converted(
                              module.bias is None or not module.bias.requires_grad, [], [])
         elif isinstance(module, TORCH_CONVS):
             cls = _svd_class(module)
-            kernel = _effective_kernel(module, strict=False)
+            try:
+                kernel = _effective_kernel(module)
+            except _Unconvertible as reason:  # convert leaves such a conv: say what replacing it drops
+                try:
+                    kernel = _effective_kernel(module, strict=False)
+                except _Unconvertible as error:
+                    raise ValueError(f"layer {name or '(root)'!r}: {error}") from None
+                replaced.append(f"{name or '(root)'!r} ({type(module).__name__}) became a {cls.__name__}, as the "
+                                f"state dict holds one there, though convert leaves it: {reason}")
         else:
             raise ValueError(f"layer {name or '(root)'!r}: the state dict holds an SVD layer there, but the model has "
                              f"a {type(module).__name__}; pass the model the state dict was converted from")
@@ -1039,6 +1112,11 @@ def load_converted(
             cls, **arguments, **config,
             device=None if factory is None else factory.device, dtype=None if factory is None else factory.dtype,
         )
+        if tuple(layer.ranks) != tuple(config["rank"]):  # the constructor clamped them to this conv's channels
+            raise ValueError(f"layer {name or '(root)'!r}: the state dict's {cls.__name__} has rank {config['rank']}, "
+                             f"more than this {type(module).__name__} ({module.in_channels} -> {module.out_channels} "
+                             f"channels, groups={module.groups}) can hold; pass the model the state dict was "
+                             "converted from")
         mapping[id(module)] = layer
         built.append((name, module, layer, kernel))
     losses: List[str] = []
@@ -1047,6 +1125,9 @@ def load_converted(
         losses += [f"{name!r}: {line}" for line in lost]
     if losses:
         _warn("ttconv.load_converted dropped hooks", losses, "")
+    if replaced:
+        _warn("ttconv.load_converted replaced convs that convert leaves", replaced,
+              " (their own forward or state is gone)")
     if id(model) in mapping:
         model = mapping[id(model)]
     else:

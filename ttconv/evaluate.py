@@ -626,7 +626,7 @@ def _module_bound(name: str, module: nn.Module, rows: Dict[str, Any], uses: int 
         return max(1.0, module.alpha)
     if isinstance(module, nn.Sigmoid):
         return 0.25
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.track_running_stats \
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and module.track_running_stats \
             and module.running_var is not None:
         with torch.no_grad():  # eval mode: y = gamma (x - mean) / sqrt(var + eps) + beta, per channel
             scale = 1.0 / torch.sqrt(module.running_var.double() + module.eps)
@@ -643,7 +643,7 @@ def _module_bound(name: str, module: nn.Module, rows: Dict[str, Any], uses: int 
             return 1.0 if isinstance(module, nn.MaxPool2d) else 1.0 / math.sqrt(kernel[0] * kernel[1])
     raise TypeError(
         f"cannot bound the Lipschitz constant of '{name}' ({type(module).__name__}). lipschitz_bound knows "
-        "convs (SVDConv, nn.Conv2d), nn.Linear, eval-mode batch norm, non-overlapping pools and 1-Lipschitz "
+        "convs (ttconv's SVD layers, torch's 1-3-D and transposed convs), nn.Linear, eval-mode batch norm, non-overlapping pools and 1-Lipschitz "
         "activations (ReLU, MaxMin, ...); give the module a lipschitz_bound() method returning an upper bound, "
         "or compute the constant yourself and pass it to certified_accuracy"
     )
@@ -680,7 +680,7 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
     * ``SVDConv(core_kind='orthogonal')``: ``max |S|`` (its circular operator's exact norm, an
       upper bound with zero padding, ``docs/orthogonal.md``) times ``bounds.padding_factor`` of
       its padding (1 for zeros; the copies of reflect/replicate, circular rows repeated);
-    * other ``SVDConv`` / ``nn.Conv2d``: the report's certified bound of the layer's own
+    * other SVD layers and torch convs (1-D, 2-D, 3-D, transposed): the report's certified bound of the layer's own
       operator at the input size seen in ``example_input``'s forward pass (the
       ``upper_bound`` column of ``ttconv.spectral_report``; exact for circular padding
       on sizes divisible by the stride);
@@ -727,7 +727,7 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor, *, report: Optional
     _refuse_hook(global_hook_problem() or hook_problem("", model))
     modules = list(_chain(model))
     rows: Dict[str, Any] = {}
-    if any(isinstance(m, (nn.Conv2d, SVDConv)) for _, m in modules):
+    if any(isinstance(m, (_ConvNd, _SVDConvNd)) for _, m in modules):  # every kind: 1-3-D, transposed
         if report is None:
             report = spectral_report(model, example_input, gram_iters=1, power_iters=1)
         rows = {row.name: row for row in report.layers if row.input_size is not None}

@@ -882,8 +882,9 @@ class _SVDConvNd(nn.Module):
             ``ceil(rank * c_in/g)`` (as ``ttconv.convert``'s float ``rank``). Exclusive with
             ``energy``.
         energy : float in (0, 1], optional
-            Keep the smallest ranks whose singular values hold this fraction of the
-            squared norm of each truncated unfolding (see ``ttconv.tt.decompose``).
+            Keep the smallest ranks whose TT form keeps this fraction of the whole
+            kernel's squared Frobenius norm, ``||W_hat||^2 >= energy ||W||^2`` (relative
+            error at most ``sqrt(1 - energy)``; see ``ttconv.tt.decompose``).
         path : {'auto', 'dense', 'factored'}
         refine : int, default 0
             Iterations of alternating optimisation of ``U`` and ``V`` (HOOI) after the
@@ -1028,9 +1029,8 @@ class _SVDConvNd(nn.Module):
             if saved[key] != mine[key]:
                 return (
                     f"the checkpoint's {type(self).__name__} has {key}={saved[key]!r}, this layer {key}={mine[key]!r}; "
-                    "load with "
-                    "load_converted(model, state_dict) (from ttconv.convert), which builds layers of the stored "
-                    "configuration"
+                    "load with load_converted(model, state_dict) (from ttconv.convert), which builds layers of the "
+                    "stored configuration, into the model the checkpoint was converted from"
                 )
         return ""
 
@@ -1238,8 +1238,16 @@ class _SVDConvTransposeNd(_SVDConvNd):
 
     def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
         """As ``torch.nn.ConvTranspose{d}d.forward``: ``output_size`` picks the output padding."""
-        if isinstance(input, torch.fx.Proxy) or output_size is None:
+        if output_size is None:
             return self._forward(input, self.output_padding)
+        if isinstance(input, torch.fx.Proxy):
+            # The output padding output_size asks for depends on the input's size, which a symbolic
+            # trace does not know: tracing on without it would record a different function.
+            raise RuntimeError(
+                f"torch.fx.symbolic_trace cannot trace {type(self).__name__}.forward with output_size: the output "
+                "padding it picks depends on the input's size, which a symbolic trace does not know. Trace with a "
+                "torch.fx.Tracer whose is_leaf_module keeps ttconv's layers as leaves (as torch's own convs are), "
+                "set output_padding at construction instead, or use torch.export / torch.compile, which see sizes")
         self._check_input(input)
         # Borrowed from torch: given output_size it reads nothing from self, and it takes any int
         # sequences (its list[int] hints are narrower; torch's own forward ignores them too).
@@ -1323,4 +1331,7 @@ def _decode_extra_state(state: Any) -> Dict[str, Any]:
     if not (0 <= core < len(_CORES) and 0 <= path < len(_PATHS) and bounded in (0, 1) and r_out > 0 and r_in > 0):
         raise ValueError(f"malformed SVDConv extra state {values}: fields {_STATE_FIELDS} out of range")
     bound = struct.unpack("<d", struct.pack("<q", bits))[0] if bounded else None
+    if bound is not None and not 0.0 < bound < math.inf:
+        raise ValueError(f"malformed SVDConv extra state {values}: its max_singular_value {bound!r} is not a positive "
+                         "finite number")
     return dict(rank=(r_out, r_in), core_kind=_CORES[core], max_singular_value=bound, path=_PATHS[path])

@@ -69,7 +69,9 @@ class Decomposition(NamedTuple):
         ``(r_out, r_in)`` per group.
     relative_error : float
         ``||W - W_hat||_F / ||W||_F``, computed from the discarded singular values of
-        the two unfoldings that were truncated (0.0 for a zero kernel).
+        the two unfoldings that were truncated (0.0 for a zero kernel). For float16 and
+        bfloat16 factors, measured on the factors as rounded to that dtype (their
+        rounding, ~1e-3 relative, is counted); float32's rounding (~1e-7) is not.
     """
 
     factors: TTFactors
@@ -80,6 +82,9 @@ class Decomposition(NamedTuple):
 # Factorisations run in float64: they are cheap next to a forward pass, and this keeps
 # conversions exact to float32 round-off whatever the parameter dtype.
 _WORK_DTYPE = torch.float64
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""Factor dtypes whose rounding the reported error includes (float32's, ~1e-7 relative, it does not)."""
 
 
 def full_ranks(out_per_group: int, in_per_group: int, kernel_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -452,7 +457,13 @@ class _Truncation:
         self.out_per_group = c_out // groups
         self.kernel_size = (kh, kw)
         self.taps = kh * kw
-        self.w = _grouped(weight.detach().to(_WORK_DTYPE), groups)  # (g, o, i, kh, kw)
+        w = _grouped(weight.detach().to(_WORK_DTYPE), groups)  # (g, o, i, kh, kw)
+        # Worked on at unit scale, S takes the scale back: a float64 kernel near the ends of its
+        # range (|w| ~ 1e-170: the squared norm underflows to 0; ~1e160: the Gram overflows) gets
+        # the same factors and error as the kernel at scale 1. The truncation is scale-free.
+        largest = float(w.abs().max()) if w.numel() else 0.0
+        self.scale = largest if 0.0 < largest < math.inf else 1.0
+        self.w = w / self.scale
         self.norm_sq = float(torch.linalg.vector_norm(self.w)) ** 2
         o, i = self.out_per_group, self.in_per_group
         # A 1x1 kernel is a matrix and one SVD gives both unfoldings: the input unfolding
@@ -630,10 +641,18 @@ class _Truncation:
         like = self.weight  # the factors take its dtype and device
         factors = TTFactors(
             U=U.reshape(c_out, r_out).to(like),
-            S=S.reshape(groups * r_out).to(like),
+            S=(S * self.scale).reshape(groups * r_out).to(like),
             core=core.reshape(groups * r_out, r_in, kh, kw).to(like),
             V=V.reshape(groups * i, r_in).to(like),
         )
+        if like.dtype in _HALF_DTYPES and norm_sq > 0:
+            # Rounding the factors to 10 or 7 mantissa bits moves the kernel by ~1e-3 relative,
+            # more than many truncations: the error reported is that of the factors returned.
+            U64, S64, core64, V64 = (f.to(_WORK_DTYPE) for f in factors)
+            composed = compose(U64, S64, core64, V64, groups=groups)
+            reference = like.detach().to(_WORK_DTYPE)
+            relative_error = float(torch.linalg.vector_norm(composed - reference)
+                                   / torch.linalg.vector_norm(reference))
         return Decomposition(factors, (r_out, r_in), relative_error)
 
     def decompose(self, rank: RankSpec = None, energy: Optional[float] = None, refine: int = 0) -> Decomposition:
@@ -652,6 +671,9 @@ def _check_decompose_arguments(weight: Tensor, groups: int, rank: RankSpec, ener
     groups = check_kernel(weight, groups)
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight is empty (shape {tuple(weight.shape)}): a conv with no channels or taps has "
+                         "nothing to decompose")
     if rank is not None and energy is not None:
         raise ValueError("pass either rank or energy, not both")
     if energy is not None and not (isinstance(energy, (float, int)) and not isinstance(energy, bool)
@@ -723,7 +745,8 @@ def decompose(
     Decomposition
         Factors in canonical form, in ``weight``'s dtype and device. ``relative_error``
         is the error of these factors, measured from the discarded rows (or, after
-        ``refine``, from the residual itself), not estimated.
+        ``refine``, from the residual itself; for float16 and bfloat16 factors, on the
+        rounded factors themselves), not estimated.
     """
     groups = _check_decompose_arguments(weight, groups, rank, energy, refine, method)
     c_out, in_per_group, kh, kw = weight.shape
