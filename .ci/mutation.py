@@ -303,12 +303,12 @@ MUTANTS: List[Mutant] = [
         "the transposed conv's output size forgets output_padding",
     ),
     Mutant(
-        "conjugate_pairs_on_the_first_axis", "ttconv/spectra.py",
-        "        if axis == len(m) - 1:\n            inside = negated < size",
-        "        if axis == 0:\n            inside = negated < size",
+        "conjugate_pairs_unravelled_as_half_space_indices", "ttconv/spectra.py",
+        "        paired = paired // rest_half * rest[-1] + paired % rest_half",
+        "        paired = paired + 0",
         ("tests/test_control_nd.py::test_every_kind_scale_clip_and_guarantee_against_the_explicit_operator",
          "tests/test_spectra_fast_paths.py::test_one_representative_per_conjugate_pair"),
-        "the frequencies whose conjugates fall inside the half space are looked for on the first axis, not the halved one",
+        "3-D grids: the other axes' pair representatives are read as indices of their full grid, not of its half space",
     ),
     Mutant(
         "self_conjugate_misses_nyquist", "ttconv/spectra.py",
@@ -319,12 +319,20 @@ MUTANTS: List[Mutant] = [
         "a Nyquist frequency (index m/2) is counted twice in the spectrum, as if it had a distinct conjugate",
     ),
     Mutant(
-        "representatives_drop_self_conjugate", "ttconv/spectra.py",
-        "return index[~inside | (conjugate >= index)]",
-        "return index[~inside | (conjugate > index)]",
+        "nyquist_column_never_decomposed", "ttconv/spectra.py",
+        "    columns = [0] + ([last // 2] if last % 2 == 0 and last > 1 else [])",
+        "    columns = [0]",
         ("tests/test_spectra.py::test_odd_and_even_sizes_restore_conjugate_frequencies",
          "tests/test_control_guarantee.py::test_half_plane_clip_equals_the_full_plane_clip"),
-        "the frequencies that are their own conjugates (the DC one among them) are never decomposed",
+        "on an even grid the Nyquist column's frequencies (m2 / 2) are never decomposed",
+    ),
+    Mutant(
+        "nyquist_column_counted_as_interior", "ttconv/spectra.py",
+        "    interior = (rows[:, None] * half + torch.arange(1, (last + 1) // 2, device=device)).flatten()",
+        "    interior = (rows[:, None] * half + torch.arange(1, last // 2 + 1, device=device)).flatten()",
+        ("tests/test_spectra.py::test_odd_and_even_sizes_restore_conjugate_frequencies",
+         "tests/test_spectra_fast_paths.py::test_one_representative_per_conjugate_pair"),
+        "on an even grid the Nyquist column is taken whole, as if its conjugates lay outside the half space",
     ),
     # ------------------------------------------------------------------ tt.py / convert.py (compression)
     Mutant(

@@ -244,32 +244,39 @@ in, and the Gram, power-iteration and Cholesky passes each stream it again). GPU
 large batch: there every batch is a launch."""
 
 
-def conjugate_representatives(m: Sequence[int]) -> Tensor:
+def conjugate_representatives(m: Sequence[int], device: Optional[torch.device] = None) -> Tensor:
     """One frequency of each conjugate pair ``{f, -f mod m}`` of the grid ``m``, as row-major
     indices into the half space ``(*m[:-1], m[-1] // 2 + 1)`` (last axis halved), ascending.
 
     Every ``f`` with ``0 < f_d < m_d / 2`` on the last axis has its conjugate outside the
-    half space. On ``f_d = 0`` and ``f_d = m_d / 2`` both members lie inside: the one with
-    the smaller index is kept. About ``prod(m) / 2`` frequencies where the half space has
-    ``prod(m[:-1]) (m_d // 2 + 1)``: ``m1 (m2 / 2 - 1) + 2 (m1 / 2 + 1)`` instead of
-    ``m1 (m2 / 2 + 1)`` on an even 2-D grid (130 of 144 at 16 x 16).
+    half space. The columns ``f_d = 0`` and ``f_d = m_d / 2`` hold both members of their
+    pairs: there the other axes' indices are those of one per pair of the grid ``m[:-1]``
+    (the same construction, one axis down). About ``prod(m) / 2`` frequencies where the
+    half space has ``prod(m[:-1]) (m_d // 2 + 1)``: ``m1 (m2 / 2 - 1) + 2 (m1 / 2 + 1)``
+    instead of ``m1 (m2 / 2 + 1)`` on an even 2-D grid (130 of 144 at 16 x 16). Built
+    from ``arange`` and arithmetic on ``device``: no host values, no data-dependent shapes.
     """
-    half_shape = (*m[:-1], m[-1] // 2 + 1)
-    index = torch.arange(math.prod(half_shape))  # integer bookkeeping: on the CPU, whatever the kernel's device
-    conjugate = torch.zeros_like(index)
-    inside = torch.ones_like(index, dtype=torch.bool)
-    rest = index
-    stride = 1
-    for axis in reversed(range(len(m))):
-        size = half_shape[axis]
-        f = rest % size
-        rest = rest // size
-        negated = (-f) % m[axis]
-        if axis == len(m) - 1:
-            inside = negated < size  # f_d = 0 or f_d = m_d / 2
-        conjugate = conjugate + (negated % size) * stride
-        stride *= size
-    return index[~inside | (conjugate >= index)]
+    *rest, last = (int(size) for size in m)
+    half = last // 2 + 1
+    rows = torch.arange(math.prod(rest), device=device)  # row-major over the other axes
+    interior = (rows[:, None] * half + torch.arange(1, (last + 1) // 2, device=device)).flatten()
+    if rest:  # one per pair of the other axes, as indices into their full grid
+        paired = conjugate_representatives(rest, device)
+        rest_half = rest[-1] // 2 + 1
+        paired = paired // rest_half * rest[-1] + paired % rest_half
+    else:
+        paired = torch.zeros(1, dtype=torch.long, device=device)
+    columns = [0] + ([last // 2] if last % 2 == 0 and last > 1 else [])
+    return torch.cat([interior, *(paired * half + column for column in columns)]).sort().values
+
+
+def _unravel(index: Tensor, m: Sequence[int]) -> List[Tensor]:
+    """Row-major indices into the half space of the grid ``m`` as one frequency index per axis."""
+    frequencies: List[Tensor] = []
+    for size in reversed((*m[:-1], m[-1] // 2 + 1)):  # the last axis varies fastest
+        frequencies.insert(0, index % size)
+        index = index // size
+    return frequencies
 
 
 def self_conjugate(frequencies: Sequence[Tensor], m: Sequence[int]) -> Tensor:
@@ -320,13 +327,9 @@ def transfer_batches(
             f"max_memory={format_bytes(max_memory)}; raise max_memory"
         )
     flat = kernel.to(complex_dtype).reshape(g * o * i, -1).T
-    representatives = conjugate_representatives(m).to(kernel.device)
+    representatives = conjugate_representatives(m, kernel.device)
     for start in range(0, len(representatives), batch):
-        index = representatives[start:start + batch]
-        frequencies: List[Tensor] = []
-        for size in reversed(half_shape):  # row-major: the last axis varies fastest
-            frequencies.insert(0, index % size)
-            index = index // size
+        frequencies = _unravel(representatives[start:start + batch], m)
         phases = None  # (B, t1 t2 ...): the product of the per-axis phases
         for m_a, t_a, f_a in zip(m, taps, frequencies):
             axis = _phases(m_a, t_a, f_a, complex_dtype)
@@ -432,14 +435,15 @@ def conv_singular_values(
     if single is not None:  # every frequency holds this matrix: decompose it once
         values = torch.linalg.svdvals(tall(single))  # (g, min(o, i))
         return values.flatten().repeat(math.prod(m)).sort(descending=True).values * scale
-    batches, own = [], []
+    values, twice = [], []
     for *frequencies, matrices in transfer_batches(kernel, m, max_memory):
-        batches.append(torch.linalg.svdvals(matrices).flatten(1))
-        own.append(self_conjugate(frequencies, m))
-    values, stands_alone = torch.cat(batches), torch.cat(own)
-    # Every other frequency's conjugate has the same singular values: count them twice.
-    values = torch.cat([values.flatten(), values[~stands_alone].flatten()])
-    return values.sort(descending=True).values * scale
+        values.append(torch.linalg.svdvals(matrices).flatten(1))
+        twice.append(~self_conjugate(frequencies, m))
+    # The conjugate of every frequency but those equal to their own has the same singular values:
+    # count them twice (a known output size: no host read).
+    counts = 1 + torch.cat(twice).long()
+    spectrum = torch.cat(values).repeat_interleave(counts, dim=0, output_size=math.prod(m))
+    return spectrum.flatten().sort(descending=True).values * scale
 
 
 # ------------------------------------------------------------------ certified maximum
