@@ -369,6 +369,11 @@ def test_fx_trace_of_output_size_is_refused_or_kept_by_a_leaf_tracer(cls):
 
     traced = torch.fx.GraphModule(model, LeafTracer().trace(model))
     assert torch.equal(traced(x, skip), eager)
+    # The layer traced as the root: output_size is the graph's input, refused when given.
+    root = torch.fx.symbolic_trace(layer)
+    assert torch.equal(root(x), layer(x))
+    with pytest.raises(RuntimeError, match="traced .* without output_size"):
+        root(x, output_size=(10,) * dims)
 
 
 @pytest.mark.parametrize("cls", [SVDConv1d, SVDConv3d, SVDConvTranspose2d])

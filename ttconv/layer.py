@@ -1205,6 +1205,21 @@ class SVDConv3d(_SVDConvNd):
     _torch_class = nn.Conv3d
 
 
+def _no_output_size_in_trace(output_size: Any) -> None:
+    """Run by a torch.fx graph traced from a transposed layer's own ``forward``: the graph takes
+    ``output_size`` as an input but was traced without it (the output padding it asks for
+    depends on the input's size, which the trace did not know), so a value given there is
+    refused instead of ignored."""
+    if output_size is not None:
+        raise RuntimeError(
+            "this torch.fx graph was traced from a ttconv transposed layer without output_size and computes the "
+            "layer's default output size only; trace with a torch.fx.Tracer that keeps ttconv's layers as leaves "
+            "(is_leaf_module), set output_padding at construction, or use torch.export / torch.compile")
+
+
+torch.fx.wrap("_no_output_size_in_trace")  # recorded in a traced graph, run when the graph runs
+
+
 class _SVDConvTransposeNd(_SVDConvNd):
     """Transposed layers: torch's ``ConvTranspose`` constructor order and ``forward(input, output_size)``."""
 
@@ -1238,9 +1253,14 @@ class _SVDConvTransposeNd(_SVDConvNd):
 
     def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
         """As ``torch.nn.ConvTranspose{d}d.forward``: ``output_size`` picks the output padding."""
+        if isinstance(output_size, torch.fx.Proxy) and output_size.node.op == "placeholder":
+            # The traced layer's own argument (the trace's root), None unless the graph's caller
+            # passes one: the graph checks it when it runs.
+            _no_output_size_in_trace(output_size)
+            return self._forward(input, self.output_padding)
         if output_size is None:
             return self._forward(input, self.output_padding)
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, torch.fx.Proxy) or isinstance(output_size, torch.fx.Proxy):
             # The output padding output_size asks for depends on the input's size, which a symbolic
             # trace does not know: tracing on without it would record a different function.
             raise RuntimeError(
