@@ -816,6 +816,13 @@ MUTANTS: List[Mutant] = [
         ("tests/test_evaluate.py::test_lipschitz_bound_of_1d_3d_and_transposed_chains_against_explicit_operators",),
         "evaluate.lipschitz_bound asks no report for a chain without a 2-D conv and refuses it as not reached",
     ),
+    Mutant(
+        "phases_from_polar_at_quarter_turns", "ttconv/spectra.py",
+        "    quarter = (4 * turns) % m == 0  # 4 (f t mod m) / m in {0, 1, 2, 3}: exactly 1, -i, -1, i",
+        "    quarter = turns < 0",
+        ("tests/test_spectra_fast_paths.py::test_self_conjugate_frequencies_are_exactly_real_so_float32_lapack_converges",),
+        "phases at quarter turns keep polar's ~1e-16 imaginary noise (complex64 LAPACK then returns NaN)",
+    ),
 ]
 
 

@@ -380,8 +380,8 @@ def gram_iteration_bound(
 ) -> Tensor:
     """Gram-iteration upper bound on the circular spectral norm (Delattre et al., ICML 2023).
 
-    Iterates ``G <- G^H G`` with Frobenius rescaling on the ``prod(m)`` (half of the last
-    axis) frequency matrices of the (polyphase, for stride) kernel on the grid
+    Iterates ``G <- G^H G`` with Frobenius rescaling on the frequency matrices (one of each
+    conjugate pair ``{f, -f}``, whose norms are equal) of the (polyphase, for stride) kernel on the grid
     ``m = n / s``, a batch of frequencies at a time within ``max_memory`` bytes, and
     bounds each by its Frobenius norm: ``sigma <= ||G_t||_F^(2^-t)``. Bounds the same
     operator as ``exact_spectral_norm`` (the circular convolution on ``n``, divisible by

@@ -205,10 +205,24 @@ def format_bytes(count: float) -> str:
 
 
 def _phases(m: int, taps: int, frequencies: Tensor, dtype: torch.dtype) -> Tensor:
-    """``exp(-2 pi i f t / m)`` for the given frequencies ``f`` and taps ``t = 0..taps-1``."""
-    t = torch.arange(taps, dtype=torch.float64, device=frequencies.device)
-    angle = (-2.0 * math.pi / m) * (frequencies.to(torch.float64)[:, None] * t[None, :])
-    return torch.polar(torch.ones_like(angle), angle).to(dtype)
+    """``exp(-2 pi i f t / m)`` for the given frequencies ``f`` and taps ``t = 0..taps-1``.
+
+    The exponent is reduced to ``f t mod m`` in integers first, and quarter turns are exact
+    (``1, -i, -1, i``): a self-conjugate frequency's matrix is then exactly real. The
+    ~1e-16 imaginary parts ``polar`` leaves at ``-pi`` made complex64 LAPACK (cgesdd) return
+    NaN or fail to converge on rank-deficient matrices (a rank-1 strided kernel: 64 of 200).
+    """
+    t = torch.arange(taps, device=frequencies.device)
+    turns = (frequencies.long()[:, None] * t[None, :]) % m  # f t mod m, exact
+    angle = (-2.0 * math.pi / m) * turns.to(torch.float64)
+    real, imaginary = torch.cos(angle), torch.sin(angle)
+    quarter = (4 * turns) % m == 0  # 4 (f t mod m) / m in {0, 1, 2, 3}: exactly 1, -i, -1, i
+    index = (4 * turns) // m
+    exact_real = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float64, device=frequencies.device)
+    exact_imaginary = torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64, device=frequencies.device)
+    real = torch.where(quarter, exact_real[index.clamp(max=3)], real)
+    imaginary = torch.where(quarter, exact_imaginary[index.clamp(max=3)], imaginary)
+    return torch.complex(real, imaginary).to(dtype)
 
 
 def _stride1_kernel(weight: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int,
@@ -424,7 +438,8 @@ def conv_singular_values(
     kernel, scale, m, max_memory = _prepare(weight, input_size, stride, dilation, groups, max_memory)
     g, o, i = kernel.shape[:3]
     count = g * math.prod(m) * min(o, i)
-    needed = 3 * count * kernel.element_size()  # the values decomposed, their conjugates' copy, the sort
+    # The values decomposed, their conjugates' copy, the sorted copy and the sort's int64 indices.
+    needed = count * (3 * kernel.element_size() + 8)
     if needed > max_memory:
         raise MemoryLimitError(
             f"all {count} singular values need about {format_bytes(needed)}, more than "
