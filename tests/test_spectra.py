@@ -166,7 +166,7 @@ def test_spectra_stream_over_frequency_batches_within_max_memory():
     n = (9, 8)
     reference = circular_singular_values(weight, n)
     # Room for one frequency's 5 x 4 matrices at a time: 72 batches instead of one.
-    tiny = 4 * 5 * 4 * 16 + 9 * 16 + 3 * reference.numel() * 8
+    tiny = 4 * 5 * 4 * 16 + 9 * 16 + reference.numel() * (3 * 8 + 8)
     _assert_spectra_equal(conv_singular_values(weight, n, max_memory=tiny), reference)
     assert float(conv_spectral_norm(weight, n, max_memory=4 * 5 * 4 * 16 + 9 * 16)) == pytest.approx(
         float(reference[0]), rel=1e-12)

@@ -416,7 +416,7 @@ def test_nd_batches_within_max_memory_give_the_same_spectrum():
     weight = torch.randn(3, 2, 3, 2, 2, dtype=torch.float64)
     n = (5, 4, 3)
     expected = circular_singular_values_any_size(weight, n, (1, 1, 1), (1, 1, 1))
-    one_frequency = 4 * 3 * 2 * 16 + 12 * 16 + 3 * expected.numel() * 8  # forces many batches
+    one_frequency = 4 * 3 * 2 * 16 + 12 * 16 + expected.numel() * (3 * 8 + 8)  # forces many batches
     _close(conv_singular_values(weight, n, max_memory=one_frequency), expected)
     kernel = weight.reshape(1, 3, 2, 3, 2, 2)
     batches = list(spectra.transfer_batches(kernel, n, 4 * 3 * 2 * 16 + 12 * 16))
