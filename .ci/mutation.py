@@ -823,6 +823,13 @@ MUTANTS: List[Mutant] = [
         ("tests/test_spectra_fast_paths.py::test_self_conjugate_frequencies_are_exactly_real_so_float32_lapack_converges",),
         "phases at quarter turns keep polar's ~1e-16 imaginary noise (complex64 LAPACK then returns NaN)",
     ),
+    Mutant(
+        "padding_factor_on_refused_sizes", "ttconv/bounds.py",
+        "    if n is not None:\n        _check_operator_size(spec, n)\n    extent",
+        "    if False:\n        _check_operator_size(spec, n)\n    extent",
+        ("tests/test_bounds.py::test_padding_factor_takes_any_conv_and_refuses_sizes_the_layer_refuses",),
+        "padding_factor answers for a size the layer refuses (3.0 above its own worst case of 2.0)",
+    ),
 ]
 
 

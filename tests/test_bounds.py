@@ -202,6 +202,23 @@ def test_padding_factor_counts_repeats_and_copies():
     assert factor((8, 8), kernel_size=3, padding=2, padding_mode="circular") == pytest.approx(2.0)
 
 
+def test_padding_factor_takes_any_conv_and_refuses_sizes_the_layer_refuses():
+    """As the other bounds: a torch conv or an SVD layer is accepted (AttributeError before), a size
+    torch refuses for the layer is refused (circular pad 2 on n = 1 gave 3.0, above the 2.0 it
+    gives as the worst case over every accepted size), and the size is validated in every mode."""
+    circular = nn.Conv2d(4, 4, 3, padding=2, padding_mode="circular")
+    assert padding_factor(circular, 8) == padding_factor(conv_spec(circular), 8) == pytest.approx(2.0)
+    assert padding_factor(SVDConv.from_conv(circular), 8) == pytest.approx(2.0)
+    assert padding_factor(circular) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="input_size"):
+        padding_factor(circular, 1)
+    with pytest.raises(ValueError, match="input_size"):
+        padding_factor(nn.Conv2d(4, 4, 3, padding=2, padding_mode="reflect"), 2)
+    for bad in (-3, 1.5, (8, 8, 8)):
+        with pytest.raises((TypeError, ValueError), match="input_size"):
+            padding_factor(nn.Conv2d(4, 4, 3, padding=1), bad)
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e-18, 1e19, 1e20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @torch.no_grad()

@@ -198,6 +198,8 @@ def test_complex_and_empty_kernels_are_refused_not_cast():
             call(complex_weight, 5)
         with pytest.raises(ValueError, match="weight is empty"):
             call(torch.zeros(4, 2, 0, 3), 5)
+        with pytest.raises(TypeError, match="weight must be a torch.Tensor .* got list"):
+            call([[1.0]], 5)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +149,7 @@ def _circular_repeats(before: int, after: int, extent: int, stride: int, n: int,
     return -(-(stride * (outputs - 1) + 1) // n)  # positions 0, s, 2s, ... of the stride-1 rows
 
 
-def padding_factor(spec: ConvSpec, input_size: Optional[SizeArg] = None) -> float:
+def padding_factor(spec: Union[ConvSpec, ConvLike], input_size: Optional[SizeArg] = None) -> float:
     """Factor by which a bound of the unpadded (full, zero-padded) convolution must grow to
     bound the layer with its own padding mode and amount.
 
@@ -162,13 +162,19 @@ def padding_factor(spec: ConvSpec, input_size: Optional[SizeArg] = None) -> floa
       (the norm of the padding map, which precedes a valid convolution).
 
     A product over the spatial axes. Without ``input_size`` (one size per axis) the worst
-    case over every input size the layer accepts.
+    case over every input size the layer accepts; with circular, reflect or replicate
+    padding a size the layer refuses is refused (``ValueError``), as by the other bounds. ``spec``: a ``ConvSpec`` or anything
+    ``conv_spec`` takes (a torch conv, an SVD layer).
     """
-    factor = 1.0
-    if spec.padding_mode == "zeros":
-        return factor
-    extent = args.dilated_extent(spec.kernel_size, spec.dilation)
+    if not isinstance(spec, ConvSpec):
+        spec = conv_spec(spec)
     n = None if input_size is None else size_arg(input_size, spec.dims)
+    factor = 1.0
+    if spec.padding_mode == "zeros":  # (every transposed spec): 1 at every size
+        return factor
+    if n is not None:
+        _check_operator_size(spec, n)
+    extent = args.dilated_extent(spec.kernel_size, spec.dilation)
     for axis, (before, after) in enumerate(spec.axis_padding):
         sizes = _admissible_sizes(spec, axis) if n is None else (n[axis],)
         if spec.padding_mode == "circular":

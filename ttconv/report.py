@@ -1345,7 +1345,8 @@ def state_dict_report(
             f"in_channels (the C of --input-size C H W) is {in_channels}, but the first kernel {first_name!r} "
             f"(shape {'x'.join(map(str, first_shape))}) takes {first_shape[1]} input channels; the order is C H W: "
             f"pass C={first_shape[1]} (from a state dict C is only checked against the first kernel, as the "
-            "input layer)"
+            "input layer; a ConvTranspose weight reads as the conv it is the adjoint of, whose input channels are "
+            "the transposed layer's output channels: docs/cli.md, 'Transposed convs in a state dict')"
         )
     # Paddings are unknown: k - 1 per side covers every padding up to 'full' (crop argument).
     specs: List[Tuple[str, str, Tuple[int, ...], Tensor, Optional[ConvSpec], str]] = [

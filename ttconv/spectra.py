@@ -77,8 +77,11 @@ def _axes_arg(value: Any, d: int, name: str) -> Tuple[int, ...]:
 
 def _check_weight(weight: Any, groups: int) -> int:
     """``check_kernel`` for 1, 2 or 3 spatial axes: ``(c_out, c_in/groups, *kernel_size)``."""
-    if not isinstance(weight, Tensor) or weight.dim() not in (3, 4, 5):
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor (c_out, c_in/groups, *kernel_size), got "
+                        f"{type(weight).__name__}")
+    if weight.dim() not in (3, 4, 5):
+        shape = tuple(weight.shape)
         raise ValueError(f"weight must be a 3-D, 4-D or 5-D tensor (c_out, c_in/groups, *kernel_size) "
                          f"for a 1-D, 2-D or 3-D convolution, got {shape}")
     if not weight.is_floating_point():  # a complex kernel's imaginary part would be dropped in the casts
@@ -570,8 +573,9 @@ def conv_spectral_norm(
     """Largest singular value of a circular convolution (0-D tensor, differentiable).
 
     Same arguments and cost as ``conv_singular_values``, but memory is bounded by
-    ``max_memory`` whatever the layer and input size: frequencies are processed in
-    batches and only a running maximum is kept. A grouped convolution's norm is the
+    ``max_memory`` whatever the input size: frequencies are processed in batches and only
+    a running maximum is kept (``MemoryLimitError`` when one frequency's matrices alone do
+    not fit). A grouped convolution's norm is the
     maximum over its groups. A single-tap polyphase kernel (every 1x1 conv) costs one
     matrix norm per group (see ``conv_singular_values``, Notes). 1-D and 3-D kernels
     and inputs smaller than the kernel as in ``conv_singular_values``.
