@@ -818,7 +818,7 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "phases_from_polar_at_quarter_turns", "ttconv/spectra.py",
-        "    quarter = (4 * turns) % m == 0  # 4 (f t mod m) / m in {0, 1, 2, 3}: exactly 1, -i, -1, i",
+        "    quarter = (4 * turns) % m == 0  # a quarter turn: cos and sin within 1e-16 of -1, 0 or 1, made exact",
         "    quarter = turns < 0",
         ("tests/test_spectra_fast_paths.py::test_self_conjugate_frequencies_are_exactly_real_so_float32_lapack_converges",),
         "phases at quarter turns keep polar's ~1e-16 imaginary noise (complex64 LAPACK then returns NaN)",

@@ -21,3 +21,15 @@ def tall(matrix: Tensor) -> Tensor:
 def matrix_two_norm(matrix: Tensor) -> Tensor:
     """``torch.linalg.matrix_norm(matrix, ord=2)`` (differentiable), taken of the tall orientation."""
     return torch.linalg.matrix_norm(tall(matrix), ord=2)
+
+
+def kernel_scale(weight: Tensor) -> Tensor:
+    """``max |w|`` (detached), or 1 for an all-zero kernel.
+
+    Spectra, bounds and decompositions run on ``weight / scale`` and multiply the result
+    back: singular values are homogeneous of degree one, and the normalised kernel keeps
+    float32 power and Gram iterations away from overflow (kernels ~1e19) and underflow
+    (~1e-18), and float64 squared norms and Grams away from theirs (~1e-165, ~1e160).
+    """
+    scale = weight.detach().abs().amax()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -766,9 +766,9 @@ def convert(
         given, ``report.output_error`` is the relative output error of the converted
         model on it (eval mode, no grad; every module's training flag is restored; the
         outputs' floating-point tensors are compared together), and convs the forward
-        calls through other references are found and left (above). The model then runs
-        twice more (the probe and the converted model), with ``output_tolerance`` once per
-        search probe besides.
+        calls through other references are found and left (above): the converted model
+        runs once more, as a copy before the model is touched (twice where such a conv is
+        found), and with ``output_tolerance`` once per search probe besides.
     exclude : iterable of str, or callable(module, name) -> bool
         Qualified names or ``fnmatch`` patterns (a name also excludes the layers inside
         it), or a predicate returning True for layers to keep dense.
@@ -890,8 +890,11 @@ def convert(
             raise type(error)(f"layer {candidate.name!r}: {error}") from error
         if progress is not None:
             progress(index + 1, len(candidates), candidate.name + (" (kept dense)" if keep else ""))
+    probed_outputs: Optional[List[Tensor]] = None  # the converted model's, when the probe ran it as returned
     if example_input is not None and built:
-        _, still_ran = _probe(model, built, example_input)
+        probed_outputs, still_ran = _probe(model, built, example_input)
+        if still_ran:
+            probed_outputs = None  # those convs stay: the returned model is not the one probed
         for name in still_ran:
             skipped.append((name, "the model's forward calls it through a reference other than its registered name "
                                   "(e.g. a plain list or attribute), which replacing the registered child would "
@@ -916,7 +919,10 @@ def convert(
         model = mapping[id(model)]
     else:
         _replace(model, mapping)
-    output_error = None if reference is None else _output_error(_run(model, example_input), reference)
+    output_error = None
+    if reference is not None:
+        outputs = probed_outputs if probed_outputs is not None else _run(model, example_input)
+        output_error = _output_error(outputs, reference)
     report = ConversionReport(rows, excluded, skipped, kept, output_error, chosen_energy)
     if not return_report and report.changes():
         _warn("ttconv.convert did not convert every conv as a plain torch conv",

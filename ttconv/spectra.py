@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._conv_args import check_kernel, dilated_extent, input_size_arg, pair
-from ._linalg import matrix_two_norm, tall
+from ._linalg import kernel_scale, matrix_two_norm, tall
 from ._precision import full_precision
 
 SizeArg = Union[int, Sequence[int]]
@@ -176,17 +176,6 @@ def fold_kernel(kernel: Tensor, m: Sequence[int]) -> Tensor:
     return kernel
 
 
-def kernel_scale(weight: Tensor) -> Tensor:
-    """``max |w|`` (detached), or 1 for an all-zero kernel.
-
-    Spectra and bounds run on ``weight / scale`` and multiply the result back: singular
-    values are homogeneous of degree one, and the normalised kernel keeps float32 power
-    and Gram iterations away from overflow (kernels ~1e19) and underflow (~1e-18).
-    """
-    scale = weight.detach().abs().amax()
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
 class MemoryLimitError(ValueError):
     """A spectral computation would need more memory than ``max_memory`` allows."""
 
@@ -219,12 +208,9 @@ def _phases(m: int, taps: int, frequencies: Tensor, dtype: torch.dtype) -> Tenso
     turns = (frequencies.long()[:, None] * t[None, :]) % m  # f t mod m, exact
     angle = (-2.0 * math.pi / m) * turns.to(torch.float64)
     real, imaginary = torch.cos(angle), torch.sin(angle)
-    quarter = (4 * turns) % m == 0  # 4 (f t mod m) / m in {0, 1, 2, 3}: exactly 1, -i, -1, i
-    index = (4 * turns) // m
-    exact_real = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float64, device=frequencies.device)
-    exact_imaginary = torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64, device=frequencies.device)
-    real = torch.where(quarter, exact_real[index.clamp(max=3)], real)
-    imaginary = torch.where(quarter, exact_imaginary[index.clamp(max=3)], imaginary)
+    quarter = (4 * turns) % m == 0  # a quarter turn: cos and sin within 1e-16 of -1, 0 or 1, made exact
+    real = torch.where(quarter, real.round(), real)
+    imaginary = torch.where(quarter, imaginary.round(), imaginary)
     return torch.complex(real, imaginary).to(dtype)
 
 
@@ -330,8 +316,8 @@ def transfer_batches(
     g, o, i, *taps = kernel.shape
     if len(taps) != len(m):
         raise ValueError(f"kernel has {len(taps)} tap axes but the grid m={tuple(m)} has {len(m)}")
-    half_shape = (*m[:-1], m[-1] // 2 + 1)
-    total = math.prod(half_shape)
+    representatives = conjugate_representatives(m, kernel.device)
+    total = len(representatives)
     complex_dtype = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
     element = complex_dtype.itemsize  # (no tensor: one would land on the default device)
     per_frequency = (per_frequency_factor * g * o * i + math.prod(taps)) * element
@@ -344,7 +330,6 @@ def transfer_batches(
             f"max_memory={format_bytes(max_memory)}; raise max_memory"
         )
     flat = kernel.to(complex_dtype).reshape(g * o * i, -1).T
-    representatives = conjugate_representatives(m, kernel.device)
     for start in range(0, len(representatives), batch):
         frequencies = _unravel(representatives[start:start + batch], m)
         phases = None  # (B, t1 t2 ...): the product of the per-axis phases

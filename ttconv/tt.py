@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ._conv_args import check_kernel, positive_int
+from ._linalg import kernel_scale
 from ._precision import full_precision
 from ._typing import RankSpec
 
@@ -461,8 +462,7 @@ class _Truncation:
         # Worked on at unit scale, S takes the scale back: a float64 kernel near the ends of its
         # range (|w| ~ 1e-170: the squared norm underflows to 0; ~1e160: the Gram overflows) gets
         # the same factors and error as the kernel at scale 1. The truncation is scale-free.
-        largest = float(w.abs().max()) if w.numel() else 0.0
-        self.scale = largest if 0.0 < largest < math.inf else 1.0
+        self.scale = float(kernel_scale(w))
         self.w = w / self.scale
         self.norm_sq = float(torch.linalg.vector_norm(self.w)) ** 2
         o, i = self.out_per_group, self.in_per_group
